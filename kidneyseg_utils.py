@@ -1,0 +1,1950 @@
+"""kidneyseg_utils: the one module behind the kidneyseg notebooks.
+
+Kidney segmentation in grayscale 2D medical images (CT, MRI, ultrasound) with an attention U-Net.
+Every notebook cell calls a named function of this module and shows the result; the logic lives here,
+where it is unit-tested.
+
+Sections, in the order data flows:
+    1. Config          -- one dataclass holding every setting, validated before any work.
+    2. Data            -- finding image/mask pairs, reading any PNG/JPEG/TIFF/BMP by documented rules,
+                          patient-grouped splits, synthetic kidney phantoms, cached torch Datasets.
+    3. Preprocessing   -- optional intensity steps applied identically in training and inference.
+    4. Augmentation    -- the Albumentations 2.x pipelines.
+    5. Model           -- the enhanced (residual, spatial-attention) U-Net.
+    6. Losses, metrics -- focal + Dice loss on logits; metrics from tp/fp/fn counts.
+    7. Training        -- AdamW, ReduceLROnPlateau, early stopping, AMP on CUDA, atomic checkpoints,
+                          exact resume.
+    8. Evaluation      -- loading checkpoints safely, predicting probability maps.
+    9. Plotting        -- overlays, sample grids and the six-panel training curves.
+
+Importing the module has no side effects: no seeding, no plotting settings, no device probing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import re
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import albumentations as A
+import cv2
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+__all__ = [
+    # config
+    "Config",
+    "NOTEBOOK_PARAMETERS",
+    "PREPROCESSING_OPTIONS",
+    "BEST_MODEL_NAME",
+    "LAST_CHECKPOINT_NAME",
+    "METRICS_CSV_NAME",
+    "METRICS_PNG_NAME",
+    "CONFIG_JSON_NAME",
+    "seed_everything",
+    "get_device",
+    # data
+    "IMAGE_EXTENSIONS",
+    "ImageReadError",
+    "SamplePair",
+    "DatasetIndex",
+    "find_dataset_folders",
+    "index_dataset",
+    "read_image",
+    "read_mask",
+    "to_grayscale_uint8",
+    "binarize_mask",
+    "load_pair",
+    "resize_pair",
+    "CachedArrays",
+    "load_arrays",
+    "split_pairs",
+    "make_synthetic_dataset",
+    "resolve_data_dir",
+    "resolve_output_dir",
+    "KidneyDataset",
+    "EpochShuffleSampler",
+    "PreparedData",
+    "prepare_data",
+    # preprocessing
+    "apply_preprocessing",
+    # augmentation
+    "build_train_transform",
+    "build_eval_transform",
+    # model
+    "ResidualConvBlock",
+    "SpatialAttention",
+    "AttentionUNet",
+    "build_model",
+    "count_parameters",
+    # losses and metrics
+    "focal_loss_with_logits",
+    "soft_dice_loss",
+    "FocalDiceLoss",
+    "ConfusionCounts",
+    "confusion_counts",
+    "metrics_from_counts",
+    # training
+    "TrainingDivergedError",
+    "TrainingResult",
+    "train_model",
+    "save_checkpoint",
+    "load_checkpoint",
+    # evaluation and inference
+    "load_model",
+    "predict_probabilities",
+    # plotting
+    "overlay_mask",
+    "plot_samples",
+    "plot_training_history",
+]
+
+# =================================================================================================
+# 1. Config
+# =================================================================================================
+
+BEST_MODEL_NAME = "best_kidney_segmentation_model.pth"
+LAST_CHECKPOINT_NAME = "last_checkpoint.pth"
+METRICS_CSV_NAME = "training_metrics.csv"
+METRICS_PNG_NAME = "training_metrics.png"
+CONFIG_JSON_NAME = "run_config.json"
+CHECKPOINT_FORMAT = "kidneyseg-checkpoint"
+CHECKPOINT_VERSION = 1
+
+PREPROCESSING_OPTIONS = ("none",)
+
+# Fields that fix the network's shape: a checkpoint only loads into a model with equal values.
+ARCHITECTURE_FIELDS = ("base_channels", "depth", "dropout", "image_size", "preprocessing")
+
+
+@dataclass
+class Config:
+    """Every setting of a run, with the specification's values as defaults.
+
+    The notebook parameters are the upper-case field names (``IMAGE_SIZE`` is ``image_size``), see
+    :data:`NOTEBOOK_PARAMETERS`. The config round-trips to plain JSON (:meth:`to_dict`,
+    :meth:`from_dict`) and is stored in every checkpoint.
+
+    Attributes:
+        image_size: Side of the square network input; a multiple of ``2**depth``.
+        batch_size: Images per optimisation step.
+        learning_rate: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        num_epochs: Upper bound on epochs; early stopping usually ends sooner.
+        patience: Epochs without a lower validation loss before training stops.
+        grad_clip_norm: Maximum global gradient norm.
+        focal_alpha: Focal-loss weight of the kidney class.
+        focal_gamma: Focal-loss focusing exponent.
+        focal_weight: Weight of the focal term in the total loss.
+        dice_weight: Weight of the soft-Dice term in the total loss.
+        dropout: Dropout probability inside every residual block.
+        base_channels: Width of the first encoder block (64 in the specification).
+        depth: Number of encoder blocks (4 in the specification).
+        val_fraction: Share of images (or of patients, with ``group_regex``) used for validation.
+        inference_threshold: Probability above which a pixel is kidney.
+        seed: Seed of the split, the initial weights, the shuffling and the augmentation.
+        group_regex: Regular expression whose first group (or whole match) is the patient id of a
+            file name; slices of one patient never straddle the split. ``None`` splits by image.
+        preprocessing: Intensity preprocessing, one of :data:`PREPROCESSING_OPTIONS`.
+        lr_factor: ReduceLROnPlateau factor.
+        lr_patience: ReduceLROnPlateau patience in epochs.
+        min_lr: ReduceLROnPlateau floor.
+        max_images: Use at most this many pairs (a seeded random subset); ``None`` uses all.
+        max_train_minutes: Stop cleanly after the epoch that would cross this budget.
+        num_workers: DataLoader workers; ``None`` picks 0 on a CPU and up to 4 on a GPU.
+        amp: Use fp16 mixed precision on CUDA (never bf16; ignored on a CPU).
+    """
+
+    image_size: int = 256
+    batch_size: int = 16
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-4
+    num_epochs: int = 150
+    patience: int = 20
+    grad_clip_norm: float = 1.0
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    focal_weight: float = 0.6
+    dice_weight: float = 0.4
+    dropout: float = 0.2
+    base_channels: int = 64
+    depth: int = 4
+    val_fraction: float = 0.2
+    inference_threshold: float = 0.5
+    seed: int = 42
+    group_regex: str | None = None
+    preprocessing: str = "none"
+    lr_factor: float = 0.5
+    lr_patience: int = 5
+    min_lr: float = 1e-6
+    max_images: int | None = None
+    max_train_minutes: float | None = None
+    num_workers: int | None = None
+    amp: bool = True
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every field; raise ``ValueError`` naming the parameter and the allowed values."""
+
+        def fail(name: str, allowed: str) -> None:
+            value = getattr(self, name)
+            raise ValueError(f"{name.upper()} (Config.{name}) must be {allowed}; got {value!r}.")
+
+        def is_int(value: Any) -> bool:
+            return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+        def is_num(value: Any) -> bool:
+            return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+        for name in ("depth", "base_channels", "batch_size", "num_epochs"):
+            if not is_int(getattr(self, name)) or getattr(self, name) < 1:
+                fail(name, "an integer >= 1")
+        if not is_int(self.patience) or self.patience < 1:
+            fail("patience", "an integer >= 1")
+        if not is_int(self.lr_patience) or self.lr_patience < 0:
+            fail("lr_patience", "an integer >= 0")
+        multiple = 2**self.depth
+        if not is_int(self.image_size) or self.image_size < multiple or self.image_size % multiple:
+            fail("image_size", f"a positive multiple of {multiple} (2**depth), e.g. 128 or 256")
+        for name in ("learning_rate", "grad_clip_norm"):
+            if not is_num(getattr(self, name)) or not getattr(self, name) > 0:
+                fail(name, "a number > 0")
+        for name in ("weight_decay", "focal_gamma", "focal_weight", "dice_weight", "min_lr"):
+            if not is_num(getattr(self, name)) or not getattr(self, name) >= 0:
+                fail(name, "a number >= 0")
+        if self.focal_weight + self.dice_weight <= 0:
+            fail("dice_weight", "> 0 when focal_weight is 0 (the loss needs a positive weight)")
+        for name in ("focal_alpha", "inference_threshold"):
+            if not is_num(getattr(self, name)) or not 0.0 <= getattr(self, name) <= 1.0:
+                fail(name, "a number in [0, 1]")
+        if not is_num(self.dropout) or not 0.0 <= self.dropout < 1.0:
+            fail("dropout", "a number in [0, 1)")
+        if not is_num(self.val_fraction) or not 0.0 < self.val_fraction < 1.0:
+            fail("val_fraction", "a number strictly between 0 and 1, e.g. 0.2")
+        if not is_num(self.lr_factor) or not 0.0 < self.lr_factor < 1.0:
+            fail("lr_factor", "a number strictly between 0 and 1")
+        if not is_int(self.seed):
+            fail("seed", "an integer")
+        if self.preprocessing not in PREPROCESSING_OPTIONS:
+            fail("preprocessing", f"one of {', '.join(map(repr, PREPROCESSING_OPTIONS))}")
+        if self.group_regex is not None:
+            if not isinstance(self.group_regex, str) or not self.group_regex:
+                fail("group_regex", "a regular expression string or None")
+            try:
+                re.compile(self.group_regex)
+            except re.error as exc:
+                raise ValueError(
+                    f"GROUP_REGEX (Config.group_regex) is not a valid regular expression: "
+                    f"{self.group_regex!r} ({exc}). Example: '^([^_]+)_'."
+                ) from None
+        if self.max_images is not None and (not is_int(self.max_images) or self.max_images < 2):
+            fail("max_images", "None or an integer >= 2")
+        if self.max_train_minutes is not None and (
+            not is_num(self.max_train_minutes) or self.max_train_minutes <= 0
+        ):
+            fail("max_train_minutes", "None or a number of minutes > 0")
+        if self.num_workers is not None and (not is_int(self.num_workers) or self.num_workers < 0):
+            fail("num_workers", "None (automatic) or an integer >= 0")
+        if not isinstance(self.amp, bool):
+            fail("amp", "True or False")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the config as a dict of plain JSON types."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Config:
+        """Build a config from :meth:`to_dict` output; unknown keys are an error naming them."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"Unknown config keys {unknown}; known keys are {sorted(known)}.")
+        return cls(**values)
+
+    @classmethod
+    def from_parameters(cls, **parameters: Any) -> Config:
+        """Build a config from notebook parameters (``IMAGE_SIZE=128, ...``).
+
+        Raises:
+            ValueError: for a name that is not a config parameter.
+        """
+        known = {f.name.upper(): f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(parameters) - set(known))
+        if unknown:
+            raise ValueError(f"Unknown parameters {unknown}; known ones are {sorted(known)}.")
+        return cls(**{known[k]: v for k, v in parameters.items()})
+
+    def to_json(self, path: str | os.PathLike) -> Path:
+        """Write the config as indented JSON (atomically) and return the path."""
+        path = Path(path)
+        _atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> Config:
+        """Read a config written by :meth:`to_json`."""
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+NOTEBOOK_PARAMETERS = tuple(f.name.upper() for f in dataclasses.fields(Config))
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and PyTorch's global generators (call it once, in setup)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)  # noqa: NPY002 (user code in notebooks may use it)
+    torch.manual_seed(seed)
+
+
+def get_device(device: str | torch.device | None = "auto") -> torch.device:
+    """Choose the compute device once: CUDA when available, else CPU.
+
+    Args:
+        device: ``"auto"`` (or ``None``) to pick, or an explicit name such as ``"cpu"``, ``"cuda:0"``.
+    """
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    chosen = torch.device(device)
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"DEVICE={device!r} asks for CUDA, but no CUDA GPU is visible; use 'auto'.")
+    return chosen
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and an atomic rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+# =================================================================================================
+# 2. Data
+# =================================================================================================
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+_LAYOUT_HELP = (
+    "Expected a folder with images/ and masks/ subfolders (same file names, e.g. images/a.png and "
+    "masks/a.png), or a root folder holding several such folders at any depth."
+)
+KAGGLE_INPUT = Path("/kaggle/input")
+KAGGLE_WORKING = Path("/kaggle/working")
+DATA_DIR_ENV = "KIDNEYSEG_DATA_DIR"
+
+
+class ImageReadError(ValueError):
+    """A file could not be decoded as an image; the message names the file."""
+
+
+@dataclass(frozen=True)
+class SamplePair:
+    """One image and its mask.
+
+    Attributes:
+        image: Path of the image file.
+        mask: Path of the mask file.
+        source: The dataset folder (holding images/ and masks/) relative to the data root.
+        name: The shared file stem.
+        case: Patient id from ``group_regex`` (the stem when no regex is given).
+    """
+
+    image: Path
+    mask: Path
+    source: str
+    name: str
+    case: str
+
+    @property
+    def key(self) -> str:
+        """Unique id of the pair within a data root: ``source/name``."""
+        return f"{self.source}/{self.name}"
+
+    @property
+    def group(self) -> str:
+        """Split group: the case within its source (two sources never share a patient)."""
+        return f"{self.source}/{self.case}"
+
+
+@dataclass
+class DatasetIndex:
+    """The pairs found under a data root, and what could not be paired.
+
+    Attributes:
+        root: The data root that was searched.
+        pairs: Matched pairs, sorted by source and name.
+        orphan_images: Images without a mask.
+        orphan_masks: Masks without an image.
+    """
+
+    root: Path
+    pairs: list[SamplePair]
+    orphan_images: list[Path] = field(default_factory=list)
+    orphan_masks: list[Path] = field(default_factory=list)
+
+    def summary(self) -> pd.DataFrame:
+        """One row per source: pairs, cases and orphans."""
+        rows: dict[str, dict[str, Any]] = {}
+        for pair in self.pairs:
+            row = rows.setdefault(pair.source, {"pairs": 0, "cases": set()})
+            row["pairs"] += 1
+            row["cases"].add(pair.case)
+        table = pd.DataFrame(
+            [{"source": s, "pairs": r["pairs"], "cases": len(r["cases"])} for s, r in sorted(rows.items())],
+            columns=["source", "pairs", "cases"],
+        )
+        orphans = [self._source_of(p) for p in self.orphan_images + self.orphan_masks]
+        table["orphans"] = [orphans.count(s) for s in table["source"]]
+        return table
+
+    def _source_of(self, path: Path) -> str:
+        return _relative_source(path.parent.parent, self.root)
+
+    def orphan_report(self) -> str:
+        """A readable list of orphans by name ('' when there are none)."""
+        lines = [f"image without mask: {p}" for p in self.orphan_images]
+        lines += [f"mask without image: {p}" for p in self.orphan_masks]
+        return "\n".join(lines)
+
+
+def _relative_source(folder: Path, root: Path) -> str:
+    try:
+        rel = folder.resolve().relative_to(root.resolve())
+    except ValueError:
+        return folder.name
+    return rel.as_posix() if str(rel) != "." else root.name
+
+
+def find_dataset_folders(root: str | os.PathLike) -> list[Path]:
+    """Return every folder under ``root`` (itself included) that has images/ and masks/ subfolders.
+
+    Hidden folders and the images/ and masks/ folders themselves are not searched. Sorted by path.
+    """
+    root = Path(root)
+    found = []
+    for current, dirnames, _ in os.walk(root, followlinks=True):
+        if "images" in dirnames and "masks" in dirnames:
+            found.append(Path(current))
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in ("images", "masks"))
+    return sorted(found)
+
+
+def _image_files(folder: Path) -> dict[str, Path]:
+    """Map stem -> file for the image files in ``folder``; two files with one stem is an error."""
+    files: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith(".") or path.suffix.lower() not in IMAGE_EXTENSIONS:
+            continue
+        if not path.is_file():
+            continue
+        if path.stem in files:
+            raise ValueError(
+                f"Two files share the name {path.stem!r} in {folder}: {files[path.stem].name} and "
+                f"{path.name}. Keep one, so that the image-mask pairing is unambiguous."
+            )
+        files[path.stem] = path
+    return files
+
+
+def _case_of(name: str, pattern: re.Pattern[str] | None, path: Path) -> str:
+    if pattern is None:
+        return name
+    match = pattern.search(name)
+    if match is None:
+        raise ValueError(
+            f"GROUP_REGEX {pattern.pattern!r} does not match the file name {name!r} ({path}). "
+            "Every file name must contain the patient id, or set GROUP_REGEX=None."
+        )
+    return match.group(1) if pattern.groups else match.group(0)
+
+
+def index_dataset(data_dir: str | os.PathLike, group_regex: str | None = None) -> DatasetIndex:
+    """Find all image/mask pairs under ``data_dir``, matched by file stem within each folder.
+
+    Args:
+        data_dir: One folder with images/ and masks/, or a root holding several at any depth.
+        group_regex: Optional patient-id pattern (see :class:`Config`).
+
+    Raises:
+        FileNotFoundError: ``data_dir`` is missing or holds no images/ + masks/ folder.
+        ValueError: no pair at all (the message lists the orphans), or an ambiguous file name.
+    """
+    root = Path(data_dir).expanduser()
+    if not root.exists():
+        raise FileNotFoundError(f"DATA_DIR {str(root)!r} does not exist. {_LAYOUT_HELP}")
+    if not root.is_dir():
+        raise NotADirectoryError(f"DATA_DIR {str(root)!r} is a file, not a folder. {_LAYOUT_HELP}")
+    folders = find_dataset_folders(root)
+    if not folders:
+        raise FileNotFoundError(f"No images/ + masks/ folders under DATA_DIR {str(root)!r}. {_LAYOUT_HELP}")
+    pattern = re.compile(group_regex) if group_regex else None
+    pairs: list[SamplePair] = []
+    orphan_images: list[Path] = []
+    orphan_masks: list[Path] = []
+    for folder in folders:
+        images = _image_files(folder / "images")
+        masks = _image_files(folder / "masks")
+        source = _relative_source(folder, root)
+        for stem in sorted(images.keys() & masks.keys()):
+            case = _case_of(stem, pattern, images[stem])
+            pairs.append(SamplePair(images[stem], masks[stem], source, stem, case))
+        orphan_images += [images[s] for s in sorted(images.keys() - masks.keys())]
+        orphan_masks += [masks[s] for s in sorted(masks.keys() - images.keys())]
+    index = DatasetIndex(root, pairs, orphan_images, orphan_masks)
+    if not pairs:
+        raise ValueError(
+            f"No image/mask pairs under DATA_DIR {str(root)!r}: {len(orphan_images)} images and "
+            f"{len(orphan_masks)} masks have no partner of the same name. {_LAYOUT_HELP}\n"
+            + index.orphan_report()[:2000]
+        )
+    return index
+
+
+def _decode(path: Path) -> np.ndarray:
+    """Decode any supported file with all its channels and bit depth, or raise ImageReadError."""
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+    except OSError as exc:
+        raise ImageReadError(f"Cannot read {path}: {exc}") from None
+    if data.size == 0:
+        raise ImageReadError(f"{path} is empty (0 bytes); replace or remove it.")
+    image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    if image is None or image.size == 0:
+        raise ImageReadError(
+            f"{path} could not be decoded as an image: it is corrupt, truncated or not an image "
+            "despite its extension. Replace or remove it (or set SKIP_BAD_FILES=True)."
+        )
+    return image
+
+
+def _drop_alpha_and_reduce(image: np.ndarray, reduce: str) -> np.ndarray:
+    if image.ndim == 2:
+        return image
+    if image.ndim != 3:
+        raise ValueError(f"unsupported array shape {image.shape}")
+    channels = image.shape[2]
+    if channels == 1:
+        return image[:, :, 0]
+    if channels == 2:  # gray + alpha
+        return image[:, :, 0]
+    color = image[:, :, :3]
+    if reduce == "max":
+        return color.max(axis=2)
+    if color.dtype == np.uint8 or color.dtype == np.uint16 or color.dtype == np.float32:
+        return cv2.cvtColor(np.ascontiguousarray(color), cv2.COLOR_BGR2GRAY)
+    weights = np.array([0.114, 0.587, 0.299])  # B, G, R (ITU-R BT.601)
+    return (color.astype(np.float64) * weights).sum(axis=2)
+
+
+def to_grayscale_uint8(image: np.ndarray) -> np.ndarray:
+    """Convert a decoded image to a 2D uint8 array by the documented rule.
+
+    Rule: an alpha channel is dropped; colour (BGR, as OpenCV decodes) becomes luma with the ITU-R
+    BT.601 weights; gray+alpha keeps the gray channel. 8-bit values are kept as they are. Any other
+    depth (16-bit, signed, float) is stretched linearly from the image's own minimum and maximum to
+    0..255, because medical 16-bit files rarely use the full 0..65535 range; a constant image
+    becomes all zeros. Booleans become 0/255.
+    """
+    gray = _drop_alpha_and_reduce(np.asarray(image), reduce="luma")
+    if gray.dtype == np.uint8:
+        return np.ascontiguousarray(gray)
+    if gray.dtype == np.bool_:
+        return gray.astype(np.uint8) * 255
+    values = gray.astype(np.float64)
+    finite = np.isfinite(values)
+    if not finite.any():
+        return np.zeros(gray.shape, np.uint8)
+    lo, hi = values[finite].min(), values[finite].max()
+    if hi <= lo:
+        return np.zeros(gray.shape, np.uint8)
+    scaled = (np.where(finite, values, lo) - lo) * (255.0 / (hi - lo))
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def binarize_mask(mask: np.ndarray, path: str | os.PathLike = "<array>") -> np.ndarray:
+    """Turn a decoded mask into a 2D uint8 array of 0 (background) and 1 (kidney).
+
+    Rule: an alpha channel is dropped and colour channels are reduced by their maximum (so white and
+    coloured annotations both count). Then, with ``m`` the largest value:
+
+    * ``m <= 1`` (0/1 flags, booleans): every non-zero pixel is kidney;
+    * 8-bit with ``m >= 128`` (0/255, JPEG-noisy 0/255): pixels ``>= 128`` are kidney;
+    * 8-bit JPEG with ``m <= 32``: compression noise of an empty mask, so no kidney;
+    * any other 8-bit mask (e.g. label values 0/1/2 or 0/100) is ambiguous and an error;
+    * 16-bit, float and other depths: pixels ``>= m / 2`` are kidney (0/1 float masks use 0.5).
+
+    Raises:
+        ValueError: for the ambiguous 8-bit case, naming the file and the values found.
+    """
+    values = _drop_alpha_and_reduce(np.asarray(mask), reduce="max")
+    if values.dtype == np.bool_:
+        return values.astype(np.uint8)
+    if np.issubdtype(values.dtype, np.floating):
+        values = np.nan_to_num(values, nan=0.0)
+    top = values.max() if values.size else 0
+    if top <= 1:
+        if np.issubdtype(values.dtype, np.floating):
+            return (values >= 0.5).astype(np.uint8)
+        return (values > 0).astype(np.uint8)
+    if values.dtype == np.uint8:
+        if top >= 128:
+            return (values >= 128).astype(np.uint8)
+        if str(path).lower().endswith((".jpg", ".jpeg")) and top <= 32:
+            return np.zeros(values.shape, np.uint8)
+        found = np.unique(values)
+        raise ValueError(
+            f"Mask {path} has values {found[:10].tolist()}{'...' if found.size > 10 else ''}: "
+            "neither 0/1 nor 0/255. If it is a label map, save kidney as 255 (or 1) and the "
+            "rest as 0."
+        )
+    return (values >= top / 2).astype(np.uint8)
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Read an image file as 2D uint8 (see :func:`to_grayscale_uint8` for the rule)."""
+    return to_grayscale_uint8(_decode(Path(path)))
+
+
+def read_mask(path: str | os.PathLike) -> np.ndarray:
+    """Read a mask file as 2D uint8 0/1 (see :func:`binarize_mask` for the rule)."""
+    return binarize_mask(_decode(Path(path)), path)
+
+
+def load_pair(pair: SamplePair) -> tuple[np.ndarray, np.ndarray]:
+    """Read one pair at its original size.
+
+    Raises:
+        ImageReadError: a file cannot be decoded (the message names it).
+        ValueError: image and mask differ in size (the message names both files).
+    """
+    image = read_image(pair.image)
+    mask = read_mask(pair.mask)
+    if image.shape != mask.shape:
+        raise ValueError(
+            f"Image and mask differ in size: {pair.image} is {image.shape[1]}x{image.shape[0]} "
+            f"but {pair.mask} is {mask.shape[1]}x{mask.shape[0]} (width x height). Re-export the "
+            "mask at the image's size."
+        )
+    return image, mask
+
+
+def resize_pair(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Resize an image (area or linear interpolation) and its 0/1 mask (linear, then >= 0.5).
+
+    The whole field of view is kept: a non-square image is stretched, never cropped.
+    """
+    image = _resize_gray(image, size)
+    mask_f = cv2.resize(mask.astype(np.float32), (size, size), interpolation=cv2.INTER_LINEAR)
+    return image, (mask_f >= 0.5).astype(np.uint8)
+
+
+def _resize_gray(image: np.ndarray, size: int) -> np.ndarray:
+    h, w = image.shape[:2]
+    if (h, w) == (size, size):
+        return image.copy()
+    shrink = size < h or size < w
+    mode = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
+    return cv2.resize(image, (size, size), interpolation=mode)
+
+
+@dataclass
+class CachedArrays:
+    """Decoded, resized pairs held in memory.
+
+    Attributes:
+        images: ``(N, S, S)`` uint8 images (after the configured preprocessing).
+        masks: ``(N, S, S)`` uint8 masks of 0 and 1.
+        pairs: The pairs in the same order.
+        original_sizes: ``(height, width)`` of each original image.
+        skipped: ``(path, reason)`` of files skipped because they could not be read.
+    """
+
+    images: np.ndarray
+    masks: np.ndarray
+    pairs: list[SamplePair]
+    original_sizes: list[tuple[int, int]]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+
+def load_arrays(
+    pairs: Sequence[SamplePair],
+    image_size: int,
+    preprocessing: str = "none",
+    skip_bad_files: bool = False,
+    progress: bool = False,
+) -> CachedArrays:
+    """Decode, preprocess and resize every pair once.
+
+    Args:
+        pairs: The pairs to load.
+        image_size: Side of the square arrays.
+        preprocessing: One of :data:`PREPROCESSING_OPTIONS`, applied after resizing.
+        skip_bad_files: Skip (and list in ``skipped``) unreadable files instead of raising.
+        progress: Show a progress bar.
+    """
+    images, masks, kept, sizes, skipped = [], [], [], [], []
+    iterator: Sequence[SamplePair] | Iterator[SamplePair] = pairs
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(pairs, desc="loading", unit="img", leave=False)
+    for pair in iterator:
+        try:
+            image, mask = load_pair(pair)
+        except ImageReadError as exc:
+            if not skip_bad_files:
+                raise
+            skipped.append((str(pair.image), str(exc)))
+            continue
+        sizes.append(image.shape[:2])
+        image, mask = resize_pair(image, mask, image_size)
+        images.append(apply_preprocessing(image, preprocessing))
+        masks.append(mask)
+        kept.append(pair)
+    if not kept:
+        raise ValueError(f"None of the {len(pairs)} pairs could be read; see the skipped files.")
+    return CachedArrays(np.stack(images), np.stack(masks), kept, sizes, skipped)
+
+
+def split_pairs(
+    pairs: Sequence[SamplePair], val_fraction: float = 0.2, seed: int = 42, grouped: bool = True
+) -> tuple[list[SamplePair], list[SamplePair]]:
+    """Split pairs into training and validation, reproducibly.
+
+    With ``grouped`` and more than one case, scikit-learn's ``GroupShuffleSplit`` keeps every slice of
+    a case (see :attr:`SamplePair.group`) on one side, and ``val_fraction`` is the share of cases.
+    Otherwise ``ShuffleSplit`` splits images. Both sides are sorted as the input was.
+
+    Raises:
+        ValueError: fewer than two images, or fewer than two groups when grouping.
+    """
+    from sklearn.model_selection import GroupShuffleSplit, ShuffleSplit
+
+    pairs = list(pairs)
+    if len(pairs) < 2:
+        raise ValueError(f"Need at least 2 image/mask pairs to split; found {len(pairs)}.")
+    groups = [p.group for p in pairs]
+    if grouped and len(set(groups)) < 2:
+        raise ValueError(
+            f"GROUP_REGEX puts all {len(pairs)} images into one case ({groups[0]!r}), so no "
+            "patient-level split is possible. Check the pattern or set GROUP_REGEX=None."
+        )
+    index = np.arange(len(pairs))
+    if grouped:
+        splitter = GroupShuffleSplit(n_splits=1, test_size=val_fraction, random_state=seed)
+        train_idx, val_idx = next(splitter.split(index, groups=groups))
+    else:
+        splitter = ShuffleSplit(n_splits=1, test_size=val_fraction, random_state=seed)
+        train_idx, val_idx = next(splitter.split(index))
+    return [pairs[i] for i in sorted(train_idx)], [pairs[i] for i in sorted(val_idx)]
+
+
+# ----- synthetic kidney phantoms ---------------------------------------------------------------
+
+_PHANTOM_MARKER = "PHANTOM.json"
+
+
+def _ellipse(
+    yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, ry: float, rx: float, angle: float = 0.0
+) -> np.ndarray:
+    cos, sin = math.cos(angle), math.sin(angle)
+    dy, dx = yy - cy, xx - cx
+    u = dx * cos + dy * sin
+    v = -dx * sin + dy * cos
+    return (u / rx) ** 2 + (v / ry) ** 2 <= 1.0
+
+
+def _render_phantom_slice(
+    rng: np.random.Generator, anatomy: dict[str, Any], z: float, size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Render one CT-like axial slice at height ``z`` in [0, 1] and its kidney mask."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / (size - 1) * 2 - 1  # [-1, 1]
+    img = np.full((size, size), 0.02, np.float32)  # air
+    body = _ellipse(yy, xx, 0.0, 0.0, anatomy["body_ry"], anatomy["body_rx"])
+    inner = _ellipse(yy, xx, 0.0, 0.0, anatomy["body_ry"] - 0.05, anatomy["body_rx"] - 0.05)
+    img[body] = 0.30  # subcutaneous fat
+    img[inner] = 0.48  # soft tissue
+    liver = _ellipse(yy, xx, -0.05, -0.35, 0.35, 0.3) & inner
+    img[liver & (z > 0.45)] = 0.56
+    for by, bx, br in anatomy["bowel"]:
+        loop = _ellipse(yy, xx, by, bx, br, br * 1.3) & inner
+        img[loop] = 0.62
+    spine = _ellipse(yy, xx, 0.42, 0.0, 0.12, 0.11)
+    img[spine] = 0.95
+    img[_ellipse(yy, xx, 0.40, 0.0, 0.035, 0.03)] = 0.35  # spinal canal
+    mask = np.zeros((size, size), bool)
+    for kidney in anatomy["kidneys"]:
+        t = (z - kidney["zc"]) / kidney["zr"]
+        if abs(t) >= 1.0:
+            continue
+        scale = math.sqrt(1.0 - t * t)
+        ry, rx = kidney["ry"] * scale, kidney["rx"] * scale
+        if min(ry, rx) < 0.012:
+            continue
+        cy, cx, ang = kidney["cy"], kidney["cx"], kidney["angle"]
+        outer = _ellipse(yy, xx, cy, cx, ry, rx, ang)
+        side = -1.0 if cx > 0 else 1.0  # hilum faces the spine
+        notch = _ellipse(yy, xx, cy, cx + side * rx * 0.95, ry * 0.35, rx * 0.45, ang)
+        kid = outer & ~notch
+        medulla = _ellipse(yy, xx, cy, cx + side * rx * 0.1, ry * 0.55, rx * 0.5, ang) & kid
+        img[kid] = kidney["cortex"]
+        img[medulla] = kidney["medulla"]
+        mask |= kid
+    img += rng.normal(0.0, 0.035, img.shape).astype(np.float32)
+    img = cv2.GaussianBlur(img, (0, 0), sigmaX=max(0.6, size / 400))
+    img += rng.normal(0.0, 0.015, img.shape).astype(np.float32)
+    return np.clip(img * 255, 0, 255).astype(np.uint8), mask.astype(np.uint8) * 255
+
+
+def make_synthetic_dataset(
+    out_dir: str | os.PathLike,
+    n_cases: int = 12,
+    slices_per_case: int = 10,
+    image_size: int = 256,
+    seed: int = 0,
+) -> Path:
+    """Write seeded CT-like kidney phantoms in the images/ + masks/ layout and return ``out_dir``.
+
+    Each case is one synthetic patient: a body with fat and soft tissue, liver, bowel loops, the spine,
+    and two bean-shaped kidneys (bright cortex, darker medulla, hilum notch facing the spine) whose
+    cross-section grows and shrinks along the slices, so a slice holds zero, one or two kidneys. Files
+    are named ``phantom-CCC_SSS.png`` so ``GROUP_REGEX='^([^_]+)_'`` groups them by case.
+
+    A folder written earlier with the same arguments is reused as it is. A non-empty folder that is
+    not such a phantom set is never touched.
+
+    Raises:
+        FileExistsError: ``out_dir`` holds other files, or phantoms made with other arguments.
+    """
+    out = Path(out_dir)
+    settings = {
+        "n_cases": n_cases,
+        "slices_per_case": slices_per_case,
+        "image_size": image_size,
+        "seed": seed,
+    }
+    marker = out / _PHANTOM_MARKER
+    if marker.exists():
+        if json.loads(marker.read_text()) == settings:
+            return out
+        raise FileExistsError(
+            f"{out} holds phantoms made with other settings ({marker.read_text().strip()}); "
+            "choose another folder or delete it."
+        )
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} is not empty; phantoms are only written to a new folder.")
+    if image_size < 32 or n_cases < 1 or slices_per_case < 1:
+        raise ValueError("make_synthetic_dataset needs image_size >= 32, n_cases >= 1, slices >= 1.")
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "masks").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for case in range(n_cases):
+        anatomy = {
+            "body_ry": rng.uniform(0.62, 0.72),
+            "body_rx": rng.uniform(0.82, 0.92),
+            "bowel": [
+                (rng.uniform(-0.4, 0.0), rng.uniform(-0.3, 0.4), rng.uniform(0.05, 0.1))
+                for _ in range(rng.integers(2, 5))
+            ],
+            "kidneys": [
+                {
+                    "cy": rng.uniform(0.18, 0.3),
+                    "cx": side * rng.uniform(0.3, 0.4),
+                    "ry": rng.uniform(0.13, 0.17),
+                    "rx": rng.uniform(0.09, 0.12),
+                    "angle": side * rng.uniform(0.2, 0.5),
+                    "zc": rng.uniform(0.4, 0.6),
+                    "zr": rng.uniform(0.3, 0.45),
+                    "cortex": rng.uniform(0.72, 0.82),
+                    "medulla": rng.uniform(0.58, 0.66),
+                }
+                for side in (-1.0, 1.0)
+            ],
+        }
+        for s in range(slices_per_case):
+            z = (s + 0.5) / slices_per_case
+            image, mask = _render_phantom_slice(rng, anatomy, z, image_size)
+            name = f"phantom-{case:03d}_{s:03d}.png"
+            cv2.imwrite(str(out / "images" / name), image)
+            cv2.imwrite(str(out / "masks" / name), mask)
+    marker.write_text(json.dumps(settings) + "\n")
+    return out
+
+
+def _is_kaggle(kaggle_input: Path) -> bool:
+    return kaggle_input.is_dir()
+
+
+def resolve_data_dir(
+    data_dir: str | os.PathLike | None = "auto",
+    *,
+    kaggle_input: str | os.PathLike = KAGGLE_INPUT,
+    env_var: str = DATA_DIR_ENV,
+    synthetic_dir: str | os.PathLike | None = None,
+) -> Path:
+    """Find the data root: the explicit parameter, then Kaggle's input, then an environment variable.
+
+    Args:
+        data_dir: A path, or ``"auto"``/``None`` to search.
+        kaggle_input: Where Kaggle mounts attached datasets (a parameter so tests can fake it).
+        env_var: Environment variable consulted after Kaggle's input.
+        synthetic_dir: With nothing found, write synthetic phantoms here and use them, with a
+            warning. ``None`` makes "nothing found" an error instead.
+
+    Raises:
+        FileNotFoundError: an explicit path that does not exist, or nothing found and no
+            ``synthetic_dir``; the message names every place searched.
+    """
+    if data_dir not in (None, "", "auto"):
+        path = Path(data_dir).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"DATA_DIR {str(path)!r} does not exist. {_LAYOUT_HELP}")
+        return path
+    searched = []
+    kaggle_input = Path(kaggle_input)
+    searched.append(str(kaggle_input))
+    if _is_kaggle(kaggle_input) and find_dataset_folders(kaggle_input):
+        return kaggle_input
+    env_value = os.environ.get(env_var)
+    searched.append(f"${env_var}" + (f"={env_value}" if env_value else " (unset)"))
+    if env_value:
+        path = Path(env_value).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"${env_var} points to {str(path)!r}, which does not exist.")
+        return path
+    if synthetic_dir is None:
+        raise FileNotFoundError(
+            f"No data found (searched {', '.join(searched)}). Set DATA_DIR to a folder. {_LAYOUT_HELP}"
+        )
+    warnings.warn(
+        f"No data found (searched {', '.join(searched)}): using SYNTHETIC kidney phantoms in "
+        f"{synthetic_dir}. Set DATA_DIR to train on real images.",
+        UserWarning,
+        stacklevel=2,
+    )
+    return make_synthetic_dataset(synthetic_dir)
+
+
+def resolve_output_dir(
+    output_dir: str | os.PathLike | None = "auto",
+    *,
+    kaggle_working: str | os.PathLike = KAGGLE_WORKING,
+    default: str | os.PathLike = "outputs",
+) -> Path:
+    """Return the output folder: the parameter, else ``/kaggle/working/kidneyseg`` on Kaggle, else
+    ``default`` (relative to the working directory). The folder is created."""
+    if output_dir not in (None, "", "auto"):
+        path = Path(output_dir).expanduser()
+    elif Path(kaggle_working).is_dir():
+        path = Path(kaggle_working) / "kidneyseg"
+    else:
+        path = Path(default)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+# ----- torch datasets --------------------------------------------------------------------------
+
+
+def _worker_init(_: int) -> None:
+    cv2.setNumThreads(0)
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """Shuffles ``n`` indices anew each epoch from ``(seed, epoch)`` alone.
+
+    It yields ``epoch * n + i`` so that the dataset, even inside persistent workers, knows the epoch
+    and can seed each sample's augmentation from ``(seed, epoch, i)``: a run is reproducible whatever
+    the number of workers, and a resumed run repeats the epochs it would have run.
+    """
+
+    def __init__(self, n: int, seed: int = 0, shuffle: bool = True) -> None:
+        self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose order :meth:`__iter__` yields."""
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        if self.shuffle:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(self.n, generator=gen).tolist()
+        else:
+            order = range(self.n)
+        base = self.epoch * self.n
+        return iter([base + i for i in order])
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class KidneyDataset(Dataset):
+    """A torch Dataset over cached uint8 arrays, with a seeded Albumentations pipeline.
+
+    Items are ``(image, mask)`` float tensors of shape ``(1, S, S)``: the image scaled to [0, 1], the
+    mask of 0 and 1. Index ``epoch * n + i`` (from :class:`EpochShuffleSampler`) means sample ``i``;
+    its augmentation is seeded from ``(seed, epoch, i)``.
+    """
+
+    def __init__(
+        self, images: np.ndarray, masks: np.ndarray, transform: A.Compose | None = None, seed: int = 0
+    ) -> None:
+        if images.shape != masks.shape or images.ndim != 3:
+            raise ValueError(f"images {images.shape} and masks {masks.shape} must be equal (N, H, W).")
+        self.images, self.masks, self.transform, self.seed = images, masks, transform, seed
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        epoch, i = divmod(int(index), len(self.images))
+        image, mask = self.images[i], self.masks[i]
+        if self.transform is not None:
+            state = np.random.SeedSequence([self.seed, epoch, i]).generate_state(1)[0]
+            self.transform.set_random_seed(int(state))
+            out = self.transform(image=image, mask=mask)
+            image, mask = out["image"], out["mask"]
+        image_t = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32) / 255.0)
+        mask_t = torch.from_numpy(np.ascontiguousarray(mask > 0, dtype=np.float32))
+        return image_t.unsqueeze(0), mask_t.unsqueeze(0)
+
+
+@dataclass
+class PreparedData:
+    """Everything notebook 03 needs about the data of a run.
+
+    Attributes:
+        data_dir: The data root.
+        index: All pairs found, with orphans.
+        train: Cached training arrays.
+        val: Cached validation arrays.
+        train_dataset: Augmented training dataset.
+        val_dataset: Validation dataset (resize only).
+    """
+
+    data_dir: Path
+    index: DatasetIndex
+    train: CachedArrays
+    val: CachedArrays
+    train_dataset: KidneyDataset
+    val_dataset: KidneyDataset
+
+    def summary(self) -> pd.DataFrame:
+        """Per source: pairs, cases, orphans, and how many images went to each side of the split."""
+        table = self.index.summary()
+        for name, part in (("train", self.train), ("val", self.val)):
+            counts = pd.Series([p.source for p in part.pairs]).value_counts()
+            table[name] = [int(counts.get(s, 0)) for s in table["source"]]
+        with_kidney = pd.Series(
+            [
+                p.source
+                for p, m in zip(
+                    self.train.pairs + self.val.pairs, list(self.train.masks) + list(self.val.masks)
+                )
+                if m.any()
+            ]
+        ).value_counts()
+        table["with_kidney"] = [int(with_kidney.get(s, 0)) for s in table["source"]]
+        return table
+
+    def split_record(self) -> dict[str, list[str]]:
+        """The split as plain lists of ``source/name`` keys (stored in checkpoints)."""
+        return {"train": [p.key for p in self.train.pairs], "val": [p.key for p in self.val.pairs]}
+
+
+def prepare_data(
+    config: Config, data_dir: str | os.PathLike, skip_bad_files: bool = False, progress: bool = False
+) -> PreparedData:
+    """Index, subsample, split, decode and wrap the data of a run, as the config says.
+
+    Orphans are reported with a warning and left out; training goes on with the pairs.
+    """
+    index = index_dataset(data_dir, config.group_regex)
+    if index.orphan_images or index.orphan_masks:
+        n = len(index.orphan_images) + len(index.orphan_masks)
+        warnings.warn(
+            f"{n} files have no partner and are left out:\n{index.orphan_report()}", UserWarning, stacklevel=2
+        )
+    pairs = index.pairs
+    if config.max_images is not None and config.max_images < len(pairs):
+        rng = np.random.default_rng(config.seed)
+        keep = sorted(rng.choice(len(pairs), size=config.max_images, replace=False))
+        pairs = [pairs[i] for i in keep]
+    train_pairs, val_pairs = split_pairs(
+        pairs, config.val_fraction, config.seed, grouped=config.group_regex is not None
+    )
+    load = dict(
+        image_size=config.image_size,
+        preprocessing=config.preprocessing,
+        skip_bad_files=skip_bad_files,
+        progress=progress,
+    )
+    train = load_arrays(train_pairs, **load)
+    val = load_arrays(val_pairs, **load)
+    train_ds = KidneyDataset(
+        train.images, train.masks, build_train_transform(config.image_size), seed=config.seed
+    )
+    val_ds = KidneyDataset(val.images, val.masks, build_eval_transform(config.image_size), seed=config.seed)
+    return PreparedData(Path(data_dir), index, train, val, train_ds, val_ds)
+
+
+# =================================================================================================
+# 3. Preprocessing
+# =================================================================================================
+
+
+def apply_preprocessing(image: np.ndarray, method: str = "none") -> np.ndarray:
+    """Apply the named intensity preprocessing to a 2D uint8 image (shape and dtype kept).
+
+    Args:
+        image: 2D uint8 image.
+        method: One of :data:`PREPROCESSING_OPTIONS`; ``"none"`` returns the image unchanged.
+    """
+    if method == "none":
+        return image
+    raise ValueError(
+        f"PREPROCESSING must be one of {', '.join(map(repr, PREPROCESSING_OPTIONS))}; got {method!r}."
+    )
+
+
+# =================================================================================================
+# 4. Augmentation
+# =================================================================================================
+
+
+def build_train_transform(image_size: int = 256) -> A.Compose:
+    """The specification's training augmentation (Albumentations 2.x API).
+
+    Resize to ``image_size``; horizontal and vertical flips (p 0.7 each); shift up to 6.25 %, scale
+    0.9-1.1 and rotation up to 45 degrees (p 0.5, zero padding, nearest-neighbour masks so they stay
+    binary); random brightness and contrast (+-0.2, p 0.5). Intensities are scaled to [0, 1] by
+    :class:`KidneyDataset`.
+    """
+    return A.Compose(
+        [
+            A.Resize(image_size, image_size, interpolation=cv2.INTER_AREA),
+            A.HorizontalFlip(p=0.7),
+            A.VerticalFlip(p=0.7),
+            A.Affine(
+                translate_percent=(-0.0625, 0.0625),
+                scale=(0.9, 1.1),
+                rotate=(-45, 45),
+                interpolation=cv2.INTER_LINEAR,
+                mask_interpolation=cv2.INTER_NEAREST,
+                border_mode=cv2.BORDER_CONSTANT,
+                fill=0,
+                fill_mask=0,
+                p=0.5,
+            ),
+            A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=0.5),
+        ]
+    )
+
+
+def build_eval_transform(image_size: int = 256) -> A.Compose:
+    """Validation and inference transform: resize only."""
+    return A.Compose([A.Resize(image_size, image_size, interpolation=cv2.INTER_AREA)])
+
+
+# =================================================================================================
+# 5. Model
+# =================================================================================================
+
+
+class ResidualConvBlock(nn.Module):
+    """Conv3x3-BN-ReLU-Dropout-Conv3x3-BN-ReLU plus a residual connection (1x1 conv when widths differ)."""
+
+    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.2) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+        )
+        if in_channels == out_channels:
+            self.shortcut: nn.Module = nn.Identity()
+        else:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Shape: ``(B, in, H, W) -> (B, out, H, W)``."""
+        return self.body(x) + self.shortcut(x)
+
+
+class SpatialAttention(nn.Module):
+    """Spatial attention (CBAM style): a 7x7 convolution over the channel-wise mean and maximum gives
+    a sigmoid map in (0, 1) that reweights every position."""
+
+    def __init__(self, kernel_size: int = 7) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Shape: ``(B, C, H, W) -> (B, C, H, W)``."""
+        pooled = torch.cat([x.mean(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)], dim=1)
+        return x * torch.sigmoid(self.conv(pooled))
+
+
+class AttentionUNet(nn.Module):
+    """The specification's enhanced U-Net.
+
+    Encoder of ``depth`` residual blocks (``base``, ``2 base``, ... channels) with max-pooling between
+    them; a bridge of ``base * 2**depth`` channels followed by spatial attention; a decoder of
+    ``depth`` blocks, each a 2x2 transposed-convolution upsampling, concatenation with the skip
+    connection and a residual block; a 1x1 convolution to one channel. The defaults (64, depth 4)
+    give 64-128-256-512 and a 1024-channel bridge.
+
+    Returns logits; ``torch.sigmoid`` of them is the kidney probability map. Input height and width
+    must be multiples of ``2**depth``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        out_channels: int = 1,
+        base_channels: int = 64,
+        depth: int = 4,
+        dropout: float = 0.2,
+    ) -> None:
+        super().__init__()
+        widths = [base_channels * 2**i for i in range(depth)]
+        self.depth = depth
+        self.encoders = nn.ModuleList()
+        previous = in_channels
+        for width in widths:
+            self.encoders.append(ResidualConvBlock(previous, width, dropout))
+            previous = width
+        self.pool = nn.MaxPool2d(2)
+        bridge = base_channels * 2**depth
+        self.bridge = ResidualConvBlock(previous, bridge, dropout)
+        self.attention = SpatialAttention()
+        self.upsamplers = nn.ModuleList()
+        self.decoders = nn.ModuleList()
+        previous = bridge
+        for width in reversed(widths):
+            self.upsamplers.append(nn.ConvTranspose2d(previous, width, 2, stride=2))
+            self.decoders.append(ResidualConvBlock(2 * width, width, dropout))
+            previous = width
+        self.head = nn.Conv2d(previous, out_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Shape: ``(B, in, H, W) -> (B, out, H, W)`` logits."""
+        multiple = 2**self.depth
+        if x.shape[-1] % multiple or x.shape[-2] % multiple:
+            raise ValueError(f"Input size {tuple(x.shape[-2:])} must be a multiple of {multiple} (2**depth).")
+        skips = []
+        for encoder in self.encoders:
+            x = encoder(x)
+            skips.append(x)
+            x = self.pool(x)
+        x = self.attention(self.bridge(x))
+        for upsample, decoder, skip in zip(self.upsamplers, self.decoders, reversed(skips)):
+            x = decoder(torch.cat([upsample(x), skip], dim=1))
+        return self.head(x)
+
+
+def build_model(config: Config) -> AttentionUNet:
+    """The model a config describes (one input channel, one output channel)."""
+    return AttentionUNet(1, 1, config.base_channels, config.depth, config.dropout)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# =================================================================================================
+# 6. Losses and metrics
+# =================================================================================================
+
+
+def focal_loss_with_logits(
+    logits: torch.Tensor, targets: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0
+) -> torch.Tensor:
+    """Binary focal loss (Lin et al. 2017), mean over all pixels.
+
+    ``FL = -alpha_t (1 - p_t)**gamma log(p_t)``, with ``alpha_t = alpha`` on kidney pixels and
+    ``1 - alpha`` elsewhere. Computed in float32 from logits through
+    ``binary_cross_entropy_with_logits``, so it stays finite for any fp16 logit.
+
+    Shape: logits and targets ``(B, 1, H, W)``; targets 0/1.
+    """
+    logits, targets = logits.float(), targets.float()
+    bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    p_t = torch.exp(-bce)
+    alpha_t = alpha * targets + (1 - alpha) * (1 - targets)
+    return (alpha_t * (1 - p_t).pow(gamma) * bce).mean()
+
+
+def soft_dice_loss(logits: torch.Tensor, targets: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
+    """``1 - (2 sum(p t) + s) / (sum(p) + sum(t) + s)`` over the whole batch, ``p = sigmoid(logits)``.
+
+    Pooling over the batch keeps the loss defined for slices without kidney: an empty target and an
+    all-background prediction give a loss near 0.
+    """
+    probs = torch.sigmoid(logits.float())
+    targets = targets.float()
+    intersection = (probs * targets).sum()
+    return 1 - (2 * intersection + smooth) / (probs.sum() + targets.sum() + smooth)
+
+
+class FocalDiceLoss(nn.Module):
+    """``focal_weight * focal + dice_weight * soft Dice`` (0.6 and 0.4 in the specification)."""
+
+    def __init__(
+        self, focal_weight: float = 0.6, dice_weight: float = 0.4, alpha: float = 0.25, gamma: float = 2.0
+    ) -> None:
+        super().__init__()
+        self.focal_weight, self.dice_weight = focal_weight, dice_weight
+        self.alpha, self.gamma = alpha, gamma
+
+    @classmethod
+    def from_config(cls, config: Config) -> FocalDiceLoss:
+        """The loss a config describes."""
+        return cls(config.focal_weight, config.dice_weight, config.focal_alpha, config.focal_gamma)
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Scalar loss; see :func:`focal_loss_with_logits` and :func:`soft_dice_loss`."""
+        return self.focal_weight * focal_loss_with_logits(
+            logits, targets, self.alpha, self.gamma
+        ) + self.dice_weight * soft_dice_loss(logits, targets)
+
+
+@dataclass
+class ConfusionCounts:
+    """Pixel counts of true positives, false positives, false negatives and true negatives."""
+
+    tp: int = 0
+    fp: int = 0
+    fn: int = 0
+    tn: int = 0
+
+    def __add__(self, other: ConfusionCounts) -> ConfusionCounts:
+        return ConfusionCounts(self.tp + other.tp, self.fp + other.fp, self.fn + other.fn, self.tn + other.tn)
+
+    def metrics(self) -> dict[str, float]:
+        """Dice, IoU, precision, recall and F1 of these counts (see :func:`metrics_from_counts`)."""
+        return metrics_from_counts(self.tp, self.fp, self.fn)
+
+
+def confusion_counts(pred: torch.Tensor | np.ndarray, target: torch.Tensor | np.ndarray) -> ConfusionCounts:
+    """Count tp/fp/fn/tn between two binary masks (bool or 0/1) of equal shape, summed over all
+    pixels (and over the batch, so an epoch's counts pool all its images)."""
+    if isinstance(pred, torch.Tensor):
+        p, t = pred.bool(), torch.as_tensor(target, device=pred.device).bool()
+        tp = int((p & t).sum())
+        fp = int((p & ~t).sum())
+        fn = int((~p & t).sum())
+    else:
+        p, t = np.asarray(pred).astype(bool), np.asarray(target).astype(bool)
+        tp = int(np.count_nonzero(p & t))
+        fp = int(np.count_nonzero(p & ~t))
+        fn = int(np.count_nonzero(~p & t))
+    if tuple(p.shape) != tuple(t.shape):
+        raise ValueError(f"prediction shape {tuple(p.shape)} differs from target {tuple(t.shape)}")
+    return ConfusionCounts(tp, fp, fn, int(np.prod(p.shape)) - tp - fp - fn)
+
+
+def metrics_from_counts(tp: int, fp: int, fn: int) -> dict[str, float]:
+    """Dice, IoU, precision, recall and F1 from pixel counts; the one definition used everywhere.
+
+    ``dice = 2tp / (2tp + fp + fn)``, ``iou = tp / (tp + fp + fn)``, ``precision = tp / (tp + fp)``,
+    ``recall = tp / (tp + fn)``, ``f1 = 2 P R / (P + R)`` (for pixel counts it equals Dice).
+
+    Empty-mask rule: a ratio whose denominator is 0 means there was nothing to find and nothing was
+    found, and scores 1.0 (an empty prediction of an empty mask is perfect). Precision with nothing
+    predicted is 1.0 only when nothing was missed (``fn == 0``), else 0.0; recall with no kidney
+    present is 1.0 only when nothing was falsely predicted (``fp == 0``), else 0.0. So every value
+    lies in [0, 1] and none is NaN.
+    """
+    if min(tp, fp, fn) < 0:
+        raise ValueError(f"counts must be >= 0; got tp={tp}, fp={fp}, fn={fn}")
+    dice = 1.0 if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn)
+    iou = 1.0 if tp + fp + fn == 0 else tp / (tp + fp + fn)
+    precision = tp / (tp + fp) if tp + fp else (1.0 if fn == 0 else 0.0)
+    recall = tp / (tp + fn) if tp + fn else (1.0 if fp == 0 else 0.0)
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"dice": dice, "iou": iou, "precision": precision, "recall": recall, "f1": f1}
+
+
+# =================================================================================================
+# 7. Training
+# =================================================================================================
+
+METRIC_NAMES = ("loss", "dice", "iou", "precision", "recall", "f1")
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss became NaN or infinite; the message names the epoch."""
+
+
+@dataclass
+class TrainingResult:
+    """What :func:`train_model` did and wrote.
+
+    Attributes:
+        history: One row per epoch (epoch, lr, seconds, train_* and val_* metrics).
+        best_epoch: Epoch (1-based) with the lowest validation loss.
+        best_val_loss: That loss.
+        stop_reason: ``"early_stopping"``, ``"num_epochs"`` or ``"time_budget"``.
+        output_dir: Where the files below were written.
+    """
+
+    history: pd.DataFrame
+    best_epoch: int
+    best_val_loss: float
+    stop_reason: str
+    output_dir: Path
+
+    @property
+    def best_row(self) -> pd.Series:
+        """The history row of the best epoch."""
+        return self.history.set_index("epoch").loc[self.best_epoch]
+
+    @property
+    def files(self) -> dict[str, Path]:
+        """The artefacts of the run by role."""
+        names = {
+            "best_model": BEST_MODEL_NAME,
+            "last_checkpoint": LAST_CHECKPOINT_NAME,
+            "metrics_csv": METRICS_CSV_NAME,
+            "metrics_png": METRICS_PNG_NAME,
+            "config_json": CONFIG_JSON_NAME,
+        }
+        return {role: self.output_dir / name for role, name in names.items()}
+
+
+def save_checkpoint(payload: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Save with ``torch.save`` to a temporary file, fsync, then rename over ``path`` (atomic: a kill
+    at any moment leaves either the old or the new file, never a broken one)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as handle:
+        torch.save(payload, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a kidneyseg checkpoint with ``weights_only=True`` (no pickled code ever runs).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file holds pickled objects or code, is damaged, or is not a kidneyseg
+            checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No checkpoint at {path}.")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # UnpicklingError for code, RuntimeError for damaged zips
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        reason = next((ln for ln in lines if "Unsupported global" in ln), lines[0] if lines else "")
+        raise ValueError(
+            f"Refused to load {path}: it is not a plain-tensor kidneyseg checkpoint (weights-only "
+            f"loading failed: {reason[:300]}). Only load checkpoints you trust, written by this "
+            "module."
+        ) from None
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a kidneyseg checkpoint (no '{CHECKPOINT_FORMAT}' marker).")
+    if payload.get("format_version", 0) > CHECKPOINT_VERSION:
+        raise ValueError(
+            f"{path} was written by a newer kidneyseg (format "
+            f"{payload['format_version']}); update kidneyseg_utils.py."
+        )
+    return payload
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return (
+        model.module if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else model
+    )
+
+
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()  # noqa: NPY002
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_pos": int(np_state[2]),
+        "python": list(random.getstate()[1]),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    keys = state["numpy_keys"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, state["numpy_pos"], 0, 0.0))  # noqa: NPY002
+    random.setstate((3, tuple(state["python"]), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _config_differences(a: dict[str, Any], b: dict[str, Any], fields: Sequence[str]) -> list[str]:
+    return [
+        f"{name.upper()}: {a.get(name)!r} vs {b.get(name)!r}" for name in fields if a.get(name) != b.get(name)
+    ]
+
+
+def _auto_workers(config: Config, device: torch.device) -> int:
+    if config.num_workers is not None:
+        return config.num_workers
+    return min(4, os.cpu_count() or 1) if device.type == "cuda" else 0
+
+
+def _run_epoch(
+    model: nn.Module,
+    loader: DataLoader,
+    loss_fn: nn.Module,
+    device: torch.device,
+    threshold: float,
+    optimizer: torch.optim.Optimizer | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    use_amp: bool = False,
+    grad_clip_norm: float = 1.0,
+    epoch: int = 0,
+    bar: Any = None,
+) -> dict[str, float]:
+    """One pass over ``loader``: trains when an optimizer is given, else evaluates.
+
+    Returns the mean loss and the pooled metrics of the epoch.
+    """
+    training = optimizer is not None
+    model.train(training)
+    counts = ConfusionCounts()
+    total_loss, total_n = 0.0, 0
+    context = torch.enable_grad() if training else torch.inference_mode()
+    with context:
+        for images, masks in loader:
+            images = images.to(device, non_blocking=True)
+            masks = masks.to(device, non_blocking=True)
+            with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
+                logits = model(images)
+            loss = loss_fn(logits, masks)
+            if not torch.isfinite(loss):
+                raise TrainingDivergedError(
+                    f"The {'training' if training else 'validation'} loss became {loss.item()} in "
+                    f"epoch {epoch}. Lower LEARNING_RATE, check the data for NaN, or set AMP=False. "
+                    f"The best checkpoint so far is intact."
+                )
+            if training:
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
+                scaler.step(optimizer)
+                scaler.update()
+            n = images.shape[0]
+            total_loss += loss.item() * n
+            total_n += n
+            counts = counts + confusion_counts(
+                torch.sigmoid(logits.detach().float()) > threshold, masks > 0.5
+            )
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{total_loss / total_n:.4f}", dice=f"{counts.metrics()['dice']:.3f}")
+    if total_n == 0:
+        raise ValueError("The data loader yielded no batch.")
+    return {"loss": total_loss / total_n, **counts.metrics()}
+
+
+def _oom_message(config: Config) -> str:
+    return (
+        f"CUDA ran out of memory with BATCH_SIZE={config.batch_size}, IMAGE_SIZE={config.image_size} "
+        f"and BASE_CHANNELS={config.base_channels}. Lower BATCH_SIZE first (e.g. "
+        f"{max(1, config.batch_size // 2)}), then IMAGE_SIZE or BASE_CHANNELS, and restart the kernel."
+    )
+
+
+def train_model(
+    model: nn.Module,
+    train_dataset: Dataset,
+    val_dataset: Dataset,
+    config: Config,
+    output_dir: str | os.PathLike,
+    device: torch.device | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    extra_state: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> TrainingResult:
+    """Train with the specification's recipe and write the run's artefacts to ``output_dir``.
+
+    AdamW; ReduceLROnPlateau on the validation loss; early stopping after ``patience`` epochs
+    without a lower validation loss; gradient clipping; fp16 autocast with a GradScaler on CUDA.
+    After each epoch: the best model (by validation loss) as ``best_kidney_segmentation_model.pth``,
+    a resumable ``last_checkpoint.pth``, ``training_metrics.csv``; at the end the six-panel
+    ``training_metrics.png``. Every write is atomic.
+
+    Args:
+        model: The network (its weights are trained in place).
+        train_dataset: Training items (a :class:`KidneyDataset`).
+        val_dataset: Validation items.
+        config: The run's settings.
+        output_dir: Folder for the artefacts.
+        device: Compute device; chosen by :func:`get_device` when ``None``.
+        resume: Continue from ``last_checkpoint.pth`` in ``output_dir``.
+        overwrite: Allow replacing an earlier run's best model in ``output_dir``.
+        extra_state: Plain-typed extras stored in both checkpoints (e.g. the split).
+        progress: Show tqdm progress bars with live loss and Dice.
+
+    Raises:
+        FileExistsError: ``output_dir`` holds a best model and neither ``resume`` nor ``overwrite``.
+        ValueError: ``batch_size`` exceeds the training set, or the resume checkpoint does not match.
+        TrainingDivergedError: the loss became NaN or infinite.
+        RuntimeError: CUDA ran out of memory (the message names the levers).
+    """
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    best_path, last_path = out / BEST_MODEL_NAME, out / LAST_CHECKPOINT_NAME
+    device = device or get_device()
+    if len(train_dataset) < config.batch_size:
+        raise ValueError(
+            f"BATCH_SIZE={config.batch_size} exceeds the {len(train_dataset)} training images; "
+            f"use a BATCH_SIZE of at most {len(train_dataset)}."
+        )
+    if not resume and best_path.exists() and not overwrite:
+        raise FileExistsError(
+            f"{best_path} exists from an earlier run. Set RESUME=True to continue it, "
+            "OVERWRITE=True to replace it, or choose another OUTPUT_DIR."
+        )
+    seed_everything(config.seed)
+    base = _unwrap(model)
+    base.to(device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    use_amp = config.amp and device.type == "cuda"
+    optimizer = torch.optim.AdamW(
+        base.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode="min", factor=config.lr_factor, patience=config.lr_patience, min_lr=config.min_lr
+    )
+    scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
+    loss_fn = FocalDiceLoss.from_config(config)
+    history: list[dict[str, float]] = []
+    best_loss, best_epoch, stale, start_epoch = math.inf, 0, 0, 1
+    if resume:
+        state = load_checkpoint(last_path, map_location=device) if last_path.exists() else None
+        if state is None:
+            raise FileNotFoundError(
+                f"RESUME=True but there is no {LAST_CHECKPOINT_NAME} in {out}; set RESUME=False to "
+                "start a new run."
+            )
+        diffs = _config_differences(
+            state["config"], config.to_dict(), ARCHITECTURE_FIELDS + ("seed", "group_regex", "val_fraction")
+        )
+        if diffs:
+            raise ValueError(f"Cannot resume {last_path}: the settings differ ({'; '.join(diffs)}).")
+        base.load_state_dict(state["model_state"])
+        optimizer.load_state_dict(state["optimizer_state"])
+        scheduler.load_state_dict(state["scheduler_state"])
+        scaler.load_state_dict(state["scaler_state"])
+        history = [dict(row) for row in state["history"]]
+        best_loss, best_epoch, stale = state["best_val_loss"], state["best_epoch"], state["stale_epochs"]
+        start_epoch = state["epoch"] + 1
+        _set_rng_state(state["rng_state"])
+    config.to_json(out / CONFIG_JSON_NAME)
+
+    workers = _auto_workers(config, device)
+    pin = device.type == "cuda"
+    loader_kw: dict[str, Any] = dict(
+        batch_size=config.batch_size,
+        num_workers=workers,
+        pin_memory=pin,
+        worker_init_fn=_worker_init if workers else None,
+        persistent_workers=workers > 0,
+    )
+    sampler = EpochShuffleSampler(len(train_dataset), config.seed)
+    train_loader = DataLoader(
+        train_dataset,
+        sampler=sampler,
+        drop_last=True,
+        generator=torch.Generator().manual_seed(config.seed),
+        **loader_kw,
+    )
+    val_loader = DataLoader(val_dataset, shuffle=False, **loader_kw)
+
+    from tqdm.auto import tqdm
+
+    started = time.monotonic()
+    stop_reason = "num_epochs"
+    epoch_bar = tqdm(
+        range(start_epoch, config.num_epochs + 1),
+        desc="epochs",
+        unit="epoch",
+        disable=not progress,
+        initial=start_epoch - 1,
+        total=config.num_epochs,
+    )
+    extra = extra_state or {}
+    try:
+        for epoch in epoch_bar:
+            tic = time.monotonic()
+            sampler.set_epoch(epoch)
+            bar = tqdm(
+                total=len(train_loader) + len(val_loader),
+                desc=f"epoch {epoch}",
+                leave=False,
+                disable=not progress,
+            )
+            train_m = _run_epoch(
+                model,
+                train_loader,
+                loss_fn,
+                device,
+                config.inference_threshold,
+                optimizer,
+                scaler,
+                use_amp,
+                config.grad_clip_norm,
+                epoch,
+                bar,
+            )
+            val_m = _run_epoch(
+                model,
+                val_loader,
+                loss_fn,
+                device,
+                config.inference_threshold,
+                use_amp=use_amp,
+                epoch=epoch,
+                bar=bar,
+            )
+            bar.close()
+            lr = optimizer.param_groups[0]["lr"]
+            scheduler.step(val_m["loss"])
+            row = {"epoch": epoch, "lr": lr, "seconds": time.monotonic() - tic}
+            row.update({f"train_{k}": v for k, v in train_m.items()})
+            row.update({f"val_{k}": v for k, v in val_m.items()})
+            history.append(row)
+            improved = val_m["loss"] < best_loss
+            if improved:
+                best_loss, best_epoch, stale = val_m["loss"], epoch, 0
+                save_checkpoint(_payload("best", base, config, epoch, history, extra), best_path)
+            else:
+                stale += 1
+            last = _payload("last", base, config, epoch, history, extra)
+            last.update(
+                optimizer_state=optimizer.state_dict(),
+                scheduler_state=scheduler.state_dict(),
+                scaler_state=scaler.state_dict(),
+                best_val_loss=best_loss,
+                best_epoch=best_epoch,
+                stale_epochs=stale,
+                rng_state=_rng_state(),
+            )
+            save_checkpoint(last, last_path)
+            _write_history_csv(history, out / METRICS_CSV_NAME)
+            epoch_bar.set_postfix(
+                val_loss=f"{val_m['loss']:.4f}", val_dice=f"{val_m['dice']:.3f}", best=best_epoch
+            )
+            if stale >= config.patience:
+                stop_reason = "early_stopping"
+                break
+            if config.max_train_minutes is not None:
+                elapsed = time.monotonic() - started
+                per_epoch = elapsed / (epoch - start_epoch + 1)
+                if elapsed + per_epoch > config.max_train_minutes * 60 and epoch < config.num_epochs:
+                    stop_reason = "time_budget"
+                    break
+    except torch.cuda.OutOfMemoryError:
+        raise RuntimeError(_oom_message(config)) from None
+    finally:
+        epoch_bar.close()
+    if not history:
+        raise ValueError(f"Nothing to train: the checkpoint already reached NUM_EPOCHS={config.num_epochs}.")
+    frame = pd.DataFrame(history)
+    fig = plot_training_history(frame, best_epoch=best_epoch)
+    fig.savefig(out / METRICS_PNG_NAME, dpi=110, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return TrainingResult(frame, best_epoch, best_loss, stop_reason, out)
+
+
+def _payload(
+    kind: str,
+    model: nn.Module,
+    config: Config,
+    epoch: int,
+    history: list[dict[str, float]],
+    extra: dict[str, Any],
+) -> dict[str, Any]:
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "format_version": CHECKPOINT_VERSION,
+        "kind": kind,
+        "config": config.to_dict(),
+        "model_state": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "epoch": epoch,
+        "history": [dict(row) for row in history],
+        "torch_version": str(torch.__version__),
+        **extra,
+    }
+
+
+def _write_history_csv(history: list[dict[str, float]], path: Path) -> None:
+    _atomic_write_text(path, pd.DataFrame(history).to_csv(index=False))
+
+
+# =================================================================================================
+# 8. Evaluation and inference
+# =================================================================================================
+
+
+def load_model(
+    path: str | os.PathLike, device: torch.device | str = "cpu", expected: Config | None = None
+) -> tuple[AttentionUNet, Config, dict[str, Any]]:
+    """Rebuild the model stored in a checkpoint, in eval mode.
+
+    Args:
+        path: A checkpoint written by :func:`train_model`.
+        device: Where to put the model.
+        expected: If given, a config whose architecture fields must equal the stored ones.
+
+    Returns:
+        ``(model, config, checkpoint)``.
+
+    Raises:
+        ValueError: unsafe or foreign file, or a config that differs (the message says which field).
+    """
+    checkpoint = load_checkpoint(path, map_location="cpu")
+    config = Config.from_dict(checkpoint["config"])
+    if expected is not None:
+        diffs = _config_differences(checkpoint["config"], expected.to_dict(), ARCHITECTURE_FIELDS)
+        if diffs:
+            raise ValueError(f"{path} was trained with other settings: {'; '.join(diffs)}.")
+    model = build_model(config)
+    try:
+        model.load_state_dict(checkpoint["model_state"])
+    except RuntimeError as exc:
+        raise ValueError(f"{path}: weights do not fit the stored architecture ({str(exc)[:300]}).") from None
+    return model.to(device).eval(), config, checkpoint
+
+
+@torch.inference_mode()
+def predict_probabilities(
+    model: nn.Module, images: np.ndarray, device: torch.device | str = "cpu", batch_size: int = 16
+) -> np.ndarray:
+    """Kidney probability maps for ``(N, S, S)`` uint8 images already at the model's size.
+
+    Returns:
+        ``(N, S, S)`` float32 probabilities in [0, 1].
+    """
+    model.eval()
+    out = []
+    for start in range(0, len(images), batch_size):
+        batch = torch.from_numpy(images[start : start + batch_size].astype(np.float32) / 255.0)
+        logits = model(batch.unsqueeze(1).to(device))
+        out.append(torch.sigmoid(logits.float()).squeeze(1).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0,) + images.shape[1:], np.float32)
+
+
+# =================================================================================================
+# 9. Plotting
+# =================================================================================================
+
+
+def overlay_mask(
+    image: np.ndarray,
+    mask: np.ndarray,
+    color: tuple[int, int, int] = (255, 40, 40),
+    alpha: float = 0.45,
+    contour: bool = True,
+) -> np.ndarray:
+    """An RGB uint8 picture of a gray image with the mask blended in ``color`` (and its outline)."""
+    rgb = np.repeat(image[..., None], 3, axis=2).astype(np.float32)
+    m = mask.astype(bool)
+    rgb[m] = (1 - alpha) * rgb[m] + alpha * np.asarray(color, np.float32)
+    out = np.clip(rgb, 0, 255).astype(np.uint8)
+    if contour and m.any():
+        contours, _ = cv2.findContours(m.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+        cv2.drawContours(out, contours, -1, color, 1)
+    return out
+
+
+def plot_samples(
+    dataset: Dataset, n: int = 8, seed: int = 0, epoch: int = 0, title: str | None = None, columns: int = 4
+) -> Any:
+    """A grid of ``n`` dataset items (as the model sees them, augmentation included) with the mask
+    overlaid. Returns the matplotlib Figure."""
+    import matplotlib.pyplot as plt
+
+    count = min(n, len(dataset))
+    rng = np.random.default_rng(seed)
+    picks = rng.choice(len(dataset), size=count, replace=False)
+    rows = math.ceil(count / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, i in zip(axes.flat, picks):
+        image, mask = dataset[epoch * len(dataset) + int(i)]
+        img8 = (image[0].numpy() * 255).round().astype(np.uint8)
+        ax.imshow(overlay_mask(img8, mask[0].numpy() > 0.5))
+        ax.set_title(f"#{i}  kidney {100 * float(mask.mean()):.1f}%", fontsize=9)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_training_history(history: pd.DataFrame, best_epoch: int | None = None) -> Any:
+    """The six-panel figure: loss, Dice, IoU, precision, recall, F1, train and validation per panel.
+
+    Args:
+        history: Rows as written to ``training_metrics.csv``.
+        best_epoch: Marked with a dashed line when given.
+    """
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    for ax, name in zip(axes.flat, METRIC_NAMES):
+        ax.plot(history["epoch"], history[f"train_{name}"], label="train", marker=".")
+        ax.plot(history["epoch"], history[f"val_{name}"], label="validation", marker=".")
+        if best_epoch:
+            ax.axvline(best_epoch, color="gray", linestyle="--", linewidth=1, label=f"best ({best_epoch})")
+        ax.set_title(
+            "Dice" if name == "dice" else name.upper() if name in ("iou", "f1") else name.capitalize()
+        )
+        ax.set_xlabel("epoch")
+        if name != "loss":
+            ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("Training metrics (validation metrics pooled over all validation pixels)")
+    fig.tight_layout()
+    return fig

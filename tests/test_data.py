@@ -1,0 +1,379 @@
+"""Data rules: pairing, reading any file by the documented rules, splits, phantoms, augmentation."""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+import kidneyseg_utils as ku
+
+
+def write(path: Path, array: np.ndarray, params: list[int] | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert cv2.imwrite(str(path), array, params or [])
+    return path
+
+
+def make_folder(root: Path, names: list[str], size: int = 32, masks: list[str] | None = None) -> Path:
+    for name in names:
+        write(root / "images" / f"{name}.png", np.full((size, size), 100, np.uint8))
+    for name in names if masks is None else masks:
+        m = np.zeros((size, size), np.uint8)
+        m[8:16, 8:16] = 255
+        write(root / "masks" / f"{name}.png", m)
+    return root
+
+
+# ----- reading rules ---------------------------------------------------------------------------
+
+
+def test_gray_8bit_kept(tmp_path):
+    a = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    assert np.array_equal(ku.read_image(write(tmp_path / "a.png", a)), a)
+
+
+def test_16bit_is_stretched_from_its_own_range(tmp_path):
+    a = np.array([[1000, 2000], [3000, 1000]], np.uint16)
+    out = ku.read_image(write(tmp_path / "a.png", a))
+    assert out.dtype == np.uint8
+    assert out.tolist() == [[0, 128], [255, 0]]  # (2000-1000)/2000*255 = 127.5 -> 128
+
+
+def test_constant_16bit_becomes_zeros():
+    assert not ku.to_grayscale_uint8(np.full((4, 4), 7, np.uint16)).any()
+
+
+def test_rgb_rgba_and_gray_alpha_use_luma(tmp_path):
+    bgr = np.zeros((4, 4, 3), np.uint8)
+    bgr[..., 2] = 200  # pure red in OpenCV's BGR order
+    expected = round(0.299 * 200)
+    assert ku.read_image(write(tmp_path / "rgb.png", bgr)).max() == expected
+    bgra = np.dstack([bgr, np.full((4, 4), 10, np.uint8)])  # alpha must not matter
+    assert ku.read_image(write(tmp_path / "rgba.png", bgra)).max() == expected
+    gray_alpha = np.dstack([np.full((4, 4), 77, np.uint8), np.zeros((4, 4), np.uint8)])
+    assert ku.to_grayscale_uint8(gray_alpha).max() == 77
+
+
+def test_palette_png(tmp_path):
+    from PIL import Image
+
+    img = Image.new("P", (6, 4))
+    img.putpalette([0, 0, 0, 255, 255, 255] + [0] * 762)
+    img.putpixel((1, 1), 1)
+    img.save(tmp_path / "p.png")
+    out = ku.read_image(tmp_path / "p.png")
+    assert out.shape == (4, 6) and out[1, 1] == 255 and out[0, 0] == 0
+    assert ku.read_mask(tmp_path / "p.png").sum() == 1
+
+
+@pytest.mark.parametrize(
+    ("mask", "ext"),
+    [
+        (np.array([[0, 1], [1, 0]], np.uint8), ".png"),
+        (np.array([[0, 255], [255, 0]], np.uint8), ".png"),
+        (np.array([[0, 65535], [65535, 0]], np.uint16), ".png"),
+        (np.array([[0, 300], [300, 0]], np.uint16), ".png"),
+    ],
+)
+def test_mask_values_become_0_1(tmp_path, mask, ext):
+    out = ku.read_mask(write(tmp_path / f"m{ext}", mask))
+    assert out.tolist() == [[0, 1], [1, 0]]
+
+
+def test_coloured_rgb_mask_counts_any_colour(tmp_path):
+    m = np.zeros((4, 4, 3), np.uint8)
+    m[0, 0] = (0, 255, 255)  # yellow in BGR
+    m[1, 1] = (255, 255, 255)
+    assert ku.read_mask(write(tmp_path / "m.png", m)).sum() == 2
+
+
+def test_jpeg_noisy_mask(tmp_path):
+    m = np.zeros((64, 64), np.uint8)
+    m[16:48, 20:40] = 255
+    path = write(tmp_path / "m.jpg", m, [cv2.IMWRITE_JPEG_QUALITY, 60])
+    raw = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    assert len(np.unique(raw)) > 2  # really noisy
+    out = ku.read_mask(path)
+    assert (out == (m > 0)).mean() > 0.995
+    empty = write(
+        tmp_path / "e.jpg", np.zeros((32, 32), np.uint8) + np.uint8(3), [cv2.IMWRITE_JPEG_QUALITY, 50]
+    )
+    assert not ku.read_mask(empty).any()
+
+
+def test_ambiguous_label_mask_is_an_error(tmp_path):
+    path = write(tmp_path / "labels.png", np.array([[0, 1], [2, 0]], np.uint8))
+    with pytest.raises(ValueError, match="labels.png.*neither 0/1 nor 0/255"):
+        ku.read_mask(path)
+
+
+def test_float_mask_rule():
+    assert ku.binarize_mask(np.array([[0.0, 0.4], [0.6, 1.0]], np.float32)).tolist() == [[0, 0], [1, 1]]
+
+
+def test_size_mismatch_names_both_files(tmp_path):
+    write(tmp_path / "d/images/a.png", np.zeros((32, 32), np.uint8))
+    write(tmp_path / "d/masks/a.png", np.zeros((32, 40), np.uint8))
+    pair = ku.index_dataset(tmp_path / "d").pairs[0]
+    with pytest.raises(ValueError, match=r"images/a\.png.*32x32.*masks/a\.png.*40x32"):
+        ku.load_pair(pair)
+
+
+@pytest.mark.parametrize("content", [b"", b"not an image at all", "truncated"])
+def test_unreadable_file_is_named(tmp_path, content):
+    root = make_folder(tmp_path / "d", ["a", "b"])
+    bad = root / "images" / "a.png"
+    if content == "truncated":
+        content = bad.read_bytes()[:40]
+    bad.write_bytes(content)
+    index = ku.index_dataset(root)
+    with pytest.raises(ku.ImageReadError, match=r"images/a\.png"):
+        ku.load_arrays(index.pairs, 32)
+    cached = ku.load_arrays(index.pairs, 32, skip_bad_files=True)
+    assert [p.name for p in cached.pairs] == ["b"]
+    assert "a.png" in cached.skipped[0][0]
+
+
+# ----- pairing -----------------------------------------------------------------------------------
+
+
+def test_pairs_by_stem_across_extensions_and_orphans(tmp_path):
+    root = tmp_path / "d"
+    write(root / "images/a.png", np.zeros((8, 8), np.uint8))
+    write(root / "masks/a.bmp", np.zeros((8, 8), np.uint8))
+    write(root / "images/b.jpg", np.zeros((8, 8), np.uint8))
+    write(root / "masks/c.tif", np.zeros((8, 8), np.uint8))
+    (root / "images/notes.txt").write_text("ignored")
+    index = ku.index_dataset(root)
+    assert [(p.image.name, p.mask.name) for p in index.pairs] == [("a.png", "a.bmp")]
+    assert [p.name for p in index.orphan_images] == ["b.jpg"]
+    assert [p.name for p in index.orphan_masks] == ["c.tif"]
+    report = index.orphan_report()
+    assert "b.jpg" in report and "c.tif" in report
+    assert index.summary()["orphans"].tolist() == [2]
+
+
+def test_nested_roots_are_found(tmp_path):
+    make_folder(tmp_path / "root/ct/site1", ["x_1", "x_2"])
+    make_folder(tmp_path / "root/mri", ["y_1"])
+    index = ku.index_dataset(tmp_path / "root", group_regex="^([^_]+)_")
+    assert sorted({p.source for p in index.pairs}) == ["ct/site1", "mri"]
+    assert {p.group for p in index.pairs} == {"ct/site1/x", "mri/y"}
+
+
+def test_duplicate_stem_is_an_error(tmp_path):
+    root = make_folder(tmp_path / "d", ["a"])
+    write(root / "images/a.jpg", np.zeros((8, 8), np.uint8))
+    with pytest.raises(ValueError, match="a.jpg"):
+        ku.index_dataset(root)
+
+
+def test_missing_empty_and_pairless_roots(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist.*images/ and masks/"):
+        ku.index_dataset(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="No images/ \\+ masks/"):
+        ku.index_dataset(tmp_path / "empty")
+    make_folder(tmp_path / "orph", ["a"], masks=["b"])
+    with pytest.raises(ValueError, match="No image/mask pairs"):
+        ku.index_dataset(tmp_path / "orph")
+
+
+def test_group_regex_must_match(tmp_path):
+    make_folder(tmp_path / "d", ["nounderscore"])
+    with pytest.raises(ValueError, match="nounderscore"):
+        ku.index_dataset(tmp_path / "d", group_regex="^([^_]+)_")
+
+
+# ----- resizing and caching ----------------------------------------------------------------------
+
+
+def test_resize_keeps_field_of_view_and_binary_mask():
+    image = np.zeros((40, 80), np.uint8)
+    mask = np.zeros((40, 80), np.uint8)
+    mask[:, 60:] = 1  # right quarter
+    image[:, 60:] = 200
+    img, m = ku.resize_pair(image, mask, 32)
+    assert img.shape == m.shape == (32, 32)
+    assert set(np.unique(m)) <= {0, 1}
+    assert m[:, 25:].all() and not m[:, :23].any()  # still the right quarter: stretched, not cropped
+
+
+def test_load_arrays_on_real_slices(shared_data):
+    index = ku.index_dataset(shared_data, group_regex="^([^_]+)_")
+    pairs = [p for p in index.pairs if p.source == "kidneycyst-ct"][:6]
+    cached = ku.load_arrays(pairs, 64)
+    assert cached.images.shape == cached.masks.shape == (6, 64, 64)
+    assert cached.images.dtype == np.uint8 and set(np.unique(cached.masks)) <= {0, 1}
+    assert len(set(cached.original_sizes)) >= 1 and all(h > 64 for h, _ in cached.original_sizes)
+    assert cached.masks.any(axis=(1, 2)).all()  # every kidneycyst slice has kidney
+
+
+def test_shared_data_inventory(shared_data):
+    index = ku.index_dataset(shared_data, group_regex="^([^_]+)_")
+    assert len(index.pairs) == 347 and not index.orphan_images and not index.orphan_masks
+    summary = index.summary().set_index("source")
+    assert summary.loc["curvas-ct", "cases"] == 14 and summary.loc["kits19-ct", "pairs"] == 24
+
+
+# ----- splits ------------------------------------------------------------------------------------
+
+
+def test_grouped_split_is_reproducible_and_keeps_patients_together(shared_data):
+    pairs = ku.index_dataset(shared_data, group_regex="^([^_]+)_").pairs
+    train, val = ku.split_pairs(pairs, 0.2, seed=7)
+    again = ku.split_pairs(pairs, 0.2, seed=7)
+    assert (train, val) == again
+    assert not {p.group for p in train} & {p.group for p in val}
+    assert len(train) + len(val) == len(pairs)
+    n_groups = len({p.group for p in pairs})
+    assert (
+        len({p.group for p in val}) == round(0.2 * n_groups)
+        or abs(len({p.group for p in val}) - 0.2 * n_groups) <= 1
+    )
+    other = ku.split_pairs(pairs, 0.2, seed=8)
+    assert other[1] != val
+
+
+def test_ungrouped_split_fraction(phantom_dir):
+    pairs = ku.index_dataset(phantom_dir).pairs
+    train, val = ku.split_pairs(pairs, 0.25, seed=0, grouped=False)
+    assert len(val) == 9 and len(train) == 27
+
+
+def test_split_errors(phantom_dir):
+    pairs = ku.index_dataset(phantom_dir, group_regex="^(phantom)").pairs
+    with pytest.raises(ValueError, match="one case"):
+        ku.split_pairs(pairs, 0.2, 0)
+    with pytest.raises(ValueError, match="at least 2"):
+        ku.split_pairs(pairs[:1], 0.2, 0, grouped=False)
+
+
+# ----- phantoms and data-root resolution -----------------------------------------------------
+
+
+def test_phantoms_are_seeded_and_well_formed(tmp_path, phantom_dir):
+    index = ku.index_dataset(phantom_dir, group_regex="^([^_]+)_")
+    assert len(index.pairs) == 36 and len({p.case for p in index.pairs}) == 6
+    masks = [ku.read_mask(p.mask) for p in index.pairs]
+    kidney_share = [m.mean() for m in masks]
+    assert min(kidney_share) == 0.0 and 0.01 < max(kidney_share) < 0.2  # empty and full slices
+    again = ku.make_synthetic_dataset(tmp_path / "again", n_cases=6, slices_per_case=6, image_size=64, seed=1)
+    first = sorted((phantom_dir / "images").iterdir())[7]
+    assert (again / "images" / first.name).read_bytes() == first.read_bytes()
+    image = ku.read_image(first)
+    assert image.shape == (64, 64) and image.std() > 20
+
+
+def test_phantoms_never_touch_foreign_folders(tmp_path, phantom_dir):
+    (tmp_path / "user").mkdir()
+    (tmp_path / "user" / "mine.txt").write_text("keep")
+    with pytest.raises(FileExistsError, match="not empty"):
+        ku.make_synthetic_dataset(tmp_path / "user")
+    assert (tmp_path / "user" / "mine.txt").read_text() == "keep"
+    with pytest.raises(FileExistsError, match="other settings"):
+        ku.make_synthetic_dataset(phantom_dir, n_cases=2)
+    assert (
+        ku.make_synthetic_dataset(phantom_dir, n_cases=6, slices_per_case=6, image_size=64, seed=1)
+        == phantom_dir
+    )
+
+
+def test_resolve_data_dir_order(tmp_path, monkeypatch):
+    kaggle = tmp_path / "kaggle_input"
+    make_folder(kaggle / "my-dataset" / "train", ["a"])
+    monkeypatch.delenv(ku.DATA_DIR_ENV, raising=False)
+    assert ku.resolve_data_dir(str(tmp_path), kaggle_input=kaggle) == tmp_path
+    assert ku.resolve_data_dir("auto", kaggle_input=kaggle) == kaggle
+    monkeypatch.setenv(ku.DATA_DIR_ENV, str(tmp_path / "env"))
+    make_folder(tmp_path / "env", ["b"])
+    assert ku.resolve_data_dir("auto", kaggle_input=tmp_path / "none") == tmp_path / "env"
+    monkeypatch.delenv(ku.DATA_DIR_ENV)
+    with pytest.raises(FileNotFoundError, match="searched"):
+        ku.resolve_data_dir("auto", kaggle_input=tmp_path / "none")
+    with pytest.warns(UserWarning, match="SYNTHETIC"):
+        synthetic = ku.resolve_data_dir(
+            "auto", kaggle_input=tmp_path / "none", synthetic_dir=tmp_path / "syn"
+        )
+    assert len(ku.index_dataset(synthetic).pairs) == 120
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ku.resolve_data_dir(tmp_path / "missing")
+
+
+def test_resolve_output_dir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert ku.resolve_output_dir("auto", kaggle_working=tmp_path / "no") == Path("outputs")
+    (tmp_path / "kw").mkdir()
+    assert ku.resolve_output_dir("auto", kaggle_working=tmp_path / "kw") == tmp_path / "kw" / "kidneyseg"
+    assert ku.resolve_output_dir(tmp_path / "x").is_dir()
+
+
+# ----- datasets and augmentation -----------------------------------------------------------------
+
+
+def test_augmentation_keeps_masks_binary_and_aligned():
+    rng = np.random.default_rng(0)
+    masks = np.zeros((8, 64, 64), np.uint8)
+    for k in range(8):
+        y, x = rng.integers(10, 40, size=2)
+        masks[k, y : y + 16, x : x + 20] = 1
+    images = np.where(masks > 0, 220, 60).astype(np.uint8)
+    ds = ku.KidneyDataset(images, masks, ku.build_train_transform(64), seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for index in range(5 * len(ds)):  # five epochs of different augmentations
+            image, mask = ds[index]
+            assert image.shape == mask.shape == (1, 64, 64)
+            assert set(mask.unique().tolist()) <= {0.0, 1.0}
+            assert 0.0 <= image.min() and image.max() <= 1.0
+            bright = image[0] > (image[0].max() + image[0][mask[0] == 0].median()) / 2 if mask.any() else None
+            if bright is not None:
+                agreement = (bright == (mask[0] > 0)).float().mean().item()
+                assert agreement > 0.97
+
+
+def test_augmentation_is_seeded_per_epoch_and_sample():
+    images = np.random.default_rng(1).integers(0, 255, (3, 32, 32), dtype=np.uint8)
+    masks = (images > 128).astype(np.uint8)
+    a = ku.KidneyDataset(images, masks, ku.build_train_transform(32), seed=5)
+    b = ku.KidneyDataset(images, masks, ku.build_train_transform(32), seed=5)
+    assert all(np.array_equal(a[i][0], b[i][0]) for i in range(9))
+    differs = [not np.array_equal(a[i][0], a[i + 3][0]) for i in range(3)]
+    assert any(differs)  # epoch 1 differs from epoch 0
+
+
+def test_sampler_orders_are_reproducible():
+    s = ku.EpochShuffleSampler(10, seed=2)
+    first = list(s)
+    s.set_epoch(1)
+    second = list(s)
+    assert sorted(first) == list(range(10)) and sorted(second) == list(range(10, 20))
+    s.set_epoch(0)
+    assert list(s) == first
+
+
+def test_prepare_data_on_phantoms(phantom_dir, tiny_config):
+    data = ku.prepare_data(tiny_config, phantom_dir)
+    summary = data.summary()
+    assert summary[["train", "val"]].sum(axis=1).tolist() == [36]
+    record = data.split_record()
+    assert not set(record["train"]) & set(record["val"])
+    image, mask = data.train_dataset[0]
+    assert image.shape == (1, 32, 32)
+
+
+def test_prepare_data_warns_about_orphans_and_subsamples(tmp_path, phantom_dir, tiny_config):
+    root = tmp_path / "copy"
+    shutil.copytree(phantom_dir, root)
+    (root / "masks" / "phantom-000_000.png").unlink()
+    with pytest.warns(UserWarning, match="phantom-000_000.png"):
+        data = ku.prepare_data(tiny_config, root)
+    assert len(data.train) + len(data.val) == 35
+    small = ku.Config(**{**tiny_config.to_dict(), "max_images": 12})
+    data = ku.prepare_data(small, phantom_dir)
+    assert len(data.train) + len(data.val) == 12

@@ -1,0 +1,48 @@
+"""The enhanced U-Net: the specification's layout, output shapes, and the input-size rule."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import kidneyseg_utils as ku
+
+
+def test_default_model_matches_specification():
+    model = ku.build_model(ku.Config())
+    assert [e.body[0].out_channels for e in model.encoders] == [64, 128, 256, 512]
+    assert model.bridge.body[0].out_channels == 1024
+    assert isinstance(model.attention, ku.SpatialAttention)
+    assert [u.out_channels for u in model.upsamplers] == [512, 256, 128, 64]
+    assert all(isinstance(u, nn.ConvTranspose2d) for u in model.upsamplers)
+    assert [d.body[0].in_channels for d in model.decoders] == [1024, 512, 256, 128]
+    assert model.head.kernel_size == (1, 1) and model.head.out_channels == 1
+    block = model.encoders[0].body
+    kinds = [type(layer) for layer in block]
+    assert kinds == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.Dropout, nn.Conv2d, nn.BatchNorm2d, nn.ReLU]
+    assert block[3].p == 0.2
+    assert ku.count_parameters(model) == 32_435_172
+
+
+@pytest.mark.parametrize(("width", "depth", "size"), [(4, 2, 32), (8, 3, 48), (4, 4, 64), (8, 4, 128)])
+def test_output_shape(width, depth, size):
+    model = ku.AttentionUNet(base_channels=width, depth=depth).eval()
+    with torch.no_grad():
+        out = model(torch.rand(2, 1, size, size))
+    assert out.shape == (2, 1, size, size)
+
+
+def test_non_square_input_and_bad_size():
+    model = ku.AttentionUNet(base_channels=4, depth=2).eval()
+    with torch.no_grad():
+        assert model(torch.rand(1, 1, 32, 64)).shape == (1, 1, 32, 64)
+        with pytest.raises(ValueError, match="multiple of 4"):
+            model(torch.rand(1, 1, 30, 32))
+
+
+def test_spatial_attention_gates_in_unit_interval():
+    att = ku.SpatialAttention()
+    x = torch.ones(1, 3, 8, 8)
+    y = att(x)
+    assert y.shape == x.shape and (y > 0).all() and (y < 1).all()
