@@ -15,7 +15,8 @@ Sections, in the order data flows:
     7. Training        -- AdamW, ReduceLROnPlateau, early stopping, AMP on CUDA, atomic checkpoints,
                           exact resume.
     8. Evaluation      -- loading checkpoints safely, predicting probability maps.
-    9. Plotting        -- overlays, sample grids and the six-panel training curves.
+    9. Plotting        -- overlays, sample grids, curves and the evaluation and exploration figures.
+   10. Kaggle delivery -- kernel-metadata.json per notebook and a staging command for the Kaggle CLI.
 
 Importing the module has no side effects: no seeding, no plotting settings, no device probing.
 """
@@ -30,7 +31,7 @@ import random
 import re
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,8 +80,23 @@ __all__ = [
     "EpochShuffleSampler",
     "PreparedData",
     "prepare_data",
+    "inventory",
+    "inventory_summary",
+    "write_inventory",
+    "dataset_warnings",
+    "mask_heatmap",
     # preprocessing
+    "PREPROCESSING_METHODS",
+    "white_balance",
+    "clahe",
+    "unsharp_mask",
     "apply_preprocessing",
+    "partial_preprocessor",
+    "contrast_metrics",
+    "PREPROCESSING_SWEEP",
+    "preprocessing_effects",
+    "preprocessing_ablation",
+    "recommend_preprocessing",
     # augmentation
     "build_train_transform",
     "build_eval_transform",
@@ -98,18 +114,56 @@ __all__ = [
     "confusion_counts",
     "metrics_from_counts",
     # training
+    "METRIC_NAMES",
     "TrainingDivergedError",
     "TrainingResult",
     "train_model",
     "save_checkpoint",
     "load_checkpoint",
+    "amp_dtype",
+    "wrap_for_devices",
     # evaluation and inference
     "load_model",
     "predict_probabilities",
+    "postprocess_mask",
+    "hausdorff95",
+    "EvaluationSet",
+    "load_evaluation_set",
+    "validation_pairs",
+    "binarize_prediction",
+    "score_predictions",
+    "summarize_scores",
+    "threshold_sweep",
+    "evaluate_model",
+    "ablation_table",
+    "write_evaluation",
+    "predict_folder",
     # plotting
     "overlay_mask",
     "plot_samples",
     "plot_training_history",
+    "ERROR_COLORS",
+    "error_overlay",
+    "plot_cases",
+    "plot_dice_distribution",
+    "plot_threshold_sweep",
+    "show_threshold_viewer",
+    "plot_image_statistics",
+    "plot_intensity_histograms",
+    "plot_gallery",
+    "plot_mask_statistics",
+    "show_slice_browser",
+    "plot_preprocessing_gallery",
+    "plot_preprocessing_effects",
+    "show_preprocessing_sliders",
+    # Kaggle delivery
+    "kaggle_root",
+    "find_in_kaggle_input",
+    "resolve_model_path",
+    "restore_run_for_resume",
+    "validate_kernel_metadata",
+    "kernel_metadata",
+    "stage_kaggle",
 ]
 
 # =================================================================================================
@@ -124,7 +178,9 @@ CONFIG_JSON_NAME = "run_config.json"
 CHECKPOINT_FORMAT = "kidneyseg-checkpoint"
 CHECKPOINT_VERSION = 1
 
-PREPROCESSING_OPTIONS = ("none",)
+# Intensity preprocessing: a base method, or base methods joined by "+" applied left to right.
+PREPROCESSING_METHODS = ("white_balance", "clahe", "unsharp")
+PREPROCESSING_OPTIONS = ("none", "white_balance", "clahe", "unsharp", "white_balance+clahe", "clahe+unsharp")
 
 # Fields that fix the network's shape: a checkpoint only loads into a model with equal values.
 ARCHITECTURE_FIELDS = ("base_channels", "depth", "dropout", "image_size", "preprocessing")
@@ -165,7 +221,10 @@ class Config:
         max_images: Use at most this many pairs (a seeded random subset); ``None`` uses all.
         max_train_minutes: Stop cleanly after the epoch that would cross this budget.
         num_workers: DataLoader workers; ``None`` picks 0 on a CPU and up to 4 on a GPU.
-        amp: Use fp16 mixed precision on CUDA (never bf16; ignored on a CPU).
+        amp: Mixed precision on CUDA: fp16 with a GradScaler below compute capability 8 (a T4),
+            bf16 from 8.0 on (see :func:`amp_dtype`); ignored on a CPU.
+        channels_last: Channels-last memory format on CUDA (off until measured to help).
+        multi_gpu: Train on every visible GPU with ``nn.DataParallel`` (Kaggle's "GPU T4 x2").
     """
 
     image_size: int = 256
@@ -194,6 +253,8 @@ class Config:
     max_train_minutes: float | None = None
     num_workers: int | None = None
     amp: bool = True
+    channels_last: bool = False
+    multi_gpu: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -240,8 +301,12 @@ class Config:
             fail("lr_factor", "a number strictly between 0 and 1")
         if not is_int(self.seed):
             fail("seed", "an integer")
-        if self.preprocessing not in PREPROCESSING_OPTIONS:
-            fail("preprocessing", f"one of {', '.join(map(repr, PREPROCESSING_OPTIONS))}")
+        if not _is_preprocessing(self.preprocessing):
+            fail(
+                "preprocessing",
+                f"one of {', '.join(map(repr, PREPROCESSING_OPTIONS))} (or methods of "
+                f"{PREPROCESSING_METHODS} joined by '+')",
+            )
         if self.group_regex is not None:
             if not isinstance(self.group_regex, str) or not self.group_regex:
                 fail("group_regex", "a regular expression string or None")
@@ -260,8 +325,9 @@ class Config:
             fail("max_train_minutes", "None or a number of minutes > 0")
         if self.num_workers is not None and (not is_int(self.num_workers) or self.num_workers < 0):
             fail("num_workers", "None (automatic) or an integer >= 0")
-        if not isinstance(self.amp, bool):
-            fail("amp", "True or False")
+        for name in ("amp", "channels_last", "multi_gpu"):
+            if not isinstance(getattr(self, name), bool):
+                fail(name, "True or False")
 
     def to_dict(self) -> dict[str, Any]:
         """Return the config as a dict of plain JSON types."""
@@ -345,8 +411,14 @@ _LAYOUT_HELP = (
     "Expected a folder with images/ and masks/ subfolders (same file names, e.g. images/a.png and "
     "masks/a.png), or a root folder holding several such folders at any depth."
 )
-KAGGLE_INPUT = Path("/kaggle/input")
-KAGGLE_WORKING = Path("/kaggle/working")
+KAGGLE_ROOT_ENV = "KIDNEYSEG_KAGGLE_ROOT"
+
+
+def kaggle_root() -> Path:
+    """Kaggle's root folder: ``/kaggle``, or ``$KIDNEYSEG_KAGGLE_ROOT`` (tests point it elsewhere)."""
+    return Path(os.environ.get(KAGGLE_ROOT_ENV, "/kaggle"))
+
+
 DATA_DIR_ENV = "KIDNEYSEG_DATA_DIR"
 
 
@@ -898,7 +970,7 @@ def _is_kaggle(kaggle_input: Path) -> bool:
 def resolve_data_dir(
     data_dir: str | os.PathLike | None = "auto",
     *,
-    kaggle_input: str | os.PathLike = KAGGLE_INPUT,
+    kaggle_input: str | os.PathLike | None = None,
     env_var: str = DATA_DIR_ENV,
     synthetic_dir: str | os.PathLike | None = None,
 ) -> Path:
@@ -906,7 +978,7 @@ def resolve_data_dir(
 
     Args:
         data_dir: A path, or ``"auto"``/``None`` to search.
-        kaggle_input: Where Kaggle mounts attached datasets (a parameter so tests can fake it).
+        kaggle_input: Where Kaggle mounts attached datasets; ``None`` means ``kaggle_root()/input``.
         env_var: Environment variable consulted after Kaggle's input.
         synthetic_dir: With nothing found, write synthetic phantoms here and use them, with a
             warning. ``None`` makes "nothing found" an error instead.
@@ -921,7 +993,7 @@ def resolve_data_dir(
             raise FileNotFoundError(f"DATA_DIR {str(path)!r} does not exist. {_LAYOUT_HELP}")
         return path
     searched = []
-    kaggle_input = Path(kaggle_input)
+    kaggle_input = Path(kaggle_input) if kaggle_input is not None else kaggle_root() / "input"
     searched.append(str(kaggle_input))
     if _is_kaggle(kaggle_input) and find_dataset_folders(kaggle_input):
         return kaggle_input
@@ -948,15 +1020,17 @@ def resolve_data_dir(
 def resolve_output_dir(
     output_dir: str | os.PathLike | None = "auto",
     *,
-    kaggle_working: str | os.PathLike = KAGGLE_WORKING,
+    kaggle_working: str | os.PathLike | None = None,
     default: str | os.PathLike = "outputs",
 ) -> Path:
     """Return the output folder: the parameter, else ``/kaggle/working/kidneyseg`` on Kaggle, else
     ``default`` (relative to the working directory). The folder is created."""
     if output_dir not in (None, "", "auto"):
         path = Path(output_dir).expanduser()
-    elif Path(kaggle_working).is_dir():
-        path = Path(kaggle_working) / "kidneyseg"
+    elif (
+        working := Path(kaggle_working) if kaggle_working is not None else kaggle_root() / "working"
+    ).is_dir():
+        path = working / "kidneyseg"
     else:
         path = Path(default)
     path.mkdir(parents=True, exist_ok=True)
@@ -1101,6 +1175,22 @@ def prepare_data(
     )
     train = load_arrays(train_pairs, **load)
     val = load_arrays(val_pairs, **load)
+    has_kidney = np.concatenate([train.masks.any(axis=(1, 2)), val.masks.any(axis=(1, 2))])
+    if not has_kidney.any():
+        warnings.warn(
+            "No mask contains kidney: the model can only learn to predict background. By the "
+            "empty-mask rule an empty prediction of an empty mask scores Dice 1.0 and any false "
+            "kidney 0.0, so the metrics say nothing about kidney segmentation.",
+            UserWarning,
+            stacklevel=2,
+        )
+    elif has_kidney.all():
+        warnings.warn(
+            "Every mask contains kidney: the model never sees a kidney-free slice and may predict "
+            "kidney on one. Add slices without kidney if the model will meet them.",
+            UserWarning,
+            stacklevel=2,
+        )
     train_ds = KidneyDataset(
         train.images, train.masks, build_train_transform(config.image_size), seed=config.seed
     )
@@ -1108,23 +1198,473 @@ def prepare_data(
     return PreparedData(Path(data_dir), index, train, val, train_ds, val_ds)
 
 
+# ----- exploration (notebook 01) ------------------------------------------------------------------
+
+
+def _describe_mask_values(raw: np.ndarray) -> str:
+    colour = raw.ndim == 3 and raw.shape[2] >= 3
+    values = _drop_alpha_and_reduce(raw, reduce="max")
+    found = np.unique(values)
+    prefix = "colour " if colour else ""
+    if found.size <= 2:
+        return prefix + "/".join(str(v.item()) for v in found)
+    return f"{prefix}{found.size} values {found.min().item()}..{found.max().item()}"
+
+
+def inventory(
+    data_dir: str | os.PathLike, group_regex: str | None = None, progress: bool = False
+) -> pd.DataFrame:
+    """One row per pair or orphan under ``data_dir``, with what was found before any conversion.
+
+    Columns: source, case, name, status (``ok``, ``orphan_image``, ``orphan_mask``, ``unreadable``,
+    ``bad_mask``, ``size_mismatch``), problem, image, mask, width, height, dtype, channels,
+    mask_values (raw values, e.g. ``0/255``, ``0/1`` or ``37 values 0..255`` for a noisy mask),
+    kidney_fraction, components, pixel_hash and duplicate_of (the first pair with identical pixels).
+    """
+    import hashlib
+
+    index = index_dataset(data_dir, group_regex)
+    rows: list[dict[str, Any]] = []
+    pairs: Iterator[SamplePair] | list[SamplePair] = index.pairs
+    if progress:
+        from tqdm.auto import tqdm
+
+        pairs = tqdm(index.pairs, desc="inventory", unit="pair", leave=False)
+    for pair in pairs:
+        row: dict[str, Any] = {
+            "source": pair.source,
+            "case": pair.case,
+            "name": pair.name,
+            "status": "ok",
+            "problem": "",
+            "image": str(pair.image),
+            "mask": str(pair.mask),
+        }
+        try:
+            raw_image = _decode(pair.image)
+            raw_mask = _decode(pair.mask)
+        except ImageReadError as exc:
+            rows.append({**row, "status": "unreadable", "problem": str(exc)})
+            continue
+        image = to_grayscale_uint8(raw_image)
+        row.update(
+            height=image.shape[0],
+            width=image.shape[1],
+            dtype=str(raw_image.dtype),
+            channels=1 if raw_image.ndim == 2 else raw_image.shape[2],
+            mask_values=_describe_mask_values(raw_mask),
+            pixel_hash=hashlib.sha1(image.tobytes() + str(image.shape).encode()).hexdigest(),
+        )
+        try:
+            mask = binarize_mask(raw_mask, pair.mask)
+        except ValueError as exc:
+            rows.append({**row, "status": "bad_mask", "problem": str(exc)})
+            continue
+        if mask.shape != image.shape:
+            rows.append(
+                {
+                    **row,
+                    "status": "size_mismatch",
+                    "problem": f"mask is {mask.shape[1]}x{mask.shape[0]}, "
+                    f"image {image.shape[1]}x{image.shape[0]}",
+                }
+            )
+            continue
+        count = cv2.connectedComponents(mask, connectivity=8)[0] - 1
+        rows.append({**row, "kidney_fraction": float(mask.mean()), "components": int(count)})
+    for path in index.orphan_images:
+        rows.append(
+            {
+                "source": index._source_of(path),
+                "name": path.stem,
+                "status": "orphan_image",
+                "problem": "image without mask",
+                "image": str(path),
+            }
+        )
+    for path in index.orphan_masks:
+        rows.append(
+            {
+                "source": index._source_of(path),
+                "name": path.stem,
+                "status": "orphan_mask",
+                "problem": "mask without image",
+                "mask": str(path),
+            }
+        )
+    columns = [
+        "source",
+        "case",
+        "name",
+        "status",
+        "problem",
+        "image",
+        "mask",
+        "width",
+        "height",
+        "dtype",
+        "channels",
+        "mask_values",
+        "kidney_fraction",
+        "components",
+        "pixel_hash",
+    ]
+    table = pd.DataFrame(rows).reindex(columns=columns)
+    first = {}
+    duplicate_of = []
+    for key, digest in zip(table["source"] + "/" + table["name"], table["pixel_hash"]):
+        if isinstance(digest, str) and digest in first:
+            duplicate_of.append(first[digest])
+        else:
+            if isinstance(digest, str):
+                first[digest] = key
+            duplicate_of.append("")
+    table["duplicate_of"] = duplicate_of
+    return table
+
+
+def inventory_summary(table: pd.DataFrame) -> pd.DataFrame:
+    """Per source: pairs, cases, orphans, unreadable and other problems, duplicates, distinct sizes,
+    share of slices with kidney and the median kidney fraction of those."""
+    rows = []
+    for source, part in table.groupby("source", sort=True):
+        ok = part[part["status"] == "ok"]
+        kidney = ok["kidney_fraction"] > 0
+        rows.append(
+            {
+                "source": source,
+                "pairs": len(ok),
+                "cases": ok["case"].nunique(),
+                "orphans": int(part["status"].str.startswith("orphan").sum()),
+                "problems": int((~part["status"].isin(["ok", "orphan_image", "orphan_mask"])).sum()),
+                "duplicates": int((part["duplicate_of"] != "").sum()),
+                "sizes": ok[["width", "height"]].drop_duplicates().shape[0],
+                "with_kidney": f"{kidney.mean():.0%}" if len(ok) else "-",
+                "median_kidney_fraction": float(ok.loc[kidney, "kidney_fraction"].median())
+                if kidney.any()
+                else 0.0,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def write_inventory(
+    table: pd.DataFrame, output_dir: str | os.PathLike, warnings_found: Sequence[str] = ()
+) -> dict[str, Path]:
+    """Write ``data_inventory.csv`` (one row per file) and ``data_report.json`` (summary, warnings)."""
+    out = Path(output_dir)
+    csv_path, json_path = out / "data_inventory.csv", out / "data_report.json"
+    _atomic_write_text(csv_path, table.to_csv(index=False))
+    report = {
+        "summary": inventory_summary(table).to_dict(orient="records"),
+        "warnings": list(warnings_found),
+        "problems": table.loc[table["status"] != "ok", ["source", "name", "status", "problem"]].to_dict(
+            orient="records"
+        ),
+    }
+    _atomic_write_text(json_path, json.dumps(report, indent=2, default=str) + "\n")
+    return {"inventory_csv": csv_path, "report_json": json_path}
+
+
+def dataset_warnings(
+    table: pd.DataFrame, group_regex: str | None = None, val_fraction: float = 0.2
+) -> list[str]:
+    """Plain sentences about what a user should act on before training."""
+    found: list[str] = []
+    ok = table[table["status"] == "ok"]
+    problems = table[table["status"] != "ok"]
+    for status, part in problems.groupby("status"):
+        names = ", ".join(part["name"].astype(str).head(5))
+        found.append(
+            f"{len(part)} files with status '{status}' (e.g. {names}): see the inventory's "
+            "'problem' column; they are left out of training."
+        )
+    duplicates = table[table["duplicate_of"] != ""]
+    if len(duplicates):
+        found.append(
+            f"{len(duplicates)} images repeat the pixels of another (e.g. {duplicates['name'].iloc[0]} = "
+            f"{duplicates['duplicate_of'].iloc[0]}); duplicates on both sides of the split inflate scores."
+        )
+    if group_regex is None and len(ok):
+        prefixes = ok["name"].str.extract(r"^([^_]+)_", expand=False).dropna()
+        if len(prefixes) > 0.9 * len(ok) and prefixes.nunique() < 0.8 * len(ok):
+            found.append(
+                f"File names share {prefixes.nunique()} prefixes before '_' (e.g. {prefixes.iloc[0]!r}); "
+                "if they are patient ids, set GROUP_REGEX='^([^_]+)_' so that one patient's slices "
+                "never sit on both sides of the split."
+            )
+    kidney = ok[ok["kidney_fraction"] > 0]
+    tiny, huge = kidney[kidney["kidney_fraction"] < 0.001], ok[ok["kidney_fraction"] > 0.5]
+    if len(tiny):
+        found.append(
+            f"{len(tiny)} masks cover less than 0.1 % of their image (e.g. {tiny['name'].iloc[0]}); "
+            "at IMAGE_SIZE they may shrink to a few pixels."
+        )
+    if len(huge):
+        found.append(
+            f"{len(huge)} masks cover more than half of their image (e.g. {huge['name'].iloc[0]}): "
+            "check that they are not inverted."
+        )
+    sizes = ok[["width", "height"]].drop_duplicates()
+    if len(sizes) > 1:
+        areas = (sizes["width"] * sizes["height"]).to_numpy()
+        small, large = sizes.iloc[int(areas.argmin())], sizes.iloc[int(areas.argmax())]
+        found.append(
+            f"{len(sizes)} different image sizes, from {small['width']}x{small['height']} to "
+            f"{large['width']}x{large['height']}: all are resized to IMAGE_SIZE (stretched, not cropped)."
+        )
+    n_groups = ok["case"].nunique() if group_regex else len(ok)
+    if n_groups * val_fraction < 2 or len(ok) < 20:
+        found.append(
+            f"Only {len(ok)} pairs in {n_groups} {'cases' if group_regex else 'split units'}: a "
+            f"{val_fraction:.0%} validation split holds about {max(1, round(n_groups * val_fraction))} of "
+            "them, too few for a trustworthy score; the authors recommend at least 1,000 images."
+        )
+    if len(ok) and not (ok["kidney_fraction"] > 0).any():
+        found.append("No mask contains kidney.")
+    elif len(ok) and (ok["kidney_fraction"] > 0).all():
+        found.append(
+            "Every mask contains kidney: the model will not learn what a kidney-free slice looks like."
+        )
+    return found
+
+
+def mask_heatmap(table: pd.DataFrame, size: int = 64) -> np.ndarray:
+    """Share of masks covering each position of the normalised (resized) image, ``size`` x ``size``."""
+    ok = table[table["status"] == "ok"]
+    total = np.zeros((size, size), np.float64)
+    for path in ok["mask"]:
+        mask = read_mask(path).astype(np.float32)
+        total += cv2.resize(mask, (size, size), interpolation=cv2.INTER_AREA)
+    return total / max(1, len(ok))
+
+
 # =================================================================================================
 # 3. Preprocessing
 # =================================================================================================
 
 
-def apply_preprocessing(image: np.ndarray, method: str = "none") -> np.ndarray:
-    """Apply the named intensity preprocessing to a 2D uint8 image (shape and dtype kept).
+def _is_preprocessing(method: Any) -> bool:
+    if not isinstance(method, str):
+        return False
+    return method == "none" or all(part in PREPROCESSING_METHODS for part in method.split("+"))
+
+
+def white_balance(
+    image: np.ndarray, low_percentile: float = 1.0, high_percentile: float = 99.0
+) -> np.ndarray:
+    """Percentile intensity stretch: the one-channel meaning of white balance.
+
+    Colour white balance equalises the channels' gains; a grayscale slice has one channel, so the
+    meaningful version is to map the ``low_percentile`` value to 0 and the ``high_percentile`` value
+    to 255, clipping outside (the "auto levels" of photo editors). Shape and dtype are kept; an
+    image whose two percentiles are equal (e.g. constant) is returned unchanged.
+    """
+    if not 0 <= low_percentile < high_percentile <= 100:
+        raise ValueError(
+            f"white_balance needs 0 <= low < high <= 100; got {low_percentile}, {high_percentile}"
+        )
+    lo, hi = np.percentile(image, [low_percentile, high_percentile])
+    if hi <= lo:
+        return image.copy()
+    scaled = (image.astype(np.float32) - lo) * (255.0 / (hi - lo))
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def clahe(image: np.ndarray, clip_limit: float = 2.0, tile_grid: int = 8) -> np.ndarray:
+    """Contrast-limited adaptive histogram equalisation (OpenCV) on a 2D uint8 image.
 
     Args:
         image: 2D uint8 image.
-        method: One of :data:`PREPROCESSING_OPTIONS`; ``"none"`` returns the image unchanged.
+        clip_limit: Contrast limit per tile (higher equalises more strongly).
+        tile_grid: Tiles per side.
     """
+    if clip_limit <= 0 or tile_grid < 1:
+        raise ValueError(f"clahe needs clip_limit > 0 and tile_grid >= 1; got {clip_limit}, {tile_grid}")
+    return cv2.createCLAHE(clipLimit=float(clip_limit), tileGridSize=(int(tile_grid),) * 2).apply(image)
+
+
+def unsharp_mask(image: np.ndarray, sigma: float = 1.0, amount: float = 1.0) -> np.ndarray:
+    """Sharpen: ``image + amount * (image - gaussian_blur(image, sigma))``, clipped to 0..255."""
+    if sigma <= 0 or amount < 0:
+        raise ValueError(f"unsharp_mask needs sigma > 0 and amount >= 0; got {sigma}, {amount}")
+    img = image.astype(np.float32)
+    blurred = cv2.GaussianBlur(img, (0, 0), sigmaX=float(sigma), borderType=cv2.BORDER_REFLECT)
+    return np.clip(np.rint(img + amount * (img - blurred)), 0, 255).astype(np.uint8)
+
+
+_PREPROCESSORS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "white_balance": white_balance,
+    "clahe": clahe,
+    "unsharp": unsharp_mask,
+}
+
+
+def apply_preprocessing(image: np.ndarray, method: str = "none") -> np.ndarray:
+    """Apply the named intensity preprocessing to a 2D uint8 image (shape and dtype kept).
+
+    The same call runs in training, evaluation and inference, after resizing, with each method's
+    default parameters.
+
+    Args:
+        image: 2D uint8 image.
+        method: ``"none"``, a method of :data:`PREPROCESSING_METHODS`, or several joined by ``"+"``
+            (applied left to right), e.g. ``"white_balance+clahe"``.
+    """
+    if not _is_preprocessing(method):
+        raise ValueError(
+            f"PREPROCESSING must be one of {', '.join(map(repr, PREPROCESSING_OPTIONS))} (or methods "
+            f"of {PREPROCESSING_METHODS} joined by '+'); got {method!r}."
+        )
     if method == "none":
         return image
-    raise ValueError(
-        f"PREPROCESSING must be one of {', '.join(map(repr, PREPROCESSING_OPTIONS))}; got {method!r}."
-    )
+    for part in method.split("+"):
+        image = _PREPROCESSORS[part](image)
+    return image
+
+
+def contrast_metrics(image: np.ndarray, mask: np.ndarray, ring: int = 5) -> tuple[float, float]:
+    """Contrast-to-noise ratio between kidney and a ring of surrounding tissue, and edge strength.
+
+    ``cnr = |mean(kidney) - mean(ring)| / sqrt((var(kidney) + var(ring)) / 2)``, with the ring the
+    ``ring``-pixel band just outside the mask; ``edge`` is the mean Sobel gradient magnitude on the
+    mask's outline (grey levels per pixel). Both are NaN for a mask without kidney.
+    """
+    m = mask.astype(bool)
+    if not m.any():
+        return float("nan"), float("nan")
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * ring + 1, 2 * ring + 1))
+    band = cv2.dilate(m.astype(np.uint8), kernel).astype(bool) & ~m
+    img = image.astype(np.float32)
+    inside, around = img[m], img[band]
+    if around.size == 0:
+        return float("nan"), float("nan")
+    noise = math.sqrt((inside.var() + around.var()) / 2) + 1e-6
+    cnr = abs(float(inside.mean()) - float(around.mean())) / noise
+    gx = cv2.Sobel(img, cv2.CV_32F, 1, 0, ksize=3) / 8
+    gy = cv2.Sobel(img, cv2.CV_32F, 0, 1, ksize=3) / 8
+    edge = float(np.hypot(gx, gy)[_boundary(m)].mean())
+    return cnr, edge
+
+
+PREPROCESSING_SWEEP: tuple[tuple[str, dict[str, float]], ...] = (
+    ("none", {}),
+    ("white_balance", {"low_percentile": 1.0, "high_percentile": 99.0}),
+    ("white_balance", {"low_percentile": 5.0, "high_percentile": 95.0}),
+    ("clahe", {"clip_limit": 1.0, "tile_grid": 8}),
+    ("clahe", {"clip_limit": 2.0, "tile_grid": 8}),
+    ("clahe", {"clip_limit": 4.0, "tile_grid": 8}),
+    ("clahe", {"clip_limit": 2.0, "tile_grid": 4}),
+    ("unsharp", {"sigma": 1.0, "amount": 0.5}),
+    ("unsharp", {"sigma": 1.0, "amount": 1.0}),
+    ("unsharp", {"sigma": 2.0, "amount": 1.0}),
+)
+
+
+def preprocessing_effects(
+    images: Sequence[np.ndarray],
+    masks: Sequence[np.ndarray],
+    sources: Sequence[str],
+    sweep: Sequence[tuple[str, dict[str, float]]] = PREPROCESSING_SWEEP,
+) -> pd.DataFrame:
+    """Mean CNR and edge strength (:func:`contrast_metrics`) per method, parameters and source, over
+    slices that contain kidney; ``cnr_gain`` and ``edge_gain`` are ratios to no preprocessing."""
+    rows = []
+    for method, params in sweep:
+        fn = (lambda x: x) if method == "none" else partial_preprocessor(method, **params)
+        for image, mask, source in zip(images, masks, sources):
+            if not mask.any():
+                continue
+            cnr, edge = contrast_metrics(fn(image), mask)
+            rows.append(
+                {
+                    "method": method,
+                    "params": ", ".join(f"{k}={v:g}" for k, v in params.items()) or "-",
+                    "source": source,
+                    "cnr": cnr,
+                    "edge": edge,
+                }
+            )
+    table = pd.DataFrame(rows).groupby(["method", "params", "source"], sort=False).mean().reset_index()
+    base = table[table["method"] == "none"].set_index("source")
+    table["cnr_gain"] = table["cnr"] / table["source"].map(base["cnr"])
+    table["edge_gain"] = table["edge"] / table["source"].map(base["edge"])
+    return table
+
+
+def partial_preprocessor(method: str, **params: float) -> Callable[[np.ndarray], np.ndarray]:
+    """The base preprocessing ``method`` with ``params`` bound (for sweeps and sliders)."""
+    if method not in _PREPROCESSORS:
+        raise ValueError(f"unknown preprocessing method {method!r}; choose from {PREPROCESSING_METHODS}")
+    fn = _PREPROCESSORS[method]
+    return lambda image: fn(image, **params)
+
+
+def preprocessing_ablation(
+    config: Config,
+    data_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    options: Sequence[str] = ("none", "white_balance", "clahe", "unsharp", "white_balance+clahe"),
+    device: torch.device | None = None,
+    progress: bool = False,
+) -> pd.DataFrame:
+    """Train one model per preprocessing option at an equal budget and compare validation Dice.
+
+    Every option uses the same config (seed, split, epochs, augmentation) except ``preprocessing``;
+    each run goes to ``output_dir/<option>`` (replaced if present: these are scratch runs).
+
+    Returns:
+        One row per option: best validation loss and its epoch, pooled validation Dice and IoU at
+        that epoch, the best Dice of any epoch, and the seconds spent.
+    """
+    rows = []
+    for option in options:
+        run_config = Config(**{**config.to_dict(), "preprocessing": option})
+        data = prepare_data(run_config, data_dir)
+        tic = time.monotonic()
+        result = train_model(
+            build_model(run_config),
+            data.train_dataset,
+            data.val_dataset,
+            run_config,
+            Path(output_dir) / option.replace("+", "_"),
+            device,
+            overwrite=True,
+            progress=progress,
+        )
+        best = result.best_row
+        rows.append(
+            {
+                "preprocessing": option,
+                "best_epoch": result.best_epoch,
+                "val_loss": result.best_val_loss,
+                "val_dice": best["val_dice"],
+                "val_iou": best["val_iou"],
+                "max_val_dice": float(result.history["val_dice"].max()),
+                "epochs": len(result.history),
+                "seconds": time.monotonic() - tic,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def recommend_preprocessing(ablation: pd.DataFrame, margin: float = 0.01) -> tuple[str, str]:
+    """The option to use and why: the best validation Dice, unless it beats ``"none"`` by less than
+    ``margin`` (then the simpler ``"none"``, since the gain is within run-to-run noise)."""
+    table = ablation.set_index("preprocessing")
+    best = str(table["val_dice"].idxmax())
+    if "none" in table.index and best != "none":
+        gain = table.loc[best, "val_dice"] - table.loc["none", "val_dice"]
+        if gain < margin:
+            return "none", (
+                f"'{best}' beats no preprocessing by only {gain:+.3f} validation Dice (< {margin}); "
+                "keep PREPROCESSING='none'."
+            )
+        return (
+            best,
+            f"'{best}' beats no preprocessing by {gain:+.3f} validation Dice; set PREPROCESSING='{best}'.",
+        )
+    return best, f"'{best}' has the best validation Dice ({table.loc[best, 'val_dice']:.3f})."
 
 
 # =================================================================================================
@@ -1270,8 +1810,14 @@ class AttentionUNet(nn.Module):
 
 
 def build_model(config: Config) -> AttentionUNet:
-    """The model a config describes (one input channel, one output channel)."""
-    return AttentionUNet(1, 1, config.base_channels, config.depth, config.dropout)
+    """The model a config describes (one input channel, one output channel).
+
+    The initial weights come from ``config.seed`` alone (the global generators are left as they
+    were), so one seed always gives one model.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        return AttentionUNet(1, 1, config.base_channels, config.depth, config.dropout)
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -1464,7 +2010,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"No checkpoint at {path}.")
+        raise FileNotFoundError(f"No checkpoint at {path}. Train one with notebook 03 or set MODEL_PATH.")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # UnpicklingError for code, RuntimeError for damaged zips
@@ -1533,25 +2079,31 @@ def _run_epoch(
     threshold: float,
     optimizer: torch.optim.Optimizer | None = None,
     scaler: torch.amp.GradScaler | None = None,
-    use_amp: bool = False,
+    amp: torch.dtype | None = None,
     grad_clip_norm: float = 1.0,
     epoch: int = 0,
     bar: Any = None,
+    channels_last: bool = False,
 ) -> dict[str, float]:
     """One pass over ``loader``: trains when an optimizer is given, else evaluates.
+
+    Args:
+        amp: Autocast dtype (float16 or bfloat16), or None for full precision.
+        channels_last: Feed the inputs in channels-last memory format.
 
     Returns the mean loss and the pooled metrics of the epoch.
     """
     training = optimizer is not None
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model.train(training)
     counts = ConfusionCounts()
     total_loss, total_n = 0.0, 0
     context = torch.enable_grad() if training else torch.inference_mode()
     with context:
         for images, masks in loader:
-            images = images.to(device, non_blocking=True)
+            images = images.to(device, non_blocking=True, memory_format=memory_format)
             masks = masks.to(device, non_blocking=True)
-            with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
+            with torch.autocast(device_type=device.type, dtype=amp or torch.float32, enabled=amp is not None):
                 logits = model(images)
             loss = loss_fn(logits, masks)
             if not torch.isfinite(loss):
@@ -1581,6 +2133,29 @@ def _run_epoch(
     return {"loss": total_loss / total_n, **counts.metrics()}
 
 
+def amp_dtype(capability: tuple[int, int] | None) -> torch.dtype | None:
+    """The autocast dtype for a CUDA device of compute ``capability`` (None: no CUDA, no autocast).
+
+    bf16 needs compute capability 8.0 (Ampere) or newer; a T4 (7.5) gets fp16, which needs a
+    GradScaler; never bf16 below 8.0.
+    """
+    if capability is None:
+        return None
+    return torch.bfloat16 if tuple(capability) >= (8, 0) else torch.float16
+
+
+def wrap_for_devices(
+    model: nn.Module, device: torch.device, multi_gpu: bool, device_count: int | None = None
+) -> nn.Module:
+    """Wrap ``model`` in ``nn.DataParallel`` when ``multi_gpu`` is set and more than one CUDA device is
+    visible (``device_count`` overrides the count, for tests); otherwise return it unchanged.
+    Checkpoints always store the unwrapped model, so they load anywhere."""
+    count = torch.cuda.device_count() if device_count is None else device_count
+    if multi_gpu and device.type == "cuda" and count > 1:
+        return nn.DataParallel(model, device_ids=list(range(count)))
+    return model
+
+
 def _oom_message(config: Config) -> str:
     return (
         f"CUDA ran out of memory with BATCH_SIZE={config.batch_size}, IMAGE_SIZE={config.image_size} "
@@ -1604,7 +2179,8 @@ def train_model(
     """Train with the specification's recipe and write the run's artefacts to ``output_dir``.
 
     AdamW; ReduceLROnPlateau on the validation loss; early stopping after ``patience`` epochs
-    without a lower validation loss; gradient clipping; fp16 autocast with a GradScaler on CUDA.
+    without a lower validation loss; gradient clipping; on CUDA, mixed precision (fp16 with a
+    GradScaler on a T4, bf16 from compute capability 8.0), optionally channels-last and several GPUs.
     After each epoch: the best model (by validation loss) as ``best_kidney_segmentation_model.pth``,
     a resumable ``last_checkpoint.pth``, ``training_metrics.csv``; at the end the six-panel
     ``training_metrics.png``. Every write is atomic.
@@ -1641,19 +2217,26 @@ def train_model(
             f"{best_path} exists from an earlier run. Set RESUME=True to continue it, "
             "OVERWRITE=True to replace it, or choose another OUTPUT_DIR."
         )
+    for stale_tmp in out.glob(".*.pth.tmp-*"):  # left by a process killed while saving
+        stale_tmp.unlink(missing_ok=True)
     seed_everything(config.seed)
     base = _unwrap(model)
     base.to(device)
+    amp, channels_last = None, device.type == "cuda" and config.channels_last
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    use_amp = config.amp and device.type == "cuda"
+        if config.amp:
+            amp = amp_dtype(torch.cuda.get_device_capability(device))
+        if channels_last:
+            base.to(memory_format=torch.channels_last)
+    runner = wrap_for_devices(base, device, config.multi_gpu)
     optimizer = torch.optim.AdamW(
         base.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
     )
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="min", factor=config.lr_factor, patience=config.lr_patience, min_lr=config.min_lr
     )
-    scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     loss_fn = FocalDiceLoss.from_config(config)
     history: list[dict[str, float]] = []
     best_loss, best_epoch, stale, start_epoch = math.inf, 0, 0, 1
@@ -1722,27 +2305,29 @@ def train_model(
                 disable=not progress,
             )
             train_m = _run_epoch(
-                model,
+                runner,
                 train_loader,
                 loss_fn,
                 device,
                 config.inference_threshold,
                 optimizer,
                 scaler,
-                use_amp,
+                amp,
                 config.grad_clip_norm,
                 epoch,
                 bar,
+                channels_last,
             )
             val_m = _run_epoch(
-                model,
+                runner,
                 val_loader,
                 loss_fn,
                 device,
                 config.inference_threshold,
-                use_amp=use_amp,
+                amp=amp,
                 epoch=epoch,
                 bar=bar,
+                channels_last=channels_last,
             )
             bar.close()
             lr = optimizer.param_groups[0]["lr"]
@@ -1856,22 +2441,397 @@ def load_model(
     return model.to(device).eval(), config, checkpoint
 
 
+_TTA_FLIPS: tuple[tuple[int, ...], ...] = ((), (-1,), (-2,), (-2, -1))
+
+
 @torch.inference_mode()
 def predict_probabilities(
-    model: nn.Module, images: np.ndarray, device: torch.device | str = "cpu", batch_size: int = 16
+    model: nn.Module,
+    images: np.ndarray,
+    device: torch.device | str = "cpu",
+    batch_size: int = 16,
+    tta: bool = False,
 ) -> np.ndarray:
     """Kidney probability maps for ``(N, S, S)`` uint8 images already at the model's size.
+
+    Args:
+        model: The network (put in eval mode here).
+        images: Preprocessed uint8 images at the model's input size.
+        device: Where the model is.
+        batch_size: Images per forward pass.
+        tta: Test-time augmentation: average the probabilities of the image and of its horizontal,
+            vertical and double flips, each flipped back.
 
     Returns:
         ``(N, S, S)`` float32 probabilities in [0, 1].
     """
     model.eval()
+    flips = _TTA_FLIPS if tta else ((),)
     out = []
     for start in range(0, len(images), batch_size):
         batch = torch.from_numpy(images[start : start + batch_size].astype(np.float32) / 255.0)
-        logits = model(batch.unsqueeze(1).to(device))
-        out.append(torch.sigmoid(logits.float()).squeeze(1).cpu().numpy())
+        x = batch.unsqueeze(1).to(device)
+        probs = torch.zeros_like(x)
+        for dims in flips:
+            xf = torch.flip(x, dims) if dims else x
+            p = torch.sigmoid(model(xf).float())
+            probs += torch.flip(p, dims) if dims else p
+        out.append((probs / len(flips)).squeeze(1).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0,) + images.shape[1:], np.float32)
+
+
+def postprocess_mask(mask: np.ndarray, min_fraction: float = 0.0005, max_components: int = 2) -> np.ndarray:
+    """Drop connected components smaller than ``min_fraction`` of the image, then keep at most the
+    ``max_components`` largest (two kidneys). 8-connectivity; returns uint8 0/1."""
+    binary = (np.asarray(mask) > 0).astype(np.uint8)
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=8)
+    if count <= 1:
+        return binary
+    areas = stats[1:, cv2.CC_STAT_AREA]
+    min_area = min_fraction * binary.size
+    order = np.argsort(-areas, kind="stable")[:max_components]
+    keep = [int(i) + 1 for i in order if areas[i] >= min_area]
+    return np.isin(labels, keep).astype(np.uint8)
+
+
+def _boundary(mask: np.ndarray) -> np.ndarray:
+    eroded = cv2.erode(
+        mask.astype(np.uint8), np.ones((3, 3), np.uint8), borderType=cv2.BORDER_CONSTANT, borderValue=0
+    )
+    return mask & ~eroded.astype(bool)
+
+
+def hausdorff95(pred: np.ndarray, target: np.ndarray) -> float:
+    """95th-percentile symmetric Hausdorff distance between mask outlines, in pixels.
+
+    The larger of the two directed 95th percentiles (prediction outline to target outline and
+    back), with exact Euclidean distance transforms. Empty-mask rule: both empty gives 0.0; exactly
+    one empty (a missed or a false kidney) gives the worst distance, the image diagonal, so the
+    value is never NaN and never drops out of a mean.
+    """
+    p, t = np.asarray(pred).astype(bool), np.asarray(target).astype(bool)
+    if p.shape != t.shape:
+        raise ValueError(f"prediction shape {p.shape} differs from target {t.shape}")
+    if not p.any() and not t.any():
+        return 0.0
+    if not p.any() or not t.any():
+        return float(math.hypot(*p.shape))
+    bp, bt = _boundary(p), _boundary(t)
+    to_t = cv2.distanceTransform((~bt).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+    to_p = cv2.distanceTransform((~bp).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+    return float(max(np.percentile(to_t[bp], 95), np.percentile(to_p[bt], 95)))
+
+
+@dataclass
+class EvaluationSet:
+    """Images at the model's size and masks at their original size, for honest scoring.
+
+    Attributes:
+        pairs: The pairs, in order.
+        images: ``(N, S, S)`` uint8 model inputs (resized and preprocessed as in training).
+        masks: Original-size 0/1 masks (``None`` entries when predicting a folder without masks).
+        originals: Original-size uint8 images (for pictures).
+    """
+
+    pairs: list[SamplePair]
+    images: np.ndarray
+    masks: list[np.ndarray | None]
+    originals: list[np.ndarray]
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+
+def load_evaluation_set(
+    pairs: Sequence[SamplePair], config: Config, skip_bad_files: bool = False
+) -> EvaluationSet:
+    """Read pairs for evaluation: model inputs as in training, masks kept at their original size."""
+    kept, images, masks, originals = [], [], [], []
+    for pair in pairs:
+        try:
+            image, mask = load_pair(pair)
+        except ImageReadError:
+            if skip_bad_files:
+                continue
+            raise
+        kept.append(pair)
+        originals.append(image)
+        masks.append(mask)
+        images.append(apply_preprocessing(_resize_gray(image, config.image_size), config.preprocessing))
+    if not kept:
+        raise ValueError("No readable pairs to evaluate.")
+    return EvaluationSet(kept, np.stack(images), masks, originals)
+
+
+def validation_pairs(
+    checkpoint: dict[str, Any], config: Config, data_dir: str | os.PathLike | None = None
+) -> list[SamplePair]:
+    """Reproduce a training run's validation split exactly, from the keys stored in its checkpoint.
+
+    Args:
+        checkpoint: As returned by :func:`load_model`.
+        config: The run's config (for ``group_regex``).
+        data_dir: The data root; by default the one recorded at training time.
+
+    Raises:
+        ValueError: the checkpoint has no split, or files of the split are missing under the root.
+    """
+    split = checkpoint.get("split")
+    if not split:
+        raise ValueError("This checkpoint records no validation split; evaluate a TEST_DIR instead.")
+    root = data_dir if data_dir not in (None, "", "auto") else checkpoint.get("data_dir")
+    if not root:
+        raise ValueError("The checkpoint does not record its data folder; set DATA_DIR.")
+    by_key = {p.key: p for p in index_dataset(root, config.group_regex).pairs}
+    missing = [k for k in split["val"] if k not in by_key]
+    if missing:
+        raise ValueError(
+            f"{len(missing)} validation files of the training run are not under {root} "
+            f"(first: {missing[0]}). Point DATA_DIR at the data the model was trained on."
+        )
+    return [by_key[k] for k in split["val"]]
+
+
+def _timed_probabilities(
+    model: nn.Module, data: EvaluationSet, device: torch.device | str, tta: bool, batch_size: int = 16
+) -> tuple[list[np.ndarray], float]:
+    """Probabilities resized back to each original size, and milliseconds per slice."""
+    tic = time.perf_counter()
+    probs = predict_probabilities(model, data.images, device, batch_size, tta)
+    if isinstance(device, torch.device) and device.type == "cuda":
+        torch.cuda.synchronize()
+    elapsed = (time.perf_counter() - tic) * 1000 / max(1, len(data))
+    resized = []
+    for prob, original in zip(probs, data.originals):
+        h, w = original.shape
+        resized.append(cv2.resize(prob, (w, h), interpolation=cv2.INTER_LINEAR))
+    return resized, elapsed
+
+
+def binarize_prediction(prob: np.ndarray, threshold: float, postprocess: bool = False) -> np.ndarray:
+    """Threshold a probability map (``> threshold``), optionally followed by :func:`postprocess_mask`."""
+    mask = (prob > threshold).astype(np.uint8)
+    return postprocess_mask(mask) if postprocess else mask
+
+
+def score_predictions(
+    data: EvaluationSet, probs: Sequence[np.ndarray], threshold: float = 0.5, postprocess: bool = False
+) -> pd.DataFrame:
+    """Per-image metrics at the original size: Dice, IoU, precision, recall, F1, HD95 and areas.
+
+    Metrics follow :func:`metrics_from_counts` and :func:`hausdorff95` (their empty-mask rules).
+    """
+    rows = []
+    for pair, prob, mask in zip(data.pairs, probs, data.masks):
+        pred = binarize_prediction(prob, threshold, postprocess)
+        counts = confusion_counts(pred, mask)
+        rows.append(
+            {
+                "source": pair.source,
+                "case": pair.case,
+                "name": pair.name,
+                "height": mask.shape[0],
+                "width": mask.shape[1],
+                **counts.metrics(),
+                "hd95": hausdorff95(pred, mask),
+                "pred_area": int(pred.sum()),
+                "true_area": int(mask.sum()),
+                "tp": counts.tp,
+                "fp": counts.fp,
+                "fn": counts.fn,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def summarize_scores(per_image: pd.DataFrame) -> dict[str, float]:
+    """Pooled (global counts) and mean-per-image metrics, also over slices that contain kidney."""
+    tp, fp, fn = (int(per_image[c].sum()) for c in ("tp", "fp", "fn"))
+    summary: dict[str, float] = {
+        "n_images": len(per_image),
+        "n_with_kidney": int((per_image["true_area"] > 0).sum()),
+    }
+    summary.update({f"pooled_{k}": v for k, v in metrics_from_counts(tp, fp, fn).items()})
+    for name in ("dice", "iou", "precision", "recall", "f1", "hd95"):
+        summary[f"mean_{name}"] = float(per_image[name].mean())
+    with_kidney = per_image[per_image["true_area"] > 0]
+    summary["mean_dice_with_kidney"] = float(with_kidney["dice"].mean()) if len(with_kidney) else float("nan")
+    summary["mean_hd95_with_kidney"] = float(with_kidney["hd95"].mean()) if len(with_kidney) else float("nan")
+    summary["median_hd95"] = float(per_image["hd95"].median())
+    return summary
+
+
+def threshold_sweep(
+    data: EvaluationSet,
+    probs: Sequence[np.ndarray],
+    thresholds: Sequence[float] = tuple(np.round(np.arange(0.05, 0.96, 0.05), 2)),
+) -> pd.DataFrame:
+    """Pooled Dice and mean Dice against the threshold (no postprocessing); the best row is marked.
+
+    Run it on the validation split only: a threshold chosen on the test images would flatter them.
+    """
+    rows = []
+    for threshold in thresholds:
+        total = ConfusionCounts()
+        dices = []
+        for prob, mask in zip(probs, data.masks):
+            counts = confusion_counts(prob > threshold, mask)
+            total = total + counts
+            dices.append(counts.metrics()["dice"])
+        rows.append(
+            {
+                "threshold": float(threshold),
+                "pooled_dice": total.metrics()["dice"],
+                "mean_dice": float(np.mean(dices)),
+            }
+        )
+    table = pd.DataFrame(rows)
+    table["best"] = table["pooled_dice"] == table["pooled_dice"].max()
+    return table
+
+
+def evaluate_model(
+    model: nn.Module,
+    data: EvaluationSet,
+    device: torch.device | str = "cpu",
+    threshold: float = 0.5,
+    tta: bool = False,
+    postprocess: bool = False,
+) -> tuple[pd.DataFrame, dict[str, Any], list[np.ndarray]]:
+    """Predict, resize back, score. Returns ``(per_image, summary, probabilities)``."""
+    probs, ms = _timed_probabilities(model, data, device, tta)
+    per_image = score_predictions(data, probs, threshold, postprocess)
+    summary = summarize_scores(per_image)
+    summary.update(threshold=threshold, tta=tta, postprocess=postprocess, ms_per_slice=ms)
+    return per_image, summary, probs
+
+
+def ablation_table(
+    model: nn.Module, data: EvaluationSet, device: torch.device | str = "cpu", threshold: float = 0.5
+) -> pd.DataFrame:
+    """Pooled and mean Dice, mean HD95 and milliseconds per slice with and without TTA and
+    postprocessing, so what each option buys and costs is visible side by side."""
+    rows = []
+    for tta in (False, True):
+        probs, ms = _timed_probabilities(model, data, device, tta)
+        for post in (False, True):
+            tic = time.perf_counter()
+            summary = summarize_scores(score_predictions(data, probs, threshold, post))
+            post_ms = (time.perf_counter() - tic) * 1000 / max(1, len(data)) if post else 0.0
+            rows.append(
+                {
+                    "tta": tta,
+                    "postprocess": post,
+                    "pooled_dice": summary["pooled_dice"],
+                    "mean_dice": summary["mean_dice"],
+                    "mean_hd95": summary["mean_hd95"],
+                    "ms_per_slice": ms + post_ms,
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def write_evaluation(
+    per_image: pd.DataFrame, summary: dict[str, Any], output_dir: str | os.PathLike
+) -> dict[str, Path]:
+    """Write ``evaluation_per_image.csv`` and ``evaluation_summary.json`` (flat keys)."""
+    out = Path(output_dir)
+    csv_path, json_path = out / "evaluation_per_image.csv", out / "evaluation_summary.json"
+    _atomic_write_text(csv_path, per_image.to_csv(index=False))
+    plain = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in summary.items()}
+    _atomic_write_text(json_path, json.dumps(plain, indent=2, default=str) + "\n")
+    return {"per_image_csv": csv_path, "summary_json": json_path}
+
+
+def _list_images(folder: Path) -> list[Path]:
+    if (folder / "images").is_dir():
+        folder = folder / "images"
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
+    )
+
+
+def predict_folder(
+    model: nn.Module,
+    config: Config,
+    input_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    device: torch.device | str = "cpu",
+    threshold: float | None = None,
+    tta: bool = False,
+    postprocess: bool = False,
+    overwrite: bool = False,
+    batch_size: int = 16,
+) -> pd.DataFrame:
+    """Predict every image in a folder (or its images/ subfolder) and write the results.
+
+    Writes ``output_dir/masks/<stem>.png`` (0/255, each input's original size) and
+    ``output_dir/overlays/<stem>.png``. Returns one row per image with its size and kidney area.
+
+    Raises:
+        ValueError: ``output_dir`` is the input folder or inside it.
+        FileExistsError: a result file exists and ``overwrite`` is False.
+        FileNotFoundError: no images in ``input_dir``.
+    """
+    src, out = Path(input_dir).resolve(), Path(output_dir).resolve()
+    if not src.is_dir():
+        raise FileNotFoundError(f"PREDICT_DIR {str(src)!r} is not a folder of images.")
+    if out == src or src in out.parents:
+        raise ValueError(
+            f"Refusing to write predictions into the input folder {src}; choose an OUTPUT_DIR outside it."
+        )
+    files = _list_images(src)
+    if not files:
+        raise FileNotFoundError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) in {src}.")
+    threshold = config.inference_threshold if threshold is None else threshold
+    targets = [(out / "masks" / f"{f.stem}.png", out / "overlays" / f"{f.stem}.png") for f in files]
+    existing = [str(p) for pair in targets for p in pair if p.exists()]
+    if existing and not overwrite:
+        raise FileExistsError(
+            f"{len(existing)} result files exist already (first: {existing[0]}); "
+            "set OVERWRITE=True or choose another OUTPUT_DIR."
+        )
+    (out / "masks").mkdir(parents=True, exist_ok=True)
+    (out / "overlays").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for start in range(0, len(files), batch_size):
+        chunk = files[start : start + batch_size]
+        originals = [read_image(f) for f in chunk]
+        inputs = np.stack(
+            [apply_preprocessing(_resize_gray(o, config.image_size), config.preprocessing) for o in originals]
+        )
+        probs = predict_probabilities(model, inputs, device, batch_size, tta)
+        for f, original, prob, (mask_path, overlay_path) in zip(
+            chunk, originals, probs, targets[start : start + batch_size]
+        ):
+            h, w = original.shape
+            mask = binarize_prediction(
+                cv2.resize(prob, (w, h), interpolation=cv2.INTER_LINEAR), threshold, postprocess
+            )
+            _write_png(mask_path, mask * 255)
+            _write_png(overlay_path, cv2.cvtColor(overlay_mask(original, mask), cv2.COLOR_RGB2BGR))
+            rows.append(
+                {
+                    "name": f.name,
+                    "height": h,
+                    "width": w,
+                    "kidney_pixels": int(mask.sum()),
+                    "kidney_fraction": float(mask.mean()),
+                    "mask": str(mask_path),
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def _write_png(path: Path, array: np.ndarray) -> None:
+    ok, data = cv2.imencode(".png", array)
+    if not ok:
+        raise OSError(f"Could not encode {path}")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data.tobytes())
+    os.replace(tmp, path)
 
 
 # =================================================================================================
@@ -1948,3 +2908,616 @@ def plot_training_history(history: pd.DataFrame, best_epoch: int | None = None) 
     fig.suptitle("Training metrics (validation metrics pooled over all validation pixels)")
     fig.tight_layout()
     return fig
+
+
+ERROR_COLORS = {"tp": (40, 200, 60), "fp": (230, 40, 40), "fn": (40, 110, 255)}
+
+
+def error_overlay(image: np.ndarray, pred: np.ndarray, target: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """RGB picture of a gray image with true positives green, false positives red, false negatives
+    blue (:data:`ERROR_COLORS`)."""
+    rgb = np.repeat(image[..., None], 3, axis=2).astype(np.float32)
+    p, t = pred.astype(bool), target.astype(bool)
+    for region, key in ((p & t, "tp"), (p & ~t, "fp"), (~p & t, "fn")):
+        rgb[region] = (1 - alpha) * rgb[region] + alpha * np.asarray(ERROR_COLORS[key], np.float32)
+    return np.clip(rgb, 0, 255).astype(np.uint8)
+
+
+def plot_cases(
+    data: EvaluationSet,
+    probs: Sequence[np.ndarray],
+    per_image: pd.DataFrame,
+    threshold: float = 0.5,
+    postprocess: bool = False,
+    per_group: int = 3,
+) -> Any:
+    """The worst, median and best cases by Dice (``per_group`` of each) with TP/FP/FN colours."""
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    order = per_image.sort_values("dice", kind="stable").index.to_numpy()
+    mid = len(order) // 2
+    groups = {
+        "worst": order[:per_group],
+        "median": order[max(0, mid - per_group // 2) :][:per_group],
+        "best": order[::-1][:per_group],
+    }
+    fig, axes = plt.subplots(3, per_group, figsize=(3.4 * per_group, 10.5), squeeze=False)
+    for row, (label, picks) in enumerate(groups.items()):
+        for col in range(per_group):
+            ax = axes[row, col]
+            ax.axis("off")
+            if col >= len(picks):
+                continue
+            i = int(picks[col])
+            pred = binarize_prediction(probs[i], threshold, postprocess)
+            ax.imshow(error_overlay(data.originals[i], pred, data.masks[i]))
+            r = per_image.loc[i]
+            ax.set_title(
+                f"{label}: {r['name'][:28]}\nDice {r['dice']:.3f}  HD95 {r['hd95']:.1f}px", fontsize=8
+            )
+    handles = [Patch(color=np.asarray(c) / 255, label=k.upper()) for k, c in ERROR_COLORS.items()]
+    fig.legend(handles=handles, loc="lower center", ncol=3)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    return fig
+
+
+def plot_dice_distribution(per_image: pd.DataFrame, by: str = "source") -> Any:
+    """Histogram of per-image Dice and, when the data has several groups, Dice per ``by`` group."""
+    import matplotlib.pyplot as plt
+
+    groups = per_image[by].nunique() if by in per_image else 1
+    fig, axes = plt.subplots(1, 2 if groups > 1 else 1, figsize=(13 if groups > 1 else 6, 4), squeeze=False)
+    ax = axes[0, 0]
+    ax.hist(per_image["dice"], bins=np.linspace(0, 1, 21), color="tab:blue", edgecolor="white")
+    ax.set_xlabel("Dice per image")
+    ax.set_ylabel("images")
+    ax.set_title(f"Dice distribution (n={len(per_image)}, mean {per_image['dice'].mean():.3f})")
+    if groups > 1:
+        ax = axes[0, 1]
+        names = sorted(per_image[by].unique())
+        ax.boxplot([per_image.loc[per_image[by] == n, "dice"] for n in names], showmeans=True)
+        ax.set_xticks(range(1, len(names) + 1), names, rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel("Dice per image")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title(f"Dice per {by}")
+    fig.tight_layout()
+    return fig
+
+
+def plot_threshold_sweep(sweep: pd.DataFrame, chosen: float | None = None) -> Any:
+    """Pooled and mean Dice against the threshold, the best threshold marked."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    ax.plot(sweep["threshold"], sweep["pooled_dice"], marker=".", label="pooled Dice")
+    ax.plot(sweep["threshold"], sweep["mean_dice"], marker=".", label="mean Dice per image")
+    best = sweep.loc[sweep["pooled_dice"].idxmax()]
+    ax.axvline(
+        best["threshold"],
+        color="tab:green",
+        linestyle="--",
+        label=f"best {best['threshold']:.2f} (pooled {best['pooled_dice']:.3f})",
+    )
+    if chosen is not None:
+        ax.axvline(chosen, color="gray", linestyle=":", label=f"used {chosen:.2f}")
+    ax.set_xlabel("threshold")
+    ax.set_ylabel("Dice")
+    ax.set_title("Threshold sweep on the validation split")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def show_threshold_viewer(data: EvaluationSet, probs: Sequence[np.ndarray], threshold: float = 0.5) -> None:
+    """An ipywidgets viewer (slice and threshold sliders) over TP/FP/FN overlays.
+
+    A static figure of the first slice at ``threshold`` is always drawn first, so a headless run
+    (papermill, nbval) records a picture; the widget follows when ipywidgets is available.
+    """
+    import matplotlib.pyplot as plt
+
+    def draw(index: int = 0, thr: float = threshold) -> None:
+        pred = binarize_prediction(probs[index], thr)
+        counts = confusion_counts(pred, data.masks[index])
+        fig, ax = plt.subplots(figsize=(5, 5))
+        ax.imshow(error_overlay(data.originals[index], pred, data.masks[index]))
+        ax.set_title(
+            f"{data.pairs[index].name}  threshold {thr:.2f}  Dice {counts.metrics()['dice']:.3f}", fontsize=9
+        )
+        ax.axis("off")
+        plt.show()
+
+    draw()
+    try:
+        import ipywidgets as widgets
+        from IPython.display import display
+    except ImportError:
+        return
+    display(
+        widgets.interactive(
+            draw,
+            index=widgets.IntSlider(0, 0, len(data) - 1, description="slice"),
+            thr=widgets.FloatSlider(value=threshold, min=0.05, max=0.95, step=0.05, description="threshold"),
+        )
+    )
+
+
+def plot_image_statistics(table: pd.DataFrame) -> Any:
+    """Image sizes per source (width against height) and the aspect-ratio distribution."""
+    import matplotlib.pyplot as plt
+
+    ok = table[table["status"] == "ok"]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
+    for source, part in ok.groupby("source"):
+        counts = part.groupby(["width", "height"]).size().reset_index(name="n")
+        axes[0].scatter(counts["width"], counts["height"], s=20 + 6 * counts["n"], alpha=0.6, label=source)
+    axes[0].set_xlabel("width (px)")
+    axes[0].set_ylabel("height (px)")
+    axes[0].set_title("Image sizes (marker area ~ number of images)")
+    axes[0].legend(fontsize=7)
+    axes[0].grid(alpha=0.3)
+    aspect = ok["width"] / ok["height"]
+    axes[1].hist(
+        [aspect[ok["source"] == s] for s in sorted(ok["source"].unique())],
+        bins=20,
+        stacked=True,
+        label=sorted(ok["source"].unique()),
+    )
+    axes[1].set_xlabel("aspect ratio (width / height)")
+    axes[1].set_ylabel("images")
+    axes[1].set_title("Aspect ratios")
+    fig.tight_layout()
+    return fig
+
+
+def plot_intensity_histograms(table: pd.DataFrame, per_source: int = 12, seed: int = 0) -> Any:
+    """Gray-level histograms (after conversion to uint8): all sources together and one per source,
+    from up to ``per_source`` random images each."""
+    import matplotlib.pyplot as plt
+
+    ok = table[table["status"] == "ok"]
+    sources = sorted(ok["source"].unique())
+    rng = np.random.default_rng(seed)
+    hists = {}
+    for source in sources:
+        paths = ok.loc[ok["source"] == source, "image"].to_numpy()
+        picks = rng.choice(paths, size=min(per_source, len(paths)), replace=False)
+        hist = np.zeros(256)
+        for path in picks:
+            hist += np.bincount(read_image(path).ravel(), minlength=256)
+        hists[source] = hist / hist.sum()
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4))
+    axes[0].plot(np.mean(list(hists.values()), axis=0), color="black")
+    axes[0].set_title("All sources (mean of per-source histograms)")
+    for source, hist in hists.items():
+        axes[1].plot(hist, label=source, alpha=0.8)
+    axes[1].set_title("Per source")
+    axes[1].legend(fontsize=7)
+    for ax in axes:
+        ax.set_xlabel("gray level")
+        ax.set_ylabel("share of pixels")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def plot_gallery(
+    table: pd.DataFrame,
+    n: int = 12,
+    seed: int = 0,
+    columns: int = 6,
+    transform: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> Any:
+    """Random slices at their original size with the mask overlaid, titled by source and name."""
+    import matplotlib.pyplot as plt
+
+    ok = table[table["status"] == "ok"].reset_index(drop=True)
+    picks = np.random.default_rng(seed).choice(len(ok), size=min(n, len(ok)), replace=False)
+    rows = math.ceil(len(picks) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(2.6 * columns, 2.8 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, i in zip(axes.flat, picks):
+        row = ok.loc[int(i)]
+        image = read_image(row["image"])
+        if transform is not None:
+            image = transform(image)
+        ax.imshow(overlay_mask(image, read_mask(row["mask"])))
+        ax.set_title(f"{row['source']}\n{row['name'][:26]}", fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def plot_mask_statistics(table: pd.DataFrame, heatmap: np.ndarray) -> Any:
+    """Kidney area distribution, connected components per mask, and where kidneys lie."""
+    import matplotlib.pyplot as plt
+
+    ok = table[table["status"] == "ok"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    kidney = ok[ok["kidney_fraction"] > 0]
+    sources = sorted(kidney["source"].unique())
+    axes[0].hist(
+        [100 * kidney.loc[kidney["source"] == s, "kidney_fraction"] for s in sources],
+        bins=25,
+        stacked=True,
+        label=sources,
+    )
+    axes[0].set_xlabel("kidney area (% of image)")
+    axes[0].set_ylabel("masks")
+    empty = (ok["kidney_fraction"] == 0).mean()
+    axes[0].set_title(f"Kidney area ({empty:.0%} of masks are empty)")
+    axes[0].legend(fontsize=7)
+    components = ok["components"].astype(int).value_counts().sort_index()
+    axes[1].bar(components.index.astype(str), components.to_numpy())
+    axes[1].set_xlabel("connected components per mask")
+    axes[1].set_ylabel("masks")
+    axes[1].set_title("Components (two kidneys usually give 2)")
+    shown = axes[2].imshow(heatmap, cmap="magma", vmin=0)
+    axes[2].set_title("Where kidneys lie (share of masks)")
+    axes[2].axis("off")
+    fig.colorbar(shown, ax=axes[2], fraction=0.046)
+    fig.tight_layout()
+    return fig
+
+
+def show_slice_browser(table: pd.DataFrame) -> None:
+    """An ipywidgets browser over the pairs: slice slider, overlay on/off, opacity.
+
+    The first slice is always drawn as a static figure, so headless runs record a picture; the
+    widget follows when ipywidgets is available.
+    """
+    import matplotlib.pyplot as plt
+
+    ok = table[table["status"] == "ok"].reset_index(drop=True)
+
+    def draw(index: int = 0, overlay: bool = True, opacity: float = 0.45) -> None:
+        row = ok.loc[index]
+        image = read_image(row["image"])
+        shown = overlay_mask(image, read_mask(row["mask"]), alpha=opacity) if overlay else image
+        fig, ax = plt.subplots(figsize=(5, 5))
+        ax.imshow(shown, cmap="gray")
+        ax.set_title(f"{row['source']} / {row['name']}  ({row['width']}x{row['height']})", fontsize=9)
+        ax.axis("off")
+        plt.show()
+
+    draw()
+    try:
+        import ipywidgets as widgets
+        from IPython.display import display
+    except ImportError:
+        return
+    display(
+        widgets.interactive(
+            draw,
+            index=widgets.IntSlider(0, 0, len(ok) - 1, description="slice"),
+            overlay=widgets.Checkbox(True, description="overlay"),
+            opacity=widgets.FloatSlider(value=0.45, min=0.0, max=1.0, step=0.05, description="opacity"),
+        )
+    )
+
+
+def plot_preprocessing_gallery(
+    images: Sequence[np.ndarray],
+    masks: Sequence[np.ndarray],
+    titles: Sequence[str],
+    methods: Sequence[str] = ("none", "white_balance", "clahe", "unsharp"),
+) -> Any:
+    """One row per slice, one column per method, with the kidney outline, and a histogram row."""
+    import matplotlib.pyplot as plt
+
+    n = len(images)
+    fig, axes = plt.subplots(
+        2 * n,
+        len(methods),
+        figsize=(3.1 * len(methods), 5.2 * n),
+        squeeze=False,
+        gridspec_kw={"height_ratios": [3, 1.2] * n},
+    )
+    for r, (image, mask, title) in enumerate(zip(images, masks, titles)):
+        for c, method in enumerate(methods):
+            out = apply_preprocessing(image, method)
+            ax = axes[2 * r, c]
+            ax.imshow(overlay_mask(out, mask, alpha=0.0))
+            ax.set_title(f"{title}\n{method}" if c == 0 else method, fontsize=8)
+            ax.axis("off")
+            hist_ax = axes[2 * r + 1, c]
+            hist_ax.hist(out.ravel(), bins=64, range=(0, 255), color="gray")
+            hist_ax.set_yticks([])
+            hist_ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def plot_preprocessing_effects(effects: pd.DataFrame) -> Any:
+    """CNR gain and edge-strength gain per method and parameters, averaged over sources."""
+    import matplotlib.pyplot as plt
+
+    mean = effects.groupby(["method", "params"], sort=False)[["cnr_gain", "edge_gain"]].mean().reset_index()
+    labels = [f"{m}\n{p}" for m, p in zip(mean["method"], mean["params"])]
+    x = np.arange(len(mean))
+    fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(mean)), 4.5))
+    ax.bar(x - 0.2, mean["cnr_gain"], width=0.4, label="CNR kidney vs surrounding ring")
+    ax.bar(x + 0.2, mean["edge_gain"], width=0.4, label="edge strength on the kidney outline")
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks(x, labels, fontsize=7)
+    ax.set_ylabel("ratio to no preprocessing")
+    ax.set_title("Measured effect (mean over sources, slices with kidney)")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def show_preprocessing_sliders(image: np.ndarray, mask: np.ndarray) -> None:
+    """ipywidgets sliders to tune CLAHE, the percentile stretch and unsharp masking on one slice.
+
+    A static figure with the default settings is drawn first (headless runs keep it)."""
+    import matplotlib.pyplot as plt
+
+    def draw(
+        clip_limit: float = 2.0,
+        tile_grid: int = 8,
+        low: float = 1.0,
+        high: float = 99.0,
+        sigma: float = 1.0,
+        amount: float = 1.0,
+    ) -> None:
+        outs = {
+            "original": image,
+            "white balance": white_balance(image, low, high),
+            "CLAHE": clahe(image, clip_limit, tile_grid),
+            "unsharp": unsharp_mask(image, sigma, amount),
+        }
+        fig, axes = plt.subplots(1, 4, figsize=(14, 3.8))
+        for ax, (name, out) in zip(axes, outs.items()):
+            cnr, edge = contrast_metrics(out, mask)
+            ax.imshow(out, cmap="gray", vmin=0, vmax=255)
+            ax.set_title(f"{name}\nCNR {cnr:.2f}  edge {edge:.1f}", fontsize=9)
+            ax.axis("off")
+        plt.show()
+
+    draw()
+    try:
+        import ipywidgets as widgets
+        from IPython.display import display
+    except ImportError:
+        return
+    display(
+        widgets.interactive(
+            draw,
+            clip_limit=widgets.FloatSlider(value=2.0, min=0.5, max=8.0, step=0.5),
+            tile_grid=widgets.IntSlider(value=8, min=2, max=16),
+            low=widgets.FloatSlider(value=1.0, min=0, max=20),
+            high=widgets.FloatSlider(value=99.0, min=80, max=100),
+            sigma=widgets.FloatSlider(value=1.0, min=0.5, max=5),
+            amount=widgets.FloatSlider(value=1.0, min=0.0, max=3.0, step=0.1),
+        )
+    )
+
+
+# =================================================================================================
+# 10. Kaggle delivery
+# =================================================================================================
+
+
+def find_in_kaggle_input(filename: str, input_root: str | os.PathLike | None = None) -> Path | None:
+    """The first file named ``filename`` up to three folders below Kaggle's input (where the outputs
+    of attached notebooks appear), or None."""
+    root = Path(input_root) if input_root is not None else kaggle_root() / "input"
+    if not root.is_dir():
+        return None
+    for pattern in (f"*/{filename}", f"*/*/{filename}", f"*/*/*/{filename}"):
+        hits = sorted(root.glob(pattern))
+        if hits:
+            return hits[0]
+    return None
+
+
+def resolve_model_path(model_path: str | os.PathLike | None, output_dir: str | os.PathLike) -> Path:
+    """``"auto"``: the best model in ``output_dir``, else one in an attached Kaggle input (the output
+    of notebook 03 attached to notebook 04); otherwise the path given.
+
+    Raises:
+        FileNotFoundError: naming every place searched.
+    """
+    if model_path not in (None, "", "auto"):
+        path = Path(model_path).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"MODEL_PATH {str(path)!r} does not exist.")
+        return path
+    local = Path(output_dir) / BEST_MODEL_NAME
+    if local.is_file():
+        return local
+    found = find_in_kaggle_input(BEST_MODEL_NAME)
+    if found is not None:
+        return found
+    raise FileNotFoundError(
+        f"No {BEST_MODEL_NAME} in {output_dir} or under {kaggle_root() / 'input'}. Run notebook 03 "
+        "first (on Kaggle: attach its output to this notebook), or set MODEL_PATH."
+    )
+
+
+def restore_run_for_resume(output_dir: str | os.PathLike) -> Path | None:
+    """Before ``RESUME=True`` in a new Kaggle session: copy the previous run's checkpoints, metrics and
+    config from an attached input into ``output_dir`` (nothing is overwritten).
+
+    Returns:
+        The folder copied from, or None when ``output_dir`` already holds a last checkpoint or no
+        previous run is attached.
+    """
+    import shutil
+
+    out = Path(output_dir)
+    if (out / LAST_CHECKPOINT_NAME).exists():
+        return None
+    found = find_in_kaggle_input(LAST_CHECKPOINT_NAME)
+    if found is None:
+        return None
+    out.mkdir(parents=True, exist_ok=True)
+    for name in (LAST_CHECKPOINT_NAME, BEST_MODEL_NAME, METRICS_CSV_NAME, CONFIG_JSON_NAME):
+        if (found.parent / name).exists() and not (out / name).exists():
+            shutil.copy2(found.parent / name, out / name)
+    return found.parent
+
+
+KERNEL_METADATA_FIELDS = (
+    "id",
+    "title",
+    "code_file",
+    "language",
+    "kernel_type",
+    "is_private",
+    "enable_gpu",
+    "enable_tpu",
+    "enable_internet",
+    "dataset_sources",
+    "competition_sources",
+    "kernel_sources",
+    "model_sources",
+    "machine_shape",
+)
+KAGGLE_MACHINE_SHAPES = (
+    "NvidiaTeslaT4",
+    "NvidiaTeslaP100",
+    "NvidiaTeslaT4Highmem",
+    "NvidiaL4",
+    "NvidiaL4X1",
+    "NvidiaTeslaA100",
+    "NvidiaH100",
+)
+_STAGING_MARKER = ".kidneyseg-staging"
+_SLUG = re.compile(r"^[a-z0-9][a-z0-9-]*[a-z0-9]$")
+_REF = re.compile(r"^[A-Za-z0-9_-]+/[a-z0-9][a-z0-9-]*[a-z0-9]$")
+
+
+def validate_kernel_metadata(meta: dict[str, Any]) -> list[str]:
+    """Problems of one ``kernel-metadata.json`` against the fields the Kaggle CLI documents
+    (empty when valid): required ``id``/``title``/``code_file``/``language``/``kernel_type``, the slug
+    rule (the title lowercased with dashes), booleans, ``owner/slug`` source lists, a known machine
+    shape."""
+    problems = [f"unknown field {k!r}" for k in meta if k not in KERNEL_METADATA_FIELDS]
+    for key in ("id", "title", "code_file", "language", "kernel_type"):
+        if not isinstance(meta.get(key), str) or not meta.get(key):
+            problems.append(f"{key!r} is required")
+    if problems:
+        return problems
+    owner, _, slug = meta["id"].partition("/")
+    if not owner or not _SLUG.match(slug):
+        problems.append(f"id {meta['id']!r} must be 'owner/slug' with a lower-case slug")
+    if re.sub(r"[^a-z0-9]+", "-", meta["title"].lower()).strip("-") != slug:
+        problems.append(f"title {meta['title']!r} does not give the slug {slug!r}")
+    if meta["language"] not in ("python", "r", "rmarkdown"):
+        problems.append(f"language {meta['language']!r} is not python, r or rmarkdown")
+    if meta["kernel_type"] not in ("script", "notebook"):
+        problems.append(f"kernel_type {meta['kernel_type']!r} is not script or notebook")
+    for key in ("is_private", "enable_gpu", "enable_tpu", "enable_internet"):
+        if key in meta and not isinstance(meta[key], bool):
+            problems.append(f"{key!r} must be true or false")
+    for key in ("dataset_sources", "competition_sources", "kernel_sources", "model_sources"):
+        values = meta.get(key, [])
+        if not isinstance(values, list):
+            problems.append(f"{key!r} must be a list")
+            continue
+        if key in ("dataset_sources", "kernel_sources"):
+            problems += [f"{key} entry {v!r} is not 'owner/slug'" for v in values if not _REF.match(str(v))]
+    if meta.get("enable_gpu") and meta.get("machine_shape") not in KAGGLE_MACHINE_SHAPES:
+        problems.append(f"machine_shape {meta.get('machine_shape')!r} is not one of {KAGGLE_MACHINE_SHAPES}")
+    return problems
+
+
+def kernel_metadata(series: dict[str, Any], entry: dict[str, Any]) -> dict[str, Any]:
+    """The ``kernel-metadata.json`` of one entry of ``kaggle-metadata.json`` (defaults filled in,
+    ``{owner}`` and ``{dataset}`` replaced, ``code_file`` reduced to the staged file name)."""
+    merged = {**series["defaults"], **entry}
+
+    def fill(value: str) -> str:
+        return value.replace("{owner}", series["owner"]).replace("{dataset}", series["dataset"])
+
+    meta = {
+        "id": f"{series['owner']}/{merged['slug']}",
+        "title": merged["title"],
+        "code_file": Path(merged["code_file"]).name,
+        "language": merged["language"],
+        "kernel_type": merged["kernel_type"],
+        "is_private": merged["is_private"],
+        "enable_gpu": merged["enable_gpu"],
+        "enable_tpu": merged["enable_tpu"],
+        "enable_internet": merged["enable_internet"],
+        "dataset_sources": [fill(v) for v in merged.get("dataset_sources", [])],
+        "competition_sources": [],
+        "kernel_sources": [fill(v) for v in merged.get("kernel_sources", [])],
+        "model_sources": [],
+    }
+    if meta["enable_gpu"]:
+        meta["machine_shape"] = merged["machine_shape"]
+    return meta
+
+
+def stage_kaggle(
+    out_dir: str | os.PathLike,
+    metadata_path: str | os.PathLike | None = None,
+    owner: str | None = None,
+    dataset: str | None = None,
+) -> list[Path]:
+    """Stage one folder per kernel, each ready for ``kaggle kernels push -p FOLDER``.
+
+    The utility script (``kidneyseg_utils.py``) gets a folder of its own; every notebook lists it as a
+    kernel source, so Kaggle puts the module where the notebook's first cell finds it. ``owner`` and
+    ``dataset`` override the values in ``kaggle-metadata.json``.
+
+    Returns:
+        The staged folders, the utility script's first (push it first).
+
+    Raises:
+        FileExistsError: ``out_dir`` exists, is not empty and was not made by this function.
+        ValueError: a generated ``kernel-metadata.json`` breaks the documented rules.
+    """
+    repo = Path(__file__).resolve().parent
+    series = json.loads(Path(metadata_path or repo / "kaggle-metadata.json").read_text())
+    series["owner"] = owner or series["owner"]
+    series["dataset"] = dataset or series["dataset"]
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not (out / _STAGING_MARKER).exists():
+        raise FileExistsError(f"{out} is not empty and is not a kidneyseg staging folder; choose another.")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / _STAGING_MARKER).write_text("made by kidneyseg_utils.stage_kaggle; safe to delete\n")
+    import shutil
+
+    folders = []
+    for entry in [series["utility_script"], *series["notebooks"]]:
+        meta = kernel_metadata(series, entry)
+        problems = validate_kernel_metadata(meta)
+        if problems:
+            raise ValueError(f"kernel {entry['slug']}: {'; '.join(problems)}")
+        folder = out / entry["slug"]
+        if folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir()
+        shutil.copy2(repo / entry["code_file"], folder / meta["code_file"])
+        (folder / "kernel-metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
+        folders.append(folder)
+    return folders
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line: ``python -m kidneyseg_utils stage-kaggle OUT [--owner NAME] [--dataset OWNER/SLUG]``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m kidneyseg_utils", description=main.__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    stage = commands.add_parser("stage-kaggle", help="stage one folder per Kaggle kernel")
+    stage.add_argument("out", help="folder to write the kernel folders into")
+    stage.add_argument("--owner", help="your Kaggle user name (default: kaggle-metadata.json)")
+    stage.add_argument("--dataset", help="your dataset as owner/slug (default: kaggle-metadata.json)")
+    args = parser.parse_args(argv)
+    folders = stage_kaggle(args.out, owner=args.owner, dataset=args.dataset)
+    for folder in folders:
+        print(f"kaggle kernels push -p {folder}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 import papermill
+import pytest
 
 import kidneyseg_utils as ku
 
@@ -76,13 +77,21 @@ def test_notebooks_are_clean_and_tagged():
                 compile(value.split("#")[0].strip() or "None", "<parameter>", "eval")
 
 
-def test_03_trains_on_shared_data(tmp_path, shared_data):
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, shared_data):
+    """Notebook 03 with tiny parameters on the real slices; returns its OUTPUT_DIR."""
+    tmp = tmp_path_factory.mktemp("nb03")
+    out = tmp / "run"
     execute(
         "03_train_model.ipynb",
-        tmp_path,
+        tmp,
         dict(DATA_DIR=str(shared_data), OUTPUT_DIR=str(out), GROUP_REGEX="^([^_]+)_", **TINY_TRAINING),
     )
+    return out
+
+
+def test_03_trains_on_shared_data(trained_run):
+    out = trained_run
     history = pd.read_csv(out / ku.METRICS_CSV_NAME)
     assert history["epoch"].tolist() == [1, 2]
     assert history.filter(like="dice").apply(lambda s: s.between(0, 1)).all().all()
@@ -96,9 +105,75 @@ def test_03_trains_on_shared_data(tmp_path, shared_data):
     assert not {case(k) for k in split["train"]} & {case(k) for k in split["val"]}
 
 
+def test_04_evaluates_tests_and_predicts(trained_run, shared_data, tmp_path):
+    predict = shared_data / "abdominal-us"
+    execute(
+        "04_evaluate_model.ipynb",
+        tmp_path,
+        dict(
+            OUTPUT_DIR=str(trained_run),
+            TEST_DIR=str(shared_data / "kits19-ct"),
+            PREDICT_DIR=str(predict),
+            TTA=True,
+            POSTPROCESS=True,
+        ),
+    )
+    _, _, checkpoint = ku.load_model(trained_run / ku.BEST_MODEL_NAME)
+    val = pd.read_csv(trained_run / "evaluation_val" / "evaluation_per_image.csv")
+    assert len(val) == len(checkpoint["split"]["val"])
+    summary = json.loads((trained_run / "evaluation_val" / "evaluation_summary.json").read_text())
+    assert summary["n_images"] == len(val) and summary["tta"] is True and summary["postprocess"] is True
+    for key in ("pooled_dice", "mean_dice", "mean_dice_with_kidney", "pooled_iou"):
+        assert 0 <= summary[key] <= 1, key
+    assert summary["mean_hd95"] >= 0
+    test = json.loads((trained_run / "evaluation_test" / "evaluation_summary.json").read_text())
+    assert test["n_images"] == 24
+    masks = sorted((trained_run / "predictions" / "masks").glob("*.png"))
+    assert len(masks) == 15
+    first = ku.read_image(predict / "images" / masks[0].name)
+    assert ku.read_image(masks[0]).shape == first.shape
+
+
 def test_03_falls_back_to_synthetic_phantoms(tmp_path):
     out = tmp_path / "run"
     execute("03_train_model.ipynb", tmp_path, dict(OUTPUT_DIR=str(out), **TINY_TRAINING))
     assert (out / "synthetic_data" / "images").is_dir()
     assert len(pd.read_csv(out / ku.METRICS_CSV_NAME)) == 2
     assert (out / ku.BEST_MODEL_NAME).is_file()
+
+
+def test_01_explores_the_real_slices(shared_data, tmp_path):
+    out = tmp_path / "run"
+    execute(
+        "01_explore_data.ipynb",
+        tmp_path,
+        dict(DATA_DIR=str(shared_data), OUTPUT_DIR=str(out), GROUP_REGEX="^([^_]+)_", GALLERY_SIZE=6),
+    )
+    inventory = pd.read_csv(out / "exploration" / "data_inventory.csv")
+    assert (inventory["status"] == "ok").sum() == 347 and inventory["source"].nunique() == 6
+    report = json.loads((out / "exploration" / "data_report.json").read_text())
+    assert len(report["summary"]) == 6 and report["warnings"]
+
+
+def test_02_measures_and_ablates_tiny(shared_data, tmp_path):
+    out = tmp_path / "run"
+    execute(
+        "02_preprocessing_experiments.ipynb",
+        tmp_path,
+        dict(
+            DATA_DIR=str(shared_data),
+            OUTPUT_DIR=str(out),
+            GROUP_REGEX="^([^_]+)_",
+            IMAGE_SIZE=32,
+            SLICES_PER_SOURCE=2,
+            ABLATION_OPTIONS=["none", "clahe"],
+            ABLATION_EPOCHS=1,
+            BASE_CHANNELS=4,
+            BATCH_SIZE=8,
+            MAX_IMAGES=40,
+        ),
+    )
+    results = pd.read_csv(out / "preprocessing" / "preprocessing_results.csv")
+    assert results["preprocessing"].tolist() == ["none", "clahe"] and results["recommended"].sum() == 1
+    effects = pd.read_csv(out / "preprocessing" / "preprocessing_effects.csv")
+    assert effects["source"].nunique() == 6

@@ -1,0 +1,234 @@
+"""Evaluation and inference: metrics on hand-worked masks, TTA, postprocessing, resizing back,
+folder prediction and its refusals, and the exact validation split."""
+
+from __future__ import annotations
+
+import math
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+import kidneyseg_utils as ku
+
+
+def square(shape, top, left, size):
+    m = np.zeros(shape, np.uint8)
+    m[top : top + size, left : left + size] = 1
+    return m
+
+
+# ----- HD95 --------------------------------------------------------------------------------------
+
+
+def test_hd95_single_pixels():
+    a, b = np.zeros((12, 12), np.uint8), np.zeros((12, 12), np.uint8)
+    a[5, 5], b[5, 9] = 1, 1
+    assert ku.hausdorff95(a, b) == pytest.approx(4.0)
+
+
+def test_hd95_shifted_square_is_the_shift():
+    target = square((30, 30), 5, 5, 10)
+    pred = square((30, 30), 5, 7, 10)  # two columns to the right
+    assert ku.hausdorff95(pred, target) == pytest.approx(2.0)
+    assert ku.hausdorff95(target, target) == 0.0
+
+
+def test_hd95_empty_rules():
+    empty, one = np.zeros((10, 20), np.uint8), square((10, 20), 2, 2, 3)
+    assert ku.hausdorff95(empty, empty) == 0.0
+    assert ku.hausdorff95(empty, one) == pytest.approx(math.hypot(10, 20))  # missed kidney
+    assert ku.hausdorff95(one, empty) == pytest.approx(math.hypot(10, 20))  # false kidney
+    with pytest.raises(ValueError, match="shape"):
+        ku.hausdorff95(one, one[:5])
+
+
+# ----- postprocessing ----------------------------------------------------------------------------
+
+
+def test_postprocess_drops_small_and_keeps_two_largest():
+    m = np.zeros((100, 100), np.uint8)
+    m[0:5, 0:10] = 1  # 50 px
+    m[20:23, 20:30] = 1  # 30 px
+    m[50:52, 50:60] = 1  # 20 px
+    m[90, 90:92] = 1  # 2 px
+    out = ku.postprocess_mask(m)  # min area 0.0005 * 10000 = 5 px
+    assert out.sum() == 80 and out[0, 0] == 1 and out[20, 20] == 1 and out[50, 50] == 0
+    assert ku.postprocess_mask(m, min_fraction=0.004).sum() == 50  # 40 px minimum
+    assert ku.postprocess_mask(np.zeros((5, 5), np.uint8)).sum() == 0
+
+
+# ----- TTA and prediction ------------------------------------------------------------------------
+
+
+def identity_like_model() -> nn.Module:
+    conv = nn.Conv2d(1, 1, 1)
+    with torch.no_grad():
+        conv.weight.fill_(8.0)
+        conv.bias.fill_(-4.0)
+    return conv.eval()
+
+
+def test_tta_with_flip_equivariant_model_equals_direct():
+    images = np.random.default_rng(0).integers(0, 255, (3, 32, 32), dtype=np.uint8)
+    model = identity_like_model()
+    direct = ku.predict_probabilities(model, images)
+    np.testing.assert_allclose(ku.predict_probabilities(model, images, tta=True), direct, atol=1e-6)
+    expected = 1 / (1 + np.exp(-(8 * images.astype(np.float64) / 255.0 - 4)))
+    np.testing.assert_allclose(direct, expected, atol=1e-5)
+
+
+def test_tta_averages_flips_for_a_direction_sensitive_model():
+    model = nn.Conv2d(1, 1, 3, padding=1).eval()
+    with torch.no_grad():
+        model.weight.zero_()
+        model.weight[0, 0, 1, 2] = 5.0  # looks at the right-hand neighbour only
+        model.bias.zero_()
+    image = np.zeros((1, 8, 8), np.uint8)
+    image[0, 4, 4] = 255
+    tta = ku.predict_probabilities(model, image, tta=True)[0]
+    # direct output lights (4, 3); its horizontal flip lights (4, 5): both get half of the boost
+    assert tta[4, 3] == pytest.approx(tta[4, 5]) and tta[4, 3] > 0.6 and tta[4, 4] == pytest.approx(0.5)
+
+
+def make_eval_set(tmp_path, sizes):
+    root = tmp_path / "data"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir(parents=True)
+    for i, (h, w) in enumerate(sizes):
+        mask = np.zeros((h, w), np.uint8)
+        mask[h // 4 : h // 2, w // 4 : w // 2] = 255
+        image = np.where(mask > 0, 230, 40).astype(np.uint8)
+        cv2.imwrite(str(root / "images" / f"c{i}_s.png"), image)
+        cv2.imwrite(str(root / "masks" / f"c{i}_s.png"), mask)
+    return root
+
+
+def test_scores_are_at_original_size_and_perfect_for_a_perfect_model(tmp_path):
+    sizes = [(40, 56), (64, 64), (100, 30)]
+    root = make_eval_set(tmp_path, sizes)
+    config = ku.Config(image_size=32, base_channels=4, depth=2)
+    data = ku.load_evaluation_set(ku.index_dataset(root).pairs, config)
+    assert data.images.shape == (3, 32, 32)
+    per_image, summary, probs = ku.evaluate_model(identity_like_model(), data, threshold=0.5)
+    assert [p.shape for p in probs] == sizes
+    assert list(zip(per_image["height"], per_image["width"])) == sizes
+    assert per_image["dice"].min() > 0.9
+    assert summary["n_images"] == 3 and summary["pooled_dice"] > 0.9
+    assert set(summary) >= {
+        "pooled_dice",
+        "mean_dice",
+        "mean_dice_with_kidney",
+        "pooled_iou",
+        "mean_hd95",
+        "n_images",
+        "threshold",
+        "tta",
+        "postprocess",
+        "ms_per_slice",
+    }
+    files = ku.write_evaluation(per_image, summary, tmp_path / "ev")
+    assert pd.read_csv(files["per_image_csv"]).shape[0] == 3
+    assert '"pooled_dice"' in files["summary_json"].read_text()
+
+
+def test_summary_pooled_versus_mean_by_hand():
+    per_image = pd.DataFrame(
+        {
+            "dice": [1.0, 0.5, 1.0],
+            "iou": [1.0, 1 / 3, 1.0],
+            "precision": [1.0, 1.0, 1.0],
+            "recall": [1.0, 1 / 3, 1.0],
+            "f1": [1.0, 0.5, 1.0],
+            "hd95": [0.0, 3.0, 0.0],
+            "tp": [90, 1, 0],
+            "fp": [0, 0, 0],
+            "fn": [0, 2, 0],
+            "true_area": [90, 3, 0],
+        }
+    )
+    s = ku.summarize_scores(per_image)
+    assert s["pooled_dice"] == pytest.approx(182 / 184)  # 2*91 / (2*91 + 0 + 2)
+    assert s["mean_dice"] == pytest.approx(2.5 / 3)
+    assert s["mean_dice_with_kidney"] == pytest.approx(0.75)  # the empty slice is left out
+    assert s["mean_hd95"] == pytest.approx(1.0) and s["n_with_kidney"] == 2
+
+
+def test_threshold_sweep_marks_the_best(tmp_path):
+    root = make_eval_set(tmp_path, [(32, 32)])
+    config = ku.Config(image_size=32, base_channels=4, depth=2)
+    data = ku.load_evaluation_set(ku.index_dataset(root).pairs, config)
+    probs = [data.masks[0] * 0.7 + 0.1]  # kidney 0.8, background 0.1
+    sweep = ku.threshold_sweep(data, probs, thresholds=[0.05, 0.5, 0.9])
+    assert sweep["pooled_dice"].round(6).tolist() == [pytest.approx(2 * 64 / (2 * 64 + 1024 - 64)), 1.0, 0.0]
+    assert sweep["best"].tolist() == [False, True, False]
+
+
+# ----- folder prediction -------------------------------------------------------------------------
+
+
+def test_predict_folder_round_trip_with_mixed_sizes(tmp_path):
+    sizes = [(40, 56), (64, 64), (100, 30)]
+    root = make_eval_set(tmp_path, sizes)
+    (root / "images" / "notes.txt").write_text("not an image")
+    config = ku.Config(image_size=32, base_channels=4, depth=2)
+    table = ku.predict_folder(identity_like_model(), config, root, tmp_path / "pred")
+    assert len(table) == 3
+    for (h, w), name in zip(sizes, table["name"]):
+        stem = name.rsplit(".", 1)[0]
+        mask = cv2.imread(str(tmp_path / "pred" / "masks" / f"{stem}.png"), cv2.IMREAD_UNCHANGED)
+        assert mask.shape == (h, w) and set(np.unique(mask)) <= {0, 255}
+        truth = cv2.imread(str(root / "masks" / f"{stem}.png"), cv2.IMREAD_UNCHANGED)
+        assert (mask == truth).mean() > 0.95
+        overlay = cv2.imread(str(tmp_path / "pred" / "overlays" / f"{stem}.png"))
+        assert overlay.shape == (h, w, 3)
+
+
+def test_predict_folder_refusals(tmp_path):
+    root = make_eval_set(tmp_path, [(32, 32)])
+    config = ku.Config(image_size=32, base_channels=4, depth=2)
+    model = identity_like_model()
+    before = sorted(p.name for p in (root / "images").iterdir())
+    for target in (root, root / "images", root / "sub"):
+        with pytest.raises(ValueError, match="input folder"):
+            ku.predict_folder(model, config, root, target)
+    assert sorted(p.name for p in (root / "images").iterdir()) == before
+    ku.predict_folder(model, config, root, tmp_path / "out")
+    with pytest.raises(FileExistsError, match="OVERWRITE=True"):
+        ku.predict_folder(model, config, root, tmp_path / "out")
+    ku.predict_folder(model, config, root, tmp_path / "out", overwrite=True)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="No images"):
+        ku.predict_folder(model, config, tmp_path / "empty", tmp_path / "out2")
+
+
+# ----- the exact validation split ----------------------------------------------------------------
+
+
+def test_validation_split_is_reproduced_from_the_checkpoint(tmp_path, phantom_dir):
+    config = ku.Config(
+        image_size=32, base_channels=4, depth=2, batch_size=4, num_epochs=1, group_regex="^([^_]+)_"
+    )
+    data = ku.prepare_data(config, phantom_dir)
+    model = ku.build_model(config)
+    result = ku.train_model(
+        model,
+        data.train_dataset,
+        data.val_dataset,
+        config,
+        tmp_path / "run",
+        torch.device("cpu"),
+        progress=False,
+        extra_state={"split": data.split_record(), "data_dir": str(phantom_dir)},
+    )
+    _, loaded_config, checkpoint = ku.load_model(result.files["best_model"])
+    pairs = ku.validation_pairs(checkpoint, loaded_config)
+    assert [p.key for p in pairs] == [p.key for p in data.val.pairs]
+    other = ku.make_synthetic_dataset(tmp_path / "other", n_cases=2, slices_per_case=2, image_size=32)
+    with pytest.raises(ValueError, match="not under"):
+        ku.validation_pairs(checkpoint, loaded_config, data_dir=other)
+    with pytest.raises(ValueError, match="no validation split"):
+        ku.validation_pairs({}, loaded_config)

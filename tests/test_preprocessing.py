@@ -1,0 +1,116 @@
+"""Preprocessing: shape, dtype and range kept, constant images safe, and each method's known effect."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import kidneyseg_utils as ku
+
+
+def low_contrast_phantom(seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:128, 0:128]
+    image = 100 + 12 * ((yy // 16 + xx // 16) % 2) + rng.normal(0, 2, (128, 128))
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+METHODS = [ku.white_balance, ku.clahe, ku.unsharp_mask]
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("value", [0, 77, 255])
+def test_constant_image_is_safe(method, value):
+    image = np.full((20, 30), value, np.uint8)
+    out = method(image)
+    assert out.shape == image.shape and out.dtype == np.uint8
+    assert np.isfinite(out.astype(float)).all()
+    if method is not ku.clahe:  # CLAHE may shift a constant level; the others keep it
+        assert (out == value).all()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_shape_dtype_and_range(method):
+    image = low_contrast_phantom()[:, :100]
+    out = method(image)
+    assert out.shape == image.shape and out.dtype == np.uint8
+
+
+def test_white_balance_maps_percentiles_to_the_range_ends():
+    image = np.arange(100, dtype=np.uint8).reshape(10, 10) + 50  # values 50..149
+    out = ku.white_balance(image, 10, 90)
+    lo, hi = np.percentile(image, [10, 90])
+    assert out[image <= lo].max() == 0 and out[image >= hi].min() == 255
+    mid = image == 100
+    assert out[mid][0] == round((100 - lo) * 255 / (hi - lo))
+    with pytest.raises(ValueError):
+        ku.white_balance(image, 90, 10)
+
+
+def local_contrast(image: np.ndarray) -> float:
+    """Mean absolute difference between neighbouring pixels."""
+    f = image.astype(float)
+    return float(np.abs(np.diff(f, axis=0)).mean() + np.abs(np.diff(f, axis=1)).mean())
+
+
+def test_clahe_raises_local_contrast_of_a_low_contrast_phantom():
+    image = low_contrast_phantom()
+    assert local_contrast(ku.clahe(image, clip_limit=3.0)) > 1.5 * local_contrast(image)
+    assert local_contrast(ku.clahe(image, clip_limit=4.0)) > local_contrast(ku.clahe(image, clip_limit=1.0))
+
+
+def test_unsharp_raises_the_gradient_at_an_edge():
+    image = np.full((32, 32), 80, np.uint8)
+    image[:, 16:] = 160
+    assert np.array_equal(ku.unsharp_mask(image, sigma=2.0, amount=0.0), image)  # amount 0: no change
+    out = ku.unsharp_mask(image, sigma=2.0, amount=1.5)
+    assert abs(int(out[10, 16]) - int(out[10, 15])) > abs(int(image[10, 16]) - int(image[10, 15]))
+    assert out[10, 15] < 80 and out[10, 16] > 160  # overshoot on both sides of the edge
+
+
+def test_apply_preprocessing_chains_and_validates():
+    image = low_contrast_phantom()
+    assert ku.apply_preprocessing(image, "none") is image
+    chained = ku.apply_preprocessing(image, "white_balance+clahe")
+    assert np.array_equal(chained, ku.clahe(ku.white_balance(image)))
+    for option in ku.PREPROCESSING_OPTIONS:
+        assert ku.apply_preprocessing(image, option).shape == image.shape
+        ku.Config(preprocessing=option)
+    with pytest.raises(ValueError, match="PREPROCESSING"):
+        ku.apply_preprocessing(image, "sharpen")
+    with pytest.raises(ValueError, match="PREPROCESSING"):
+        ku.Config(preprocessing="clahe+magic")
+
+
+def test_contrast_metrics_by_hand():
+    image = np.full((40, 40), 50, np.uint8)
+    mask = np.zeros((40, 40), np.uint8)
+    mask[10:30, 10:30] = 1
+    image[mask > 0] = 150
+    cnr, edge = ku.contrast_metrics(image, mask)
+    assert cnr == pytest.approx(100 / 1e-6, rel=1e-3)  # no noise: only the epsilon remains
+    assert edge > 20
+    noisy = image.astype(float) + np.random.default_rng(0).normal(0, 10, image.shape)
+    cnr_noisy, _ = ku.contrast_metrics(np.clip(noisy, 0, 255).astype(np.uint8), mask)
+    assert 7 < cnr_noisy < 13  # about 100 / 10
+    assert all(np.isnan(ku.contrast_metrics(image, np.zeros_like(mask))))
+
+
+def test_preprocessing_effects_table():
+    image = low_contrast_phantom()
+    mask = np.zeros_like(image)
+    mask[40:80, 40:80] = 1
+    effects = ku.preprocessing_effects([image, image], [mask, mask], ["a", "b"])
+    none = effects[effects["method"] == "none"]
+    assert (none["cnr_gain"] == 1.0).all() and set(effects["source"]) == {"a", "b"}
+    assert len(effects) == 2 * len(ku.PREPROCESSING_SWEEP)
+
+
+def test_recommendation_prefers_simple_within_noise():
+    import pandas as pd
+
+    table = pd.DataFrame({"preprocessing": ["none", "clahe", "unsharp"], "val_dice": [0.80, 0.805, 0.79]})
+    assert ku.recommend_preprocessing(table)[0] == "none"
+    table.loc[1, "val_dice"] = 0.85
+    choice, reason = ku.recommend_preprocessing(table)
+    assert choice == "clahe" and "+0.050" in reason
