@@ -3010,6 +3010,18 @@ def plot_threshold_sweep(sweep: pd.DataFrame, chosen: float | None = None) -> An
     return fig
 
 
+def _static_then_widget(draw: Callable[..., None], controls: Callable[[Any], dict[str, Any]]) -> None:
+    """Draw once with the defaults (so headless runs record a static picture), then offer ipywidgets
+    controls built by ``controls(ipywidgets)`` when ipywidgets is available."""
+    draw()
+    try:
+        import ipywidgets as widgets
+        from IPython.display import display
+    except ImportError:
+        return
+    display(widgets.interactive(draw, **controls(widgets)))
+
+
 def show_threshold_viewer(data: EvaluationSet, probs: Sequence[np.ndarray], threshold: float = 0.5) -> None:
     """An ipywidgets viewer (slice and threshold sliders) over TP/FP/FN overlays.
 
@@ -3029,18 +3041,12 @@ def show_threshold_viewer(data: EvaluationSet, probs: Sequence[np.ndarray], thre
         ax.axis("off")
         plt.show()
 
-    draw()
-    try:
-        import ipywidgets as widgets
-        from IPython.display import display
-    except ImportError:
-        return
-    display(
-        widgets.interactive(
-            draw,
+    _static_then_widget(
+        draw,
+        lambda widgets: dict(
             index=widgets.IntSlider(0, 0, len(data) - 1, description="slice"),
             thr=widgets.FloatSlider(value=threshold, min=0.05, max=0.95, step=0.05, description="threshold"),
-        )
+        ),
     )
 
 
@@ -3183,19 +3189,13 @@ def show_slice_browser(table: pd.DataFrame) -> None:
         ax.axis("off")
         plt.show()
 
-    draw()
-    try:
-        import ipywidgets as widgets
-        from IPython.display import display
-    except ImportError:
-        return
-    display(
-        widgets.interactive(
-            draw,
+    _static_then_widget(
+        draw,
+        lambda widgets: dict(
             index=widgets.IntSlider(0, 0, len(ok) - 1, description="slice"),
             overlay=widgets.Checkbox(True, description="overlay"),
             opacity=widgets.FloatSlider(value=0.45, min=0.0, max=1.0, step=0.05, description="opacity"),
-        )
+        ),
     )
 
 
@@ -3279,22 +3279,16 @@ def show_preprocessing_sliders(image: np.ndarray, mask: np.ndarray) -> None:
             ax.axis("off")
         plt.show()
 
-    draw()
-    try:
-        import ipywidgets as widgets
-        from IPython.display import display
-    except ImportError:
-        return
-    display(
-        widgets.interactive(
-            draw,
+    _static_then_widget(
+        draw,
+        lambda widgets: dict(
             clip_limit=widgets.FloatSlider(value=2.0, min=0.5, max=8.0, step=0.5),
             tile_grid=widgets.IntSlider(value=8, min=2, max=16),
             low=widgets.FloatSlider(value=1.0, min=0, max=20),
             high=widgets.FloatSlider(value=99.0, min=80, max=100),
             sigma=widgets.FloatSlider(value=1.0, min=0.5, max=5),
             amount=widgets.FloatSlider(value=1.0, min=0.0, max=3.0, step=0.1),
-        )
+        ),
     )
 
 

@@ -232,3 +232,31 @@ def test_validation_split_is_reproduced_from_the_checkpoint(tmp_path, phantom_di
         ku.validation_pairs(checkpoint, loaded_config, data_dir=other)
     with pytest.raises(ValueError, match="no validation split"):
         ku.validation_pairs({}, loaded_config)
+
+
+def test_preprocessing_is_applied_identically_in_training_evaluation_and_inference(tmp_path, phantom_dir):
+    config = ku.Config(image_size=32, base_channels=4, depth=2, preprocessing="white_balance+clahe")
+    pairs = ku.index_dataset(phantom_dir).pairs[:4]
+    training = ku.load_arrays(pairs, 32, config.preprocessing)
+    evaluation = ku.load_evaluation_set(pairs, config)
+    np.testing.assert_array_equal(training.images, evaluation.images)
+    raw = ku.load_arrays(pairs, 32)
+    assert not np.array_equal(raw.images, training.images)  # the option really changes the input
+
+    class Recorder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def forward(self, x):
+            self.seen.append(x.detach().clone())
+            return torch.zeros_like(x)
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for pair in pairs:
+        (folder / pair.image.name).write_bytes(pair.image.read_bytes())
+    recorder = Recorder()
+    ku.predict_folder(recorder, config, folder, tmp_path / "out")
+    fed = (recorder.seen[0][:, 0].numpy() * 255).round().astype(np.uint8)
+    np.testing.assert_array_equal(fed, training.images)
