@@ -2931,16 +2931,20 @@ def plot_cases(
     postprocess: bool = False,
     per_group: int = 3,
 ) -> Any:
-    """The worst, median and best cases by Dice (``per_group`` of each) with TP/FP/FN colours."""
+    """The worst cases by Dice, and the median and best among slices with kidney (``per_group`` of
+    each), with TP/FP/FN colours."""
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
     order = per_image.sort_values("dice", kind="stable").index.to_numpy()
-    mid = len(order) // 2
+    # median and best among slices with kidney (an empty slice predicted empty is trivially perfect)
+    with_kidney = per_image[per_image["true_area"] > 0]
+    ranked = with_kidney.sort_values("dice", kind="stable").index.to_numpy() if len(with_kidney) else order
+    mid = len(ranked) // 2
     groups = {
         "worst": order[:per_group],
-        "median": order[max(0, mid - per_group // 2) :][:per_group],
-        "best": order[::-1][:per_group],
+        "median": ranked[max(0, mid - per_group // 2) :][:per_group],
+        "best": ranked[::-1][:per_group],
     }
     fig, axes = plt.subplots(3, per_group, figsize=(3.4 * per_group, 10.5), squeeze=False)
     for row, (label, picks) in enumerate(groups.items()):
@@ -3225,6 +3229,7 @@ def plot_preprocessing_gallery(
             ax.axis("off")
             hist_ax = axes[2 * r + 1, c]
             hist_ax.hist(out.ravel(), bins=64, range=(0, 255), color="gray")
+            hist_ax.set_yscale("log")  # the dark background would hide everything else
             hist_ax.set_yticks([])
             hist_ax.tick_params(labelsize=7)
     fig.tight_layout()

@@ -1,0 +1,73 @@
+"""The benchmark scripts run with tiny settings and produce well-formed tables (figures are not
+asserted: performance claims live in the benchmarks' output, not in unit tests)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_script(name: str, *args: str) -> str:
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / name), *args], capture_output=True, text=True, timeout=900
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_help_documents_each_benchmark():
+    for name in ("bench_speed.py", "bench_quality.py"):
+        assert "--quick" in run_script(name, "--help")
+
+
+def test_speed_tables(tmp_path, shared_data):
+    out = run_script(
+        "bench_speed.py",
+        "--quick",
+        "--data",
+        str(shared_data),
+        "--images",
+        "16",
+        "--epochs",
+        "1",
+        "--steps",
+        "1",
+        "--batch",
+        "2",
+        "--out",
+        str(tmp_path),
+    )
+    assert "## Data pipeline" in out and "## Training step" in out and "## Inference" in out
+    pipeline = pd.read_csv(tmp_path / "speed_data_pipeline.csv")
+    assert set(pipeline["workers"]) == {0, 2} and (pipeline["images_per_s"] > 0).all()
+    assert {"cached (ours)", "naive: decode every step"} == set(pipeline["dataset"])
+    training = pd.read_csv(tmp_path / "speed_training_step.csv")
+    ours = training[training["model"].str.startswith("ours")]
+    assert len(ours) >= 2 and (ours["images_per_s"] > 0).all()
+    assert set(training["model"]) >= {"smp Unet resnet34", "MONAI BasicUNet"}  # measured or "not installed"
+    inference = pd.read_csv(tmp_path / "speed_inference.csv")
+    assert sorted(zip(inference["batch"], inference["tta"])) == [
+        (1, False),
+        (1, True),
+        (16, False),
+        (16, True),
+    ]
+    assert (inference["ms_per_slice"] > 0).all()
+
+
+def test_quality_tables(tmp_path, shared_data):
+    out = run_script(
+        "bench_quality.py", "--quick", "--data", str(shared_data), "--out", str(tmp_path / "runs")
+    )
+    assert "Pooled validation Dice per source" in out
+    summary = pd.read_csv(tmp_path / "quality_summary.csv")
+    assert summary["model"].tolist() == ["ours", "smp-unet-resnet34", "monai-basicunet"]
+    ours = summary.set_index("model").loc["ours"]
+    assert ours["status"] == "ok" and 0 <= ours["pooled_dice"] <= 1 and ours["epochs"] == 1
+    per_source = pd.read_csv(tmp_path / "quality_per_source.csv")
+    assert "ours" in per_source.columns and per_source["ours"].between(0, 1).all()
