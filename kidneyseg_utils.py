@@ -963,10 +963,6 @@ def make_synthetic_dataset(
     return out
 
 
-def _is_kaggle(kaggle_input: Path) -> bool:
-    return kaggle_input.is_dir()
-
-
 def resolve_data_dir(
     data_dir: str | os.PathLike | None = "auto",
     *,
@@ -995,7 +991,7 @@ def resolve_data_dir(
     searched = []
     kaggle_input = Path(kaggle_input) if kaggle_input is not None else kaggle_root() / "input"
     searched.append(str(kaggle_input))
-    if _is_kaggle(kaggle_input) and find_dataset_folders(kaggle_input):
+    if kaggle_input.is_dir() and find_dataset_folders(kaggle_input):
         return kaggle_input
     env_value = os.environ.get(env_var)
     searched.append(f"${env_var}" + (f"={env_value}" if env_value else " (unset)"))
