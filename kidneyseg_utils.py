@@ -100,6 +100,7 @@ __all__ = [
     # augmentation
     "build_train_transform",
     "build_eval_transform",
+    "seed_transform",
     # model
     "ResidualConvBlock",
     "SpatialAttention",
@@ -1091,7 +1092,7 @@ class KidneyDataset(Dataset):
         image, mask = self.images[i], self.masks[i]
         if self.transform is not None:
             state = np.random.SeedSequence([self.seed, epoch, i]).generate_state(1)[0]
-            self.transform.set_random_seed(int(state))
+            seed_transform(self.transform, int(state))
             out = self.transform(image=image, mask=mask)
             image, mask = out["image"], out["mask"]
         image_t = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32) / 255.0)
@@ -1695,6 +1696,17 @@ def build_train_transform(image_size: int = 256) -> A.Compose:
             A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=0.5),
         ]
     )
+
+
+def seed_transform(transform: A.Compose, seed: int) -> A.Compose:
+    """Seed a pipeline so that its transforms draw one after another from a single generator.
+
+    Albumentations' own ``Compose.set_random_seed`` gives every transform a generator with the same
+    seed, so their draws coincide: with equal probabilities, horizontal and vertical flips always
+    come together and never alone. One shared generator keeps them independent and reproducible.
+    """
+    transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
+    return transform
 
 
 def build_eval_transform(image_size: int = 256) -> A.Compose:

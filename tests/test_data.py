@@ -6,6 +6,7 @@ import shutil
 import warnings
 from pathlib import Path
 
+import albumentations as A
 import cv2
 import numpy as np
 import pytest
@@ -377,3 +378,17 @@ def test_prepare_data_warns_about_orphans_and_subsamples(tmp_path, phantom_dir, 
     small = ku.Config(**{**tiny_config.to_dict(), "max_images": 12})
     data = ku.prepare_data(small, phantom_dir)
     assert len(data.train) + len(data.val) == 12
+
+
+def test_seeded_augmentations_draw_independently():
+    # Regression: Compose.set_random_seed seeds every transform alike, so flips came only in pairs.
+    image = np.arange(16, dtype=np.uint8).reshape(4, 4)
+    dataset = ku.KidneyDataset(
+        image[None],
+        np.zeros((1, 4, 4), np.uint8),
+        A.Compose([A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5)]),
+    )
+    corners = [int(round(float(dataset[epoch][0][0, 0, 0]) * 255)) for epoch in range(400)]
+    counts = {c: corners.count(c) for c in (0, 3, 12, 15)}  # none, horizontal, vertical, both
+    assert sum(counts.values()) == 400 and min(counts.values()) > 60, counts
+    assert dataset[7][0].equal(dataset[7][0])  # still reproducible
