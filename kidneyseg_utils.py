@@ -31,7 +31,7 @@ import random
 import re
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,8 @@ __all__ = [
     "Config",
     "NOTEBOOK_PARAMETERS",
     "PREPROCESSING_OPTIONS",
+    "NORMALIZATION_OPTIONS",
+    "AUGMENTATION_OPTIONS",
     "BEST_MODEL_NAME",
     "LAST_CHECKPOINT_NAME",
     "METRICS_CSV_NAME",
@@ -74,12 +76,15 @@ __all__ = [
     "load_arrays",
     "split_pairs",
     "make_synthetic_dataset",
+    "SYNTHETIC_SOURCES",
+    "make_synthetic_sources",
     "resolve_data_dir",
     "resolve_output_dir",
     "KidneyDataset",
     "EpochShuffleSampler",
     "PreparedData",
     "prepare_data",
+    "make_datasets",
     "inventory",
     "inventory_summary",
     "write_inventory",
@@ -91,6 +96,12 @@ __all__ = [
     "clahe",
     "unsharp_mask",
     "apply_preprocessing",
+    "model_input",
+    "NORMALIZATION_PERCENTILES",
+    "IntensityMap",
+    "normalization_stats",
+    "normalize_intensity",
+    "normalization_consistency",
     "partial_preprocessor",
     "contrast_metrics",
     "PREPROCESSING_SWEEP",
@@ -139,6 +150,12 @@ __all__ = [
     "ablation_table",
     "write_evaluation",
     "predict_folder",
+    "LOSO_CSV_NAME",
+    "SourceFold",
+    "source_folds",
+    "run_source_fold",
+    "leave_one_source_out",
+    "summarize_leave_one_source_out",
     # plotting
     "overlay_mask",
     "plot_samples",
@@ -156,6 +173,9 @@ __all__ = [
     "show_slice_browser",
     "plot_preprocessing_gallery",
     "plot_preprocessing_effects",
+    "plot_normalization_consistency",
+    "plot_normalization_gallery",
+    "plot_leave_one_source_out",
     "show_preprocessing_sliders",
     # Kaggle delivery
     "kaggle_root",
@@ -177,14 +197,19 @@ METRICS_CSV_NAME = "training_metrics.csv"
 METRICS_PNG_NAME = "training_metrics.png"
 CONFIG_JSON_NAME = "run_config.json"
 CHECKPOINT_FORMAT = "kidneyseg-checkpoint"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: the config records ``normalization`` (version 1 always used "minmax")
 
 # Intensity preprocessing: a base method, or base methods joined by "+" applied left to right.
 PREPROCESSING_METHODS = ("white_balance", "clahe", "unsharp")
 PREPROCESSING_OPTIONS = ("none", "white_balance", "clahe", "unsharp", "white_balance+clahe", "clahe+unsharp")
 
+# How model inputs are scaled (see :func:`normalize_intensity`) and which training augmentation runs
+# (see :func:`build_train_transform`). "minmax" and "spec" are the specification's.
+NORMALIZATION_OPTIONS = ("minmax", "percentile", "zscore", "histeq")
+AUGMENTATION_OPTIONS = ("spec", "strong")
+
 # Fields that fix the network's shape: a checkpoint only loads into a model with equal values.
-ARCHITECTURE_FIELDS = ("base_channels", "depth", "dropout", "image_size", "preprocessing")
+ARCHITECTURE_FIELDS = ("base_channels", "depth", "dropout", "image_size", "preprocessing", "normalization")
 
 
 @dataclass
@@ -216,6 +241,15 @@ class Config:
         group_regex: Regular expression whose first group (or whole match) is the patient id of a
             file name; slices of one patient never straddle the split. ``None`` splits by image.
         preprocessing: Intensity preprocessing, one of :data:`PREPROCESSING_OPTIONS`.
+        normalization: How each model input is scaled, one of :data:`NORMALIZATION_OPTIONS`:
+            ``"minmax"`` (the specification's 0..255 to [0, 1]), ``"percentile"`` (per image, clip
+            to the 0.5-99.5th percentiles and stretch to [0, 1]), ``"zscore"`` (the same clip,
+            then zero mean and unit variance; nnU-Net's rule for non-CT images) or ``"histeq"``
+            (global histogram equalisation, blind to another window or gamma). Stored in the
+            checkpoint and applied identically in training, evaluation and inference.
+        augmentation: Training augmentation, one of :data:`AUGMENTATION_OPTIONS`: ``"spec"`` (the
+            specification's pipeline) or ``"strong"`` (nnU-Net-like 2D: wider scale and rotation,
+            gamma, noise, blur, low-resolution simulation).
         lr_factor: ReduceLROnPlateau factor.
         lr_patience: ReduceLROnPlateau patience in epochs.
         min_lr: ReduceLROnPlateau floor.
@@ -247,6 +281,8 @@ class Config:
     seed: int = 42
     group_regex: str | None = None
     preprocessing: str = "none"
+    normalization: str = "minmax"
+    augmentation: str = "spec"
     lr_factor: float = 0.5
     lr_patience: int = 5
     min_lr: float = 1e-6
@@ -308,6 +344,10 @@ class Config:
                 f"one of {', '.join(map(repr, PREPROCESSING_OPTIONS))} (or methods of "
                 f"{PREPROCESSING_METHODS} joined by '+')",
             )
+        if self.normalization not in NORMALIZATION_OPTIONS:
+            fail("normalization", f"one of {', '.join(map(repr, NORMALIZATION_OPTIONS))}")
+        if self.augmentation not in AUGMENTATION_OPTIONS:
+            fail("augmentation", f"one of {', '.join(map(repr, AUGMENTATION_OPTIONS))}")
         if self.group_regex is not None:
             if not isinstance(self.group_regex, str) or not self.group_regex:
                 fail("group_regex", "a regular expression string or None")
@@ -350,11 +390,19 @@ class Config:
         Raises:
             ValueError: for a name that is not a config parameter.
         """
-        known = {f.name.upper(): f.name for f in dataclasses.fields(cls)}
+        return cls().with_parameters(**parameters)
+
+    def with_parameters(self, **parameters: Any) -> Config:
+        """A copy with some notebook parameters changed (``NORMALIZATION="zscore"``, ...).
+
+        Raises:
+            ValueError: for a name that is not a config parameter, or an invalid value.
+        """
+        known = {f.name.upper(): f.name for f in dataclasses.fields(self)}
         unknown = sorted(set(parameters) - set(known))
         if unknown:
             raise ValueError(f"Unknown parameters {unknown}; known ones are {sorted(known)}.")
-        return cls(**{known[k]: v for k, v in parameters.items()})
+        return type(self)(**{**self.to_dict(), **{known[k]: v for k, v in parameters.items()}})
 
     def to_json(self, path: str | os.PathLike) -> Path:
         """Write the config as indented JSON (atomically) and return the path."""
@@ -791,7 +839,7 @@ def load_arrays(
             continue
         sizes.append(image.shape[:2])
         image, mask = resize_pair(image, mask, image_size)
-        images.append(apply_preprocessing(image, preprocessing))
+        images.append(apply_preprocessing(image, preprocessing))  # = model_input(original, config)
         masks.append(mask)
         kept.append(pair)
     if not kept:
@@ -895,6 +943,7 @@ def make_synthetic_dataset(
     slices_per_case: int = 10,
     image_size: int = 256,
     seed: int = 0,
+    window: tuple[float, float] = (0.0, 1.0),
 ) -> Path:
     """Write seeded CT-like kidney phantoms in the images/ + masks/ layout and return ``out_dir``.
 
@@ -902,6 +951,10 @@ def make_synthetic_dataset(
     and two bean-shaped kidneys (bright cortex, darker medulla, hilum notch facing the spine) whose
     cross-section grows and shrinks along the slices, so a slice holds zero, one or two kidneys. Files
     are named ``phantom-CCC_SSS.png`` so ``GROUP_REGEX='^([^_]+)_'`` groups them by case.
+
+    ``window`` is the display window of the stored 8-bit values, in units of the phantom's intensity
+    scale: ``(0, 1)`` stores the whole scale, ``(0.3, 0.9)`` a narrower, brighter window, as CT
+    series exported with different windows are.
 
     A folder written earlier with the same arguments is reused as it is. A non-empty folder that is
     not such a phantom set is never touched.
@@ -916,6 +969,8 @@ def make_synthetic_dataset(
         "image_size": image_size,
         "seed": seed,
     }
+    if tuple(window) != (0.0, 1.0):
+        settings["window"] = [float(window[0]), float(window[1])]
     marker = out / _PHANTOM_MARKER
     if marker.exists():
         if json.loads(marker.read_text()) == settings:
@@ -928,6 +983,10 @@ def make_synthetic_dataset(
         raise FileExistsError(f"{out} is not empty; phantoms are only written to a new folder.")
     if image_size < 32 or n_cases < 1 or slices_per_case < 1:
         raise ValueError("make_synthetic_dataset needs image_size >= 32, n_cases >= 1, slices >= 1.")
+    if not 0.0 <= window[0] < window[1]:
+        raise ValueError(
+            f"make_synthetic_dataset needs a window (low, high) with 0 <= low < high; got {window}."
+        )
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "masks").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -957,10 +1016,26 @@ def make_synthetic_dataset(
         for s in range(slices_per_case):
             z = (s + 0.5) / slices_per_case
             image, mask = _render_phantom_slice(rng, anatomy, z, image_size)
+            if tuple(window) != (0.0, 1.0):
+                scaled = (image.astype(np.float32) / 255.0 - window[0]) / (window[1] - window[0])
+                image = np.clip(np.rint(scaled * 255), 0, 255).astype(np.uint8)
             name = f"phantom-{case:03d}_{s:03d}.png"
             cv2.imwrite(str(out / "images" / name), image)
             cv2.imwrite(str(out / "masks" / name), mask)
     marker.write_text(json.dumps(settings) + "\n")
+    return out
+
+
+# Two phantom "scanners" for leave-one-source-out without data: same anatomy model, other windows.
+SYNTHETIC_SOURCES = {"phantom-site-a": (0.0, 1.0), "phantom-site-b": (0.3, 0.9)}
+
+
+def make_synthetic_sources(out_dir: str | os.PathLike, n_cases: int = 8, slices_per_case: int = 8) -> Path:
+    """Write one phantom set per :data:`SYNTHETIC_SOURCES` entry under ``out_dir`` (other seeds and
+    intensity windows) and return ``out_dir``: a multi-source layout for notebook 05 without data."""
+    out = Path(out_dir)
+    for seed, (name, window) in enumerate(SYNTHETIC_SOURCES.items(), start=1):
+        make_synthetic_dataset(out / name, n_cases, slices_per_case, seed=seed, window=window)
     return out
 
 
@@ -970,6 +1045,7 @@ def resolve_data_dir(
     kaggle_input: str | os.PathLike | None = None,
     env_var: str = DATA_DIR_ENV,
     synthetic_dir: str | os.PathLike | None = None,
+    synthetic_sources: bool = False,
 ) -> Path:
     """Find the data root: the explicit parameter, then Kaggle's input, then an environment variable.
 
@@ -979,6 +1055,8 @@ def resolve_data_dir(
         env_var: Environment variable consulted after Kaggle's input.
         synthetic_dir: With nothing found, write synthetic phantoms here and use them, with a
             warning. ``None`` makes "nothing found" an error instead.
+        synthetic_sources: Write several phantom sources (:func:`make_synthetic_sources`) instead
+            of one set, for leave-one-source-out validation.
 
     Raises:
         FileNotFoundError: an explicit path that does not exist, or nothing found and no
@@ -1011,6 +1089,8 @@ def resolve_data_dir(
         UserWarning,
         stacklevel=2,
     )
+    if synthetic_sources:
+        return make_synthetic_sources(synthetic_dir)
     return make_synthetic_dataset(synthetic_dir)
 
 
@@ -1072,17 +1152,25 @@ class EpochShuffleSampler(Sampler[int]):
 class KidneyDataset(Dataset):
     """A torch Dataset over cached uint8 arrays, with a seeded Albumentations pipeline.
 
-    Items are ``(image, mask)`` float tensors of shape ``(1, S, S)``: the image scaled to [0, 1], the
-    mask of 0 and 1. Index ``epoch * n + i`` (from :class:`EpochShuffleSampler`) means sample ``i``;
-    its augmentation is seeded from ``(seed, epoch, i)``.
+    Items are ``(image, mask)`` float tensors of shape ``(1, S, S)``: the image normalised by
+    :func:`normalize_intensity` (with the constants of the un-augmented image, applied after
+    augmentation), the mask of 0 and 1. Index ``epoch * n + i`` (from :class:`EpochShuffleSampler`)
+    means sample ``i``; its augmentation is seeded from ``(seed, epoch, i)``.
     """
 
     def __init__(
-        self, images: np.ndarray, masks: np.ndarray, transform: A.Compose | None = None, seed: int = 0
+        self,
+        images: np.ndarray,
+        masks: np.ndarray,
+        transform: A.Compose | None = None,
+        seed: int = 0,
+        normalization: str = "minmax",
     ) -> None:
         if images.shape != masks.shape or images.ndim != 3:
             raise ValueError(f"images {images.shape} and masks {masks.shape} must be equal (N, H, W).")
         self.images, self.masks, self.transform, self.seed = images, masks, transform, seed
+        self.normalization = normalization
+        self.stats = [normalization_stats(image, normalization) for image in images]
 
     def __len__(self) -> int:
         return len(self.images)
@@ -1095,7 +1183,7 @@ class KidneyDataset(Dataset):
             seed_transform(self.transform, int(state))
             out = self.transform(image=image, mask=mask)
             image, mask = out["image"], out["mask"]
-        image_t = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32) / 255.0)
+        image_t = torch.from_numpy(normalize_intensity(image, self.normalization, self.stats[i]))
         mask_t = torch.from_numpy(np.ascontiguousarray(mask > 0, dtype=np.float32))
         return image_t.unsqueeze(0), mask_t.unsqueeze(0)
 
@@ -1188,11 +1276,29 @@ def prepare_data(
             UserWarning,
             stacklevel=2,
         )
-    train_ds = KidneyDataset(
-        train.images, train.masks, build_train_transform(config.image_size), seed=config.seed
-    )
-    val_ds = KidneyDataset(val.images, val.masks, build_eval_transform(config.image_size), seed=config.seed)
+    train_ds, val_ds = make_datasets(train, val, config)
     return PreparedData(Path(data_dir), index, train, val, train_ds, val_ds)
+
+
+def make_datasets(
+    train: CachedArrays, val: CachedArrays, config: Config
+) -> tuple[KidneyDataset, KidneyDataset]:
+    """The augmented training dataset and the plain validation dataset of a run, as configured."""
+    train_ds = KidneyDataset(
+        train.images,
+        train.masks,
+        build_train_transform(config.image_size, config.augmentation),
+        seed=config.seed,
+        normalization=config.normalization,
+    )
+    val_ds = KidneyDataset(
+        val.images,
+        val.masks,
+        build_eval_transform(config.image_size),
+        seed=config.seed,
+        normalization=config.normalization,
+    )
+    return train_ds, val_ds
 
 
 # ----- exploration (notebook 01) ------------------------------------------------------------------
@@ -1520,6 +1626,105 @@ def apply_preprocessing(image: np.ndarray, method: str = "none") -> np.ndarray:
     return image
 
 
+def model_input(image: np.ndarray, config: Config) -> np.ndarray:
+    """The uint8 array a model sees before normalisation: resized, then preprocessed as configured.
+
+    Training (:func:`load_arrays`), evaluation and folder prediction all call this one function.
+    """
+    return apply_preprocessing(_resize_gray(image, config.image_size), config.preprocessing)
+
+
+# Percentiles of the "percentile" and "zscore" clip (nnU-Net uses 0.5 and 99.5).
+NORMALIZATION_PERCENTILES = (0.5, 99.5)
+
+
+@dataclass(frozen=True)
+class IntensityMap:
+    """A monotone piecewise-linear intensity map: ``np.interp(x, xp, fp)``, constant beyond the ends.
+
+    Every normalisation is one (see :func:`normalization_stats`): two points for the linear rules
+    (the ends clip), one point per grey level for histogram equalisation.
+    """
+
+    xp: np.ndarray
+    fp: np.ndarray
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        values = np.asarray(image, dtype=np.float32)
+        if not np.isfinite(values).all():
+            values = np.nan_to_num(values, nan=self.xp[0], posinf=self.xp[-1], neginf=self.xp[0])
+        return np.interp(values, self.xp, self.fp).astype(np.float32)
+
+
+def _linear_map(low: float, high: float, offset: float, scale: float) -> IntensityMap:
+    """``(clip(x, low, high) - offset) / scale`` as an :class:`IntensityMap`."""
+    ends = np.array([low, high], np.float64)
+    return IntensityMap(ends, (ends - offset) / scale)
+
+
+def normalization_stats(image: np.ndarray, method: str = "minmax") -> IntensityMap:
+    """The normalisation of one image, as an :class:`IntensityMap` computed from its intensities.
+
+    Training computes it from each cached (un-augmented) image and applies it after augmentation,
+    so brightness, contrast and gamma augmentation survive the normalisation; evaluation and
+    inference compute it from the image itself (:func:`normalize_intensity`).
+
+    Rules:
+        * ``"minmax"``: 8-bit images map 0..255 to [0, 1] (the specification); any other depth is
+          stretched from its own minimum and maximum (the reader's rule for 16-bit files).
+        * ``"percentile"``: clip to the image's 0.5th and 99.5th percentiles, stretch to [0, 1].
+        * ``"zscore"``: the same clip, then subtract the clipped image's mean and divide by its
+          standard deviation (nnU-Net's rule for non-CT images).
+        * ``"histeq"``: global histogram equalisation to [0, 1]: each value maps to the share of
+          pixels at or below it (as OpenCV's ``equalizeHist``). It is unchanged by any increasing
+          remapping of the intensities, such as another CT window or gamma.
+
+    A constant image normalises to zeros (never a division by zero); non-finite values are ignored.
+
+    Raises:
+        ValueError: an unknown method (the message lists the options).
+    """
+    if method not in NORMALIZATION_OPTIONS:
+        raise ValueError(
+            f"NORMALIZATION must be one of {', '.join(map(repr, NORMALIZATION_OPTIONS))}; got {method!r}."
+        )
+    array = np.asarray(image)
+    if method == "minmax" and array.dtype == np.uint8:
+        return _linear_map(0.0, 255.0, 0.0, 255.0)
+    values = array.astype(np.float64, copy=False).ravel()
+    values = values[np.isfinite(values)]
+    if values.size == 0 or values.min() == values.max():
+        level = float(values[0]) if values.size else 0.0
+        return IntensityMap(np.array([level]), np.array([0.0]))
+    if method == "minmax":
+        low, high = float(values.min()), float(values.max())
+        return _linear_map(low, high, low, high - low)
+    if method == "histeq":
+        levels, counts = np.unique(values, return_counts=True)
+        cdf = np.cumsum(counts)
+        return IntensityMap(levels, (cdf - cdf[0]) / (cdf[-1] - cdf[0]))
+    low, high = (float(v) for v in np.percentile(values, NORMALIZATION_PERCENTILES))
+    if method == "percentile":
+        return _linear_map(low, high, low, high - low if high > low else 1.0)
+    clipped = np.clip(values, low, high)
+    std = float(clipped.std())
+    return _linear_map(low, high, float(clipped.mean()), std if std > 1e-6 * max(1.0, abs(high)) else 1.0)
+
+
+def normalize_intensity(
+    image: np.ndarray, method: str = "minmax", stats: IntensityMap | None = None
+) -> np.ndarray:
+    """Scale an image (any depth, any shape) to float32 model input by :func:`normalization_stats`.
+
+    Args:
+        image: The image, e.g. a uint8 model input or a 16-bit slice.
+        method: One of :data:`NORMALIZATION_OPTIONS`.
+        stats: The map computed elsewhere (training passes that of the un-augmented image); by
+            default it is computed from ``image``.
+    """
+    return (normalization_stats(image, method) if stats is None else stats)(image)
+
+
 def contrast_metrics(image: np.ndarray, mask: np.ndarray, ring: int = 5) -> tuple[float, float]:
     """Contrast-to-noise ratio between kidney and a ring of surrounding tissue, and edge strength.
 
@@ -1556,6 +1761,46 @@ PREPROCESSING_SWEEP: tuple[tuple[str, dict[str, float]], ...] = (
     ("unsharp", {"sigma": 1.0, "amount": 1.0}),
     ("unsharp", {"sigma": 2.0, "amount": 1.0}),
 )
+
+
+def normalization_consistency(
+    data_dir: str | os.PathLike,
+    methods: Sequence[str] = NORMALIZATION_OPTIONS,
+    image_size: int = 128,
+    preprocessing: str = "none",
+    ring: int = 5,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """How alike kidneys look across sources after each normalisation (no training needed).
+
+    For every slice with kidney, the model input is normalised and the median intensity of the
+    kidney and of a ``ring``-pixel band around it are taken; per source, the medians over its slices.
+    A normalisation that makes sources alike keeps the kidney level steady across sources relative
+    to the kidney-to-surroundings contrast the network has to find.
+
+    Returns:
+        ``(per_source, summary)``: per (method, source), the kidney and surroundings levels and their
+        difference; per method, ``spread`` = standard deviation of the kidney level over sources
+        divided by the mean absolute contrast (lower is more consistent).
+    """
+    pairs = index_dataset(data_dir).pairs
+    cache = load_arrays(pairs, image_size, preprocessing)
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * ring + 1, 2 * ring + 1))
+    rows = []
+    for pair, image, mask in zip(cache.pairs, cache.images, cache.masks):
+        if not mask.any():
+            continue
+        band = cv2.dilate(mask, kernel).astype(bool) & ~mask.astype(bool)
+        for method in methods:
+            values = normalize_intensity(image, method)
+            kidney, around = float(np.median(values[mask > 0])), float(np.median(values[band]))
+            rows.append({"method": method, "source": pair.source, "kidney": kidney, "surroundings": around})
+    per_source = pd.DataFrame(rows).groupby(["method", "source"], sort=False).median().reset_index()
+    per_source["contrast"] = per_source["kidney"] - per_source["surroundings"]
+    summary = per_source.groupby("method", sort=False).agg(
+        kidney_sd=("kidney", "std"), mean_abs_contrast=("contrast", lambda c: float(np.abs(c).mean()))
+    )
+    summary["spread"] = summary["kidney_sd"] / summary["mean_abs_contrast"]
+    return per_source, summary.reset_index()
 
 
 def preprocessing_effects(
@@ -1669,33 +1914,69 @@ def recommend_preprocessing(ablation: pd.DataFrame, margin: float = 0.01) -> tup
 # =================================================================================================
 
 
-def build_train_transform(image_size: int = 256) -> A.Compose:
-    """The specification's training augmentation (Albumentations 2.x API).
+def build_train_transform(image_size: int = 256, augmentation: str = "spec") -> A.Compose:
+    """The training augmentation (Albumentations 2.x API), on uint8 images and 0/1 masks.
 
-    Resize to ``image_size``; horizontal and vertical flips (p 0.7 each); shift up to 6.25 %, scale
-    0.9-1.1 and rotation up to 45 degrees (p 0.5, zero padding, nearest-neighbour masks so they stay
-    binary); random brightness and contrast (+-0.2, p 0.5). Intensities are scaled to [0, 1] by
-    :class:`KidneyDataset`.
+    ``"spec"``, the specification's: resize to ``image_size``; horizontal and vertical flips (p 0.7
+    each); shift up to 6.25 %, scale 0.9-1.1 and rotation up to 45 degrees (p 0.5, zero padding,
+    nearest-neighbour masks so they stay binary); random brightness and contrast (+-0.2, p 0.5).
+
+    ``"strong"``, in the spirit of nnU-Net's 2D defaults: flips (p 0.5 each); scale 0.7-1.4, rotation
+    up to 180 degrees and shift up to 10 % (p 0.6); Gaussian noise (std up to 8 % of the range, p 0.15);
+    Gaussian blur (sigma 0.5-1, p 0.2); brightness and contrast (+-0.25, p 0.3); low-resolution
+    simulation (down to 0.5x and back, p 0.25); gamma 0.7-1.5 (p 0.3). Geometry is applied to image
+    and mask together; intensity changes touch the image only.
+
+    Intensities are normalised afterwards by :class:`KidneyDataset`.
+
+    Raises:
+        ValueError: an unknown ``augmentation`` (the message lists the options).
     """
+    if augmentation not in AUGMENTATION_OPTIONS:
+        raise ValueError(
+            f"AUGMENTATION must be one of {', '.join(map(repr, AUGMENTATION_OPTIONS))}; got {augmentation!r}."
+        )
+    if augmentation == "strong":
+        return A.Compose(
+            _geometry(image_size, flip_p=0.5, shift=0.1, scale=(0.7, 1.4), rotate=180, p=0.6)
+            + [
+                A.GaussNoise(std_range=(0.0, 0.08), p=0.15),
+                A.GaussianBlur(blur_limit=0, sigma_limit=(0.5, 1.0), p=0.2),
+                A.RandomBrightnessContrast(brightness_limit=0.25, contrast_limit=0.25, p=0.3),
+                A.Downscale(
+                    scale_range=(0.5, 1.0),
+                    interpolation_pair={"downscale": cv2.INTER_NEAREST, "upscale": cv2.INTER_CUBIC},
+                    p=0.25,
+                ),
+                A.RandomGamma(gamma_limit=(70, 150), p=0.3),
+            ]
+        )
     return A.Compose(
-        [
-            A.Resize(image_size, image_size, interpolation=cv2.INTER_AREA),
-            A.HorizontalFlip(p=0.7),
-            A.VerticalFlip(p=0.7),
-            A.Affine(
-                translate_percent=(-0.0625, 0.0625),
-                scale=(0.9, 1.1),
-                rotate=(-45, 45),
-                interpolation=cv2.INTER_LINEAR,
-                mask_interpolation=cv2.INTER_NEAREST,
-                border_mode=cv2.BORDER_CONSTANT,
-                fill=0,
-                fill_mask=0,
-                p=0.5,
-            ),
-            A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=0.5),
-        ]
+        _geometry(image_size, flip_p=0.7, shift=0.0625, scale=(0.9, 1.1), rotate=45, p=0.5)
+        + [A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=0.5)]
     )
+
+
+def _geometry(
+    image_size: int, flip_p: float, shift: float, scale: tuple[float, float], rotate: float, p: float
+) -> list[Any]:
+    """Resize, both flips and an affine (zero padding, nearest-neighbour masks so they stay binary)."""
+    return [
+        A.Resize(image_size, image_size, interpolation=cv2.INTER_AREA),
+        A.HorizontalFlip(p=flip_p),
+        A.VerticalFlip(p=flip_p),
+        A.Affine(
+            translate_percent=(-shift, shift),
+            scale=scale,
+            rotate=(-rotate, rotate),
+            interpolation=cv2.INTER_LINEAR,
+            mask_interpolation=cv2.INTER_NEAREST,
+            border_mode=cv2.BORDER_CONSTANT,
+            fill=0,
+            fill_mask=0,
+            p=p,
+        ),
+    ]
 
 
 def seed_transform(transform: A.Compose, seed: int) -> A.Compose:
@@ -2036,6 +2317,10 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
             f"{path} was written by a newer kidneyseg (format "
             f"{payload['format_version']}); update kidneyseg_utils.py."
         )
+    if payload.get("format_version", 0) < 2 and isinstance(payload.get("config"), dict):
+        # Version 1 predates NORMALIZATION and AUGMENTATION: it always used the specification's.
+        payload["config"].setdefault("normalization", "minmax")
+        payload["config"].setdefault("augmentation", "spec")
     return payload
 
 
@@ -2256,7 +2541,9 @@ def train_model(
                 "start a new run."
             )
         diffs = _config_differences(
-            state["config"], config.to_dict(), ARCHITECTURE_FIELDS + ("seed", "group_regex", "val_fraction")
+            state["config"],
+            config.to_dict(),
+            ARCHITECTURE_FIELDS + ("augmentation", "seed", "group_regex", "val_fraction"),
         )
         if diffs:
             raise ValueError(f"Cannot resume {last_path}: the settings differ ({'; '.join(diffs)}).")
@@ -2459,16 +2746,19 @@ def predict_probabilities(
     device: torch.device | str = "cpu",
     batch_size: int = 16,
     tta: bool = False,
+    normalization: str = "minmax",
 ) -> np.ndarray:
     """Kidney probability maps for ``(N, S, S)`` uint8 images already at the model's size.
 
     Args:
         model: The network (put in eval mode here).
-        images: Preprocessed uint8 images at the model's input size.
+        images: Preprocessed uint8 images at the model's input size (see :func:`model_input`).
         device: Where the model is.
         batch_size: Images per forward pass.
         tta: Test-time augmentation: average the probabilities of the image and of its horizontal,
             vertical and double flips, each flipped back.
+        normalization: The model's ``Config.normalization``; each image is normalised by
+            :func:`normalize_intensity` with its own constants, as in training.
 
     Returns:
         ``(N, S, S)`` float32 probabilities in [0, 1].
@@ -2477,7 +2767,8 @@ def predict_probabilities(
     flips = _TTA_FLIPS if tta else ((),)
     out = []
     for start in range(0, len(images), batch_size):
-        batch = torch.from_numpy(images[start : start + batch_size].astype(np.float32) / 255.0)
+        chunk = images[start : start + batch_size]
+        batch = torch.from_numpy(np.stack([normalize_intensity(im, normalization) for im in chunk]))
         x = batch.unsqueeze(1).to(device)
         probs = torch.zeros_like(x)
         for dims in flips:
@@ -2539,12 +2830,14 @@ class EvaluationSet:
         images: ``(N, S, S)`` uint8 model inputs (resized and preprocessed as in training).
         masks: Original-size 0/1 masks (``None`` entries when predicting a folder without masks).
         originals: Original-size uint8 images (for pictures).
+        normalization: The model's normalisation, applied to ``images`` at prediction time.
     """
 
     pairs: list[SamplePair]
     images: np.ndarray
     masks: list[np.ndarray | None]
     originals: list[np.ndarray]
+    normalization: str = "minmax"
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -2565,10 +2858,10 @@ def load_evaluation_set(
         kept.append(pair)
         originals.append(image)
         masks.append(mask)
-        images.append(apply_preprocessing(_resize_gray(image, config.image_size), config.preprocessing))
+        images.append(model_input(image, config))
     if not kept:
         raise ValueError("No readable pairs to evaluate.")
-    return EvaluationSet(kept, np.stack(images), masks, originals)
+    return EvaluationSet(kept, np.stack(images), masks, originals, config.normalization)
 
 
 def validation_pairs(
@@ -2605,7 +2898,7 @@ def _timed_probabilities(
 ) -> tuple[list[np.ndarray], float]:
     """Probabilities resized back to each original size, and milliseconds per slice."""
     tic = time.perf_counter()
-    probs = predict_probabilities(model, data.images, device, batch_size, tta)
+    probs = predict_probabilities(model, data.images, device, batch_size, tta, data.normalization)
     if isinstance(device, torch.device) and device.type == "cuda":
         torch.cuda.synchronize()
     elapsed = (time.perf_counter() - tic) * 1000 / max(1, len(data))
@@ -2807,10 +3100,8 @@ def predict_folder(
     for start in range(0, len(files), batch_size):
         chunk = files[start : start + batch_size]
         originals = [read_image(f) for f in chunk]
-        inputs = np.stack(
-            [apply_preprocessing(_resize_gray(o, config.image_size), config.preprocessing) for o in originals]
-        )
-        probs = predict_probabilities(model, inputs, device, batch_size, tta)
+        inputs = np.stack([model_input(o, config) for o in originals])
+        probs = predict_probabilities(model, inputs, device, batch_size, tta, config.normalization)
         for f, original, prob, (mask_path, overlay_path) in zip(
             chunk, originals, probs, targets[start : start + batch_size]
         ):
@@ -2840,6 +3131,244 @@ def _write_png(path: Path, array: np.ndarray) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_bytes(data.tobytes())
     os.replace(tmp, path)
+
+
+# ----- leave-one-source-out validation (notebook 05) ----------------------------------------------
+
+LOSO_CSV_NAME = "leave_one_source_out.csv"
+LOSO_FOLD_RESULT_NAME = "fold_result.json"
+
+
+@dataclass
+class SourceFold:
+    """One fold of leave-one-source-out validation.
+
+    Attributes:
+        held_out: The source (folder under ``DATA_DIR``) that is tested and never trained on.
+        train: Every pair of the other sources (split again into training and validation).
+        test: Every pair of the held-out source.
+    """
+
+    held_out: str
+    train: list[SamplePair]
+    test: list[SamplePair]
+
+
+def source_folds(pairs: Sequence[SamplePair], sources: Sequence[str] | None = None) -> list[SourceFold]:
+    """One fold per source (or per listed source): train on all other sources, test on it.
+
+    Raises:
+        ValueError: fewer than two sources, or ``sources`` names one that is not there (the
+            message lists the sources found) or names one twice.
+    """
+    pairs = list(pairs)
+    available = sorted({p.source for p in pairs})
+    if len(available) < 2:
+        raise ValueError(
+            f"Leave-one-source-out needs at least 2 sources (folders with images/ and masks/ under "
+            f"DATA_DIR); found {available or 'none'}. Put each scanner or dataset in its own folder."
+        )
+    chosen = available if sources is None else [str(s) for s in sources]
+    unknown = [s for s in chosen if s not in available]
+    if unknown:
+        raise ValueError(f"SOURCES names {unknown}, which are not sources of DATA_DIR; found {available}.")
+    if len(set(chosen)) != len(chosen) or not chosen:
+        raise ValueError(f"SOURCES must list distinct sources (or be None for all); got {chosen}.")
+    return [
+        SourceFold(s, [p for p in pairs if p.source != s], [p for p in pairs if p.source == s])
+        for s in chosen
+    ]
+
+
+def _fold_settings(config: Config, fold: SourceFold) -> dict[str, Any]:
+    return {
+        "config": config.to_dict(),
+        "train": [p.key for p in fold.train],
+        "test": [p.key for p in fold.test],
+    }
+
+
+def _subset(cache: CachedArrays, pairs: Sequence[SamplePair]) -> CachedArrays:
+    position = {p.key: i for i, p in enumerate(cache.pairs)}
+    keep = [position[p.key] for p in pairs if p.key in position]
+    return CachedArrays(
+        cache.images[keep],
+        cache.masks[keep],
+        [cache.pairs[i] for i in keep],
+        [cache.original_sizes[i] for i in keep],
+    )
+
+
+def run_source_fold(
+    config: Config,
+    fold: SourceFold,
+    cache: CachedArrays,
+    output_dir: str | os.PathLike,
+    device: torch.device | None = None,
+    progress: bool = False,
+    data_dir: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """Train one fold on ``fold.train`` (patient-split again for early stopping) and score the best
+    model on the held-out source at each image's original size (no TTA, no postprocessing).
+
+    A fold whose ``fold_result.json`` in ``output_dir`` records the same settings and files is not
+    retrained: its stored result is returned (``"reused": True``), so an interrupted notebook goes on
+    where it stopped. Anything else in ``output_dir`` is a scratch run of this fold and is replaced.
+
+    Args:
+        config: The fold's settings (``max_train_minutes`` and ``num_epochs`` are its budget).
+        fold: The fold.
+        cache: Decoded arrays of (at least) every training pair, at ``config.image_size`` with
+            ``config.preprocessing``.
+        output_dir: The fold's folder.
+        device: Compute device; chosen by :func:`get_device` when ``None``.
+        progress: Show progress bars.
+        data_dir: The data root, recorded in the checkpoints (so notebook 04 can reopen a fold).
+
+    Returns:
+        The fold's row: sizes, pooled and mean test metrics, epochs and minutes.
+    """
+    out = Path(output_dir)
+    settings = _fold_settings(config, fold)
+    result_path = out / LOSO_FOLD_RESULT_NAME
+    if result_path.is_file():
+        stored = json.loads(result_path.read_text())
+        if stored.get("settings") == settings:
+            return {**stored["row"], "reused": True}
+    train_pairs, val_pairs = split_pairs(
+        fold.train, config.val_fraction, config.seed, grouped=config.group_regex is not None
+    )
+    train, val = _subset(cache, train_pairs), _subset(cache, val_pairs)
+    train_ds, val_ds = make_datasets(train, val, config)
+    device = device or get_device()
+    tic = time.monotonic()
+    result = train_model(
+        build_model(config),
+        train_ds,
+        val_ds,
+        config,
+        out,
+        device,
+        overwrite=True,
+        extra_state={
+            "split": {"train": [p.key for p in train.pairs], "val": [p.key for p in val.pairs]},
+            "data_dir": "" if data_dir is None else str(data_dir),
+            "held_out": fold.held_out,
+            "test": settings["test"],
+        },
+        progress=progress,
+    )
+    minutes = (time.monotonic() - tic) / 60
+    model, _, _ = load_model(out / BEST_MODEL_NAME, device)
+    test = load_evaluation_set(fold.test, config)
+    per_image, summary, _ = evaluate_model(model, test, device, config.inference_threshold)
+    write_evaluation(per_image, summary, out)
+    row = {
+        "held_out": fold.held_out,
+        "normalization": config.normalization,
+        "augmentation": config.augmentation,
+        "n_train": len(train),
+        "n_val": len(val),
+        "n_test": len(test),
+        "n_test_cases": len({p.case for p in fold.test}),
+        "n_with_kidney": summary["n_with_kidney"],
+        "pooled_dice": summary["pooled_dice"],
+        "pooled_iou": summary["pooled_iou"],
+        "mean_dice": summary["mean_dice"],
+        "mean_dice_with_kidney": summary["mean_dice_with_kidney"],
+        "mean_hd95": summary["mean_hd95"],
+        "median_hd95": summary["median_hd95"],
+        "val_dice": float(result.best_row["val_dice"]),
+        "best_epoch": result.best_epoch,
+        "epochs": len(result.history),
+        "stop_reason": result.stop_reason,
+        "train_minutes": minutes,
+    }
+    plain = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in row.items()}
+    _atomic_write_text(result_path, json.dumps({"settings": settings, "row": plain}, indent=1) + "\n")
+    return {**plain, "reused": False}
+
+
+def leave_one_source_out(
+    config: Config,
+    data_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    sources: Sequence[str] | None = None,
+    variants: Mapping[str, Mapping[str, Any]] | None = None,
+    device: torch.device | None = None,
+    progress: bool = False,
+) -> pd.DataFrame:
+    """Leave-one-source-out validation: for each variant and each source, train on all other sources
+    and test on that one, at the same budget per fold.
+
+    Args:
+        config: Settings shared by every fold (``num_epochs`` and ``max_train_minutes`` are the
+            budget per fold).
+        data_dir: Data root with one folder per source.
+        output_dir: Each fold runs in ``output_dir/<variant>/<source>``; the table is written to
+            ``output_dir/leave_one_source_out.csv`` after every fold, so nothing is lost when a
+            long run is interrupted (finished folds are reused on the next call, see
+            :func:`run_source_fold`).
+        sources: The sources to hold out, in order; ``None`` holds out each source in turn.
+        variants: Name -> notebook parameters that differ from ``config``, e.g.
+            ``{"spec": {}, "zscore+strong": {"NORMALIZATION": "zscore", "AUGMENTATION": "strong"}}``.
+            ``None`` runs ``config`` alone as ``"config"``.
+        device: Compute device; chosen by :func:`get_device` when ``None``.
+        progress: Show progress bars.
+
+    Returns:
+        One row per (variant, held-out source): see :func:`run_source_fold`.
+
+    Raises:
+        ValueError: fewer than two sources, an unknown source or parameter (the message names it).
+    """
+    variants = {"config": {}} if variants is None else dict(variants)
+    if not variants:
+        raise ValueError("VARIANTS is empty; give at least one, e.g. {'spec': {}}.")
+    configs = {}
+    for name, overrides in variants.items():
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.+-]+", name):
+            raise ValueError(f"Variant name {name!r} must be a plain folder name (letters, digits, _ . + -).")
+        try:
+            configs[name] = config.with_parameters(**dict(overrides))
+        except ValueError as exc:
+            raise ValueError(f"VARIANTS[{name!r}]: {exc}") from None
+    index = index_dataset(data_dir, config.group_regex)
+    folds = source_folds(index.pairs, sources)
+    out = Path(output_dir)
+    device = device or get_device()
+    caches: dict[tuple[int, str], CachedArrays] = {}
+    rows = []
+    for name, run_config in configs.items():
+        key = (run_config.image_size, run_config.preprocessing)
+        if key not in caches:
+            caches[key] = load_arrays(index.pairs, *key, progress=progress)
+        for fold in folds:
+            row = run_source_fold(
+                run_config, fold, caches[key], out / name / fold.held_out, device, progress, data_dir
+            )
+            rows.append({"variant": name, **row})
+            _atomic_write_text(out / LOSO_CSV_NAME, pd.DataFrame(rows).to_csv(index=False))
+    return pd.DataFrame(rows)
+
+
+def summarize_leave_one_source_out(
+    table: pd.DataFrame, groups: Mapping[str, Sequence[str]] | None = None
+) -> pd.DataFrame:
+    """Per variant: the mean over held-out sources of pooled Dice, mean Dice and mean HD95, and the
+    mean pooled Dice over each named group of sources (e.g. ``{"CT": [...]}``), best first."""
+    summary = table.groupby("variant", sort=False).agg(
+        folds=("held_out", "count"),
+        pooled_dice=("pooled_dice", "mean"),
+        mean_dice=("mean_dice", "mean"),
+        mean_hd95=("mean_hd95", "mean"),
+        worst_pooled_dice=("pooled_dice", "min"),
+        train_minutes=("train_minutes", "sum"),
+    )
+    for group, members in (groups or {}).items():
+        part = table[table["held_out"].isin(list(members))]
+        summary[f"pooled_dice_{group}"] = part.groupby("variant", sort=False)["pooled_dice"].mean()
+    return summary.sort_values("pooled_dice", ascending=False).reset_index()
 
 
 # =================================================================================================
@@ -2881,9 +3410,13 @@ def plot_samples(
         ax.axis("off")
     for ax, i in zip(axes.flat, picks):
         image, mask = dataset[epoch * len(dataset) + int(i)]
-        img8 = (image[0].numpy() * 255).round().astype(np.uint8)
+        x = image[0].numpy()
+        lo, hi = float(x.min()), float(x.max())
+        if lo < 0 or hi > 1:  # z-scored input: stretch its own range for display
+            x = (x - lo) / max(hi - lo, 1e-6)
+        img8 = (x * 255).round().astype(np.uint8)
         ax.imshow(overlay_mask(img8, mask[0].numpy() > 0.5))
-        ax.set_title(f"#{i}  kidney {100 * float(mask.mean()):.1f}%", fontsize=9)
+        ax.set_title(f"#{i}  kidney {100 * float(mask.mean()):.1f}%  [{lo:.1f}, {hi:.1f}]", fontsize=9)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -3240,6 +3773,80 @@ def plot_preprocessing_gallery(
             hist_ax.set_yscale("log")  # the dark background would hide everything else
             hist_ax.set_yticks([])
             hist_ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def plot_normalization_consistency(per_source: pd.DataFrame) -> Any:
+    """Kidney and surroundings level per source under each normalisation (from
+    :func:`normalization_consistency`): a consistent normalisation keeps each source's kidney level
+    close to the others' on the scale of the contrast the network has to find."""
+    import matplotlib.pyplot as plt
+
+    methods = list(dict.fromkeys(per_source["method"]))
+    fig, axes = plt.subplots(1, len(methods), figsize=(3.6 * len(methods), 4), squeeze=False)
+    for ax, method in zip(axes[0], methods):
+        part = per_source[per_source["method"] == method]
+        y = np.arange(len(part))
+        for yi, (_, row) in zip(y, part.iterrows()):
+            ax.plot([row["surroundings"], row["kidney"]], [yi, yi], color="0.6", linewidth=1)
+        ax.scatter(part["surroundings"], y, color="0.3", s=20, label="surroundings (5 px ring)")
+        ax.scatter(part["kidney"], y, color="tab:red", s=28, label="kidney")
+        ax.set_yticks(y, part["source"] if ax is axes[0, 0] else [""] * len(part), fontsize=8)
+        ax.set_title(method, fontsize=10)
+        ax.set_xlabel("normalised intensity (median)", fontsize=8)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0, 0].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def plot_normalization_gallery(
+    images: Sequence[np.ndarray], titles: Sequence[str], methods: Sequence[str] = NORMALIZATION_OPTIONS
+) -> Any:
+    """One row per slice (e.g. one per source), one column per normalisation, all on one grey scale
+    per column so that differences between sources stay visible."""
+    import matplotlib.pyplot as plt
+
+    outs = {m: [normalize_intensity(image, m) for image in images] for m in methods}
+    fig, axes = plt.subplots(
+        len(images), len(methods), figsize=(2.6 * len(methods), 2.6 * len(images)), squeeze=False
+    )
+    for c, method in enumerate(methods):
+        low, high = np.percentile(np.concatenate([o.ravel() for o in outs[method]]), [0.5, 99.5])
+        for r, (out, title) in enumerate(zip(outs[method], titles)):
+            ax = axes[r, c]
+            ax.imshow(out, cmap="gray", vmin=low, vmax=high)
+            ax.set_title(f"{title}\n{method}" if c == 0 else method, fontsize=8)
+            ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def plot_leave_one_source_out(table: pd.DataFrame) -> Any:
+    """Pooled Dice, mean Dice and mean HD95 per held-out source, one bar per variant."""
+    import matplotlib.pyplot as plt
+
+    sources = list(dict.fromkeys(table["held_out"]))
+    variants = list(dict.fromkeys(table["variant"]))
+    width = 0.8 / len(variants)
+    fig, axes = plt.subplots(1, 3, figsize=(max(12, 1.6 * len(sources) * 3), 4.2))
+    panels = (("pooled_dice", "pooled Dice", (0, 1)), ("mean_dice", "mean Dice per slice", (0, 1)))
+    panels += (("mean_hd95", "mean HD95 (px, lower is better)", None),)
+    x = np.arange(len(sources))
+    for ax, (column, label, limits) in zip(axes, panels):
+        for k, variant in enumerate(variants):
+            part = table[table["variant"] == variant].set_index("held_out").reindex(sources)
+            bars = ax.bar(x + (k - (len(variants) - 1) / 2) * width, part[column], width, label=variant)
+            if column != "mean_hd95":
+                ax.bar_label(bars, fmt="%.2f", fontsize=6, padding=1)
+        ax.set_xticks(x, sources, rotation=20, fontsize=8)
+        ax.set_title(label, fontsize=10)
+        if limits:
+            ax.set_ylim(*limits)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=7, title="variant", title_fontsize=7)
+    fig.suptitle("Leave-one-source-out: trained on the other sources, tested on this one", fontsize=11)
     fig.tight_layout()
     return fig
 

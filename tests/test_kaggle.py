@@ -76,7 +76,7 @@ def test_validation_catches_each_rule(change, message):
 def test_staging_writes_push_ready_folders(tmp_path):
     out = tmp_path / "stage"
     folders = ku.stage_kaggle(out, owner="alice", dataset="alice/kidneys")
-    assert folders[0].name == "kidneyseg-utils" and len(folders) == 5
+    assert folders[0].name == "kidneyseg-utils" and len(folders) == 6  # the module and five notebooks
     for folder in folders:
         meta = json.loads((folder / "kernel-metadata.json").read_text())
         assert ku.validate_kernel_metadata(meta) == []

@@ -177,3 +177,31 @@ def test_02_measures_and_ablates_tiny(shared_data, tmp_path):
     assert results["preprocessing"].tolist() == ["none", "clahe"] and results["recommended"].sum() == 1
     effects = pd.read_csv(out / "preprocessing" / "preprocessing_effects.csv")
     assert effects["source"].nunique() == 6
+
+
+def test_05_leave_one_source_out_tiny(shared_data, tmp_path):
+    out = tmp_path / "run"
+    execute(
+        "05_leave_one_source_out.ipynb",
+        tmp_path,
+        dict(
+            DATA_DIR=str(shared_data),
+            OUTPUT_DIR=str(out),
+            GROUP_REGEX="^([^_]+)_",
+            SOURCES=["kits19-ct", "abdominal-us"],
+            VARIANTS={"spec": {}, "histeq+strong": {"NORMALIZATION": "histeq", "AUGMENTATION": "strong"}},
+            GROUPS={"CT": ["kits19-ct"]},
+            IMAGE_SIZE=32,
+            BASE_CHANNELS=4,
+            BATCH_SIZE=16,
+            NUM_EPOCHS=1,
+            MAX_TRAIN_MINUTES=None,
+        ),
+    )
+    loso = out / "leave_one_source_out"
+    table = pd.read_csv(loso / ku.LOSO_CSV_NAME)
+    assert len(table) == 4 and set(table["held_out"]) == {"kits19-ct", "abdominal-us"}
+    assert table.set_index(["variant", "held_out"]).loc[("spec", "kits19-ct"), "n_test"] == 24
+    assert (loso / "leave_one_source_out.png").is_file()
+    _, config, _ = ku.load_model(loso / "histeq+strong" / "abdominal-us" / ku.BEST_MODEL_NAME)
+    assert (config.normalization, config.augmentation) == ("histeq", "strong")
