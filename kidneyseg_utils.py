@@ -197,7 +197,7 @@ METRICS_CSV_NAME = "training_metrics.csv"
 METRICS_PNG_NAME = "training_metrics.png"
 CONFIG_JSON_NAME = "run_config.json"
 CHECKPOINT_FORMAT = "kidneyseg-checkpoint"
-CHECKPOINT_VERSION = 2  # 2: the config records ``normalization`` (version 1 always used "minmax")
+CHECKPOINT_VERSION = 2  # 2 records normalization and augmentation (1 always used "minmax" and "spec")
 
 # Intensity preprocessing: a base method, or base methods joined by "+" applied left to right.
 PREPROCESSING_METHODS = ("white_balance", "clahe", "unsharp")
@@ -771,9 +771,12 @@ def resize_pair(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndar
 
     The whole field of view is kept: a non-square image is stretched, never cropped.
     """
-    image = _resize_gray(image, size)
+    return _resize_gray(image, size), _resize_mask(mask, size)
+
+
+def _resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
     mask_f = cv2.resize(mask.astype(np.float32), (size, size), interpolation=cv2.INTER_LINEAR)
-    return image, (mask_f >= 0.5).astype(np.uint8)
+    return (mask_f >= 0.5).astype(np.uint8)
 
 
 def _resize_gray(image: np.ndarray, size: int) -> np.ndarray:
@@ -838,9 +841,8 @@ def load_arrays(
             skipped.append((str(pair.image), str(exc)))
             continue
         sizes.append(image.shape[:2])
-        image, mask = resize_pair(image, mask, image_size)
-        images.append(apply_preprocessing(image, preprocessing))  # = model_input(original, config)
-        masks.append(mask)
+        images.append(model_input(image, image_size, preprocessing))
+        masks.append(_resize_mask(mask, image_size))
         kept.append(pair)
     if not kept:
         raise ValueError(f"None of the {len(pairs)} pairs could be read; see the skipped files.")
@@ -1626,12 +1628,12 @@ def apply_preprocessing(image: np.ndarray, method: str = "none") -> np.ndarray:
     return image
 
 
-def model_input(image: np.ndarray, config: Config) -> np.ndarray:
-    """The uint8 array a model sees before normalisation: resized, then preprocessed as configured.
+def model_input(image: np.ndarray, image_size: int, preprocessing: str = "none") -> np.ndarray:
+    """The uint8 array a model sees before normalisation: resized whole, then preprocessed.
 
     Training (:func:`load_arrays`), evaluation and folder prediction all call this one function.
     """
-    return apply_preprocessing(_resize_gray(image, config.image_size), config.preprocessing)
+    return apply_preprocessing(_resize_gray(image, image_size), preprocessing)
 
 
 # Percentiles of the "percentile" and "zscore" clip (nnU-Net uses 0.5 and 99.5).
@@ -1679,7 +1681,8 @@ def normalization_stats(image: np.ndarray, method: str = "minmax") -> IntensityM
           pixels at or below it (as OpenCV's ``equalizeHist``). It is unchanged by any increasing
           remapping of the intensities, such as another CT window or gamma.
 
-    A constant image normalises to zeros (never a division by zero); non-finite values are ignored.
+    A constant image normalises to zeros (never a division by zero), except that an 8-bit one under
+    ``"minmax"`` keeps the fixed scale; non-finite values are ignored.
 
     Raises:
         ValueError: an unknown method (the message lists the options).
@@ -2858,7 +2861,7 @@ def load_evaluation_set(
         kept.append(pair)
         originals.append(image)
         masks.append(mask)
-        images.append(model_input(image, config))
+        images.append(model_input(image, config.image_size, config.preprocessing))
     if not kept:
         raise ValueError("No readable pairs to evaluate.")
     return EvaluationSet(kept, np.stack(images), masks, originals, config.normalization)
@@ -3100,7 +3103,7 @@ def predict_folder(
     for start in range(0, len(files), batch_size):
         chunk = files[start : start + batch_size]
         originals = [read_image(f) for f in chunk]
-        inputs = np.stack([model_input(o, config) for o in originals])
+        inputs = np.stack([model_input(o, config.image_size, config.preprocessing) for o in originals])
         probs = predict_probabilities(model, inputs, device, batch_size, tta, config.normalization)
         for f, original, prob, (mask_path, overlay_path) in zip(
             chunk, originals, probs, targets[start : start + batch_size]

@@ -18,6 +18,9 @@
 | a checkpoint of another architecture or width | error naming the differing setting | test_training.py::test_load_model_names_the_differing_setting |
 | predicting into the input folder | refused | test_evaluation.py::test_predict_folder_refusals |
 | the same seed twice on a CPU | identical metrics | test_same_seed_twice_gives_identical_metrics |
+| leave-one-source-out with one source, an unknown source, a bad variant | error naming SOURCES or VARIANTS and what was found | test_generalization.py::test_fold_errors_name_the_problem, ::test_leave_one_source_out_rejects_bad_variants |
+| an interrupted leave-one-source-out run | finished folds are reused, others retrained | test_generalization.py::test_leave_one_source_out_table_and_reuse |
+| a checkpoint from before NORMALIZATION existed | loads with the specification's "minmax" it was trained with | test_generalization.py::test_checkpoint_records_normalisation_and_old_checkpoints_load_as_minmax |
 """
 
 from __future__ import annotations
