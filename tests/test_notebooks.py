@@ -205,3 +205,26 @@ def test_05_leave_one_source_out_tiny(shared_data, tmp_path):
     assert (loso / "leave_one_source_out.png").is_file()
     _, config, _ = ku.load_model(loso / "histeq+strong" / "abdominal-us" / ku.BEST_MODEL_NAME)
     assert (config.normalization, config.augmentation) == ("histeq", "strong")
+
+
+@pytest.mark.parametrize(
+    ("preset", "notebook"),
+    [
+        ("cpu_quick.yaml", "03_train_model.ipynb"),
+        ("t4_full.yaml", "03_train_model.ipynb"),
+        ("loso_cpu.yaml", "05_leave_one_source_out.ipynb"),
+    ],
+)
+def test_presets_only_set_parameters_of_their_notebook(preset, notebook):
+    import yaml
+
+    values = yaml.safe_load((REPO / "presets" / preset).read_text())
+    nb = json.loads((NOTEBOOKS / notebook).read_text())
+    cell = next(c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", []))
+    names = {line.split("=")[0].strip() for line in "".join(cell["source"]).splitlines() if "=" in line}
+    assert set(values) <= names, set(values) - names
+    for overrides in values.get("VARIANTS", {}).values():
+        ku.Config().with_parameters(**overrides)  # every variant is valid
+    assert sorted(REPO.joinpath("presets").glob("*.yaml")) == sorted(
+        REPO / "presets" / p for p in ("cpu_quick.yaml", "t4_full.yaml", "loso_cpu.yaml")
+    )
