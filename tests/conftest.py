@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 import kidneyseg_utils as ku
@@ -22,6 +23,12 @@ def shared_data() -> Path:
             pytest.fail(message)
         pytest.skip(message)
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def manifest(shared_data: Path) -> pd.DataFrame:
+    """``../shared/data/manifest.csv``: the expected pairs, sources and cases (never hard-coded)."""
+    return pd.read_csv(shared_data / "manifest.csv")
 
 
 @pytest.fixture(scope="session")

@@ -215,11 +215,12 @@ def test_load_arrays_on_real_slices(shared_data):
     assert cached.masks.any(axis=(1, 2)).all()  # every kidneycyst slice has kidney
 
 
-def test_shared_data_inventory(shared_data):
+def test_shared_data_inventory(shared_data, manifest):
     index = ku.index_dataset(shared_data, group_regex="^([^_]+)_")
-    assert len(index.pairs) == 347 and not index.orphan_images and not index.orphan_masks
+    assert len(index.pairs) == len(manifest) and not index.orphan_images and not index.orphan_masks
     summary = index.summary().set_index("source")
-    assert summary.loc["curvas-ct", "cases"] == 14 and summary.loc["kits19-ct", "pairs"] == 24
+    expected = manifest.groupby("source").agg(pairs=("file", "size"), cases=("case", "nunique"))
+    assert summary[["pairs", "cases"]].sort_index().equals(expected.sort_index())
 
 
 # ----- splits ------------------------------------------------------------------------------------
