@@ -5,7 +5,8 @@ Every notebook cell calls a named function of this module and shows the result; 
 where it is unit-tested.
 
 Sections, in the order data flows:
-    1. Config          -- one dataclass holding every setting, validated before any work.
+    1. Config          -- one dataclass holding every setting, validated before any work; the
+                          runtime (Kaggle or not, interactive or headless) and bounded file searches.
     2. Data            -- finding image/mask pairs, reading any PNG/JPEG/TIFF/BMP by documented rules,
                           patient-grouped splits, synthetic kidney phantoms, cached torch Datasets.
     3. Preprocessing   -- optional intensity steps applied identically in training and inference.
@@ -16,9 +17,15 @@ Sections, in the order data flows:
                           exact resume.
     8. Evaluation      -- loading checkpoints safely, predicting probability maps.
     9. Plotting        -- overlays, sample grids, curves and the evaluation and exploration figures.
-   10. Kaggle delivery -- kernel-metadata.json per notebook and a staging command for the Kaggle CLI.
+   10. Attached runs   -- a model or an interrupted run from an earlier Kaggle session.
+
+Staging for Kaggle (kernel-metadata.json, push order) lives outside this module, in
+``tools/kaggle_stage.py``: this file is what every notebook imports, and running it as a script (as
+Kaggle does when it saves the utility script) does nothing.
 
 Importing the module has no side effects: no seeding, no plotting settings, no device probing.
+Albumentations is imported on first use, with its network update check switched off
+(``NO_ALBUMENTATIONS_UPDATE=1`` unless already set): Kaggle sessions run without internet.
 """
 
 from __future__ import annotations
@@ -34,9 +41,8 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import albumentations as A
 import cv2
 import numpy as np
 import pandas as pd
@@ -44,6 +50,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+if TYPE_CHECKING:
+    import albumentations as A
 
 __all__ = [
     # config
@@ -59,6 +68,16 @@ __all__ = [
     "CONFIG_JSON_NAME",
     "seed_everything",
     "get_device",
+    "KAGGLE_ROOT_ENV",
+    "INTERACTIVE_ENV",
+    "KAGGLE_TRAIN_MINUTES",
+    "kaggle_root",
+    "on_kaggle",
+    "interactive_frontend",
+    "find_below",
+    "choose_candidate",
+    "kaggle_output_candidates",
+    "resolve_auto",
     # data
     "IMAGE_EXTENSIONS",
     "ImageReadError",
@@ -78,6 +97,8 @@ __all__ = [
     "make_synthetic_dataset",
     "SYNTHETIC_SOURCES",
     "make_synthetic_sources",
+    "SYNTHETIC",
+    "kaggle_dataset_candidates",
     "resolve_data_dir",
     "resolve_output_dir",
     "KidneyDataset",
@@ -177,14 +198,9 @@ __all__ = [
     "plot_normalization_gallery",
     "plot_leave_one_source_out",
     "show_preprocessing_sliders",
-    # Kaggle delivery
-    "kaggle_root",
-    "find_in_kaggle_input",
+    # runs attached from earlier Kaggle sessions
     "resolve_model_path",
     "restore_run_for_resume",
-    "validate_kernel_metadata",
-    "kernel_metadata",
-    "stage_kaggle",
 ]
 
 # =================================================================================================
@@ -254,12 +270,18 @@ class Config:
         lr_patience: ReduceLROnPlateau patience in epochs.
         min_lr: ReduceLROnPlateau floor.
         max_images: Use at most this many pairs (a seeded random subset); ``None`` uses all.
-        max_train_minutes: Stop cleanly after the epoch that would cross this budget.
+        max_train_minutes: Stop cleanly after the epoch that would cross this budget. ``"auto"``:
+            :data:`KAGGLE_TRAIN_MINUTES` in a Kaggle session (whose GPU sessions end after 12 hours),
+            no limit elsewhere.
         num_workers: DataLoader workers; ``None`` picks 0 on a CPU and up to 4 on a GPU.
         amp: Mixed precision on CUDA: fp16 with a GradScaler below compute capability 8 (a T4),
             bf16 from 8.0 on (see :func:`amp_dtype`); ignored on a CPU.
         channels_last: Channels-last memory format on CUDA (off until measured to help).
-        multi_gpu: Train on every visible GPU with ``nn.DataParallel`` (Kaggle's "GPU T4 x2").
+        multi_gpu: Train on every visible GPU with ``nn.DataParallel``. ``"auto"``: yes in a Kaggle
+            session (its GPU is "GPU T4 x2"), one GPU elsewhere.
+
+    ``"auto"`` values are made concrete when the config is built, so a run's stored config says what
+    ran.
     """
 
     image_size: int = 256
@@ -287,13 +309,15 @@ class Config:
     lr_patience: int = 5
     min_lr: float = 1e-6
     max_images: int | None = None
-    max_train_minutes: float | None = None
+    max_train_minutes: float | str | None = "auto"
     num_workers: int | None = None
     amp: bool = True
     channels_last: bool = False
-    multi_gpu: bool = False
+    multi_gpu: bool | str = "auto"
 
     def __post_init__(self) -> None:
+        self.max_train_minutes = resolve_auto(self.max_train_minutes, KAGGLE_TRAIN_MINUTES, None)
+        self.multi_gpu = resolve_auto(self.multi_gpu, True, False)
         self.validate()
 
     def validate(self) -> None:
@@ -363,12 +387,14 @@ class Config:
         if self.max_train_minutes is not None and (
             not is_num(self.max_train_minutes) or self.max_train_minutes <= 0
         ):
-            fail("max_train_minutes", "None or a number of minutes > 0")
+            fail("max_train_minutes", '"auto", None or a number of minutes > 0')
         if self.num_workers is not None and (not is_int(self.num_workers) or self.num_workers < 0):
             fail("num_workers", "None (automatic) or an integer >= 0")
-        for name in ("amp", "channels_last", "multi_gpu"):
+        for name in ("amp", "channels_last"):
             if not isinstance(getattr(self, name), bool):
                 fail(name, "True or False")
+        if not isinstance(self.multi_gpu, bool):
+            fail("multi_gpu", '"auto", True or False')
 
     def to_dict(self) -> dict[str, Any]:
         """Return the config as a dict of plain JSON types."""
@@ -451,6 +477,150 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+# ----- the runtime: Kaggle or not, a person watching or not -----------------------------------------
+
+KAGGLE_ROOT_ENV = "KIDNEYSEG_KAGGLE_ROOT"
+INTERACTIVE_ENV = "KIDNEYSEG_INTERACTIVE"
+# Kaggle stops a GPU session after 12 hours; the "auto" training budget stops an hour before, leaving
+# time for the curves, the checkpoints and the rest of the notebook.
+KAGGLE_TRAIN_MINUTES = 660
+
+
+def kaggle_root() -> Path:
+    """Kaggle's root folder: ``/kaggle``, or ``$KIDNEYSEG_KAGGLE_ROOT`` (tests point it elsewhere)."""
+    return Path(os.environ.get(KAGGLE_ROOT_ENV, "/kaggle"))
+
+
+def on_kaggle() -> bool:
+    """True inside a Kaggle notebook session (Kaggle sets ``KAGGLE_KERNEL_RUN_TYPE`` there)."""
+    return bool(os.environ.get("KAGGLE_KERNEL_RUN_TYPE"))
+
+
+def interactive_frontend() -> bool:
+    """True when a person works in a notebook front end that can show widgets; False in headless runs.
+
+    Headless runs (papermill, nbclient, nbval, Kaggle's "Save & Run All") must never create a widget:
+    a known race between ipywidgets and nbclient can leave the run waiting for ever
+    (jupyter/nbclient#312, nteract/papermill#723). The rule, in order: ``$KIDNEYSEG_INTERACTIVE``
+    (``1`` or ``0``) decides when set; Kaggle's batch runs (``KAGGLE_KERNEL_RUN_TYPE=Batch``) are
+    headless; otherwise a front end counts as interactive when it accepts ``input()`` for the running
+    cell. JupyterLab, Notebook, VS Code and Kaggle's editor do; papermill, nbclient and nbval send every
+    cell with ``allow_stdin=False``, and plain Python has no kernel at all.
+    """
+    forced = os.environ.get(INTERACTIVE_ENV, "").strip().lower()
+    if forced in ("1", "true", "yes"):
+        return True
+    if forced in ("0", "false", "no"):
+        return False
+    if os.environ.get("KAGGLE_KERNEL_RUN_TYPE", "").lower() == "batch":
+        return False
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    shell = get_ipython()
+    kernel = getattr(shell, "kernel", None)
+    return bool(getattr(kernel, "_allow_stdin", False))
+
+
+def _progress_bar(iterable: Any = None, enabled: bool = True, **options: Any) -> Any:
+    """A tqdm bar: a live widget in an interactive front end, nothing in a headless run (whose
+    record gets plain log lines instead) or when ``enabled`` is False."""
+    if enabled and interactive_frontend():
+        from tqdm.auto import tqdm
+    else:
+        from tqdm import tqdm
+
+        options["disable"] = True
+    return tqdm(iterable, **options)
+
+
+def find_below(root: str | os.PathLike, name: str, max_depth: int = 6) -> list[Path]:
+    """Every file or folder called ``name`` at most ``max_depth`` folders below ``root``, sorted.
+
+    The search is bounded so that a large attached dataset cannot make it slow: hidden folders and
+    the insides of ``images/`` and ``masks/`` folders are skipped.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    hits = []
+    for current, dirnames, filenames in os.walk(root, followlinks=True):
+        here = Path(current)
+        if name in filenames or name in dirnames:
+            hits.append(here / name)
+        depth = len(here.relative_to(root).parts)
+        keep = [] if depth >= max_depth else dirnames
+        dirnames[:] = sorted(d for d in keep if not d.startswith(".") and d not in ("images", "masks"))
+    return sorted(hits)
+
+
+# Where Kaggle mounts things under /kaggle/input: the current layout first, the old flat one last.
+_KAGGLE_INPUT_KINDS = ("datasets", "notebooks", "competitions", "models")
+
+
+def _kaggle_layout(path: Path, input_root: Path) -> tuple[int, str]:
+    """The rank of ``path`` under Kaggle's input (current layout first) and a description of it."""
+    parts = path.relative_to(input_root).parts
+    top = parts[0] if parts else ""
+    if top in _KAGGLE_INPUT_KINDS:
+        return _KAGGLE_INPUT_KINDS.index(top), f"input/{top}/... (Kaggle's current layout)"
+    return len(_KAGGLE_INPUT_KINDS), "input/<slug>/... (Kaggle's older layout)"
+
+
+def choose_candidate(
+    candidates: Sequence[Path], what: str, parameter: str, prefer: str = "notebooks"
+) -> Path:
+    """Pick one of several found paths and say which and why.
+
+    The rule: under Kaggle's input, the kind of mount named by ``prefer`` first (``datasets`` for
+    data, ``notebooks`` for the outputs of another notebook), then the rest of the current layout,
+    then the older flat layout; within a rank, the shortest path, then alphabetical order.
+    """
+    if not candidates:
+        raise ValueError(f"no {what} to choose from")
+    input_root = kaggle_root() / "input"
+
+    def rank(path: Path) -> tuple[int, int, str]:
+        try:
+            order, _ = _kaggle_layout(path, input_root)
+            parts = path.relative_to(input_root).parts
+            order = -1 if parts and parts[0] == prefer else order
+        except ValueError:
+            order = -2  # outside Kaggle's input: given or local, always first
+        return order, len(path.parts), str(path)
+
+    ordered = sorted(candidates, key=rank)
+    chosen = ordered[0]
+    if len(ordered) > 1:
+        try:
+            reason = _kaggle_layout(chosen, input_root)[1]
+        except ValueError:
+            reason = "outside Kaggle's input"
+        others = ", ".join(str(p) for p in ordered[1:])
+        print(
+            f"Found {len(ordered)} {what}; using {chosen} ({reason}; rule: input/{prefer} first, then "
+            f"the current layout, then the older one, then the shortest path). Others: {others}. "
+            f"Set {parameter} to choose another."
+        )
+    return chosen
+
+
+def kaggle_output_candidates(filename: str, input_root: str | os.PathLike | None = None) -> list[Path]:
+    """Files called ``filename`` in the outputs of notebooks attached to this one: under Kaggle's
+    input at most six folders deep (``input/notebooks/<owner>/<slug>/kidneyseg/<file>`` today,
+    ``input/<slug>/kidneyseg/<file>`` in older notebooks)."""
+    root = Path(input_root) if input_root is not None else kaggle_root() / "input"
+    return [p for p in find_below(root, filename) if p.is_file()]
+
+
+def resolve_auto(value: Any, kaggle: Any, elsewhere: Any) -> Any:
+    """A parameter's ``"auto"`` made concrete: ``kaggle`` in a Kaggle session, else ``elsewhere``."""
+    if isinstance(value, str) and value == "auto":
+        return kaggle if on_kaggle() else elsewhere
+    return value
+
+
 # =================================================================================================
 # 2. Data
 # =================================================================================================
@@ -460,14 +630,6 @@ _LAYOUT_HELP = (
     "Expected a folder with images/ and masks/ subfolders (same file names, e.g. images/a.png and "
     "masks/a.png), or a root folder holding several such folders at any depth."
 )
-KAGGLE_ROOT_ENV = "KIDNEYSEG_KAGGLE_ROOT"
-
-
-def kaggle_root() -> Path:
-    """Kaggle's root folder: ``/kaggle``, or ``$KIDNEYSEG_KAGGLE_ROOT`` (tests point it elsewhere)."""
-    return Path(os.environ.get(KAGGLE_ROOT_ENV, "/kaggle"))
-
-
 DATA_DIR_ENV = "KIDNEYSEG_DATA_DIR"
 
 
@@ -827,12 +989,7 @@ def load_arrays(
         progress: Show a progress bar.
     """
     images, masks, kept, sizes, skipped = [], [], [], [], []
-    iterator: Sequence[SamplePair] | Iterator[SamplePair] = pairs
-    if progress:
-        from tqdm.auto import tqdm
-
-        iterator = tqdm(pairs, desc="loading", unit="img", leave=False)
-    for pair in iterator:
+    for pair in _progress_bar(pairs, progress, desc="loading", unit="img", leave=False):
         try:
             image, mask = load_pair(pair)
         except ImageReadError as exc:
@@ -1041,6 +1198,32 @@ def make_synthetic_sources(out_dir: str | os.PathLike, n_cases: int = 8, slices_
     return out
 
 
+def kaggle_dataset_candidates(input_root: str | os.PathLike | None = None) -> list[Path]:
+    """The attached datasets under Kaggle's input that hold images/ and masks/ folders.
+
+    One candidate per mount: ``input/datasets/<owner>/<slug>`` and ``input/competitions/<slug>``
+    (Kaggle's current layout) and ``input/<slug>`` (the older one). The outputs of other notebooks
+    (``input/notebooks/...``) are never data: notebook 03's output can hold synthetic phantoms.
+    """
+    root = Path(input_root) if input_root is not None else kaggle_root() / "input"
+    if not root.is_dir():
+        return []
+    mounts: list[Path] = []
+    for top in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if top.name == "datasets":
+            mounts += sorted(
+                s for owner in top.iterdir() if owner.is_dir() for s in owner.iterdir() if s.is_dir()
+            )
+        elif top.name == "competitions":
+            mounts += sorted(s for s in top.iterdir() if s.is_dir())
+        elif top.name not in _KAGGLE_INPUT_KINDS:
+            mounts.append(top)
+    return [m for m in mounts if find_dataset_folders(m)]
+
+
+SYNTHETIC = "synthetic"
+
+
 def resolve_data_dir(
     data_dir: str | os.PathLike | None = "auto",
     *,
@@ -1052,28 +1235,41 @@ def resolve_data_dir(
     """Find the data root: the explicit parameter, then Kaggle's input, then an environment variable.
 
     Args:
-        data_dir: A path, or ``"auto"``/``None`` to search.
+        data_dir: A path; ``"auto"``/``None`` to search; ``"synthetic"`` for phantoms on purpose.
         kaggle_input: Where Kaggle mounts attached datasets; ``None`` means ``kaggle_root()/input``.
+            When several attached datasets hold images, :func:`choose_candidate` picks one and says so.
         env_var: Environment variable consulted after Kaggle's input.
-        synthetic_dir: With nothing found, write synthetic phantoms here and use them, with a
-            warning. ``None`` makes "nothing found" an error instead.
+        synthetic_dir: Where phantoms are written. Off Kaggle, finding nothing writes synthetic
+            phantoms here and uses them, with a warning; on Kaggle it is an error that says how to
+            attach a dataset (a GPU session spent on phantoms wastes quota). ``None`` makes "nothing
+            found" an error everywhere.
         synthetic_sources: Write several phantom sources (:func:`make_synthetic_sources`) instead
             of one set, for leave-one-source-out validation.
 
     Raises:
-        FileNotFoundError: an explicit path that does not exist, or nothing found and no
-            ``synthetic_dir``; the message names every place searched.
+        FileNotFoundError: an explicit path that does not exist, or nothing found (see above); the
+            message names every place searched.
     """
+    if data_dir == SYNTHETIC:
+        if synthetic_dir is None:
+            raise ValueError('DATA_DIR="synthetic" needs a folder for the phantoms (synthetic_dir).')
+        return (
+            make_synthetic_sources(synthetic_dir)
+            if synthetic_sources
+            else make_synthetic_dataset(synthetic_dir)
+        )
     if data_dir not in (None, "", "auto"):
         path = Path(data_dir).expanduser()
         if not path.exists():
             raise FileNotFoundError(f"DATA_DIR {str(path)!r} does not exist. {_LAYOUT_HELP}")
         return path
-    searched = []
     kaggle_input = Path(kaggle_input) if kaggle_input is not None else kaggle_root() / "input"
-    searched.append(str(kaggle_input))
-    if kaggle_input.is_dir() and find_dataset_folders(kaggle_input):
-        return kaggle_input
+    searched = [f"{kaggle_input}/datasets/*/*, {kaggle_input}/competitions/*, {kaggle_input}/*"]
+    candidates = kaggle_dataset_candidates(kaggle_input)
+    if candidates:
+        return choose_candidate(
+            candidates, "attached datasets with images/ and masks/", "DATA_DIR", "datasets"
+        )
     env_value = os.environ.get(env_var)
     searched.append(f"${env_var}" + (f"={env_value}" if env_value else " (unset)"))
     if env_value:
@@ -1081,19 +1277,26 @@ def resolve_data_dir(
         if not path.exists():
             raise FileNotFoundError(f"${env_var} points to {str(path)!r}, which does not exist.")
         return path
+    if on_kaggle():
+        raise FileNotFoundError(
+            f"No dataset with images/ and masks/ folders is attached to this notebook (searched "
+            f"{'; '.join(searched)}). In the notebook editor use 'Add Input' and pick your dataset "
+            '(with "kaggle kernels push", list it in dataset_sources), then run again; or set DATA_DIR '
+            'to its folder. To try the pipeline on synthetic phantoms instead, set DATA_DIR="synthetic".'
+        )
     if synthetic_dir is None:
         raise FileNotFoundError(
-            f"No data found (searched {', '.join(searched)}). Set DATA_DIR to a folder. {_LAYOUT_HELP}"
+            f"No data found (searched {'; '.join(searched)}). Set DATA_DIR to a folder. {_LAYOUT_HELP}"
         )
     warnings.warn(
-        f"No data found (searched {', '.join(searched)}): using SYNTHETIC kidney phantoms in "
+        f"No data found (searched {'; '.join(searched)}): using SYNTHETIC kidney phantoms in "
         f"{synthetic_dir}. Set DATA_DIR to train on real images.",
         UserWarning,
         stacklevel=2,
     )
-    if synthetic_sources:
-        return make_synthetic_sources(synthetic_dir)
-    return make_synthetic_dataset(synthetic_dir)
+    return (
+        make_synthetic_sources(synthetic_dir) if synthetic_sources else make_synthetic_dataset(synthetic_dir)
+    )
 
 
 def resolve_output_dir(
@@ -1330,12 +1533,7 @@ def inventory(
 
     index = index_dataset(data_dir, group_regex)
     rows: list[dict[str, Any]] = []
-    pairs: Iterator[SamplePair] | list[SamplePair] = index.pairs
-    if progress:
-        from tqdm.auto import tqdm
-
-        pairs = tqdm(index.pairs, desc="inventory", unit="pair", leave=False)
-    for pair in pairs:
+    for pair in _progress_bar(index.pairs, progress, desc="inventory", unit="pair", leave=False):
         row: dict[str, Any] = {
             "source": pair.source,
             "case": pair.case,
@@ -1917,6 +2115,15 @@ def recommend_preprocessing(ablation: pd.DataFrame, margin: float = 0.01) -> tup
 # =================================================================================================
 
 
+def _albumentations() -> Any:
+    """Import Albumentations without its update check: 2.0.x asks the internet for a newer version on
+    import unless ``NO_ALBUMENTATIONS_UPDATE`` is set, and Kaggle sessions run offline."""
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    import albumentations
+
+    return albumentations
+
+
 def build_train_transform(image_size: int = 256, augmentation: str = "spec") -> A.Compose:
     """The training augmentation (Albumentations 2.x API), on uint8 images and 0/1 masks.
 
@@ -1939,6 +2146,7 @@ def build_train_transform(image_size: int = 256, augmentation: str = "spec") -> 
         raise ValueError(
             f"AUGMENTATION must be one of {', '.join(map(repr, AUGMENTATION_OPTIONS))}; got {augmentation!r}."
         )
+    A = _albumentations()
     if augmentation == "strong":
         return A.Compose(
             _geometry(image_size, flip_p=0.5, shift=0.1, scale=(0.7, 1.4), rotate=180, p=0.6)
@@ -1964,6 +2172,7 @@ def _geometry(
     image_size: int, flip_p: float, shift: float, scale: tuple[float, float], rotate: float, p: float
 ) -> list[Any]:
     """Resize, both flips and an affine (zero padding, nearest-neighbour masks so they stay binary)."""
+    A = _albumentations()
     return [
         A.Resize(image_size, image_size, interpolation=cv2.INTER_AREA),
         A.HorizontalFlip(p=flip_p),
@@ -1995,6 +2204,7 @@ def seed_transform(transform: A.Compose, seed: int) -> A.Compose:
 
 def build_eval_transform(image_size: int = 256) -> A.Compose:
     """Validation and inference transform: resize only."""
+    A = _albumentations()
     return A.Compose([A.Resize(image_size, image_size, interpolation=cv2.INTER_AREA)])
 
 
@@ -2346,13 +2556,42 @@ def _rng_state() -> dict[str, Any]:
     return state
 
 
+def _cpu_bytes(state: torch.Tensor) -> torch.Tensor:
+    """A generator state as the CPU ``uint8`` tensor that ``set_rng_state`` accepts, wherever it was
+    loaded to (a checkpoint loaded with ``map_location="cuda"`` puts it on the GPU)."""
+    return state.detach().to(device="cpu", dtype=torch.uint8)
+
+
 def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    keys = state["numpy_keys"].numpy().astype(np.uint32)
-    np.random.set_state(("MT19937", keys, state["numpy_pos"], 0, 0.0))  # noqa: NPY002
-    random.setstate((3, tuple(state["python"]), None))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    """Restore the generators saved by :func:`_rng_state`, on any device.
+
+    The CPU, NumPy and Python generators always come back. The CUDA generators come back only when
+    this machine has exactly as many GPUs as the one that saved them; otherwise (a CPU run resumed
+    on a GPU, or the reverse) the GPUs keep their seeded state, and only GPU-side randomness (none in
+    this pipeline: augmentation and shuffling draw on the CPU) differs from an uninterrupted run.
+    """
+    torch.set_rng_state(_cpu_bytes(state["torch"]))
+    keys = state["numpy_keys"].cpu().numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, int(state["numpy_pos"]), 0, 0.0))  # noqa: NPY002
+    random.setstate((3, tuple(int(v) for v in state["python"]), None))
+    saved = state.get("cuda") or []
+    if saved and torch.cuda.is_available() and torch.cuda.device_count() == len(saved):
+        torch.cuda.set_rng_state_all([_cpu_bytes(t) for t in saved])
+
+
+def _grad_scaler(
+    device_type: str, enabled: bool, state: dict[str, Any] | None = None
+) -> torch.amp.GradScaler:
+    """A GradScaler for fp16 training, with a saved state restored when there is one to restore.
+
+    A checkpoint written where the scaler was off (on a CPU, or with bf16) holds an empty state, and a
+    checkpoint from before scalers were saved holds none: both start the scaler afresh instead of
+    failing in ``load_state_dict``. A saved state is ignored when the scaler is off here.
+    """
+    scaler = torch.amp.GradScaler(device_type, enabled=enabled)
+    if enabled and state:
+        scaler.load_state_dict(state)
+    return scaler
 
 
 def _config_differences(a: dict[str, Any], b: dict[str, Any], fields: Sequence[str]) -> list[str]:
@@ -2471,6 +2710,7 @@ def train_model(
     overwrite: bool = False,
     extra_state: dict[str, Any] | None = None,
     progress: bool = True,
+    log: bool = True,
 ) -> TrainingResult:
     """Train with the specification's recipe and write the run's artefacts to ``output_dir``.
 
@@ -2491,7 +2731,10 @@ def train_model(
         resume: Continue from ``last_checkpoint.pth`` in ``output_dir``.
         overwrite: Allow replacing an earlier run's best model in ``output_dir``.
         extra_state: Plain-typed extras stored in both checkpoints (e.g. the split).
-        progress: Show tqdm progress bars with live loss and Dice.
+        progress: Show live progress bars (loss and Dice) in an interactive front end; headless
+            runs never get widget bars (see :func:`interactive_frontend`).
+        log: Print one plain line per epoch, which headless runs ("Save & Run All", papermill)
+            record while widget bars stay blank there.
 
     Raises:
         FileExistsError: ``output_dir`` holds a best model and neither ``resume`` nor ``overwrite``.
@@ -2532,12 +2775,14 @@ def train_model(
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="min", factor=config.lr_factor, patience=config.lr_patience, min_lr=config.min_lr
     )
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     loss_fn = FocalDiceLoss.from_config(config)
     history: list[dict[str, float]] = []
     best_loss, best_epoch, stale, start_epoch = math.inf, 0, 0, 1
+    state = None
     if resume:
-        state = load_checkpoint(last_path, map_location=device) if last_path.exists() else None
+        # Loaded to the CPU whatever the device: the optimizer moves its tensors to the parameters'
+        # device itself, and generator states must stay CPU byte tensors.
+        state = load_checkpoint(last_path, map_location="cpu") if last_path.exists() else None
         if state is None:
             raise FileNotFoundError(
                 f"RESUME=True but there is no {LAST_CHECKPOINT_NAME} in {out}; set RESUME=False to "
@@ -2553,11 +2798,12 @@ def train_model(
         base.load_state_dict(state["model_state"])
         optimizer.load_state_dict(state["optimizer_state"])
         scheduler.load_state_dict(state["scheduler_state"])
-        scaler.load_state_dict(state["scaler_state"])
         history = [dict(row) for row in state["history"]]
         best_loss, best_epoch, stale = state["best_val_loss"], state["best_epoch"], state["stale_epochs"]
         start_epoch = state["epoch"] + 1
         _set_rng_state(state["rng_state"])
+        print(f"resuming {last_path} after epoch {state['epoch']} (best epoch {best_epoch})")
+    scaler = _grad_scaler(device.type, amp == torch.float16, state.get("scaler_state") if state else None)
     config.to_json(out / CONFIG_JSON_NAME)
 
     workers = _auto_workers(config, device)
@@ -2579,15 +2825,13 @@ def train_model(
     )
     val_loader = DataLoader(val_dataset, shuffle=False, **loader_kw)
 
-    from tqdm.auto import tqdm
-
     started = time.monotonic()
     stop_reason = "num_epochs"
-    epoch_bar = tqdm(
+    epoch_bar = _progress_bar(
         range(start_epoch, config.num_epochs + 1),
+        progress,
         desc="epochs",
         unit="epoch",
-        disable=not progress,
         initial=start_epoch - 1,
         total=config.num_epochs,
     )
@@ -2596,11 +2840,8 @@ def train_model(
         for epoch in epoch_bar:
             tic = time.monotonic()
             sampler.set_epoch(epoch)
-            bar = tqdm(
-                total=len(train_loader) + len(val_loader),
-                desc=f"epoch {epoch}",
-                leave=False,
-                disable=not progress,
+            bar = _progress_bar(
+                None, progress, total=len(train_loader) + len(val_loader), desc=f"epoch {epoch}", leave=False
             )
             train_m = _run_epoch(
                 runner,
@@ -2655,6 +2896,8 @@ def train_model(
             epoch_bar.set_postfix(
                 val_loss=f"{val_m['loss']:.4f}", val_dice=f"{val_m['dice']:.3f}", best=best_epoch
             )
+            if log:
+                print(_epoch_line(row, config.num_epochs, best_epoch, improved), flush=True)
             if stale >= config.patience:
                 stop_reason = "early_stopping"
                 break
@@ -2698,6 +2941,15 @@ def _payload(
         "torch_version": str(torch.__version__),
         **extra,
     }
+
+
+def _epoch_line(row: dict[str, float], num_epochs: int, best_epoch: int, improved: bool) -> str:
+    """One plain log line for an epoch: losses, Dice, learning rate, seconds, and the best epoch."""
+    return (
+        f"epoch {int(row['epoch']):>3}/{num_epochs}  train loss {row['train_loss']:.4f} dice "
+        f"{row['train_dice']:.3f} | val loss {row['val_loss']:.4f} dice {row['val_dice']:.3f} | "
+        f"lr {row['lr']:.2e}  {row['seconds']:.1f} s  best {best_epoch}{'  *' if improved else ''}"
+    )
 
 
 def _write_history_csv(history: list[dict[str, float]], path: Path) -> None:
@@ -2750,6 +3002,7 @@ def predict_probabilities(
     batch_size: int = 16,
     tta: bool = False,
     normalization: str = "minmax",
+    amp: torch.dtype | None | str = "auto",
 ) -> np.ndarray:
     """Kidney probability maps for ``(N, S, S)`` uint8 images already at the model's size.
 
@@ -2762,11 +3015,17 @@ def predict_probabilities(
             vertical and double flips, each flipped back.
         normalization: The model's ``Config.normalization``; each image is normalised by
             :func:`normalize_intensity` with its own constants, as in training.
+        amp: Autocast dtype for the forward passes (TTA included), or None for full precision.
+            ``"auto"``: as in training, :func:`amp_dtype` of the CUDA device (fp16 on a T4, bf16
+            from compute capability 8.0), none on a CPU. Probabilities are always returned in fp32.
 
     Returns:
         ``(N, S, S)`` float32 probabilities in [0, 1].
     """
     model.eval()
+    device = torch.device(device)
+    if isinstance(amp, str):
+        amp = amp_dtype(torch.cuda.get_device_capability(device)) if device.type == "cuda" else None
     flips = _TTA_FLIPS if tta else ((),)
     out = []
     for start in range(0, len(images), batch_size):
@@ -2776,7 +3035,9 @@ def predict_probabilities(
         probs = torch.zeros_like(x)
         for dims in flips:
             xf = torch.flip(x, dims) if dims else x
-            p = torch.sigmoid(model(xf).float())
+            with torch.autocast(device_type=device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                logits = model(xf)
+            p = torch.sigmoid(logits.float())
             probs += torch.flip(p, dims) if dims else p
         out.append((probs / len(flips)).squeeze(1).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0,) + images.shape[1:], np.float32)
@@ -3559,9 +3820,16 @@ def plot_threshold_sweep(sweep: pd.DataFrame, chosen: float | None = None) -> An
 
 
 def _static_then_widget(draw: Callable[..., None], controls: Callable[[Any], dict[str, Any]]) -> None:
-    """Draw once with the defaults (so headless runs record a static picture), then offer ipywidgets
-    controls built by ``controls(ipywidgets)`` when ipywidgets is available."""
+    """Draw once with the defaults (so every run records a static picture), then, only in an
+    interactive front end (:func:`interactive_frontend`), offer ipywidgets controls built by
+    ``controls(ipywidgets)``. Headless runs never create a widget: one can hang them for ever."""
     draw()
+    if not interactive_frontend():
+        print(
+            "(Sliders appear when this notebook runs in Jupyter or Kaggle's editor; a headless run "
+            f"keeps the static figure. Set {INTERACTIVE_ENV}=1 to force them.)"
+        )
+        return
     try:
         import ipywidgets as widgets
         from IPython.display import display
@@ -3574,7 +3842,7 @@ def show_threshold_viewer(data: EvaluationSet, probs: Sequence[np.ndarray], thre
     """An ipywidgets viewer (slice and threshold sliders) over TP/FP/FN overlays.
 
     A static figure of the first slice at ``threshold`` is always drawn first, so a headless run
-    (papermill, nbval) records a picture; the widget follows when ipywidgets is available.
+    (papermill, nbval) records a picture; the widget follows only in an interactive front end.
     """
     import matplotlib.pyplot as plt
 
@@ -3721,7 +3989,7 @@ def show_slice_browser(table: pd.DataFrame) -> None:
     """An ipywidgets browser over the pairs: slice slider, overlay on/off, opacity.
 
     The first slice is always drawn as a static figure, so headless runs record a picture; the
-    widget follows when ipywidgets is available.
+    widget follows only in an interactive front end.
     """
     import matplotlib.pyplot as plt
 
@@ -3916,26 +4184,14 @@ def show_preprocessing_sliders(image: np.ndarray, mask: np.ndarray) -> None:
 
 
 # =================================================================================================
-# 10. Kaggle delivery
+# 10. Runs attached from earlier Kaggle sessions
 # =================================================================================================
 
 
-def find_in_kaggle_input(filename: str, input_root: str | os.PathLike | None = None) -> Path | None:
-    """The first file named ``filename`` up to three folders below Kaggle's input (where the outputs
-    of attached notebooks appear), or None."""
-    root = Path(input_root) if input_root is not None else kaggle_root() / "input"
-    if not root.is_dir():
-        return None
-    for pattern in (f"*/{filename}", f"*/*/{filename}", f"*/*/*/{filename}"):
-        hits = sorted(root.glob(pattern))
-        if hits:
-            return hits[0]
-    return None
-
-
 def resolve_model_path(model_path: str | os.PathLike | None, output_dir: str | os.PathLike) -> Path:
-    """``"auto"``: the best model in ``output_dir``, else one in an attached Kaggle input (the output
-    of notebook 03 attached to notebook 04); otherwise the path given.
+    """``"auto"``: the best model in ``output_dir``, else one in the output of a notebook attached to
+    this one (notebook 03's output attached to notebook 04, found by :func:`kaggle_output_candidates`);
+    otherwise the path given.
 
     Raises:
         FileNotFoundError: naming every place searched.
@@ -3948,18 +4204,18 @@ def resolve_model_path(model_path: str | os.PathLike | None, output_dir: str | o
     local = Path(output_dir) / BEST_MODEL_NAME
     if local.is_file():
         return local
-    found = find_in_kaggle_input(BEST_MODEL_NAME)
-    if found is not None:
-        return found
+    found = kaggle_output_candidates(BEST_MODEL_NAME)
+    if found:
+        return choose_candidate(found, f"attached {BEST_MODEL_NAME} files", "MODEL_PATH")
     raise FileNotFoundError(
-        f"No {BEST_MODEL_NAME} in {output_dir} or under {kaggle_root() / 'input'}. Run notebook 03 "
-        "first (on Kaggle: attach its output to this notebook), or set MODEL_PATH."
+        f"No {BEST_MODEL_NAME} in {output_dir} or under {kaggle_root() / 'input'} (searched six folders "
+        "deep). Run notebook 03 first (on Kaggle: 'Add Input', then its notebook output), or set MODEL_PATH."
     )
 
 
 def restore_run_for_resume(output_dir: str | os.PathLike) -> Path | None:
     """Before ``RESUME=True`` in a new Kaggle session: copy the previous run's checkpoints, metrics and
-    config from an attached input into ``output_dir`` (nothing is overwritten).
+    config from an attached notebook output into ``output_dir`` (nothing is overwritten).
 
     Returns:
         The folder copied from, or None when ``output_dir`` already holds a last checkpoint or no
@@ -3970,171 +4226,12 @@ def restore_run_for_resume(output_dir: str | os.PathLike) -> Path | None:
     out = Path(output_dir)
     if (out / LAST_CHECKPOINT_NAME).exists():
         return None
-    found = find_in_kaggle_input(LAST_CHECKPOINT_NAME)
-    if found is None:
+    found = kaggle_output_candidates(LAST_CHECKPOINT_NAME)
+    if not found:
         return None
+    source = choose_candidate(found, f"attached {LAST_CHECKPOINT_NAME} files", "OUTPUT_DIR").parent
     out.mkdir(parents=True, exist_ok=True)
     for name in (LAST_CHECKPOINT_NAME, BEST_MODEL_NAME, METRICS_CSV_NAME, CONFIG_JSON_NAME):
-        if (found.parent / name).exists() and not (out / name).exists():
-            shutil.copy2(found.parent / name, out / name)
-    return found.parent
-
-
-KERNEL_METADATA_FIELDS = (
-    "id",
-    "title",
-    "code_file",
-    "language",
-    "kernel_type",
-    "is_private",
-    "enable_gpu",
-    "enable_tpu",
-    "enable_internet",
-    "dataset_sources",
-    "competition_sources",
-    "kernel_sources",
-    "model_sources",
-    "machine_shape",
-)
-KAGGLE_MACHINE_SHAPES = (
-    "NvidiaTeslaT4",
-    "NvidiaTeslaP100",
-    "NvidiaTeslaT4Highmem",
-    "NvidiaL4",
-    "NvidiaL4X1",
-    "NvidiaTeslaA100",
-    "NvidiaH100",
-)
-_STAGING_MARKER = ".kidneyseg-staging"
-_SLUG = re.compile(r"^[a-z0-9][a-z0-9-]*[a-z0-9]$")
-_REF = re.compile(r"^[A-Za-z0-9_-]+/[a-z0-9][a-z0-9-]*[a-z0-9]$")
-
-
-def validate_kernel_metadata(meta: dict[str, Any]) -> list[str]:
-    """Problems of one ``kernel-metadata.json`` against the fields the Kaggle CLI documents
-    (empty when valid): required ``id``/``title``/``code_file``/``language``/``kernel_type``, the slug
-    rule (the title lowercased with dashes), booleans, ``owner/slug`` source lists, a known machine
-    shape."""
-    problems = [f"unknown field {k!r}" for k in meta if k not in KERNEL_METADATA_FIELDS]
-    for key in ("id", "title", "code_file", "language", "kernel_type"):
-        if not isinstance(meta.get(key), str) or not meta.get(key):
-            problems.append(f"{key!r} is required")
-    if problems:
-        return problems
-    owner, _, slug = meta["id"].partition("/")
-    if not owner or not _SLUG.match(slug):
-        problems.append(f"id {meta['id']!r} must be 'owner/slug' with a lower-case slug")
-    if re.sub(r"[^a-z0-9]+", "-", meta["title"].lower()).strip("-") != slug:
-        problems.append(f"title {meta['title']!r} does not give the slug {slug!r}")
-    if meta["language"] not in ("python", "r", "rmarkdown"):
-        problems.append(f"language {meta['language']!r} is not python, r or rmarkdown")
-    if meta["kernel_type"] not in ("script", "notebook"):
-        problems.append(f"kernel_type {meta['kernel_type']!r} is not script or notebook")
-    for key in ("is_private", "enable_gpu", "enable_tpu", "enable_internet"):
-        if key in meta and not isinstance(meta[key], bool):
-            problems.append(f"{key!r} must be true or false")
-    for key in ("dataset_sources", "competition_sources", "kernel_sources", "model_sources"):
-        values = meta.get(key, [])
-        if not isinstance(values, list):
-            problems.append(f"{key!r} must be a list")
-            continue
-        if key in ("dataset_sources", "kernel_sources"):
-            problems += [f"{key} entry {v!r} is not 'owner/slug'" for v in values if not _REF.match(str(v))]
-    if meta.get("enable_gpu") and meta.get("machine_shape") not in KAGGLE_MACHINE_SHAPES:
-        problems.append(f"machine_shape {meta.get('machine_shape')!r} is not one of {KAGGLE_MACHINE_SHAPES}")
-    return problems
-
-
-def kernel_metadata(series: dict[str, Any], entry: dict[str, Any]) -> dict[str, Any]:
-    """The ``kernel-metadata.json`` of one entry of ``kaggle-metadata.json`` (defaults filled in,
-    ``{owner}`` and ``{dataset}`` replaced, ``code_file`` reduced to the staged file name)."""
-    merged = {**series["defaults"], **entry}
-
-    def fill(value: str) -> str:
-        return value.replace("{owner}", series["owner"]).replace("{dataset}", series["dataset"])
-
-    meta = {
-        "id": f"{series['owner']}/{merged['slug']}",
-        "title": merged["title"],
-        "code_file": Path(merged["code_file"]).name,
-        "language": merged["language"],
-        "kernel_type": merged["kernel_type"],
-        "is_private": merged["is_private"],
-        "enable_gpu": merged["enable_gpu"],
-        "enable_tpu": merged["enable_tpu"],
-        "enable_internet": merged["enable_internet"],
-        "dataset_sources": [fill(v) for v in merged.get("dataset_sources", [])],
-        "competition_sources": [],
-        "kernel_sources": [fill(v) for v in merged.get("kernel_sources", [])],
-        "model_sources": [],
-    }
-    if meta["enable_gpu"]:
-        meta["machine_shape"] = merged["machine_shape"]
-    return meta
-
-
-def stage_kaggle(
-    out_dir: str | os.PathLike,
-    metadata_path: str | os.PathLike | None = None,
-    owner: str | None = None,
-    dataset: str | None = None,
-) -> list[Path]:
-    """Stage one folder per kernel, each ready for ``kaggle kernels push -p FOLDER``.
-
-    The utility script (``kidneyseg_utils.py``) gets a folder of its own; every notebook lists it as a
-    kernel source, so Kaggle puts the module where the notebook's first cell finds it. ``owner`` and
-    ``dataset`` override the values in ``kaggle-metadata.json``.
-
-    Returns:
-        The staged folders, the utility script's first (push it first).
-
-    Raises:
-        FileExistsError: ``out_dir`` exists, is not empty and was not made by this function.
-        ValueError: a generated ``kernel-metadata.json`` breaks the documented rules.
-    """
-    repo = Path(__file__).resolve().parent
-    series = json.loads(Path(metadata_path or repo / "kaggle-metadata.json").read_text())
-    series["owner"] = owner or series["owner"]
-    series["dataset"] = dataset or series["dataset"]
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not (out / _STAGING_MARKER).exists():
-        raise FileExistsError(f"{out} is not empty and is not a kidneyseg staging folder; choose another.")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / _STAGING_MARKER).write_text("made by kidneyseg_utils.stage_kaggle; safe to delete\n")
-    import shutil
-
-    folders = []
-    for entry in [series["utility_script"], *series["notebooks"]]:
-        meta = kernel_metadata(series, entry)
-        problems = validate_kernel_metadata(meta)
-        if problems:
-            raise ValueError(f"kernel {entry['slug']}: {'; '.join(problems)}")
-        folder = out / entry["slug"]
-        if folder.exists():
-            shutil.rmtree(folder)
-        folder.mkdir()
-        shutil.copy2(repo / entry["code_file"], folder / meta["code_file"])
-        (folder / "kernel-metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
-        folders.append(folder)
-    return folders
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command line: ``python -m kidneyseg_utils stage-kaggle OUT [--owner NAME] [--dataset OWNER/SLUG]``."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m kidneyseg_utils", description=main.__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    stage = commands.add_parser("stage-kaggle", help="stage one folder per Kaggle kernel")
-    stage.add_argument("out", help="folder to write the kernel folders into")
-    stage.add_argument("--owner", help="your Kaggle user name (default: kaggle-metadata.json)")
-    stage.add_argument("--dataset", help="your dataset as owner/slug (default: kaggle-metadata.json)")
-    args = parser.parse_args(argv)
-    folders = stage_kaggle(args.out, owner=args.owner, dataset=args.dataset)
-    for folder in folders:
-        print(f"kaggle kernels push -p {folder}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+        if (source / name).exists() and not (out / name).exists():
+            shutil.copy2(source / name, out / name)
+    return source

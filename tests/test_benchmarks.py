@@ -3,13 +3,16 @@ asserted: performance claims live in the benchmarks' output, not in unit tests).
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
 
 
 def run_script(name: str, *args: str) -> str:
@@ -23,6 +26,7 @@ def run_script(name: str, *args: str) -> str:
 def test_help_documents_each_benchmark():
     for name in ("bench_speed.py", "bench_quality.py"):
         assert "--quick" in run_script(name, "--help")
+    assert "--tiny" in run_script("gpu_check.py", "--help")
 
 
 def test_speed_tables(tmp_path, shared_data):
@@ -71,3 +75,17 @@ def test_quality_tables(tmp_path, shared_data):
     assert ours["status"] == "ok" and 0 <= ours["pooled_dice"] <= 1 and ours["epochs"] == 1
     per_source = pd.read_csv(tmp_path / "quality_per_source.csv")
     assert "ours" in per_source.columns and per_source["ours"].between(0, 1).all()
+
+
+def test_gpu_check_runs_every_step_on_the_cpu(tmp_path):
+    out = tmp_path / "gpu_check.json"
+    printed = run_script("gpu_check.py", "--device", "cpu", "--tiny", "--out", str(out))
+    report = json.loads(out.read_text())
+    assert [row["setting"] for row in report["training"]] == ["fp32", "AMP", "AMP + channels-last"]
+    assert all(row["images_per_second"] > 0 for row in report["training"])
+    killed = report["kill_and_resume"]
+    assert killed["continuous"] and killed["epochs_after_resume"][-1] == killed["killed_after_epoch"] + 2
+    moved = report["cpu_checkpoint_resumed_here"]
+    assert moved["saved_scaler_state"] == "empty" and moved["epochs_after_resume"] == [1, 2]
+    assert [row["tta"] for row in report["evaluation"]] == [False, True]
+    assert "kill and resume" in printed and str(out) in printed

@@ -291,7 +291,7 @@ def test_resolve_data_dir_order(tmp_path, monkeypatch):
     make_folder(kaggle / "my-dataset" / "train", ["a"])
     monkeypatch.delenv(ku.DATA_DIR_ENV, raising=False)
     assert ku.resolve_data_dir(str(tmp_path), kaggle_input=kaggle) == tmp_path
-    assert ku.resolve_data_dir("auto", kaggle_input=kaggle) == kaggle
+    assert ku.resolve_data_dir("auto", kaggle_input=kaggle) == kaggle / "my-dataset"  # the attached dataset
     monkeypatch.setenv(ku.DATA_DIR_ENV, str(tmp_path / "env"))
     make_folder(tmp_path / "env", ["b"])
     assert ku.resolve_data_dir("auto", kaggle_input=tmp_path / "none") == tmp_path / "env"

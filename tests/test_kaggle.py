@@ -1,184 +1,481 @@
-"""Kaggle delivery: metadata rules, staged folders, the notebook bootstrap in a faked Kaggle layout,
-and the GPU code paths forced on a CPU (AMP dtype guard, the two-GPU wrapper)."""
+"""Kaggle: staging checked by the Kaggle CLI itself, the runtime rules (paths, defaults, headless
+runs), and a simulated Kaggle session in the current and the older folder layout."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pandas as pd
 import papermill
 import pytest
 import torch
-from torch import nn
 
 import kidneyseg_utils as ku
 
 REPO = Path(__file__).resolve().parents[1]
+SLUGS = ["kidneyseg-01-explore-data", "kidneyseg-02-preprocessing-experiments", "kidneyseg-03-train-model"]
+LATER = ["kidneyseg-04-evaluate-model", "kidneyseg-05-leave-one-source-out"]
 
 
-def test_series_metadata_gives_valid_kernel_metadata():
-    series = json.loads((REPO / "kaggle-metadata.json").read_text())
-    for entry in [series["utility_script"], *series["notebooks"]]:
-        meta = ku.kernel_metadata(series, entry)
-        assert ku.validate_kernel_metadata(meta) == [], entry["slug"]
-        assert set(meta) <= set(ku.KERNEL_METADATA_FIELDS)
-        assert (REPO / entry["code_file"]).is_file()
-    notebooks = {n["code_file"] for n in series["notebooks"]}
-    assert notebooks == {p.relative_to(REPO).as_posix() for p in (REPO / "notebooks").glob("*.ipynb")}
-    utility = ku.kernel_metadata(series, series["utility_script"])
-    assert utility["kernel_type"] == "script" and "machine_shape" not in utility
-    train = ku.kernel_metadata(series, next(n for n in series["notebooks"] if "03" in n["code_file"]))
-    assert train["enable_gpu"] is True and train["machine_shape"] == "NvidiaTeslaT4"
-    assert (
-        train["enable_internet"] is False and f"{series['owner']}/kidneyseg-utils" in train["kernel_sources"]
+def _load_stage_tool():
+    spec = importlib.util.spec_from_file_location("kaggle_stage", REPO / "tools" / "kaggle_stage.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+stage_tool = _load_stage_tool()
+
+
+# ----- the module is what Kaggle runs as the utility script -----------------------------------------
+
+
+def test_running_the_module_as_a_script_does_nothing(tmp_path):
+    """Kaggle saves a utility script by running it: it must import cleanly, print nothing, exit 0."""
+    env = {k: v for k, v in os.environ.items() if k != "NO_ALBUMENTATIONS_UPDATE"}
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "kidneyseg_utils.py")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
+    assert (proc.returncode, proc.stdout) == (0, "")
+    assert list(tmp_path.iterdir()) == []  # wrote nothing
+    probe = (
+        "import os, sys, kidneyseg_utils as ku\n"
+        "assert 'albumentations' not in sys.modules\n"
+        "ku.build_eval_transform(32)\n"
+        "print(os.environ['NO_ALBUMENTATIONS_UPDATE'])\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", probe], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == "1", proc.stderr  # no update check offline
+
+
+# ----- staging, checked by the Kaggle CLI's own push code --------------------------------------------
+
+
+@pytest.fixture()
+def kaggle_cli(monkeypatch):
+    """The Kaggle CLI's ``KaggleApi`` with its network client replaced by a recorder.
+
+    ``kernels_push`` validates the folder and builds the request exactly as on a real push; only the
+    final call to Kaggle's server is caught. Importing the package wants credentials: a dummy token.
+    """
+    monkeypatch.setenv("KAGGLE_API_TOKEN", "offline-test-token")
+    try:
+        from kaggle.api.kaggle_api_extended import KaggleApi
+    except ImportError as exc:  # pragma: no cover - the requirements install it
+        if os.environ.get("CI"):
+            pytest.fail(f"the kaggle package is missing: {exc}")
+        pytest.skip(f"the kaggle package is not installed: {exc}")
+    api = KaggleApi()
+    sent: list = []
+
+    class Recorder:
+        def __enter__(self):
+            client = types.SimpleNamespace(save_kernel=lambda request: sent.append(request) or request)
+            return types.SimpleNamespace(kernels=types.SimpleNamespace(kernels_api_client=client))
+
+        def __exit__(self, *exc):
+            return False
+
+    api.build_kaggle_client = Recorder
+    api.sent = sent
+    return api
+
+
+def test_staged_series_is_pushed_as_the_kaggle_cli_would(tmp_path, kaggle_cli):
+    stages = stage_tool.stage_kaggle(tmp_path / "stage", owner="alice", dataset="alice/kidneys")
+    assert [[f.name for f in stage] for stage in stages] == [["kidneyseg-utils"], SLUGS, LATER]
+    for folder in [f for stage in stages for f in stage]:
+        kaggle_cli.kernels_push(str(folder))
+    sent = {request.slug.split("/")[1]: request for request in kaggle_cli.sent}
+    utility = sent["kidneyseg-utils"]
+    assert utility.kernel_type == "script" and utility.category_ids == ["util-script"]
+    assert utility.enable_gpu is False and "kidneyseg_utils" in utility.text
+    assert utility.docker_image_pinning_type == "original"
+    for slug in SLUGS + LATER:
+        request = sent[slug]
+        assert request.kernel_type == "notebook" and request.enable_internet is False
+        assert request.dataset_data_sources == ["alice/kidneys"]
+        assert "alice/kidneyseg-utils" in request.kernel_data_sources
+        assert request.docker_image_pinning_type == "original"
+        assert request.machine_shape == ("" if slug.endswith("01-explore-data") else "NvidiaTeslaT4")
+        assert json.loads(request.text)["cells"]  # the notebook itself travels
+    assert "alice/kidneyseg-03-train-model" in sent["kidneyseg-04-evaluate-model"].kernel_data_sources
+
+
+GOOD = {
+    "id": "alice/kidneyseg-03-train-model",
+    "title": "kidneyseg 03 train model",
+    "code_file": "03_train_model.ipynb",
+    "language": "python",
+    "kernel_type": "notebook",
+    "is_private": True,
+    "enable_gpu": True,
+    "enable_tpu": False,
+    "enable_internet": False,
+    "dataset_sources": ["alice/kidneys"],
+    "kernel_sources": [],
+    "machine_shape": "NvidiaTeslaT4",
+}
 
 
 @pytest.mark.parametrize(
-    ("change", "message"),
+    ("change", "error"),
     [
-        ({"id": "no-owner"}, "owner/slug"),
-        ({"title": "Something else"}, "does not give the slug"),
+        ({"title": "abc"}, "at least five characters"),
         ({"language": "julia"}, "language"),
         ({"kernel_type": "app"}, "kernel_type"),
-        ({"enable_gpu": "true"}, "enable_gpu"),
+        ({"enable_gpu": "yes"}, "enable_gpu"),
         ({"dataset_sources": ["just-a-name"]}, "dataset_sources"),
-        ({"machine_shape": "Tpu"}, "machine_shape"),
-        ({"colour": "red"}, "unknown field"),
-        ({"code_file": ""}, "code_file"),
+        ({"kernel_sources": ["a/b/c/d"]}, "kernel_sources"),
+        ({"model_sources": ["a/b/c"]}, "model_sources"),
+        ({"docker_image_pinning_type": "pinned"}, "docker_image_pinning_type"),
+        ({"id": "alice/slug/3"}, "no version"),
+        ({"code_file": "missing.ipynb"}, "code_file"),
+        # what the CLI accepts, the validator accepts too:
+        ({"enable_gpu": "TRUE", "is_private": "false"}, None),
+        ({"keywords": ["util-script"], "docker_image_pinning_type": "latest", "docker_image": "x"}, None),
+        ({"id_no": 12345}, None),
+        ({"dataset_sources": ["alice/kidneys/2"], "model_sources": ["a/m/pytorch/v/1"]}, None),
     ],
 )
-def test_validation_catches_each_rule(change, message):
-    good = {
-        "id": "alice/kidneyseg-03-train-model",
-        "title": "kidneyseg 03 train model",
-        "code_file": "03_train_model.ipynb",
-        "language": "python",
-        "kernel_type": "notebook",
-        "is_private": True,
-        "enable_gpu": True,
-        "enable_tpu": False,
-        "enable_internet": False,
-        "dataset_sources": ["alice/kidneys"],
-        "kernel_sources": [],
-        "machine_shape": "NvidiaTeslaT4",
+def test_validator_agrees_with_the_kaggle_cli(tmp_path, kaggle_cli, change, error):
+    (tmp_path / "03_train_model.ipynb").write_text(json.dumps({"cells": [], "metadata": {}}))
+    meta = {**GOOD, **change}
+    (tmp_path / "kernel-metadata.json").write_text(json.dumps(meta))
+    errors, _ = stage_tool.validate_kernel_metadata(meta, tmp_path)
+    if error is None:
+        assert errors == []
+        kaggle_cli.kernels_push(str(tmp_path))
+    else:
+        assert any(error in e for e in errors), errors
+        with pytest.raises(ValueError):
+            kaggle_cli.kernels_push(str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("change", "warning"),
+    [
+        ({"colour": "red"}, "not read by the Kaggle CLI"),
+        ({"title": "Something else"}, "gives the slug"),
+        ({"machine_shape": "NvidiaTeslaP100"}, "no Pascal kernels"),
+        ({"machine_shape": "NvidiaK80"}, "not one Kaggle documents"),
+    ],
+)
+def test_validator_warns_where_the_cli_accepts_what_misleads(tmp_path, change, warning):
+    (tmp_path / "03_train_model.ipynb").write_text("{}")
+    errors, warnings = stage_tool.validate_kernel_metadata({**GOOD, **change}, tmp_path)
+    assert errors == [] and any(warning in w for w in warnings), warnings
+    without_internet = {k: v for k, v in GOOD.items() if k != "enable_internet"}
+    assert any("internet ON" in w for w in stage_tool.validate_kernel_metadata(without_internet)[1])
+
+
+def test_series_rules_and_staging_folder(tmp_path):
+    series = json.loads((REPO / "kaggle-metadata.json").read_text())
+    assert stage_tool.series_problems(series) == []
+    broken = json.loads(json.dumps(series))
+    broken["utility_script"]["keywords"] = []
+    broken["utility_script"]["slug"] = "kidneyseg-helpers"
+    broken["notebooks"][0]["kernel_sources"] = []
+    problems = " ".join(stage_tool.series_problems(broken))
+    assert "util-script" in problems and "kidneyseg_utils.py" in problems and "01-explore-data" in problems
+    assert {n["code_file"] for n in series["notebooks"]} == {
+        p.relative_to(REPO).as_posix() for p in (REPO / "notebooks").glob("*.ipynb")
     }
-    assert ku.validate_kernel_metadata(good) == []
-    problems = ku.validate_kernel_metadata({**good, **change})
-    assert any(message in p for p in problems), problems
-
-
-def test_staging_writes_push_ready_folders(tmp_path):
     out = tmp_path / "stage"
-    folders = ku.stage_kaggle(out, owner="alice", dataset="alice/kidneys")
-    assert folders[0].name == "kidneyseg-utils" and len(folders) == 6  # the module and five notebooks
-    for folder in folders:
-        meta = json.loads((folder / "kernel-metadata.json").read_text())
-        assert ku.validate_kernel_metadata(meta) == []
-        assert (folder / meta["code_file"]).is_file() and meta["id"].startswith("alice/")
-    assert (folders[0] / "kidneyseg_utils.py").read_bytes() == (REPO / "kidneyseg_utils.py").read_bytes()
-    assert ku.stage_kaggle(out) == [out / f.name for f in folders]  # staging again replaces
+    first = stage_tool.stage_kaggle(out)
+    assert stage_tool.stage_kaggle(out) == first  # staging again replaces its own folders
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep")
     with pytest.raises(FileExistsError, match="not a kidneyseg staging folder"):
-        ku.stage_kaggle(tmp_path / "mine")
+        stage_tool.stage_kaggle(tmp_path / "mine")
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
 
 
-def test_command_line(tmp_path):
+def test_stage_command_prints_the_push_order(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "kidneyseg_utils", "stage-kaggle", str(tmp_path / "s"), "--owner", "bob"],
-        cwd=REPO,
+        [
+            sys.executable,
+            str(REPO / "tools" / "kaggle_stage.py"),
+            "stage",
+            str(tmp_path / "s"),
+            "--owner",
+            "bob",
+        ],
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
-    assert "kaggle kernels push -p" in proc.stdout
-    assert json.loads((tmp_path / "s" / "kidneyseg-utils" / "kernel-metadata.json").read_text())["id"] == (
-        "bob/kidneyseg-utils"
+    pushes = [
+        line.split("/")[-1] for line in proc.stdout.splitlines() if line.startswith("kaggle kernels push")
+    ]
+    assert pushes == ["kidneyseg-utils", *SLUGS, *LATER]
+    assert "once notebook 03 has finished" in proc.stdout and "bob/kidneyseg-03-train-model" in proc.stdout
+    check = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "tools" / "kaggle_stage.py"),
+            "validate",
+            *(str(p) for p in (tmp_path / "s").iterdir() if p.is_dir()),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
+    assert check.returncode == 0 and check.stdout.count(": ok") == 6, check.stdout
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    check = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "kaggle_stage.py"), "validate", str(empty)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert check.returncode == 1 and "no kernel-metadata.json" in check.stdout
 
 
-def test_staged_notebook_runs_in_a_faked_kaggle_layout(tmp_path, phantom_dir):
-    """The staged notebook finds the module as a utility script, the data under /kaggle/input and
-    writes to /kaggle/working, with the Kaggle root pointed at a temporary folder."""
-    stage = tmp_path / "stage"
-    ku.stage_kaggle(stage, owner="alice", dataset="alice/kidneys")
-    kaggle = tmp_path / "kaggle"
-    shutil.copytree(stage / "kidneyseg-utils", kaggle / "usr" / "lib" / "kidneyseg-utils")
-    shutil.copytree(phantom_dir, kaggle / "input" / "kidneys" / "train")
-    (kaggle / "working").mkdir()
-    folder = stage / "kidneyseg-03-train-model"
-    prepared = folder / "run.ipynb"
+# ----- runtime rules: where things are, what "auto" means, headless or not ------------------------
+
+
+def _touch(path: Path, text: str = "x") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_outputs_are_found_five_levels_down_in_either_layout(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv(ku.KAGGLE_ROOT_ENV, str(tmp_path))
+    old = _touch(tmp_path / "input" / "kidneyseg-03-train-model" / "kidneyseg" / ku.BEST_MODEL_NAME)
+    assert ku.resolve_model_path("auto", tmp_path / "empty") == old
+    new = _touch(tmp_path / "input/notebooks/alice/kidneyseg-03-train-model/kidneyseg" / ku.BEST_MODEL_NAME)
+    assert ku.resolve_model_path("auto", tmp_path / "empty") == new
+    message = capsys.readouterr().out
+    assert (
+        "Found 2" in message
+        and "current layout" in message
+        and str(old) in message
+        and "MODEL_PATH" in message
+    )
+    _touch(tmp_path / "input/a/b/c/d/e/f/g" / ku.BEST_MODEL_NAME)  # seven folders down: out of bounds
+    assert len(ku.kaggle_output_candidates(ku.BEST_MODEL_NAME)) == 2
+    local = _touch(tmp_path / "working" / "kidneyseg" / ku.BEST_MODEL_NAME)
+    assert ku.resolve_model_path("auto", local.parent) == local  # this session's own model first
+    with pytest.raises(FileNotFoundError, match="MODEL_PATH"):
+        monkeypatch.setenv(ku.KAGGLE_ROOT_ENV, str(tmp_path / "nowhere"))
+        ku.resolve_model_path("auto", tmp_path / "empty")
+
+
+def test_find_below_skips_hidden_and_image_folders(tmp_path):
+    _touch(tmp_path / "a" / "target")
+    _touch(tmp_path / ".hidden" / "target")
+    _touch(tmp_path / "data" / "images" / "target")
+    _touch(tmp_path / "b" / "c" / "target")
+    assert ku.find_below(tmp_path, "target") == [tmp_path / "a" / "target", tmp_path / "b" / "c" / "target"]
+    assert ku.find_below(tmp_path, "target", max_depth=1) == [tmp_path / "a" / "target"]
+    assert ku.find_below(tmp_path / "missing", "target") == []
+
+
+def _dataset(root: Path, name: str = "a") -> Path:
+    from PIL import Image
+
+    for sub in ("images", "masks"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+        Image.new("L", (8, 8)).save(root / sub / f"{name}.png")
+    return root
+
+
+def test_data_on_kaggle_current_and_old_layout(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv(ku.KAGGLE_ROOT_ENV, str(tmp_path))
+    monkeypatch.setenv("KAGGLE_KERNEL_RUN_TYPE", "Batch")
+    monkeypatch.delenv(ku.DATA_DIR_ENV, raising=False)
+    # notebook 03's output holds phantoms; it is never taken for data
+    _dataset(tmp_path / "input/notebooks/alice/kidneyseg-03-train-model/kidneyseg/synthetic_data")
+    with pytest.raises(FileNotFoundError, match="Add Input") as caught:
+        ku.resolve_data_dir("auto", synthetic_dir=tmp_path / "working" / "syn")
+    assert 'DATA_DIR="synthetic"' in str(caught.value) and not (tmp_path / "working" / "syn").exists()
+    synthetic = ku.resolve_data_dir("synthetic", synthetic_dir=tmp_path / "working" / "syn")
+    assert len(ku.index_dataset(synthetic).pairs) > 0
+    old = _dataset(tmp_path / "input" / "kidneys" / "train").parent
+    assert ku.resolve_data_dir("auto") == old
+    new = _dataset(tmp_path / "input" / "datasets" / "alice" / "kidneys" / "ct").parent
+    assert ku.kaggle_dataset_candidates() == [new, old]
+    assert ku.resolve_data_dir("auto") == new
+    assert "Found 2 attached datasets" in capsys.readouterr().out
+
+
+def test_auto_defaults_follow_kaggle(monkeypatch):
+    monkeypatch.delenv("KAGGLE_KERNEL_RUN_TYPE", raising=False)
+    assert (ku.Config().multi_gpu, ku.Config().max_train_minutes) == (False, None)
+    monkeypatch.setenv("KAGGLE_KERNEL_RUN_TYPE", "Interactive")
+    config = ku.Config.from_parameters(MULTI_GPU="auto", MAX_TRAIN_MINUTES="auto")
+    assert (config.multi_gpu, config.max_train_minutes) == (True, ku.KAGGLE_TRAIN_MINUTES)
+    assert ku.KAGGLE_TRAIN_MINUTES < 12 * 60
+    assert ku.Config(multi_gpu=False, max_train_minutes=None).to_dict()["multi_gpu"] is False
+    with pytest.raises(ValueError, match="MULTI_GPU"):
+        ku.Config(multi_gpu="both")
+
+
+def test_interactive_frontend_rules(monkeypatch):
+    monkeypatch.delenv(ku.INTERACTIVE_ENV, raising=False)
+    monkeypatch.delenv("KAGGLE_KERNEL_RUN_TYPE", raising=False)
+    assert ku.interactive_frontend() is False  # plain Python: no kernel
+    fake = types.SimpleNamespace(kernel=types.SimpleNamespace(_allow_stdin=True))
+    monkeypatch.setattr("IPython.get_ipython", lambda: fake)
+    assert ku.interactive_frontend() is True  # a front end that answers input(): a person
+    fake.kernel._allow_stdin = False
+    assert ku.interactive_frontend() is False  # papermill, nbclient, nbval
+    fake.kernel._allow_stdin = True
+    monkeypatch.setenv("KAGGLE_KERNEL_RUN_TYPE", "Batch")
+    assert ku.interactive_frontend() is False  # Kaggle's "Save & Run All"
+    monkeypatch.setenv(ku.INTERACTIVE_ENV, "1")
+    assert ku.interactive_frontend() is True
+    monkeypatch.setenv(ku.INTERACTIVE_ENV, "0")
+    monkeypatch.delenv("KAGGLE_KERNEL_RUN_TYPE")
+    assert ku.interactive_frontend() is False
+
+
+def test_headless_runs_create_no_widget(monkeypatch, capsys):
+    import IPython.display
+    import ipywidgets
+
+    shown = []
+    monkeypatch.setattr(IPython.display, "display", lambda *objs: shown.extend(objs))
+    drawn = []
+    controls = lambda widgets: {"x": widgets.IntSlider(0, 0, 3)}  # noqa: E731
+    monkeypatch.setenv(ku.INTERACTIVE_ENV, "0")
+    ku._static_then_widget(lambda x=0: drawn.append(x), controls)
+    assert drawn == [0] and shown == [] and "Sliders appear" in capsys.readouterr().out
+    monkeypatch.setenv(ku.INTERACTIVE_ENV, "1")
+    ku._static_then_widget(lambda x=0: drawn.append(x), controls)
+    assert len(shown) == 1 and isinstance(shown[0], ipywidgets.Widget)
+    monkeypatch.setenv(ku.INTERACTIVE_ENV, "0")
+    bar = ku._progress_bar(range(3), True)
+    assert bar.disable and list(bar) == [0, 1, 2]
+
+
+def test_one_plain_line_per_epoch(tmp_path, phantom_dir, tiny_config, capsys, monkeypatch):
+    monkeypatch.setenv(ku.INTERACTIVE_ENV, "0")
+    data = ku.prepare_data(tiny_config, phantom_dir)
+    ku.train_model(
+        ku.build_model(tiny_config),
+        data.train_dataset,
+        data.val_dataset,
+        tiny_config,
+        tmp_path,
+        torch.device("cpu"),
+    )
+    captured = capsys.readouterr()
+    lines = [line for line in captured.out.splitlines() if line.startswith("epoch")]
+    assert [line.split()[1] for line in lines] == ["1/3", "2/3", "3/3"]
+    assert all("val loss" in line and "dice" in line and "best" in line for line in lines)
+    assert "\r" not in captured.err  # no progress bar drawn in a headless run
+
+
+# ----- a simulated Kaggle session: staged folders, Kaggle's mounts, three sessions -------------------
+
+LAYOUTS = {
+    "current": {
+        "utility": "usr/lib/notebooks/alice/kidneyseg-utils",
+        "dataset": "input/datasets/alice/kidneys",
+        "output_of_03": "input/notebooks/alice/kidneyseg-03-train-model",
+    },
+    "old": {
+        "utility": "usr/lib/kidneyseg_utils",
+        "dataset": "input/kidneys",
+        "output_of_03": "input/kidneyseg-03-train-model",
+    },
+}
+
+
+def _kaggle_session(kaggle: Path, folder: Path, parameters: dict, previous_output: Path | None) -> Path:
+    """One Kaggle session: a fresh /kaggle/working, the earlier output attached, the staged notebook
+    run headless (nbval) with ``KAGGLE_KERNEL_RUN_TYPE=Batch``. Returns this session's output."""
+    working, layout = kaggle / "working", kaggle.name
+    shutil.rmtree(working, ignore_errors=True)
+    working.mkdir()
+    attached = kaggle / LAYOUTS[layout]["output_of_03"]
+    shutil.rmtree(attached, ignore_errors=True)
+    if previous_output is not None:
+        shutil.copytree(previous_output, attached)  # Kaggle mounts the whole /kaggle/working of a run
+    notebook = next(folder.glob("*.ipynb"))
+    prepared = kaggle / "run" / notebook.name
+    prepared.parent.mkdir(exist_ok=True)
     papermill.execute_notebook(
-        str(folder / "03_train_model.ipynb"),
-        str(prepared),
-        prepare_only=True,
-        parameters=dict(IMAGE_SIZE=32, BASE_CHANNELS=4, BATCH_SIZE=8, NUM_EPOCHS=1),
-        kernel_name="python3",
-        progress_bar=False,
+        str(notebook), str(prepared), prepare_only=True, parameters=parameters, kernel_name="python3"
     )
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", ku.DATA_DIR_ENV)}
-    env.update(KIDNEYSEG_KAGGLE_ROOT=str(kaggle), MPLBACKEND="Agg")
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("PYTHONPATH", ku.DATA_DIR_ENV, ku.INTERACTIVE_ENV, "NO_ALBUMENTATIONS_UPDATE")
+    }
+    env.update(KIDNEYSEG_KAGGLE_ROOT=str(kaggle), KAGGLE_KERNEL_RUN_TYPE="Batch", MPLBACKEND="Agg")
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--nbval-lax", str(prepared)],
-        cwd=folder,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--nbval-lax",
+            "--nbval-cell-timeout=300",
+            str(prepared),
+        ],
+        cwd=working,  # Kaggle runs notebooks in /kaggle/working
         env=env,
         capture_output=True,
         text=True,
         timeout=600,
     )
-    assert proc.returncode == 0, proc.stdout[-5000:]
-    working = kaggle / "working" / "kidneyseg"
-    assert len(pd.read_csv(working / ku.METRICS_CSV_NAME)) == 1
-    checkpoint = ku.load_checkpoint(working / ku.BEST_MODEL_NAME)
-    assert checkpoint["data_dir"] == str(kaggle / "input")
+    assert proc.returncode == 0, proc.stdout[-6000:]
+    snapshot = kaggle / "outputs" / f"{notebook.stem}-{len(list((kaggle / 'outputs').glob('*')))}"
+    shutil.copytree(working, snapshot)
+    return snapshot
 
 
-def test_kaggle_paths_follow_the_root(tmp_path, monkeypatch):
-    monkeypatch.setenv(ku.KAGGLE_ROOT_ENV, str(tmp_path / "kaggle"))
-    (tmp_path / "kaggle" / "working").mkdir(parents=True)
-    assert ku.resolve_output_dir() == tmp_path / "kaggle" / "working" / "kidneyseg"
-    previous = tmp_path / "kaggle" / "input" / "kidneyseg-03-train-model" / "kidneyseg"
-    previous.mkdir(parents=True)
-    for name in (ku.BEST_MODEL_NAME, ku.LAST_CHECKPOINT_NAME, ku.METRICS_CSV_NAME):
-        (previous / name).write_text(name)
-    assert ku.resolve_model_path("auto", tmp_path / "empty") == previous / ku.BEST_MODEL_NAME
-    out = tmp_path / "kaggle" / "working" / "kidneyseg"
-    assert ku.restore_run_for_resume(out) == previous
-    assert (out / ku.LAST_CHECKPOINT_NAME).read_text() == ku.LAST_CHECKPOINT_NAME
-    assert ku.restore_run_for_resume(out) is None  # already there: nothing is overwritten
-    with pytest.raises(FileNotFoundError, match="notebook 03"):
-        monkeypatch.setenv(ku.KAGGLE_ROOT_ENV, str(tmp_path / "nowhere"))
-        ku.resolve_model_path("auto", tmp_path / "empty")
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["current", "old"])
+def test_simulated_kaggle_sessions(tmp_path, phantom_dir, layout):
+    """Notebook 03 trains; 04 evaluates 03's attached output with MODEL_PATH="auto"; 03 runs again
+    in a new session with RESUME=True and its previous output attached, continuing the history."""
+    stage = stage_tool.stage_kaggle(tmp_path / "stage", owner="alice", dataset="alice/kidneys")
+    folders = {f.name: f for group in stage for f in group}
+    kaggle = tmp_path / layout
+    (kaggle / "outputs").mkdir(parents=True)
+    shutil.copytree(folders["kidneyseg-utils"], kaggle / LAYOUTS[layout]["utility"])
+    shutil.copytree(phantom_dir, kaggle / LAYOUTS[layout]["dataset"] / "ct")
+    tiny = dict(IMAGE_SIZE=32, BASE_CHANNELS=4, BATCH_SIZE=8, GROUP_REGEX="^([^_]+)_")
 
+    first = _kaggle_session(kaggle, folders["kidneyseg-03-train-model"], {**tiny, "NUM_EPOCHS": 1}, None)
+    run = first / "kidneyseg"
+    checkpoint = ku.load_checkpoint(run / ku.BEST_MODEL_NAME)
+    assert checkpoint["data_dir"] == str(kaggle / LAYOUTS[layout]["dataset"])
+    assert checkpoint["config"]["multi_gpu"] is True  # "auto" on Kaggle: every GPU
+    assert checkpoint["config"]["max_train_minutes"] == ku.KAGGLE_TRAIN_MINUTES
 
-def test_amp_dtype_never_bf16_below_compute_capability_8():
-    assert ku.amp_dtype((7, 5)) == torch.float16  # T4
-    assert ku.amp_dtype((6, 0)) == torch.float16  # P100
-    assert ku.amp_dtype((8, 0)) == torch.bfloat16 and ku.amp_dtype((9, 0)) == torch.bfloat16
-    assert ku.amp_dtype(None) is None
+    evaluated = _kaggle_session(kaggle, folders["kidneyseg-04-evaluate-model"], {}, first)
+    summary = json.loads((evaluated / "kidneyseg" / "evaluation_val" / "evaluation_summary.json").read_text())
+    assert summary["model_path"].startswith(str(kaggle / LAYOUTS[layout]["output_of_03"]))
+    assert summary["n_images"] == len(checkpoint["split"]["val"])
 
-
-def test_two_gpu_wrapper_and_unwrapped_checkpoint(tmp_path, phantom_dir):
-    model = ku.AttentionUNet(base_channels=4, depth=2)
-    cuda = torch.device("cuda")
-    assert isinstance(ku.wrap_for_devices(model, cuda, True, device_count=2), nn.DataParallel)
-    assert ku.wrap_for_devices(model, cuda, False, device_count=2) is model
-    assert ku.wrap_for_devices(model, cuda, True, device_count=1) is model
-    assert ku.wrap_for_devices(model, torch.device("cpu"), True, device_count=2) is model
-    config = ku.Config(image_size=32, base_channels=4, depth=2, batch_size=4, num_epochs=1)
-    data = ku.prepare_data(config, phantom_dir)
-    wrapped = nn.DataParallel(ku.build_model(config))
-    result = ku.train_model(
-        wrapped, data.train_dataset, data.val_dataset, config, tmp_path, torch.device("cpu"), progress=False
+    resumed = _kaggle_session(
+        kaggle, folders["kidneyseg-03-train-model"], {**tiny, "NUM_EPOCHS": 2, "RESUME": True}, first
     )
-    state = ku.load_checkpoint(result.files["best_model"])["model_state"]
-    assert not any(k.startswith("module.") for k in state)
-    ku.load_model(result.files["best_model"])  # loads into a plain model
+    history = pd.read_csv(resumed / "kidneyseg" / ku.METRICS_CSV_NAME)
+    assert history["epoch"].tolist() == [1, 2]
+    assert history.iloc[0].equals(pd.read_csv(run / ku.METRICS_CSV_NAME).iloc[0])  # continued, not redone
+    assert ku.load_checkpoint(resumed / "kidneyseg" / ku.LAST_CHECKPOINT_NAME)["epoch"] == 2

@@ -179,6 +179,7 @@ def _resume_and_check(phantom_dir: Path, out: Path, config: ku.Config, killed_af
     assert result.history["epoch"].tolist() == list(range(1, config.num_epochs + 1))
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume(tmp_path, phantom_dir):
     config = cfg(num_epochs=4)
     out = tmp_path / "run"
@@ -191,6 +192,7 @@ def test_sigkill_mid_epoch_then_resume(tmp_path, phantom_dir):
     _resume_and_check(phantom_dir, out, config, killed_after=2)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_checkpoint_write_then_resume(tmp_path, phantom_dir):
     config = cfg(num_epochs=4)
     out = tmp_path / "run"

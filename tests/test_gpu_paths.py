@@ -1,0 +1,169 @@
+"""The GPU code paths, forced on a CPU: checkpoints and generator states moved between devices, the
+GradScaler state, the autocast dtype, autocast at inference (TTA included) and the two-GPU wrapper."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import kidneyseg_utils as ku
+
+
+@pytest.fixture(scope="module")
+def phantom_data(phantom_dir):
+    config = ku.Config(image_size=32, base_channels=4, depth=2, batch_size=4, group_regex="^([^_]+)_", seed=3)
+    return ku.prepare_data(config, phantom_dir)
+
+
+def cfg(**changes):
+    base = dict(image_size=32, base_channels=4, depth=2, batch_size=4, num_epochs=2, group_regex="^([^_]+)_")
+    return ku.Config(**{**base, "seed": 3, **changes})
+
+
+def train(config, data, out, **kw):
+    torch.manual_seed(config.seed)
+    model = ku.build_model(config)
+    result = ku.train_model(
+        model,
+        data.train_dataset,
+        data.val_dataset,
+        config,
+        out,
+        torch.device("cpu"),
+        progress=False,
+        log=False,
+        **kw,
+    )
+    return model, result
+
+
+def test_amp_dtype_never_bf16_below_compute_capability_8():
+    assert ku.amp_dtype((7, 5)) == torch.float16  # T4
+    assert ku.amp_dtype((6, 0)) == torch.float16  # P100
+    assert ku.amp_dtype((8, 0)) == torch.bfloat16 and ku.amp_dtype((9, 0)) == torch.bfloat16
+    assert ku.amp_dtype(None) is None
+
+
+def test_resume_loads_to_the_cpu_and_restores_generators_as_cpu_bytes(phantom_data, tmp_path, monkeypatch):
+    """A last checkpoint is loaded with map_location="cpu" whatever the device, and every generator
+    state reaches set_rng_state as a CPU uint8 tensor, even when the file was loaded elsewhere."""
+    train(cfg(num_epochs=1), phantom_data, tmp_path)
+    loads, states = [], []
+    real_load, real_set = torch.load, torch.set_rng_state
+
+    def spy_load(*args, **kwargs):
+        loads.append(kwargs.get("map_location"))
+        payload = real_load(*args, **kwargs)
+        if isinstance(payload, dict) and "rng_state" in payload:  # as if loaded onto another device:
+            rng = payload["rng_state"]
+            rng["torch"] = rng["torch"].to(torch.int64)  # another dtype (a GPU copy would be another device)
+            rng["numpy_keys"] = rng["numpy_keys"].clone()
+        return payload
+
+    def spy_set(state):
+        states.append((state.device.type, state.dtype))
+        real_set(state)
+
+    monkeypatch.setattr(torch, "load", spy_load)
+    monkeypatch.setattr(torch, "set_rng_state", spy_set)
+    _, resumed = train(cfg(num_epochs=2), phantom_data, tmp_path, resume=True)
+    assert loads == ["cpu"] and states and set(states) == {("cpu", torch.uint8)}
+    assert resumed.history["epoch"].tolist() == [1, 2]
+
+
+def test_cuda_generator_states_restored_only_on_a_matching_machine(monkeypatch):
+    """A checkpoint saved on two GPUs restores their generators on two GPUs, and neither a CPU run nor
+    a one-GPU run tries to; a CPU checkpoint (no CUDA states) resumes on a GPU."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: calls.append(states))
+    saved = {
+        "torch": torch.get_rng_state(),
+        "numpy_keys": torch.zeros(624, dtype=torch.int64),
+        "numpy_pos": 624,
+        "python": list(range(625)),
+        "cuda": [torch.zeros(16, dtype=torch.int64), torch.ones(16, dtype=torch.int64)],
+    }
+    before = torch.get_rng_state()
+    for available, count, expected in ((False, 0, 0), (True, 1, 0), (True, 2, 1)):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda a=available: a)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda c=count: c)
+        calls.clear()
+        ku._set_rng_state(saved)
+        assert len(calls) == expected
+    assert all(t.device.type == "cpu" and t.dtype == torch.uint8 for t in calls[0])
+    ku._set_rng_state({k: v for k, v in saved.items() if k != "cuda"})  # a CPU checkpoint on "2 GPUs"
+    ku._set_rng_state({**saved, "torch": before})
+
+
+def test_grad_scaler_state_empty_missing_or_real():
+    """fp16 on a GPU needs a GradScaler; a CPU checkpoint holds an empty state (the scaler was off)."""
+    off = torch.amp.GradScaler("cpu", enabled=False)
+    assert off.state_dict() == {}  # what a CPU run saves
+    with pytest.raises(RuntimeError):
+        torch.amp.GradScaler("cpu", enabled=True).load_state_dict({})  # what failed before
+    fresh = ku._grad_scaler("cpu", True, {})
+    assert fresh.is_enabled() and fresh.get_scale() == 65536.0
+    assert ku._grad_scaler("cpu", True, None).get_scale() == 65536.0
+    used = torch.amp.GradScaler("cpu", enabled=True, init_scale=256.0)
+    restored = ku._grad_scaler("cpu", True, used.state_dict())
+    assert restored.get_scale() == 256.0
+    assert not ku._grad_scaler("cpu", False, used.state_dict()).is_enabled()
+
+
+def test_cpu_checkpoint_without_scaler_state_resumes_with_a_scaler(phantom_data, tmp_path, monkeypatch):
+    """A CPU run's last checkpoint (empty scaler state, or none at all) resumed where fp16 is on."""
+    train(cfg(num_epochs=1), phantom_data, tmp_path)
+    last = tmp_path / ku.LAST_CHECKPOINT_NAME
+    payload = ku.load_checkpoint(last)
+    assert payload["scaler_state"] == {}
+    del payload["scaler_state"]
+    ku.save_checkpoint(payload, last)
+    built = []
+    real = ku._grad_scaler
+
+    def fp16_scaler(device_type, enabled, state=None):  # as on a T4: fp16, so the scaler is on
+        scaler = real(device_type, True, state)
+        built.append(scaler)
+        return scaler
+
+    monkeypatch.setattr(ku, "_grad_scaler", fp16_scaler)
+    _, resumed = train(cfg(num_epochs=2), phantom_data, tmp_path, resume=True)
+    assert resumed.history["epoch"].tolist() == [1, 2] and built[0].is_enabled()
+
+
+def test_inference_under_autocast_matches_fp32(phantom_data):
+    """The autocast branch of prediction (fp16 on a T4) runs, TTA included; on a CPU bf16 stands in."""
+    torch.manual_seed(0)
+    model = ku.build_model(cfg()).eval()
+    images = phantom_data.train_dataset.images[:4]
+    exact = ku.predict_probabilities(model, images, "cpu", tta=True, amp=None)
+    assert np.array_equal(exact, ku.predict_probabilities(model, images, "cpu", tta=True))  # "auto" on a CPU
+    for tta in (False, True):
+        fast = ku.predict_probabilities(model, images, "cpu", tta=tta, amp=torch.bfloat16)
+        reference = exact if tta else ku.predict_probabilities(model, images, "cpu", amp=None)
+        assert fast.dtype == np.float32 and np.abs(fast - reference).max() < 0.05
+
+
+def test_two_gpu_wrapper_and_unwrapped_checkpoint(tmp_path, phantom_data):
+    model = ku.AttentionUNet(base_channels=4, depth=2)
+    cuda = torch.device("cuda")
+    assert isinstance(ku.wrap_for_devices(model, cuda, True, device_count=2), nn.DataParallel)
+    assert ku.wrap_for_devices(model, cuda, False, device_count=2) is model
+    assert ku.wrap_for_devices(model, cuda, True, device_count=1) is model
+    assert ku.wrap_for_devices(model, torch.device("cpu"), True, device_count=2) is model
+    config = cfg(num_epochs=1)
+    wrapped = nn.DataParallel(ku.build_model(config))
+    result = ku.train_model(
+        wrapped,
+        phantom_data.train_dataset,
+        phantom_data.val_dataset,
+        config,
+        tmp_path,
+        torch.device("cpu"),
+        progress=False,
+    )
+    state = ku.load_checkpoint(result.files["best_model"])["model_state"]
+    assert not any(k.startswith("module.") for k in state)
+    ku.load_model(result.files["best_model"])  # loads into a plain model
