@@ -94,6 +94,9 @@ __all__ = [
     "CachedArrays",
     "load_arrays",
     "split_pairs",
+    "split_train_val_test",
+    "GROUP_RULES",
+    "infer_group_regex",
     "make_synthetic_dataset",
     "SYNTHETIC_SOURCES",
     "make_synthetic_sources",
@@ -162,7 +165,10 @@ __all__ = [
     "hausdorff95",
     "EvaluationSet",
     "load_evaluation_set",
+    "SPLIT_PARTS",
+    "checkpoint_split",
     "validation_pairs",
+    "case_scores",
     "binarize_prediction",
     "score_predictions",
     "summarize_scores",
@@ -170,6 +176,10 @@ __all__ = [
     "evaluate_model",
     "ablation_table",
     "write_evaluation",
+    "SPLIT_LABELS",
+    "SplitEvaluation",
+    "evaluate_split",
+    "summary_table",
     "predict_folder",
     "LOSO_CSV_NAME",
     "SourceFold",
@@ -185,6 +195,7 @@ __all__ = [
     "error_overlay",
     "plot_cases",
     "plot_dice_distribution",
+    "plot_case_dice",
     "plot_threshold_sweep",
     "show_threshold_viewer",
     "plot_image_statistics",
@@ -207,6 +218,7 @@ __all__ = [
 # 1. Config
 # =================================================================================================
 
+AUTO = "auto"
 BEST_MODEL_NAME = "best_kidney_segmentation_model.pth"
 LAST_CHECKPOINT_NAME = "last_checkpoint.pth"
 METRICS_CSV_NAME = "training_metrics.csv"
@@ -251,11 +263,17 @@ class Config:
         dropout: Dropout probability inside every residual block.
         base_channels: Width of the first encoder block (64 in the specification).
         depth: Number of encoder blocks (4 in the specification).
-        val_fraction: Share of images (or of patients, with ``group_regex``) used for validation.
+        val_fraction: Share of images (or of patients, with ``group_regex``) used for validation,
+            after the test split is held out.
+        test_fraction: Share of patients (or images) held out first as a test split that never
+            chooses anything: not the learning rate, not the stopping epoch, not the best checkpoint.
+            0 gives the plain train/validation split.
         inference_threshold: Probability above which a pixel is kidney.
         seed: Seed of the split, the initial weights, the shuffling and the augmentation.
         group_regex: Regular expression whose first group (or whole match) is the patient id of a
-            file name; slices of one patient never straddle the split. ``None`` splits by image.
+            file name; slices of one patient never straddle the split. ``"auto"`` infers it from the
+            file names (:func:`infer_group_regex`) and falls back to a split by image, with a
+            warning, when they carry no consistent patient id. ``None`` splits by image.
         preprocessing: Intensity preprocessing, one of :data:`PREPROCESSING_OPTIONS`.
         normalization: How each model input is scaled, one of :data:`NORMALIZATION_OPTIONS`:
             ``"minmax"`` (the specification's 0..255 to [0, 1]), ``"percentile"`` (per image, clip
@@ -299,9 +317,10 @@ class Config:
     base_channels: int = 64
     depth: int = 4
     val_fraction: float = 0.2
+    test_fraction: float = 0.15
     inference_threshold: float = 0.5
     seed: int = 42
-    group_regex: str | None = None
+    group_regex: str | None = "auto"
     preprocessing: str = "none"
     normalization: str = "minmax"
     augmentation: str = "spec"
@@ -358,6 +377,8 @@ class Config:
             fail("dropout", "a number in [0, 1)")
         if not is_num(self.val_fraction) or not 0.0 < self.val_fraction < 1.0:
             fail("val_fraction", "a number strictly between 0 and 1, e.g. 0.2")
+        if not is_num(self.test_fraction) or not 0.0 <= self.test_fraction < 1.0:
+            fail("test_fraction", "a number in [0, 1), e.g. 0.15 (0: no test split)")
         if not is_num(self.lr_factor) or not 0.0 < self.lr_factor < 1.0:
             fail("lr_factor", "a number strictly between 0 and 1")
         if not is_int(self.seed):
@@ -372,9 +393,9 @@ class Config:
             fail("normalization", f"one of {', '.join(map(repr, NORMALIZATION_OPTIONS))}")
         if self.augmentation not in AUGMENTATION_OPTIONS:
             fail("augmentation", f"one of {', '.join(map(repr, AUGMENTATION_OPTIONS))}")
-        if self.group_regex is not None:
+        if self.group_regex is not None and self.group_regex != AUTO:
             if not isinstance(self.group_regex, str) or not self.group_regex:
-                fail("group_regex", "a regular expression string or None")
+                fail("group_regex", '"auto", a regular expression string or None')
             try:
                 re.compile(self.group_regex)
             except re.error as exc:
@@ -675,12 +696,14 @@ class DatasetIndex:
         pairs: Matched pairs, sorted by source and name.
         orphan_images: Images without a mask.
         orphan_masks: Masks without an image.
+        group_regex: The patient-id pattern the cases come from (``None``: each image its own case).
     """
 
     root: Path
     pairs: list[SamplePair]
     orphan_images: list[Path] = field(default_factory=list)
     orphan_masks: list[Path] = field(default_factory=list)
+    group_regex: str | None = None
 
     def summary(self) -> pd.DataFrame:
         """One row per source: pairs, cases and orphans."""
@@ -758,12 +781,86 @@ def _case_of(name: str, pattern: re.Pattern[str] | None, path: Path) -> str:
     return match.group(1) if pattern.groups else match.group(0)
 
 
+# Patient-id rules tried by GROUP_REGEX="auto", in order: (pattern, what it means).
+GROUP_RULES = (
+    (r"^([^_]+)_", "the part before the first underscore"),
+    (r"^(.*?)[_\-. ]?\d+$", "the name without its trailing slice number"),
+)
+MIN_AUTO_GROUPS = 3
+
+
+def _shape(text: str) -> str:
+    """A name's shape: runs of letters become ``a``, runs of digits ``9`` (``case7`` -> ``a9``)."""
+    return re.sub(r"[A-Za-z]+", "a", re.sub(r"\d+", "9", text))
+
+
+def infer_group_regex(stems_by_source: Mapping[str, Sequence[str]]) -> tuple[str | None, str]:
+    """Infer the patient id of file names, or refuse to invent one.
+
+    A rule of :data:`GROUP_RULES` is taken when, for every file: it matches, and what follows the
+    patient id holds a slice number; within each source (folder) every patient id has the same
+    shape (``case7`` and ``case12`` do, ``case7`` and ``scan`` do not: mixed naming schemes are not
+    trusted); there are at least :data:`MIN_AUTO_GROUPS` patients; and patients are not all single
+    slices (then the rule would only rename images).
+
+    Args:
+        stems_by_source: File stems (names without extension) per source folder.
+
+    Returns:
+        ``(pattern, sentence)``: the pattern and what it inferred (rule, patients, images), or
+        ``(None, reason)`` when no rule holds, so that the caller splits by image and says why.
+    """
+    stems = [stem for names in stems_by_source.values() for stem in names]
+    reasons = []
+    for pattern, meaning in GROUP_RULES:
+        regex = re.compile(pattern)
+        matches = [regex.search(stem) for stem in stems]
+        if not all(matches):
+            miss = next(stem for stem, m in zip(stems, matches) if not m)
+            reasons.append(f"{meaning}: {miss!r} has none")
+            continue
+        if not all(re.search(r"\d", stem[m.end(1) :]) for stem, m in zip(stems, matches)):
+            miss = next(stem for stem, m in zip(stems, matches) if not re.search(r"\d", stem[m.end(1) :]))
+            reasons.append(f"{meaning}: {miss!r} has no slice number after it")
+            continue
+        mixed = [
+            source
+            for source, names in stems_by_source.items()
+            if len({_shape(regex.search(n).group(1)) for n in names}) > 1
+        ]
+        if mixed:
+            reasons.append(f"{meaning}: patient ids of mixed shapes in {mixed[0]!r}")
+            continue
+        groups = {
+            (source, regex.search(n).group(1)) for source, names in stems_by_source.items() for n in names
+        }
+        if len(groups) < MIN_AUTO_GROUPS:
+            reasons.append(f"{meaning}: only {len(groups)} patient(s)")
+            continue
+        if len(groups) == len(stems):
+            reasons.append(f"{meaning}: every image would be its own patient")
+            continue
+        return pattern, (
+            f'GROUP_REGEX="auto": patient id = {meaning} ({pattern!r}): {len(groups)} patients in '
+            f"{len(stems)} images. Set GROUP_REGEX to another pattern if that is wrong."
+        )
+    return None, (
+        'GROUP_REGEX="auto" found no consistent patient id in the file names ('
+        + "; ".join(reasons)
+        + "), so the data are split by image: slices of one patient can sit on both sides of the "
+        "split, which flatters validation and test scores. Set GROUP_REGEX to a pattern whose first "
+        "group is the patient id, e.g. '^([^_]+)_'."
+    )
+
+
 def index_dataset(data_dir: str | os.PathLike, group_regex: str | None = None) -> DatasetIndex:
     """Find all image/mask pairs under ``data_dir``, matched by file stem within each folder.
 
     Args:
         data_dir: One folder with images/ and masks/, or a root holding several at any depth.
-        group_regex: Optional patient-id pattern (see :class:`Config`).
+        group_regex: Optional patient-id pattern (see :class:`Config`); ``"auto"`` infers one from
+            the file names (:func:`infer_group_regex`) and says what it found. The pattern used is
+            :attr:`DatasetIndex.group_regex`.
 
     Raises:
         FileNotFoundError: ``data_dir`` is missing or holds no images/ + masks/ folder.
@@ -777,6 +874,18 @@ def index_dataset(data_dir: str | os.PathLike, group_regex: str | None = None) -
     folders = find_dataset_folders(root)
     if not folders:
         raise FileNotFoundError(f"No images/ + masks/ folders under DATA_DIR {str(root)!r}. {_LAYOUT_HELP}")
+    if group_regex == AUTO:
+        stems = {
+            _relative_source(folder, root): sorted(
+                _image_files(folder / "images").keys() & _image_files(folder / "masks").keys()
+            )
+            for folder in folders
+        }
+        group_regex, rule = infer_group_regex(stems)
+        if group_regex is None:
+            warnings.warn(rule, UserWarning, stacklevel=2)
+        else:
+            print(rule)
     pattern = re.compile(group_regex) if group_regex else None
     pairs: list[SamplePair] = []
     orphan_images: list[Path] = []
@@ -790,7 +899,7 @@ def index_dataset(data_dir: str | os.PathLike, group_regex: str | None = None) -
             pairs.append(SamplePair(images[stem], masks[stem], source, stem, case))
         orphan_images += [images[s] for s in sorted(images.keys() - masks.keys())]
         orphan_masks += [masks[s] for s in sorted(masks.keys() - images.keys())]
-    index = DatasetIndex(root, pairs, orphan_images, orphan_masks)
+    index = DatasetIndex(root, pairs, orphan_images, orphan_masks, group_regex)
     if not pairs:
         raise ValueError(
             f"No image/mask pairs under DATA_DIR {str(root)!r}: {len(orphan_images)} images and "
@@ -1037,6 +1146,38 @@ def split_pairs(
         splitter = ShuffleSplit(n_splits=1, test_size=val_fraction, random_state=seed)
         train_idx, val_idx = next(splitter.split(index))
     return [pairs[i] for i in sorted(train_idx)], [pairs[i] for i in sorted(val_idx)]
+
+
+def split_train_val_test(
+    pairs: Sequence[SamplePair],
+    val_fraction: float = 0.2,
+    test_fraction: float = 0.15,
+    seed: int = 42,
+    grouped: bool = True,
+) -> tuple[list[SamplePair], list[SamplePair], list[SamplePair]]:
+    """Hold out a test split first, then split the rest into training and validation.
+
+    ``test_fraction`` of the patients (or images, without grouping) go to the test split with seed
+    ``seed``; the rest is split by :func:`split_pairs` (``val_fraction`` of what is left). With
+    ``test_fraction`` 0, or fewer than three patients (images), there is no test split, and the
+    second case says so with a warning.
+    """
+    pairs = list(pairs)
+    units = len({p.group for p in pairs}) if grouped else len(pairs)
+    if test_fraction > 0 and units < 3:
+        warnings.warn(
+            f"Only {units} {'patients' if grouped else 'images'}: too few for training, validation and "
+            "test parts, so there is NO test split; the validation split both chooses the model and "
+            "scores it, which is optimistic. Add data, or set TEST_FRACTION=0 to silence this.",
+            UserWarning,
+            stacklevel=2,
+        )
+        test_fraction = 0.0
+    test: list[SamplePair] = []
+    if test_fraction > 0:
+        pairs, test = split_pairs(pairs, test_fraction, seed + 1, grouped)
+    train, val = split_pairs(pairs, val_fraction, seed, grouped)
+    return train, val, test
 
 
 # ----- synthetic kidney phantoms ---------------------------------------------------------------
@@ -1404,6 +1545,8 @@ class PreparedData:
         val: Cached validation arrays.
         train_dataset: Augmented training dataset.
         val_dataset: Validation dataset (resize only).
+        test: The held-out test pairs (never loaded for training; notebook 04 scores them).
+        config: The run's config with ``GROUP_REGEX="auto"`` made concrete (train with this one).
     """
 
     data_dir: Path
@@ -1412,12 +1555,14 @@ class PreparedData:
     val: CachedArrays
     train_dataset: KidneyDataset
     val_dataset: KidneyDataset
+    test: list[SamplePair] = field(default_factory=list)
+    config: Config | None = None
 
     def summary(self) -> pd.DataFrame:
         """Per source: pairs, cases, orphans, and how many images went to each side of the split."""
         table = self.index.summary()
-        for name, part in (("train", self.train), ("val", self.val)):
-            counts = pd.Series([p.source for p in part.pairs]).value_counts()
+        for name, part in (("train", self.train.pairs), ("val", self.val.pairs), ("test", self.test)):
+            counts = pd.Series([p.source for p in part]).value_counts()
             table[name] = [int(counts.get(s, 0)) for s in table["source"]]
         with_kidney = pd.Series(
             [
@@ -1433,7 +1578,11 @@ class PreparedData:
 
     def split_record(self) -> dict[str, list[str]]:
         """The split as plain lists of ``source/name`` keys (stored in checkpoints)."""
-        return {"train": [p.key for p in self.train.pairs], "val": [p.key for p in self.val.pairs]}
+        return {
+            "train": [p.key for p in self.train.pairs],
+            "val": [p.key for p in self.val.pairs],
+            "test": [p.key for p in self.test],
+        }
 
 
 def prepare_data(
@@ -1441,9 +1590,11 @@ def prepare_data(
 ) -> PreparedData:
     """Index, subsample, split, decode and wrap the data of a run, as the config says.
 
-    Orphans are reported with a warning and left out; training goes on with the pairs.
+    Orphans are reported with a warning and left out; training goes on with the pairs. The test
+    split (``config.test_fraction`` of the patients) is held out first and never loaded here.
     """
     index = index_dataset(data_dir, config.group_regex)
+    config = config.with_parameters(GROUP_REGEX=index.group_regex)
     if index.orphan_images or index.orphan_masks:
         n = len(index.orphan_images) + len(index.orphan_masks)
         warnings.warn(
@@ -1454,8 +1605,8 @@ def prepare_data(
         rng = np.random.default_rng(config.seed)
         keep = sorted(rng.choice(len(pairs), size=config.max_images, replace=False))
         pairs = [pairs[i] for i in keep]
-    train_pairs, val_pairs = split_pairs(
-        pairs, config.val_fraction, config.seed, grouped=config.group_regex is not None
+    train_pairs, val_pairs, test_pairs = split_train_val_test(
+        pairs, config.val_fraction, config.test_fraction, config.seed, grouped=config.group_regex is not None
     )
     load = dict(
         image_size=config.image_size,
@@ -1482,7 +1633,7 @@ def prepare_data(
             stacklevel=2,
         )
     train_ds, val_ds = make_datasets(train, val, config)
-    return PreparedData(Path(data_dir), index, train, val, train_ds, val_ds)
+    return PreparedData(Path(data_dir), index, train, val, train_ds, val_ds, test_pairs, config)
 
 
 def make_datasets(
@@ -2064,6 +2215,7 @@ def preprocessing_ablation(
     for option in options:
         run_config = Config(**{**config.to_dict(), "preprocessing": option})
         data = prepare_data(run_config, data_dir)
+        run_config = data.config
         tic = time.monotonic()
         result = train_model(
             build_model(run_config),
@@ -2791,7 +2943,7 @@ def train_model(
         diffs = _config_differences(
             state["config"],
             config.to_dict(),
-            ARCHITECTURE_FIELDS + ("augmentation", "seed", "group_regex", "val_fraction"),
+            ARCHITECTURE_FIELDS + ("augmentation", "seed", "group_regex", "val_fraction", "test_fraction"),
         )
         if diffs:
             raise ValueError(f"Cannot resume {last_path}: the settings differ ({'; '.join(diffs)}).")
@@ -3128,33 +3280,59 @@ def load_evaluation_set(
     return EvaluationSet(kept, np.stack(images), masks, originals, config.normalization)
 
 
-def validation_pairs(
-    checkpoint: dict[str, Any], config: Config, data_dir: str | os.PathLike | None = None
+SPLIT_PARTS = ("train", "val", "test")
+
+
+def checkpoint_split(
+    checkpoint: dict[str, Any], config: Config, part: str = "test", data_dir: str | os.PathLike | None = None
 ) -> list[SamplePair]:
-    """Reproduce a training run's validation split exactly, from the keys stored in its checkpoint.
+    """Reproduce one part of a training run's split exactly, from the keys stored in its checkpoint.
 
     Args:
         checkpoint: As returned by :func:`load_model`.
         config: The run's config (for ``group_regex``).
+        part: ``"test"`` (held out, never used to choose anything), ``"val"`` (chose the learning-rate
+            steps, the stopping epoch and the best checkpoint: scores on it are optimistic) or
+            ``"train"``.
         data_dir: The data root; by default the one recorded at training time.
+
+    Returns:
+        The pairs, in the stored order; empty for a test split the run did not hold out.
 
     Raises:
         ValueError: the checkpoint has no split, or files of the split are missing under the root.
     """
+    if part not in SPLIT_PARTS:
+        raise ValueError(f"part must be one of {SPLIT_PARTS}; got {part!r}.")
     split = checkpoint.get("split")
     if not split:
-        raise ValueError("This checkpoint records no validation split; evaluate a TEST_DIR instead.")
+        raise ValueError("This checkpoint records no split; evaluate a TEST_DIR instead.")
+    keys = split.get(part, [])
+    if not keys:
+        return []
     root = data_dir if data_dir not in (None, "", "auto") else checkpoint.get("data_dir")
     if not root:
         raise ValueError("The checkpoint does not record its data folder; set DATA_DIR.")
+    if not Path(root).exists():
+        raise FileNotFoundError(
+            f"The data folder recorded at training time, {root}, does not exist here. Set DATA_DIR to "
+            "where the same data is now (on Kaggle: attach the dataset the model was trained on)."
+        )
     by_key = {p.key: p for p in index_dataset(root, config.group_regex).pairs}
-    missing = [k for k in split["val"] if k not in by_key]
+    missing = [k for k in keys if k not in by_key]
     if missing:
         raise ValueError(
-            f"{len(missing)} validation files of the training run are not under {root} "
+            f"{len(missing)} {part} files of the training run are not under {root} "
             f"(first: {missing[0]}). Point DATA_DIR at the data the model was trained on."
         )
-    return [by_key[k] for k in split["val"]]
+    return [by_key[k] for k in keys]
+
+
+def validation_pairs(
+    checkpoint: dict[str, Any], config: Config, data_dir: str | os.PathLike | None = None
+) -> list[SamplePair]:
+    """The validation part of a run's split (:func:`checkpoint_split` with ``part="val"``)."""
+    return checkpoint_split(checkpoint, config, "val", data_dir)
 
 
 def _timed_probabilities(
@@ -3209,8 +3387,36 @@ def score_predictions(
     return pd.DataFrame(rows)
 
 
+def case_scores(per_image: pd.DataFrame) -> pd.DataFrame:
+    """One row per patient: Dice pooled over the patient's slices, with slice and kidney counts.
+
+    A patient is ``source/case`` (two sources never share a patient). Pooling follows
+    :func:`metrics_from_counts`, so a patient without kidney and without any predicted kidney scores
+    1.0, and one without kidney but with a false kidney 0.0.
+    """
+    keys = per_image["source"].astype(str) + "/" + per_image["case"].astype(str)
+    rows = []
+    for key, part in per_image.groupby(keys, sort=True):
+        tp, fp, fn = (int(part[c].sum()) for c in ("tp", "fp", "fn"))
+        rows.append(
+            {
+                "patient": key,
+                "source": part["source"].iloc[0],
+                "slices": len(part),
+                "slices_with_kidney": int((part["true_area"] > 0).sum()),
+                "dice": metrics_from_counts(tp, fp, fn)["dice"],
+            }
+        )
+    return pd.DataFrame(rows, columns=["patient", "source", "slices", "slices_with_kidney", "dice"])
+
+
 def summarize_scores(per_image: pd.DataFrame) -> dict[str, float]:
-    """Pooled (global counts) and mean-per-image metrics, also over slices that contain kidney."""
+    """Pooled (global counts), mean-per-image and mean-per-patient metrics.
+
+    ``mean_case_dice`` (with ``std_case_dice`` over ``n_cases`` patients) averages each patient's
+    Dice pooled over its slices (:func:`case_scores`): the figure that 2D-on-volume tables report
+    (Synapse multi-organ, CHAOS).
+    """
     tp, fp, fn = (int(per_image[c].sum()) for c in ("tp", "fp", "fn"))
     summary: dict[str, float] = {
         "n_images": len(per_image),
@@ -3223,6 +3429,10 @@ def summarize_scores(per_image: pd.DataFrame) -> dict[str, float]:
     summary["mean_dice_with_kidney"] = float(with_kidney["dice"].mean()) if len(with_kidney) else float("nan")
     summary["mean_hd95_with_kidney"] = float(with_kidney["hd95"].mean()) if len(with_kidney) else float("nan")
     summary["median_hd95"] = float(per_image["hd95"].median())
+    cases = case_scores(per_image)
+    summary["n_cases"] = len(cases)
+    summary["mean_case_dice"] = float(cases["dice"].mean())
+    summary["std_case_dice"] = float(cases["dice"].std(ddof=0))
     return summary
 
 
@@ -3306,6 +3516,88 @@ def write_evaluation(
     plain = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in summary.items()}
     _atomic_write_text(json_path, json.dumps(plain, indent=2, default=str) + "\n")
     return {"per_image_csv": csv_path, "summary_json": json_path}
+
+
+SPLIT_LABELS = {
+    "test": "held-out test split (chose nothing: report these)",
+    "val": "validation split, used for model selection (optimistic)",
+}
+
+
+@dataclass
+class SplitEvaluation:
+    """One part of a run's split, scored: what :func:`evaluate_split` returns.
+
+    Attributes:
+        part: ``"test"`` or ``"val"``.
+        label: What the numbers mean (:data:`SPLIT_LABELS`).
+        data: The images and masks.
+        scores: Per-image metrics (:func:`score_predictions`).
+        summary: Pooled, per-image and per-patient summary, with the settings.
+        probs: Probability maps at each image's original size.
+        files: The CSV and JSON written.
+    """
+
+    part: str
+    label: str
+    data: EvaluationSet
+    scores: pd.DataFrame
+    summary: dict[str, Any]
+    probs: list[np.ndarray]
+    files: dict[str, Path]
+
+
+def evaluate_split(
+    model: nn.Module,
+    checkpoint: dict[str, Any],
+    config: Config,
+    part: str,
+    output_dir: str | os.PathLike,
+    device: torch.device | str = "cpu",
+    threshold: float = 0.5,
+    tta: bool = False,
+    postprocess: bool = False,
+    data_dir: str | os.PathLike | None = None,
+    settings: Mapping[str, Any] | None = None,
+) -> SplitEvaluation | None:
+    """Score one part of the training run's split and write it to ``output_dir/evaluation_<part>``
+    (``evaluation_test_split`` for the test part). Returns None when the run held out no such part.
+
+    The summary says what the numbers are (``evaluated_on``): the test split chose nothing; the
+    validation split chose the learning-rate steps, the stopping epoch and the best checkpoint, so
+    its scores are optimistic.
+    """
+    pairs = checkpoint_split(checkpoint, config, part, data_dir)
+    if not pairs:
+        return None
+    data = load_evaluation_set(pairs, config)
+    scores, summary, probs = evaluate_model(model, data, device, threshold, tta=tta, postprocess=postprocess)
+    summary.update(dict(settings or {}), evaluated_on=SPLIT_LABELS[part])
+    folder = "evaluation_test_split" if part == "test" else f"evaluation_{part}"
+    files = write_evaluation(scores, summary, Path(output_dir) / folder)
+    return SplitEvaluation(part, SPLIT_LABELS[part], data, scores, summary, probs, files)
+
+
+REPORTED_KEYS = (
+    "n_images",
+    "n_cases",
+    "pooled_dice",
+    "mean_dice",
+    "mean_case_dice",
+    "std_case_dice",
+    "pooled_iou",
+    "mean_hd95",
+    "median_hd95",
+    "ms_per_slice",
+)
+
+
+def summary_table(evaluations: Mapping[str, dict[str, Any] | None]) -> pd.DataFrame:
+    """The key figures of several summaries side by side, one column per labelled summary."""
+    columns = {
+        name: {k: summary.get(k) for k in REPORTED_KEYS} for name, summary in evaluations.items() if summary
+    }
+    return pd.DataFrame(columns)
 
 
 def _list_images(folder: Path) -> list[Path]:
@@ -3598,6 +3890,7 @@ def leave_one_source_out(
         except ValueError as exc:
             raise ValueError(f"VARIANTS[{name!r}]: {exc}") from None
     index = index_dataset(data_dir, config.group_regex)
+    configs = {name: c.with_parameters(GROUP_REGEX=index.group_regex) for name, c in configs.items()}
     folds = source_folds(index.pairs, sources)
     out = Path(output_dir)
     device = device or get_device()
@@ -3790,6 +4083,26 @@ def plot_dice_distribution(per_image: pd.DataFrame, by: str = "source") -> Any:
         ax.set_ylabel("Dice per image")
         ax.set_ylim(-0.02, 1.02)
         ax.set_title(f"Dice per {by}")
+    fig.tight_layout()
+    return fig
+
+
+def plot_case_dice(per_image: pd.DataFrame, title: str = "") -> Any:
+    """Dice per patient (pooled over the patient's slices), sorted, coloured by source."""
+    import matplotlib.pyplot as plt
+
+    cases = case_scores(per_image).sort_values("dice").reset_index(drop=True)
+    sources = sorted(cases["source"].unique())
+    colors = {s: plt.cm.tab10(i % 10) for i, s in enumerate(sources)}
+    fig, ax = plt.subplots(figsize=(max(6, 0.28 * len(cases) + 2), 4))
+    ax.bar(range(len(cases)), cases["dice"], color=[colors[s] for s in cases["source"]])
+    ax.axhline(cases["dice"].mean(), color="black", lw=1, ls="--", label=f"mean {cases['dice'].mean():.3f}")
+    ax.set_xticks(range(len(cases)), cases["patient"].str.split("/").str[-1], rotation=90, fontsize=7)
+    ax.set_ylim(0, 1.02)
+    ax.set_ylabel("Dice pooled over the patient's slices")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colors[s]) for s in sources]
+    ax.legend([*handles, ax.lines[0]], [*sources, ax.lines[0].get_label()], fontsize=7, loc="lower right")
+    ax.set_title(title or f"Dice per patient (n={len(cases)})")
     fig.tight_layout()
     return fig
 

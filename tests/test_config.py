@@ -16,7 +16,7 @@ def test_defaults_are_the_specification():
     assert (c.focal_alpha, c.focal_gamma, c.focal_weight, c.dice_weight) == (0.25, 2.0, 0.6, 0.4)
     assert (c.dropout, c.base_channels, c.depth, c.val_fraction) == (0.2, 64, 4, 0.2)
     assert c.inference_threshold == 0.5
-    assert c.preprocessing == "none" and c.group_regex is None
+    assert c.preprocessing == "none" and c.group_regex == "auto" and c.test_fraction == 0.15
 
 
 def test_json_round_trip(tmp_path):

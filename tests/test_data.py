@@ -362,9 +362,11 @@ def test_sampler_orders_are_reproducible():
 def test_prepare_data_on_phantoms(phantom_dir, tiny_config):
     data = ku.prepare_data(tiny_config, phantom_dir)
     summary = data.summary()
-    assert summary[["train", "val"]].sum(axis=1).tolist() == [36]
+    assert summary[["train", "val", "test"]].sum(axis=1).tolist() == [36]
     record = data.split_record()
-    assert not set(record["train"]) & set(record["val"])
+    cases = {part: {key.split("_")[0] for key in keys} for part, keys in record.items()}
+    assert not cases["train"] & cases["val"] and not (cases["train"] | cases["val"]) & cases["test"]
+    assert len(cases["test"]) == 1  # 15 % of the 6 phantom patients, rounded up by scikit-learn
     image, mask = data.train_dataset[0]
     assert image.shape == (1, 32, 32)
 
@@ -375,10 +377,10 @@ def test_prepare_data_warns_about_orphans_and_subsamples(tmp_path, phantom_dir, 
     (root / "masks" / "phantom-000_000.png").unlink()
     with pytest.warns(UserWarning, match="phantom-000_000.png"):
         data = ku.prepare_data(tiny_config, root)
-    assert len(data.train) + len(data.val) == 35
+    assert len(data.train) + len(data.val) + len(data.test) == 35
     small = ku.Config(**{**tiny_config.to_dict(), "max_images": 12})
     data = ku.prepare_data(small, phantom_dir)
-    assert len(data.train) + len(data.val) == 12
+    assert len(data.train) + len(data.val) + len(data.test) == 12
 
 
 def test_seeded_augmentations_draw_independently():
@@ -393,3 +395,67 @@ def test_seeded_augmentations_draw_independently():
     counts = {c: corners.count(c) for c in (0, 3, 12, 15)}  # none, horizontal, vertical, both
     assert sum(counts.values()) == 400 and min(counts.values()) > 60, counts
     assert dataset[7][0].equal(dataset[7][0])  # still reproducible
+
+
+# ----- GROUP_REGEX="auto" --------------------------------------------------------------------------
+
+
+def test_auto_groups_find_the_shared_patients_exactly(shared_data, manifest, capsys):
+    index = ku.index_dataset(shared_data, "auto")
+    assert index.group_regex == "^([^_]+)_" and "part before the first underscore" in capsys.readouterr().out
+    found = {(p.source, p.name): p.case for p in index.pairs}
+    expected = {(r.source, r.file.rsplit(".", 1)[0]): r.case for r in manifest.itertuples()}
+    assert found == expected
+    assert (
+        f"{manifest.groupby('source')['case'].nunique().sum()} patients"
+        in ku.infer_group_regex(
+            {s: [n for (src, n) in found if src == s] for s in manifest["source"].unique()}
+        )[1]
+    )
+
+
+@pytest.mark.parametrize(
+    ("stems", "pattern", "why"),
+    [
+        ({"d": ["case7_012", "case7_013", "case8_001", "case9_002"]}, "^([^_]+)_", None),
+        ({"d": ["case7-012", "case7-013", "case8-001", "case9-002"]}, r"^(.*?)[_\-. ]?\d+$", None),
+        ({"d": [f"img_{i:04d}" for i in range(20)]}, None, "only 1 patient"),
+        ({"d": ["case1_001", "case1_002", "scan_7", "scan_8", "p3-slice12_1", "x_2"]}, None, "mixed shapes"),
+        ({"d": ["left_kidney", "right_kidney", "upper_pole", "lower_pole"]}, None, "no slice number"),
+        ({"d": ["liver", "spleen", "kidney"]}, None, "has none"),
+        ({"d": ["a1_1", "a2_1", "a3_1", "a4_1"]}, None, "its own patient"),
+        ({"d": ["p1_1", "p1_2", "p2_1"]}, None, "only 2 patient"),
+    ],
+)
+def test_auto_groups_refuse_to_invent_patients(stems, pattern, why):
+    found, sentence = ku.infer_group_regex(stems)
+    assert found == pattern
+    if why is None:
+        assert "patients in" in sentence
+    else:
+        assert why in sentence and "split by image" in sentence
+
+
+def test_auto_groups_fall_back_to_images_with_a_warning(tmp_path):
+    from PIL import Image
+
+    for sub in ("images", "masks"):
+        (tmp_path / sub).mkdir()
+        for i in range(6):
+            Image.new("L", (8, 8)).save(tmp_path / sub / f"img_{i:04d}.png")
+    with pytest.warns(UserWarning, match="split by image"):
+        index = ku.index_dataset(tmp_path, "auto")
+    assert index.group_regex is None and len({p.case for p in index.pairs}) == 6
+
+
+def test_three_way_split_holds_out_patients_first(phantom_dir):
+    pairs = ku.index_dataset(phantom_dir, "^([^_]+)_").pairs
+    train, val, test = ku.split_train_val_test(pairs, 0.2, 0.15, seed=42)
+    cases = [{p.case for p in part} for part in (train, val, test)]
+    assert len(train) + len(val) + len(test) == len(pairs) and all(cases)
+    assert not (cases[0] & cases[1]) and not (cases[0] | cases[1]) & cases[2]
+    assert ku.split_train_val_test(pairs, 0.2, 0.15, seed=42) == (train, val, test)  # seeded
+    assert ku.split_train_val_test(pairs, 0.2, 0.0, seed=42)[2] == []
+    two = [p for p in pairs if p.case in sorted(cases[0])[:2]]
+    with pytest.warns(UserWarning, match="NO test split"):
+        assert ku.split_train_val_test(two, 0.5, 0.15)[2] == []

@@ -148,9 +148,14 @@ def test_summary_pooled_versus_mean_by_hand():
             "fp": [0, 0, 0],
             "fn": [0, 2, 0],
             "true_area": [90, 3, 0],
+            "source": ["s", "s", "s"],
+            "case": ["a", "a", "b"],
         }
     )
     s = ku.summarize_scores(per_image)
+    # patient a pools 91 tp and 2 fn: 182/184; patient b has no kidney and none predicted: 1.0
+    assert s["n_cases"] == 2 and s["mean_case_dice"] == pytest.approx((182 / 184 + 1.0) / 2)
+    assert s["std_case_dice"] == pytest.approx((1.0 - 182 / 184) / 2)
     assert s["pooled_dice"] == pytest.approx(182 / 184)  # 2*91 / (2*91 + 0 + 2)
     assert s["mean_dice"] == pytest.approx(2.5 / 3)
     assert s["mean_dice_with_kidney"] == pytest.approx(0.75)  # the empty slice is left out
@@ -230,8 +235,12 @@ def test_validation_split_is_reproduced_from_the_checkpoint(tmp_path, phantom_di
     other = ku.make_synthetic_dataset(tmp_path / "other", n_cases=2, slices_per_case=2, image_size=32)
     with pytest.raises(ValueError, match="not under"):
         ku.validation_pairs(checkpoint, loaded_config, data_dir=other)
-    with pytest.raises(ValueError, match="no validation split"):
+    with pytest.raises(ValueError, match="records no split"):
         ku.validation_pairs({}, loaded_config)
+    test = ku.checkpoint_split(checkpoint, loaded_config, "test")
+    assert [p.key for p in test] == [p.key for p in data.test] and test
+    assert not {p.case for p in test} & {p.case for p in pairs}
+    assert ku.checkpoint_split({"split": {"train": ["a"], "val": ["b"]}}, loaded_config, "test") == []
 
 
 def test_preprocessing_is_applied_identically_in_training_evaluation_and_inference(tmp_path, phantom_dir):

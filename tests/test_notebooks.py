@@ -65,7 +65,7 @@ def trained_run(tmp_path_factory, shared_data):
     execute(
         "03_train_model.ipynb",
         tmp,
-        dict(DATA_DIR=str(shared_data), OUTPUT_DIR=str(out), GROUP_REGEX="^([^_]+)_", **TINY_TRAINING),
+        dict(DATA_DIR=str(shared_data), OUTPUT_DIR=str(out), **TINY_TRAINING),  # GROUP_REGEX "auto"
     )
     return out
 
@@ -79,10 +79,12 @@ def test_03_trains_on_shared_data(trained_run):
         assert (out / name).is_file(), name
     _, config, checkpoint = ku.load_model(out / ku.BEST_MODEL_NAME)
     assert (config.image_size, config.base_channels, config.group_regex) == (32, 4, "^([^_]+)_")
+    assert config.test_fraction == 0.15
     split = checkpoint["split"]
-    assert len(split["train"]) + len(split["val"]) == 48
+    assert len(split["train"]) + len(split["val"]) + len(split["test"]) == 48 and split["test"]
     case = lambda key: key.split("/")[0] + "/" + key.split("/")[1].split("_")[0]  # noqa: E731
-    assert not {case(k) for k in split["train"]} & {case(k) for k in split["val"]}
+    cases = {part: {case(k) for k in keys} for part, keys in split.items()}
+    assert not cases["train"] & cases["val"] and not (cases["train"] | cases["val"]) & cases["test"]
 
 
 def test_04_evaluates_tests_and_predicts(trained_run, shared_data, tmp_path):
@@ -99,13 +101,19 @@ def test_04_evaluates_tests_and_predicts(trained_run, shared_data, tmp_path):
         ),
     )
     _, _, checkpoint = ku.load_model(trained_run / ku.BEST_MODEL_NAME)
-    val = pd.read_csv(trained_run / "evaluation_val" / "evaluation_per_image.csv")
-    assert len(val) == len(checkpoint["split"]["val"])
-    summary = json.loads((trained_run / "evaluation_val" / "evaluation_summary.json").read_text())
-    assert summary["n_images"] == len(val) and summary["tta"] is True and summary["postprocess"] is True
-    for key in ("pooled_dice", "mean_dice", "mean_dice_with_kidney", "pooled_iou"):
-        assert 0 <= summary[key] <= 1, key
-    assert summary["mean_hd95"] >= 0
+    for folder, part in (("evaluation_test_split", "test"), ("evaluation_val", "val")):
+        scores = pd.read_csv(trained_run / folder / "evaluation_per_image.csv")
+        assert sorted(scores["source"] + "/" + scores["name"]) == sorted(checkpoint["split"][part])
+        summary = json.loads((trained_run / folder / "evaluation_summary.json").read_text())
+        assert (
+            summary["n_images"] == len(scores) and summary["tta"] is True and summary["postprocess"] is True
+        )
+        assert summary["evaluated_on"] == ku.SPLIT_LABELS[part]
+        assert summary["n_cases"] == (scores["source"] + scores["case"]).nunique()
+        for key in ("pooled_dice", "mean_dice", "mean_dice_with_kidney", "pooled_iou", "mean_case_dice"):
+            assert 0 <= summary[key] <= 1, key
+        assert summary["mean_hd95"] >= 0
+    assert "optimistic" in ku.SPLIT_LABELS["val"]
     test = json.loads((trained_run / "evaluation_test" / "evaluation_summary.json").read_text())
     assert test["n_images"] == 24
     masks = sorted((trained_run / "predictions" / "masks").glob("*.png"))

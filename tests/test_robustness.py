@@ -118,7 +118,7 @@ def test_skip_bad_files_through_prepare_data(tmp_path):
         data = ku.prepare_data(cfg(), root, skip_bad_files=True)
     skipped = data.train.skipped + data.val.skipped
     assert len(skipped) == 1 and "p0_0.png" in skipped[0][0]
-    assert len(data.train) + len(data.val) == 11
+    assert len(data.train) + len(data.val) + len(data.test) == 11
 
 
 def test_same_seed_twice_gives_identical_metrics(tmp_path, phantom_dir):
