@@ -3546,6 +3546,11 @@ class SplitEvaluation:
     probs: list[np.ndarray]
     files: dict[str, Path]
 
+    @property
+    def title(self) -> str:
+        """A short name for figures: "held-out test split" or "validation split (optimistic)"."""
+        return "held-out test split" if self.part == "test" else "validation split (optimistic)"
+
 
 def evaluate_split(
     model: nn.Module,
@@ -4101,7 +4106,13 @@ def plot_case_dice(per_image: pd.DataFrame, title: str = "") -> Any:
     ax.set_ylim(0, 1.02)
     ax.set_ylabel("Dice pooled over the patient's slices")
     handles = [plt.Rectangle((0, 0), 1, 1, color=colors[s]) for s in sources]
-    ax.legend([*handles, ax.lines[0]], [*sources, ax.lines[0].get_label()], fontsize=7, loc="lower right")
+    ax.legend(
+        [*handles, ax.lines[0]],
+        [*sources, ax.lines[0].get_label()],
+        fontsize=7,
+        loc="upper left",
+        bbox_to_anchor=(1.0, 1.0),
+    )
     ax.set_title(title or f"Dice per patient (n={len(cases)})")
     fig.tight_layout()
     return fig

@@ -1,15 +1,25 @@
-"""Quality at an equal wall-clock budget: our model against the peers a user would pick instead.
+"""Quality of our model against the peers a user would pick instead, over several seeds.
 
-Every model gets the same data, patient-grouped split, seed, image size, augmentation, loss and
-training loop (``kidneyseg_utils.train_model``) and the same minutes of training; each is then
-scored by ``kidneyseg_utils.evaluate_model`` on the validation split at the original image sizes.
+Every model gets the same data, the same patient split (``GROUP_REGEX="auto"``, a held-out test
+split of 15 % of the patients, then 80/20 training/validation, all with split seed 42), image size,
+augmentation, loss and training loop (``kidneyseg_utils.train_model``). Two protocols:
+
+- ``time``: the same minutes of training per model (the peers differ in speed per epoch);
+- ``epochs``: the same number of epochs per model (learning per epoch, whatever it costs).
+
+Each (protocol, model, seed) run is scored on the held-out **test split** at the original image
+sizes with the best checkpoint by validation loss (pooled Dice, mean Dice, mean Dice per patient,
+HD95). The seed changes the initial weights, the augmentation draws and the batch order, never the
+split. Writes ``quality_runs.csv`` (every run), ``quality_summary.csv`` (mean and standard deviation
+over seeds, and the paired difference of ours to each peer) and ``quality_per_source.csv``.
 
     python benchmarks/bench_quality.py --help
-    python benchmarks/bench_quality.py --budget-minutes 15          # the figures in README
-    python benchmarks/bench_quality.py --quick                      # tiny settings (tests)
+    python benchmarks/bench_quality.py --protocol both --budget-minutes 5 --epochs 12   # README
+    python benchmarks/bench_quality.py --quick                                            # tests
 
 Peers (random initialisation; no weights can be downloaded here): segmentation-models-pytorch
-``Unet`` with a resnet34 encoder, and MONAI ``BasicUNet``. A missing package is reported, not fatal.
+``Unet`` with a resnet34 encoder, and MONAI ``BasicUNet`` at our base width. A missing package is
+reported, not fatal (``pip install -r benchmarks/requirements.txt``).
 """
 
 from __future__ import annotations
@@ -26,6 +36,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import kidneyseg_utils as ku  # noqa: E402
 
+SPLIT_SEED = 42
+
 
 def make_model(name: str, config: ku.Config, quick: bool) -> torch.nn.Module | None:
     """The model called ``name`` with one input and one output channel, or None if not installed."""
@@ -35,14 +47,16 @@ def make_model(name: str, config: ku.Config, quick: bool) -> torch.nn.Module | N
     if name == "smp-unet-resnet34":
         try:
             import segmentation_models_pytorch as smp
-        except ImportError:
+        except Exception as exc:  # missing, or broken (a torchvision built for another torch)
+            print(f"# {name}: not importable ({type(exc).__name__}: {str(exc)[:120]})")
             return None
         encoder = "resnet18" if quick else "resnet34"
         return smp.Unet(encoder, encoder_weights=None, in_channels=1, classes=1)
     if name == "monai-basicunet":
         try:
             from monai.networks.nets import BasicUNet
-        except ImportError:
+        except Exception as exc:
+            print(f"# {name}: not importable ({type(exc).__name__}: {str(exc)[:120]})")
             return None
         width = config.base_channels
         features = (width, width, 2 * width, 4 * width, 8 * width, width)
@@ -50,72 +64,112 @@ def make_model(name: str, config: ku.Config, quick: bool) -> torch.nn.Module | N
     raise ValueError(f"unknown model {name!r}")
 
 
-def run(args: argparse.Namespace) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Train and score every model; returns (summary, Dice per source)."""
+def train_and_score(
+    name: str, config: ku.Config, data: ku.PreparedData, test: ku.EvaluationSet, out: Path, args
+) -> tuple[dict, pd.DataFrame] | None:
+    """One run: train ``name`` with ``config`` (its seed), score the best checkpoint on the test split."""
+    model = make_model(name, config, args.quick)
+    if model is None:
+        return None
     device = ku.get_device(args.device)
-    config = ku.Config(
+    train_ds, val_ds = ku.make_datasets(data.train, data.val, config)
+    tic = time.monotonic()
+    result = ku.train_model(
+        model, train_ds, val_ds, config, out, device, overwrite=True, progress=False, log=False
+    )
+    minutes = (time.monotonic() - tic) / 60
+    model.load_state_dict(ku.load_checkpoint(result.files["best_model"])["model_state"])
+    model.to(device).eval()
+    scores, summary, _ = ku.evaluate_model(model, test, device, config.inference_threshold)
+    row = {
+        "model": name,
+        "seed": config.seed,
+        "params_M": ku.count_parameters(model) / 1e6,
+        "epochs": len(result.history),
+        "best_epoch": result.best_epoch,
+        "train_minutes": minutes,
+        "seconds_per_epoch": result.history["seconds"].mean(),
+        "val_dice_best_epoch": float(result.best_row["val_dice"]),
+        **{
+            k: summary[k]
+            for k in ("pooled_dice", "mean_dice", "mean_case_dice", "mean_hd95", "n_images", "n_cases")
+        },
+    }
+    return row, scores
+
+
+def run(args: argparse.Namespace) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Every protocol, model and seed; returns (one row per run, pooled test Dice per source and run)."""
+    base = ku.Config(
         image_size=args.image_size,
         base_channels=args.base_channels,
         batch_size=args.batch,
-        num_epochs=args.max_epochs,
-        patience=args.max_epochs,
         group_regex=args.group_regex,
-        seed=args.seed,
-        max_train_minutes=args.budget_minutes,
+        test_fraction=0.15,
+        seed=SPLIT_SEED,
         max_images=args.max_images,
+        max_train_minutes=None,
     )
-    data = ku.prepare_data(config, args.data)
-    val = ku.load_evaluation_set(data.val.pairs, config)
+    data = ku.prepare_data(base, args.data)
+    base = data.config
+    test = ku.load_evaluation_set(data.test, base)
+    print(
+        f"{len(data.train)} training, {len(data.val)} validation, {len(data.test)} test images\n", flush=True
+    )
+    protocols = ["time", "epochs"] if args.protocol == "both" else [args.protocol]
     rows, per_source = [], []
-    for name in args.models:
-        model = make_model(name, config, args.quick)
-        if model is None:
-            rows.append({"model": name, "status": "not installed"})
-            continue
-        tic = time.monotonic()
-        result = ku.train_model(
-            model,
-            data.train_dataset,
-            data.val_dataset,
-            config,
-            Path(args.out) / name,
-            device,
-            overwrite=True,
-            progress=False,
-        )
-        minutes = (time.monotonic() - tic) / 60
-        best = ku.load_checkpoint(result.files["best_model"])["model_state"]
-        model.load_state_dict(best)
-        model.to(device).eval()
-        scores, summary, _ = ku.evaluate_model(model, val, device, config.inference_threshold)
-        rows.append(
-            {
-                "model": name,
-                "status": "ok",
-                "params_M": ku.count_parameters(model) / 1e6,
-                "epochs": len(result.history),
-                "best_epoch": result.best_epoch,
-                "train_minutes": minutes,
-                "pooled_dice": summary["pooled_dice"],
-                "mean_dice": summary["mean_dice"],
-                "mean_dice_with_kidney": summary["mean_dice_with_kidney"],
-                "mean_hd95": summary["mean_hd95"],
-            }
-        )
-        by_source = scores.groupby("source")[["tp", "fp", "fn"]].sum()
-        for source, c in by_source.iterrows():
-            per_source.append(
-                {
-                    "model": name,
-                    "source": source,
-                    "pooled_dice": ku.metrics_from_counts(c.tp, c.fp, c.fn)["dice"],
-                }
+    for protocol in protocols:
+        if protocol == "time":
+            budget = dict(
+                NUM_EPOCHS=args.max_epochs, PATIENCE=args.max_epochs, MAX_TRAIN_MINUTES=args.budget_minutes
             )
-    table = pd.DataFrame(rows)
-    sources = pd.DataFrame(per_source)
-    if len(sources):
-        sources = sources.pivot(index="source", columns="model", values="pooled_dice").reset_index()
-    return table, sources
+        else:
+            budget = dict(NUM_EPOCHS=args.epochs, PATIENCE=args.epochs, MAX_TRAIN_MINUTES=None)
+        for seed in args.seeds:
+            for name in args.models:
+                config = base.with_parameters(SEED=seed, **budget)
+                done = train_and_score(
+                    name, config, data, test, Path(args.out) / protocol / f"{name}-{seed}", args
+                )
+                if done is None:
+                    rows.append(
+                        {"protocol": protocol, "model": name, "seed": seed, "status": "not installed"}
+                    )
+                    continue
+                row, scores = done
+                rows.append({"protocol": protocol, "status": "ok", **row})
+                print(
+                    {k: round(v, 4) if isinstance(v, float) else v for k, v in rows[-1].items()}, flush=True
+                )
+                for source, c in scores.groupby("source")[["tp", "fp", "fn"]].sum().iterrows():
+                    per_source.append(
+                        {
+                            "protocol": protocol,
+                            "model": name,
+                            "seed": seed,
+                            "source": source,
+                            "pooled_dice": ku.metrics_from_counts(c.tp, c.fp, c.fn)["dice"],
+                        }
+                    )
+    return pd.DataFrame(rows), pd.DataFrame(per_source)
+
+
+def summarize(runs: pd.DataFrame) -> pd.DataFrame:
+    """Mean and standard deviation over seeds per protocol and model, and the paired difference of
+    ours to each model (same seeds), with its standard deviation."""
+    ok = runs[runs["status"] == "ok"]
+    metrics = ["pooled_dice", "mean_dice", "mean_case_dice", "mean_hd95", "epochs", "train_minutes"]
+    rows = []
+    for (protocol, model), part in ok.groupby(["protocol", "model"], sort=False):
+        row = {"protocol": protocol, "model": model, "seeds": len(part), "params_M": part["params_M"].iloc[0]}
+        for m in metrics:
+            row[f"{m}_mean"], row[f"{m}_std"] = part[m].mean(), part[m].std(ddof=1) if len(part) > 1 else 0.0
+        ours = ok[(ok["protocol"] == protocol) & (ok["model"] == "ours")].set_index("seed")["pooled_dice"]
+        paired = (ours - part.set_index("seed")["pooled_dice"]).dropna()
+        row["ours_minus_this_mean"] = paired.mean()
+        row["ours_minus_this_std"] = paired.std(ddof=1) if len(paired) > 1 else 0.0
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def main(argv=None) -> int:
@@ -123,36 +177,49 @@ def main(argv=None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data"), help="data root")
-    parser.add_argument("--group-regex", default="^([^_]+)_", help="patient id in file names")
-    parser.add_argument("--budget-minutes", type=float, default=15.0, help="training minutes per model")
-    parser.add_argument("--max-epochs", type=int, default=1000, help="upper bound; the budget ends training")
+    parser.add_argument("--group-regex", default="auto", help='patient id in file names ("auto": inferred)')
+    parser.add_argument("--protocol", choices=["time", "epochs", "both"], default="both")
+    parser.add_argument("--budget-minutes", type=float, default=5.0, help="protocol 'time': minutes per run")
+    parser.add_argument("--epochs", type=int, default=12, help="protocol 'epochs': epochs per run")
+    parser.add_argument("--max-epochs", type=int, default=1000, help="protocol 'time': upper bound on epochs")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="training seeds")
     parser.add_argument("--image-size", type=int, default=160, help="as the CPU preset")
     parser.add_argument("--base-channels", type=int, default=16, help="width of ours and of BasicUNet")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--max-images", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--models", nargs="+", default=["ours", "smp-unet-resnet34", "monai-basicunet"])
     parser.add_argument("--quick", action="store_true", help="tiny settings for the tests")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "quality_runs"))
     args = parser.parse_args(argv)
     if args.quick:
-        args.image_size, args.base_channels, args.batch, args.max_images = 32, 4, 8, 40
-        args.budget_minutes, args.max_epochs = 0.05, 1
+        args.image_size, args.base_channels, args.batch, args.max_images = 32, 4, 8, 60
+        args.budget_minutes, args.max_epochs, args.epochs, args.seeds = 0.02, 1, 1, args.seeds[:2]
     from bench_speed import machine
 
-    print(f"# Equal-budget quality, {time.strftime('%Y-%m-%d')}, {machine()}")
+    print(f"# Quality over seeds {args.seeds}, {time.strftime('%Y-%m-%d')}, {machine()}")
     print(
-        f"# {args.budget_minutes:g} training minutes per model, {args.image_size}px, batch {args.batch}, "
-        f"seed {args.seed}, split by {args.group_regex!r}\n"
+        f"# protocol {args.protocol}: {args.budget_minutes:g} training minutes or {args.epochs} epochs "
+        f"per run, {args.image_size}px, batch {args.batch}, split seed {SPLIT_SEED}, scored on "
+        "the test split\n",
+        flush=True,
     )
-    table, sources = run(args)
+    runs, sources = run(args)
     out = Path(args.out).parent
     out.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out / "quality_summary.csv", index=False)
+    summary = summarize(runs)
+    runs.to_csv(out / "quality_runs.csv", index=False)
+    summary.to_csv(out / "quality_summary.csv", index=False)
+    if len(sources):
+        sources = (
+            sources.groupby(["protocol", "source", "model"])["pooled_dice"]
+            .mean()
+            .unstack("model")
+            .reset_index()
+        )
     sources.to_csv(out / "quality_per_source.csv", index=False)
-    print(table.round(3).to_string(index=False), "\n")
-    print("Pooled validation Dice per source")
+    print(summary.round(3).to_string(index=False), "\n")
+    print("Pooled test Dice per source, mean over seeds")
     print(sources.round(3).to_string(index=False))
     return 0
 

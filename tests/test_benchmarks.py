@@ -66,13 +66,28 @@ def test_speed_tables(tmp_path, shared_data):
 
 def test_quality_tables(tmp_path, shared_data):
     out = run_script(
-        "bench_quality.py", "--quick", "--data", str(shared_data), "--out", str(tmp_path / "runs")
+        "bench_quality.py",
+        "--quick",
+        "--data",
+        str(shared_data),
+        "--out",
+        str(tmp_path / "runs"),
+        "--seeds",
+        "1",
+        "2",
     )
-    assert "Pooled validation Dice per source" in out
+    assert "Pooled test Dice per source" in out
+    runs = pd.read_csv(tmp_path / "quality_runs.csv")
+    models = ["ours", "smp-unet-resnet34", "monai-basicunet"]
+    assert len(runs) == 2 * 2 * 3  # protocols x seeds x models
+    ours = runs[(runs["model"] == "ours")]
+    assert (ours["status"] == "ok").all() and ours["pooled_dice"].between(0, 1).all()
+    assert sorted(ours["seed"]) == [1, 1, 2, 2] and (ours["epochs"] == 1).all()
     summary = pd.read_csv(tmp_path / "quality_summary.csv")
-    assert summary["model"].tolist() == ["ours", "smp-unet-resnet34", "monai-basicunet"]
-    ours = summary.set_index("model").loc["ours"]
-    assert ours["status"] == "ok" and 0 <= ours["pooled_dice"] <= 1 and ours["epochs"] == 1
+    assert set(summary["protocol"]) == {"time", "epochs"} and set(summary["model"]) <= set(models)
+    row = summary.set_index(["protocol", "model"]).loc[("epochs", "ours")]
+    assert row["seeds"] == 2 and row["ours_minus_this_mean"] == 0
+    assert row["pooled_dice_mean"] == pytest.approx(ours[ours["protocol"] == "epochs"]["pooled_dice"].mean())
     per_source = pd.read_csv(tmp_path / "quality_per_source.csv")
     assert "ours" in per_source.columns and per_source["ours"].between(0, 1).all()
 
