@@ -8,7 +8,8 @@ and 04 call. It writes, under ``--out`` (default ``benchmarks/results/cpu_preset
 
 - ``training_metrics.csv``: the per-epoch history (notebook 03's file);
 - ``evaluation_<part>[_tta].json``: the summaries of the test and validation splits, without and with TTA;
-- ``evaluation_test_per_patient.csv``: Dice per patient of the test split;
+- ``evaluation_<part>_per_image.csv`` and ``evaluation_<part>_per_patient.csv``: per-image scores and
+  Dice per patient of the test and validation splits (without TTA);
 - ``normalization_spread.csv``: notebook 05's measure of how alike each normalisation makes the sources;
 - ``run.json``: the command, machine, date, epochs, minutes, best epoch and split sizes.
 
@@ -93,9 +94,10 @@ def main(argv: list[str] | None = None) -> int:
                 json.dumps(evaluation.summary, indent=2, default=str) + "\n"
             )
             summaries[name] = evaluation.summary
-            if part == "test" and not tta:
+            if not tta:
+                evaluation.scores.to_csv(args.out / f"evaluation_{part}_per_image.csv", index=False)
                 ku.case_scores(evaluation.scores).to_csv(
-                    args.out / "evaluation_test_per_patient.csv", index=False
+                    args.out / f"evaluation_{part}_per_patient.csv", index=False
                 )
     per_source, spread = ku.normalization_consistency(args.data, image_size=128 if not args.quick else 32)
     spread.to_csv(args.out / "normalization_spread.csv", index=False)

@@ -11,6 +11,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+import kidneyseg_utils as ku
+
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
@@ -27,6 +29,7 @@ def test_help_documents_each_benchmark():
     for name in ("bench_speed.py", "bench_quality.py"):
         assert "--quick" in run_script(name, "--help")
     assert "--tiny" in run_script("gpu_check.py", "--help")
+    assert "--epochs" in run_script("reproduce_results.py", "--help")
 
 
 def test_speed_tables(tmp_path, shared_data):
@@ -104,3 +107,28 @@ def test_gpu_check_runs_every_step_on_the_cpu(tmp_path):
     assert moved["saved_scaler_state"] == "empty" and moved["epochs_after_resume"] == [1, 2]
     assert [row["tta"] for row in report["evaluation"]] == [False, True]
     assert "kill and resume" in printed and str(out) in printed
+
+
+def test_reproduce_results_writes_every_file_readme_quotes(tmp_path, shared_data):
+    out = tmp_path / "results"
+    run_script(
+        "reproduce_results.py",
+        "--quick",
+        "--data",
+        str(shared_data),
+        "--out",
+        str(out),
+        "--run-dir",
+        str(tmp_path / "run"),
+    )
+    names = {p.name for p in out.iterdir()}
+    for part in ("test", "val"):
+        assert {f"evaluation_{part}.json", f"evaluation_{part}_tta.json"} <= names
+        assert {f"evaluation_{part}_per_image.csv", f"evaluation_{part}_per_patient.csv"} <= names
+    assert {"training_metrics.csv", "normalization_spread.csv", "run.json"} <= names
+    run = json.loads((out / "run.json").read_text())
+    test = json.loads((out / "evaluation_test.json").read_text())
+    assert run["epochs"] == 1 and run["images"]["test"] == test["n_images"] > 0
+    assert test["evaluated_on"] == ku.SPLIT_LABELS["test"] and 0 <= test["mean_case_dice"] <= 1
+    per_patient = pd.read_csv(out / "evaluation_test_per_patient.csv")
+    assert len(per_patient) == test["n_cases"] == run["patients"]["test"]
