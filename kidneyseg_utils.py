@@ -1157,8 +1157,9 @@ def split_train_val_test(
 ) -> tuple[list[SamplePair], list[SamplePair], list[SamplePair]]:
     """Hold out a test split first, then split the rest into training and validation.
 
-    ``test_fraction`` of the patients (or images, without grouping) go to the test split with seed
-    ``seed``; the rest is split by :func:`split_pairs` (``val_fraction`` of what is left). With
+    ``test_fraction`` of the patients (or images, without grouping) go to the test split, drawn with
+    seed ``seed + 1`` so that it does not mirror the validation draw; the rest is split by
+    :func:`split_pairs` with ``seed`` (``val_fraction`` of what is left). With
     ``test_fraction`` 0, or fewer than three patients (images), there is no test split, and the
     second case says so with a warning.
     """

@@ -116,8 +116,9 @@ def throughput(size: dict[str, Any], data: ku.PreparedData, work: Path, device: 
 def kill_and_resume(
     size: dict[str, Any], data_dir: Path, data: ku.PreparedData, out: Path, device: torch.device
 ):
-    """Train in a child process, SIGKILL it after its first epoch, resume here on ``device``."""
-    config = make_config(size, amp=True)
+    """Train in a child process, SIGKILL it after its first epoch, resume here on ``device`` for two
+    more epochs (the child is set to train far longer, so the kill always comes mid-run)."""
+    endless = make_config(size, amp=True, num_epochs=1000)
     child = subprocess.Popen(
         [
             sys.executable,
@@ -125,7 +126,7 @@ def kill_and_resume(
             "--child",
             str(data_dir),
             str(out),
-            json.dumps(config.to_dict()),
+            json.dumps(endless.to_dict()),
             str(device),
         ],
         stdout=subprocess.DEVNULL,
@@ -146,6 +147,7 @@ def kill_and_resume(
     os.kill(child.pid, signal.SIGKILL)
     child.wait()
     killed_after = int(ku.load_checkpoint(out / ku.LAST_CHECKPOINT_NAME)["epoch"])
+    config = make_config(size, amp=True, num_epochs=killed_after + 2)
     _, result = train(config, data, out, device, resume=True)
     epochs = result.history["epoch"].tolist()
     return {
