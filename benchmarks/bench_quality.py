@@ -189,6 +189,9 @@ def main(argv=None) -> int:
     parser.add_argument("--max-images", type=int, default=None)
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--models", nargs="+", default=["ours", "smp-unet-resnet34", "monai-basicunet"])
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
+    )
     parser.add_argument("--quick", action="store_true", help="tiny settings for the tests")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "quality_runs"))
     args = parser.parse_args(argv)
@@ -197,10 +200,14 @@ def main(argv=None) -> int:
         args.budget_minutes, args.max_epochs, args.epochs, args.seeds = 0.02, 1, 1, args.seeds[:2]
     from bench_speed import machine
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
     print(f"# Quality over seeds {args.seeds}, {time.strftime('%Y-%m-%d')}, {machine()}")
     print(
         f"# protocol {args.protocol}: {args.budget_minutes:g} training minutes or {args.epochs} epochs "
-        f"per run, {args.image_size}px, batch {args.batch}, split seed {SPLIT_SEED}, scored on "
+        f"per run, {args.image_size}px, batch {args.batch}, {torch.get_num_threads()} torch "
+        f"thread(s), split seed {SPLIT_SEED}, scored on "
         "the test split\n",
         flush=True,
     )
