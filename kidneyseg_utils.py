@@ -2,26 +2,36 @@
 
 Kidney segmentation in grayscale 2D medical images (CT, MRI, ultrasound) with an attention U-Net.
 Every notebook cell calls a named function of this module and shows the result; the logic lives here,
-where it is unit-tested.
+where it is unit-tested. One file, because Kaggle shares code between notebooks as one utility script.
 
-Sections, in the order data flows:
-    1. Config          -- one dataclass holding every setting, validated before any work; the
-                          runtime (Kaggle or not, interactive or headless) and bounded file searches.
-    2. Data            -- finding image/mask pairs, reading any PNG/JPEG/TIFF/BMP by documented rules,
-                          patient-grouped splits, synthetic kidney phantoms, cached torch Datasets.
-    3. Preprocessing   -- optional intensity steps applied identically in training and inference.
-    4. Augmentation    -- the Albumentations 2.x pipelines.
-    5. Model           -- the enhanced (residual, spatial-attention) U-Net.
-    6. Losses, metrics -- focal + Dice loss on logits; metrics from tp/fp/fn counts.
-    7. Training        -- AdamW, ReduceLROnPlateau, early stopping, AMP on CUDA, atomic checkpoints,
-                          exact resume.
-    8. Evaluation      -- loading checkpoints safely, predicting probability maps.
-    9. Plotting        -- overlays, sample grids, curves and the evaluation and exploration figures.
-   10. Attached runs   -- a model or an interrupted run from an earlier Kaggle session.
+Part I, the pipeline: what a run needs, in the order data flows. Read only this part to learn how
+training and prediction work.
+    1. Config             -- one dataclass holding every setting, validated before any work.
+    2. Reading data       -- finding image/mask pairs, reading any PNG/JPEG/TIFF/BMP by documented
+                             rules, the patient id in file names, patient-grouped splits.
+    3. Datasets           -- decoded arrays in memory, torch Datasets, the prepared three-way split.
+    4. Intensity          -- optional preprocessing (CLAHE, white balance, unsharp mask) and the
+                             scaling of model inputs, identical in training and inference.
+    5. Augmentation       -- the Albumentations 2.x pipelines.
+    6. Model              -- the attention U-Net (residual blocks, spatial attention).
+    7. Losses and metrics -- focal + Dice loss on logits; metrics from tp/fp/fn counts.
+    8. Training           -- AdamW, ReduceLROnPlateau, early stopping, AMP on CUDA, atomic
+                             checkpoints, exact resume, the training curves.
+    9. Inference and evaluation -- loading checkpoints safely, probabilities (with TTA), scores per
+                             image, per patient and pooled, evaluation of a split, folder prediction.
+   10. Runtime            -- Kaggle or not, a person watching or not; bounded searches for attached
+                             data, models and interrupted runs.
+
+Part II, the studies: what the notebooks show besides a run. Uses part I, never the other way round.
+   11. Phantoms and the default dataset -- synthetic kidney phantoms and ``DATA_DIR`` resolution.
+   12. Exploring a dataset -- notebook 01's inventory, warnings and figures.
+   13. Preprocessing and normalisation -- notebook 02's measurements, ablation and figures.
+   14. Figures of a training run and its evaluation -- notebooks 03 and 04.
+   15. Leave-one-source-out -- notebook 05's folds, table and figure.
 
 Staging for Kaggle (kernel-metadata.json, push order) lives outside this module, in
-``tools/kaggle_stage.py``: this file is what every notebook imports, and running it as a script (as
-Kaggle does when it saves the utility script) does nothing.
+``tools/kaggle_stage.py``: running this file as a script (as Kaggle does when it saves the utility
+script) does nothing.
 
 Importing the module has no side effects: no seeding, no plotting settings, no device probing.
 Albumentations is imported on first use, with its network update check switched off
@@ -54,165 +64,59 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 if TYPE_CHECKING:
     import albumentations as A
 
+# The public names, by section: what the notebooks call, and the building blocks of a custom cell.
+# fmt: off
 __all__ = [
-    # config
-    "Config",
-    "NOTEBOOK_PARAMETERS",
-    "PREPROCESSING_OPTIONS",
-    "NORMALIZATION_OPTIONS",
-    "AUGMENTATION_OPTIONS",
-    "BEST_MODEL_NAME",
-    "LAST_CHECKPOINT_NAME",
-    "METRICS_CSV_NAME",
-    "METRICS_PNG_NAME",
-    "CONFIG_JSON_NAME",
-    "seed_everything",
-    "get_device",
-    "KAGGLE_ROOT_ENV",
-    "INTERACTIVE_ENV",
-    "KAGGLE_TRAIN_MINUTES",
-    "kaggle_root",
-    "on_kaggle",
-    "interactive_frontend",
-    "find_below",
-    "choose_candidate",
-    "kaggle_output_candidates",
-    "resolve_auto",
-    # data
-    "IMAGE_EXTENSIONS",
-    "ImageReadError",
-    "SamplePair",
-    "DatasetIndex",
-    "find_dataset_folders",
-    "index_dataset",
-    "read_image",
-    "read_mask",
-    "to_grayscale_uint8",
-    "binarize_mask",
-    "load_pair",
-    "resize_pair",
-    "CachedArrays",
-    "load_arrays",
-    "split_pairs",
-    "split_train_val_test",
-    "GROUP_RULES",
-    "infer_group_regex",
-    "make_synthetic_dataset",
-    "SYNTHETIC_SOURCES",
-    "make_synthetic_sources",
-    "SYNTHETIC",
-    "kaggle_dataset_candidates",
-    "resolve_data_dir",
-    "resolve_output_dir",
-    "KidneyDataset",
-    "EpochShuffleSampler",
-    "PreparedData",
-    "prepare_data",
-    "make_datasets",
-    "inventory",
-    "inventory_summary",
-    "write_inventory",
-    "dataset_warnings",
-    "mask_heatmap",
-    # preprocessing
-    "PREPROCESSING_METHODS",
-    "white_balance",
-    "clahe",
-    "unsharp_mask",
-    "apply_preprocessing",
-    "model_input",
-    "NORMALIZATION_PERCENTILES",
-    "IntensityMap",
-    "normalization_stats",
-    "normalize_intensity",
-    "normalization_consistency",
-    "partial_preprocessor",
-    "contrast_metrics",
-    "PREPROCESSING_SWEEP",
-    "preprocessing_effects",
-    "preprocessing_ablation",
-    "recommend_preprocessing",
-    # augmentation
-    "build_train_transform",
-    "build_eval_transform",
-    "seed_transform",
-    # model
-    "ResidualConvBlock",
-    "SpatialAttention",
-    "AttentionUNet",
-    "build_model",
-    "count_parameters",
-    # losses and metrics
-    "focal_loss_with_logits",
-    "soft_dice_loss",
-    "FocalDiceLoss",
-    "ConfusionCounts",
-    "confusion_counts",
-    "metrics_from_counts",
-    # training
-    "METRIC_NAMES",
-    "TrainingDivergedError",
-    "TrainingResult",
-    "train_model",
-    "save_checkpoint",
-    "load_checkpoint",
-    "amp_dtype",
-    "wrap_for_devices",
-    # evaluation and inference
-    "load_model",
-    "predict_probabilities",
-    "postprocess_mask",
-    "hausdorff95",
-    "EvaluationSet",
-    "load_evaluation_set",
-    "SPLIT_PARTS",
-    "checkpoint_split",
-    "validation_pairs",
-    "case_scores",
-    "binarize_prediction",
-    "score_predictions",
-    "summarize_scores",
-    "threshold_sweep",
-    "evaluate_model",
-    "ablation_table",
-    "write_evaluation",
-    "SPLIT_LABELS",
-    "SplitEvaluation",
-    "evaluate_split",
-    "summary_table",
-    "predict_folder",
-    "LOSO_CSV_NAME",
-    "SourceFold",
-    "source_folds",
-    "run_source_fold",
-    "leave_one_source_out",
-    "summarize_leave_one_source_out",
-    # plotting
-    "overlay_mask",
-    "plot_samples",
-    "plot_training_history",
-    "ERROR_COLORS",
-    "error_overlay",
-    "plot_cases",
-    "plot_dice_distribution",
-    "plot_case_dice",
-    "plot_threshold_sweep",
-    "show_threshold_viewer",
-    "plot_image_statistics",
-    "plot_intensity_histograms",
-    "plot_gallery",
-    "plot_mask_statistics",
-    "show_slice_browser",
-    "plot_preprocessing_gallery",
-    "plot_preprocessing_effects",
-    "plot_normalization_consistency",
-    "plot_normalization_gallery",
-    "plot_leave_one_source_out",
-    "show_preprocessing_sliders",
-    # runs attached from earlier Kaggle sessions
-    "resolve_model_path",
+    # 1. Config
+    "Config", "NOTEBOOK_PARAMETERS", "PREPROCESSING_OPTIONS", "NORMALIZATION_OPTIONS",
+    "AUGMENTATION_OPTIONS", "BEST_MODEL_NAME", "LAST_CHECKPOINT_NAME", "METRICS_CSV_NAME",
+    "METRICS_PNG_NAME", "CONFIG_JSON_NAME", "seed_everything", "get_device",
+    # 2. Reading data
+    "ImageReadError", "SamplePair", "DatasetIndex", "index_dataset", "infer_group_regex", "read_image",
+    "read_mask", "load_pair", "load_arrays", "split_train_val_test",
+    # 3. Datasets
+    "KidneyDataset", "PreparedData", "prepare_data", "make_datasets",
+    # 4. Intensity
+    "white_balance", "clahe", "unsharp_mask", "apply_preprocessing", "normalize_intensity",
+    # 5. Augmentation
+    "build_train_transform", "build_eval_transform",
+    # 6. Model
+    "AttentionUNet", "build_model", "count_parameters",
+    # 7. Losses and metrics
+    "FocalDiceLoss", "metrics_from_counts",
+    # 8. Training
+    "TrainingResult", "TrainingDivergedError", "train_model", "load_checkpoint", "plot_training_history",
+    # 9. Inference and evaluation
+    "load_model", "predict_probabilities", "hausdorff95", "EvaluationSet", "load_evaluation_set",
+    "evaluate_model", "case_scores", "write_evaluation", "evaluate_split", "summary_table",
+    "overlay_mask", "predict_folder",
+    # 10. Runtime
+    "on_kaggle", "interactive_frontend", "resolve_output_dir", "resolve_model_path",
     "restore_run_for_resume",
+    # 11. Phantoms and the default dataset
+    "make_synthetic_dataset", "resolve_data_dir",
+    # 12. Exploring a dataset
+    "inventory", "inventory_summary", "write_inventory", "dataset_warnings", "mask_heatmap",
+    "plot_image_statistics", "plot_intensity_histograms", "plot_gallery", "plot_mask_statistics",
+    "show_slice_browser",
+    # 13. Preprocessing and normalisation
+    "preprocessing_effects", "normalization_consistency", "recommend_preprocessing",
+    "preprocessing_ablation", "plot_preprocessing_gallery", "plot_preprocessing_effects",
+    "show_preprocessing_sliders", "plot_normalization_consistency", "plot_normalization_gallery",
+    # 14. Figures of a training run and its evaluation
+    "plot_samples", "inference_options_table", "threshold_sweep", "plot_cases", "plot_dice_distribution",
+    "plot_case_dice", "plot_threshold_sweep", "show_threshold_viewer",
+    # 15. Leave-one-source-out
+    "LOSO_CSV_NAME", "source_folds", "leave_one_source_out", "summarize_leave_one_source_out",
+    "plot_leave_one_source_out",
 ]
+# fmt: on
+
+
+# #################################################################################################
+# PART I. THE PIPELINE: what a run needs, from a setting to a prediction (sections 1-10).
+# #################################################################################################
+
 
 # =================================================================================================
 # 1. Config
@@ -225,24 +129,88 @@ METRICS_CSV_NAME = "training_metrics.csv"
 METRICS_PNG_NAME = "training_metrics.png"
 CONFIG_JSON_NAME = "run_config.json"
 CHECKPOINT_FORMAT = "kidneyseg-checkpoint"
-CHECKPOINT_VERSION = 2  # 2 records normalization and augmentation (1 always used "minmax" and "spec")
+CHECKPOINT_VERSION = 2
 
 # Intensity preprocessing: a base method, or base methods joined by "+" applied left to right.
 PREPROCESSING_METHODS = ("white_balance", "clahe", "unsharp")
 PREPROCESSING_OPTIONS = ("none", "white_balance", "clahe", "unsharp", "white_balance+clahe", "clahe+unsharp")
 
 # How model inputs are scaled (see :func:`normalize_intensity`) and which training augmentation runs
-# (see :func:`build_train_transform`). "minmax" and "spec" are the specification's.
+# (see :func:`build_train_transform`); the first of each is the default.
 NORMALIZATION_OPTIONS = ("minmax", "percentile", "zscore", "histeq")
-AUGMENTATION_OPTIONS = ("spec", "strong")
+AUGMENTATION_OPTIONS = ("standard", "strong")
+# Older names still accepted (stored checkpoints and forked notebooks use them): old -> current.
+AUGMENTATION_ALIASES = {"spec": "standard"}
 
-# Fields that fix the network's shape: a checkpoint only loads into a model with equal values.
-ARCHITECTURE_FIELDS = ("base_channels", "depth", "dropout", "image_size", "preprocessing", "normalization")
+# Settings a checkpoint fixes: the network's shape and how its inputs are made. A checkpoint only
+# loads (or resumes) with equal values.
+CHECKPOINT_FIELDS = ("base_channels", "depth", "dropout", "image_size", "preprocessing", "normalization")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_num(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+def _rule(check: Callable[[Any], bool], allowed: str, optional: bool = False) -> tuple:
+    """A field rule: ``check`` must hold (or the value is None, when ``optional``)."""
+    return (lambda v: (optional and v is None) or check(v)), allowed
+
+
+_INT_FROM_1 = _rule(lambda v: _is_int(v) and v >= 1, "an integer >= 1")
+_POSITIVE = _rule(lambda v: _is_num(v) and v > 0, "a number > 0")
+_NON_NEGATIVE = _rule(lambda v: _is_num(v) and v >= 0, "a number >= 0")
+_UNIT_INTERVAL = _rule(lambda v: _is_num(v) and 0 <= v <= 1, "a number in [0, 1]")
+_BOOLEAN = _rule(lambda v: isinstance(v, bool), "True or False")
+
+
+def _one_of(options: Sequence[str]) -> tuple:
+    return _rule(lambda v: isinstance(v, str) and v in options, f"one of {', '.join(map(repr, options))}")
+
+
+# What each Config field accepts, as (check, allowed values in words); Config.validate applies them,
+# then the rules that involve two fields (image_size and depth; the two loss weights).
+_FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    **dict.fromkeys(("depth", "base_channels", "batch_size", "num_epochs", "patience"), _INT_FROM_1),
+    "lr_patience": _rule(lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    **dict.fromkeys(("learning_rate", "grad_clip_norm"), _POSITIVE),
+    **dict.fromkeys(("weight_decay", "focal_gamma", "focal_weight", "dice_weight", "min_lr"), _NON_NEGATIVE),
+    **dict.fromkeys(("focal_alpha", "inference_threshold"), _UNIT_INTERVAL),
+    "dropout": _rule(lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "val_fraction": _rule(lambda v: _is_num(v) and 0 < v < 1, "a number strictly between 0 and 1, e.g. 0.2"),
+    "test_fraction": _rule(
+        lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1), e.g. 0.15 (0: no test split)"
+    ),
+    "lr_factor": _rule(lambda v: _is_num(v) and 0 < v < 1, "a number strictly between 0 and 1"),
+    "seed": _rule(_is_int, "an integer"),
+    "preprocessing": _rule(
+        lambda v: _is_preprocessing(v),
+        f"one of {', '.join(map(repr, PREPROCESSING_OPTIONS))} (or methods of {PREPROCESSING_METHODS} "
+        "joined by '+')",
+    ),
+    "normalization": _one_of(NORMALIZATION_OPTIONS),
+    "augmentation": _one_of(AUGMENTATION_OPTIONS),
+    "group_regex": _rule(
+        lambda v: isinstance(v, str) and bool(v), '"auto", a regular expression string or None', optional=True
+    ),
+    "max_images": _rule(lambda v: _is_int(v) and v >= 2, "None or an integer >= 2", optional=True),
+    "max_train_minutes": _rule(
+        lambda v: _is_num(v) and v > 0, '"auto", None or a number of minutes > 0', optional=True
+    ),
+    "num_workers": _rule(
+        lambda v: _is_int(v) and v >= 0, "None (automatic) or an integer >= 0", optional=True
+    ),
+    "amp": _BOOLEAN,
+    "multi_gpu": _rule(lambda v: isinstance(v, bool), '"auto", True or False'),
+}
 
 
 @dataclass
 class Config:
-    """Every setting of a run, with the specification's values as defaults.
+    """Every setting of a run; the defaults are the reference recipe of the kidneyseg design.
 
     The notebook parameters are the upper-case field names (``IMAGE_SIZE`` is ``image_size``), see
     :data:`NOTEBOOK_PARAMETERS`. The config round-trips to plain JSON (:meth:`to_dict`,
@@ -261,8 +229,8 @@ class Config:
         focal_weight: Weight of the focal term in the total loss.
         dice_weight: Weight of the soft-Dice term in the total loss.
         dropout: Dropout probability inside every residual block.
-        base_channels: Width of the first encoder block (64 in the specification).
-        depth: Number of encoder blocks (4 in the specification).
+        base_channels: Width of the first encoder block.
+        depth: Number of encoder blocks.
         val_fraction: Share of images (or of patients, with ``group_regex``) used for validation,
             after the test split is held out.
         test_fraction: Share of patients (or images) held out first as a test split that never
@@ -276,13 +244,14 @@ class Config:
             warning, when they carry no consistent patient id. ``None`` splits by image.
         preprocessing: Intensity preprocessing, one of :data:`PREPROCESSING_OPTIONS`.
         normalization: How each model input is scaled, one of :data:`NORMALIZATION_OPTIONS`:
-            ``"minmax"`` (the specification's 0..255 to [0, 1]), ``"percentile"`` (per image, clip
+            ``"minmax"`` (0..255 to [0, 1]), ``"percentile"`` (per image, clip
             to the 0.5-99.5th percentiles and stretch to [0, 1]), ``"zscore"`` (the same clip,
             then zero mean and unit variance; nnU-Net's rule for non-CT images) or ``"histeq"``
             (global histogram equalisation, blind to another window or gamma). Stored in the
             checkpoint and applied identically in training, evaluation and inference.
-        augmentation: Training augmentation, one of :data:`AUGMENTATION_OPTIONS`: ``"spec"`` (the
-            specification's pipeline) or ``"strong"`` (nnU-Net-like 2D: wider scale and rotation,
+        augmentation: Training augmentation, one of :data:`AUGMENTATION_OPTIONS`: ``"standard"``
+            (flips, small shifts, scales and rotations, brightness and contrast; ``"spec"`` is its
+            older name) or ``"strong"`` (nnU-Net-like 2D: wider scale and rotation,
             gamma, noise, blur, low-resolution simulation).
         lr_factor: ReduceLROnPlateau factor.
         lr_patience: ReduceLROnPlateau patience in epochs.
@@ -294,7 +263,6 @@ class Config:
         num_workers: DataLoader workers; ``None`` picks 0 on a CPU and up to 4 on a GPU.
         amp: Mixed precision on CUDA: fp16 with a GradScaler below compute capability 8 (a T4),
             bf16 from 8.0 on (see :func:`amp_dtype`); ignored on a CPU.
-        channels_last: Channels-last memory format on CUDA (off until measured to help).
         multi_gpu: Train on every visible GPU with ``nn.DataParallel``. ``"auto"``: yes in a Kaggle
             session (its GPU is "GPU T4 x2"), one GPU elsewhere.
 
@@ -323,7 +291,7 @@ class Config:
     group_regex: str | None = "auto"
     preprocessing: str = "none"
     normalization: str = "minmax"
-    augmentation: str = "spec"
+    augmentation: str = "standard"
     lr_factor: float = 0.5
     lr_patience: int = 5
     min_lr: float = 1e-6
@@ -331,71 +299,32 @@ class Config:
     max_train_minutes: float | str | None = "auto"
     num_workers: int | None = None
     amp: bool = True
-    channels_last: bool = False
     multi_gpu: bool | str = "auto"
 
     def __post_init__(self) -> None:
         self.max_train_minutes = resolve_auto(self.max_train_minutes, KAGGLE_TRAIN_MINUTES, None)
         self.multi_gpu = resolve_auto(self.multi_gpu, True, False)
+        if isinstance(self.augmentation, str):
+            self.augmentation = AUGMENTATION_ALIASES.get(self.augmentation, self.augmentation)
         self.validate()
 
     def validate(self) -> None:
-        """Check every field; raise ``ValueError`` naming the parameter and the allowed values."""
+        """Check every field against :data:`_FIELD_RULES`; raise ``ValueError`` naming the parameter
+        and the allowed values."""
 
         def fail(name: str, allowed: str) -> None:
             value = getattr(self, name)
             raise ValueError(f"{name.upper()} (Config.{name}) must be {allowed}; got {value!r}.")
 
-        def is_int(value: Any) -> bool:
-            return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-        def is_num(value: Any) -> bool:
-            return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-
-        for name in ("depth", "base_channels", "batch_size", "num_epochs"):
-            if not is_int(getattr(self, name)) or getattr(self, name) < 1:
-                fail(name, "an integer >= 1")
-        if not is_int(self.patience) or self.patience < 1:
-            fail("patience", "an integer >= 1")
-        if not is_int(self.lr_patience) or self.lr_patience < 0:
-            fail("lr_patience", "an integer >= 0")
+        for name, (ok, allowed) in _FIELD_RULES.items():
+            if not ok(getattr(self, name)):
+                fail(name, allowed)
         multiple = 2**self.depth
-        if not is_int(self.image_size) or self.image_size < multiple or self.image_size % multiple:
+        if not _is_int(self.image_size) or self.image_size < multiple or self.image_size % multiple:
             fail("image_size", f"a positive multiple of {multiple} (2**depth), e.g. 128 or 256")
-        for name in ("learning_rate", "grad_clip_norm"):
-            if not is_num(getattr(self, name)) or not getattr(self, name) > 0:
-                fail(name, "a number > 0")
-        for name in ("weight_decay", "focal_gamma", "focal_weight", "dice_weight", "min_lr"):
-            if not is_num(getattr(self, name)) or not getattr(self, name) >= 0:
-                fail(name, "a number >= 0")
         if self.focal_weight + self.dice_weight <= 0:
             fail("dice_weight", "> 0 when focal_weight is 0 (the loss needs a positive weight)")
-        for name in ("focal_alpha", "inference_threshold"):
-            if not is_num(getattr(self, name)) or not 0.0 <= getattr(self, name) <= 1.0:
-                fail(name, "a number in [0, 1]")
-        if not is_num(self.dropout) or not 0.0 <= self.dropout < 1.0:
-            fail("dropout", "a number in [0, 1)")
-        if not is_num(self.val_fraction) or not 0.0 < self.val_fraction < 1.0:
-            fail("val_fraction", "a number strictly between 0 and 1, e.g. 0.2")
-        if not is_num(self.test_fraction) or not 0.0 <= self.test_fraction < 1.0:
-            fail("test_fraction", "a number in [0, 1), e.g. 0.15 (0: no test split)")
-        if not is_num(self.lr_factor) or not 0.0 < self.lr_factor < 1.0:
-            fail("lr_factor", "a number strictly between 0 and 1")
-        if not is_int(self.seed):
-            fail("seed", "an integer")
-        if not _is_preprocessing(self.preprocessing):
-            fail(
-                "preprocessing",
-                f"one of {', '.join(map(repr, PREPROCESSING_OPTIONS))} (or methods of "
-                f"{PREPROCESSING_METHODS} joined by '+')",
-            )
-        if self.normalization not in NORMALIZATION_OPTIONS:
-            fail("normalization", f"one of {', '.join(map(repr, NORMALIZATION_OPTIONS))}")
-        if self.augmentation not in AUGMENTATION_OPTIONS:
-            fail("augmentation", f"one of {', '.join(map(repr, AUGMENTATION_OPTIONS))}")
-        if self.group_regex is not None and self.group_regex != AUTO:
-            if not isinstance(self.group_regex, str) or not self.group_regex:
-                fail("group_regex", '"auto", a regular expression string or None')
+        if self.group_regex not in (None, AUTO):
             try:
                 re.compile(self.group_regex)
             except re.error as exc:
@@ -403,19 +332,6 @@ class Config:
                     f"GROUP_REGEX (Config.group_regex) is not a valid regular expression: "
                     f"{self.group_regex!r} ({exc}). Example: '^([^_]+)_'."
                 ) from None
-        if self.max_images is not None and (not is_int(self.max_images) or self.max_images < 2):
-            fail("max_images", "None or an integer >= 2")
-        if self.max_train_minutes is not None and (
-            not is_num(self.max_train_minutes) or self.max_train_minutes <= 0
-        ):
-            fail("max_train_minutes", '"auto", None or a number of minutes > 0')
-        if self.num_workers is not None and (not is_int(self.num_workers) or self.num_workers < 0):
-            fail("num_workers", "None (automatic) or an integer >= 0")
-        for name in ("amp", "channels_last"):
-            if not isinstance(getattr(self, name), bool):
-                fail(name, "True or False")
-        if not isinstance(self.multi_gpu, bool):
-            fail("multi_gpu", '"auto", True or False')
 
     def to_dict(self) -> dict[str, Any]:
         """Return the config as a dict of plain JSON types."""
@@ -498,152 +414,8 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-# ----- the runtime: Kaggle or not, a person watching or not -----------------------------------------
-
-KAGGLE_ROOT_ENV = "KIDNEYSEG_KAGGLE_ROOT"
-INTERACTIVE_ENV = "KIDNEYSEG_INTERACTIVE"
-# Kaggle stops a GPU session after 12 hours; the "auto" training budget stops an hour before, leaving
-# time for the curves, the checkpoints and the rest of the notebook.
-KAGGLE_TRAIN_MINUTES = 660
-
-
-def kaggle_root() -> Path:
-    """Kaggle's root folder: ``/kaggle``, or ``$KIDNEYSEG_KAGGLE_ROOT`` (tests point it elsewhere)."""
-    return Path(os.environ.get(KAGGLE_ROOT_ENV, "/kaggle"))
-
-
-def on_kaggle() -> bool:
-    """True inside a Kaggle notebook session (Kaggle sets ``KAGGLE_KERNEL_RUN_TYPE`` there)."""
-    return bool(os.environ.get("KAGGLE_KERNEL_RUN_TYPE"))
-
-
-def interactive_frontend() -> bool:
-    """True when a person works in a notebook front end that can show widgets; False in headless runs.
-
-    Headless runs (papermill, nbclient, nbval, Kaggle's "Save & Run All") must never create a widget:
-    a known race between ipywidgets and nbclient can leave the run waiting for ever
-    (jupyter/nbclient#312, nteract/papermill#723). The rule, in order: ``$KIDNEYSEG_INTERACTIVE``
-    (``1`` or ``0``) decides when set; Kaggle's batch runs (``KAGGLE_KERNEL_RUN_TYPE=Batch``) are
-    headless; otherwise a front end counts as interactive when it accepts ``input()`` for the running
-    cell. JupyterLab, Notebook, VS Code and Kaggle's editor do; papermill, nbclient and nbval send every
-    cell with ``allow_stdin=False``, and plain Python has no kernel at all.
-    """
-    forced = os.environ.get(INTERACTIVE_ENV, "").strip().lower()
-    if forced in ("1", "true", "yes"):
-        return True
-    if forced in ("0", "false", "no"):
-        return False
-    if os.environ.get("KAGGLE_KERNEL_RUN_TYPE", "").lower() == "batch":
-        return False
-    try:
-        from IPython import get_ipython
-    except ImportError:
-        return False
-    shell = get_ipython()
-    kernel = getattr(shell, "kernel", None)
-    return bool(getattr(kernel, "_allow_stdin", False))
-
-
-def _progress_bar(iterable: Any = None, enabled: bool = True, **options: Any) -> Any:
-    """A tqdm bar: a live widget in an interactive front end, nothing in a headless run (whose
-    record gets plain log lines instead) or when ``enabled`` is False."""
-    if enabled and interactive_frontend():
-        from tqdm.auto import tqdm
-    else:
-        from tqdm import tqdm
-
-        options["disable"] = True
-    return tqdm(iterable, **options)
-
-
-def find_below(root: str | os.PathLike, name: str, max_depth: int = 6) -> list[Path]:
-    """Every file or folder called ``name`` at most ``max_depth`` folders below ``root``, sorted.
-
-    The search is bounded so that a large attached dataset cannot make it slow: hidden folders and
-    the insides of ``images/`` and ``masks/`` folders are skipped.
-    """
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    hits = []
-    for current, dirnames, filenames in os.walk(root, followlinks=True):
-        here = Path(current)
-        if name in filenames or name in dirnames:
-            hits.append(here / name)
-        depth = len(here.relative_to(root).parts)
-        keep = [] if depth >= max_depth else dirnames
-        dirnames[:] = sorted(d for d in keep if not d.startswith(".") and d not in ("images", "masks"))
-    return sorted(hits)
-
-
-# Where Kaggle mounts things under /kaggle/input: the current layout first, the old flat one last.
-_KAGGLE_INPUT_KINDS = ("datasets", "notebooks", "competitions", "models")
-
-
-def _kaggle_layout(path: Path, input_root: Path) -> tuple[int, str]:
-    """The rank of ``path`` under Kaggle's input (current layout first) and a description of it."""
-    parts = path.relative_to(input_root).parts
-    top = parts[0] if parts else ""
-    if top in _KAGGLE_INPUT_KINDS:
-        return _KAGGLE_INPUT_KINDS.index(top), f"input/{top}/... (Kaggle's current layout)"
-    return len(_KAGGLE_INPUT_KINDS), "input/<slug>/... (Kaggle's older layout)"
-
-
-def choose_candidate(
-    candidates: Sequence[Path], what: str, parameter: str, prefer: str = "notebooks"
-) -> Path:
-    """Pick one of several found paths and say which and why.
-
-    The rule: under Kaggle's input, the kind of mount named by ``prefer`` first (``datasets`` for
-    data, ``notebooks`` for the outputs of another notebook), then the rest of the current layout,
-    then the older flat layout; within a rank, the shortest path, then alphabetical order.
-    """
-    if not candidates:
-        raise ValueError(f"no {what} to choose from")
-    input_root = kaggle_root() / "input"
-
-    def rank(path: Path) -> tuple[int, int, str]:
-        try:
-            order, _ = _kaggle_layout(path, input_root)
-            parts = path.relative_to(input_root).parts
-            order = -1 if parts and parts[0] == prefer else order
-        except ValueError:
-            order = -2  # outside Kaggle's input: given or local, always first
-        return order, len(path.parts), str(path)
-
-    ordered = sorted(candidates, key=rank)
-    chosen = ordered[0]
-    if len(ordered) > 1:
-        try:
-            reason = _kaggle_layout(chosen, input_root)[1]
-        except ValueError:
-            reason = "outside Kaggle's input"
-        others = ", ".join(str(p) for p in ordered[1:])
-        print(
-            f"Found {len(ordered)} {what}; using {chosen} ({reason}; rule: input/{prefer} first, then "
-            f"the current layout, then the older one, then the shortest path). Others: {others}. "
-            f"Set {parameter} to choose another."
-        )
-    return chosen
-
-
-def kaggle_output_candidates(filename: str, input_root: str | os.PathLike | None = None) -> list[Path]:
-    """Files called ``filename`` in the outputs of notebooks attached to this one: under Kaggle's
-    input at most six folders deep (``input/notebooks/<owner>/<slug>/kidneyseg/<file>`` today,
-    ``input/<slug>/kidneyseg/<file>`` in older notebooks)."""
-    root = Path(input_root) if input_root is not None else kaggle_root() / "input"
-    return [p for p in find_below(root, filename) if p.is_file()]
-
-
-def resolve_auto(value: Any, kaggle: Any, elsewhere: Any) -> Any:
-    """A parameter's ``"auto"`` made concrete: ``kaggle`` in a Kaggle session, else ``elsewhere``."""
-    if isinstance(value, str) and value == "auto":
-        return kaggle if on_kaggle() else elsewhere
-    return value
-
-
 # =================================================================================================
-# 2. Data
+# 2. Reading data
 # =================================================================================================
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -1181,287 +953,9 @@ def split_train_val_test(
     return train, val, test
 
 
-# ----- synthetic kidney phantoms ---------------------------------------------------------------
-
-_PHANTOM_MARKER = "PHANTOM.json"
-
-
-def _ellipse(
-    yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, ry: float, rx: float, angle: float = 0.0
-) -> np.ndarray:
-    cos, sin = math.cos(angle), math.sin(angle)
-    dy, dx = yy - cy, xx - cx
-    u = dx * cos + dy * sin
-    v = -dx * sin + dy * cos
-    return (u / rx) ** 2 + (v / ry) ** 2 <= 1.0
-
-
-def _render_phantom_slice(
-    rng: np.random.Generator, anatomy: dict[str, Any], z: float, size: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Render one CT-like axial slice at height ``z`` in [0, 1] and its kidney mask."""
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / (size - 1) * 2 - 1  # [-1, 1]
-    img = np.full((size, size), 0.02, np.float32)  # air
-    body = _ellipse(yy, xx, 0.0, 0.0, anatomy["body_ry"], anatomy["body_rx"])
-    inner = _ellipse(yy, xx, 0.0, 0.0, anatomy["body_ry"] - 0.05, anatomy["body_rx"] - 0.05)
-    img[body] = 0.30  # subcutaneous fat
-    img[inner] = 0.48  # soft tissue
-    liver = _ellipse(yy, xx, -0.05, -0.35, 0.35, 0.3) & inner
-    img[liver & (z > 0.45)] = 0.56
-    for by, bx, br in anatomy["bowel"]:
-        loop = _ellipse(yy, xx, by, bx, br, br * 1.3) & inner
-        img[loop] = 0.62
-    spine = _ellipse(yy, xx, 0.42, 0.0, 0.12, 0.11)
-    img[spine] = 0.95
-    img[_ellipse(yy, xx, 0.40, 0.0, 0.035, 0.03)] = 0.35  # spinal canal
-    mask = np.zeros((size, size), bool)
-    for kidney in anatomy["kidneys"]:
-        t = (z - kidney["zc"]) / kidney["zr"]
-        if abs(t) >= 1.0:
-            continue
-        scale = math.sqrt(1.0 - t * t)
-        ry, rx = kidney["ry"] * scale, kidney["rx"] * scale
-        if min(ry, rx) < 0.012:
-            continue
-        cy, cx, ang = kidney["cy"], kidney["cx"], kidney["angle"]
-        outer = _ellipse(yy, xx, cy, cx, ry, rx, ang)
-        side = -1.0 if cx > 0 else 1.0  # hilum faces the spine
-        notch = _ellipse(yy, xx, cy, cx + side * rx * 0.95, ry * 0.35, rx * 0.45, ang)
-        kid = outer & ~notch
-        medulla = _ellipse(yy, xx, cy, cx + side * rx * 0.1, ry * 0.55, rx * 0.5, ang) & kid
-        img[kid] = kidney["cortex"]
-        img[medulla] = kidney["medulla"]
-        mask |= kid
-    img += rng.normal(0.0, 0.035, img.shape).astype(np.float32)
-    img = cv2.GaussianBlur(img, (0, 0), sigmaX=max(0.6, size / 400))
-    img += rng.normal(0.0, 0.015, img.shape).astype(np.float32)
-    return np.clip(img * 255, 0, 255).astype(np.uint8), mask.astype(np.uint8) * 255
-
-
-def make_synthetic_dataset(
-    out_dir: str | os.PathLike,
-    n_cases: int = 12,
-    slices_per_case: int = 10,
-    image_size: int = 256,
-    seed: int = 0,
-    window: tuple[float, float] = (0.0, 1.0),
-) -> Path:
-    """Write seeded CT-like kidney phantoms in the images/ + masks/ layout and return ``out_dir``.
-
-    Each case is one synthetic patient: a body with fat and soft tissue, liver, bowel loops, the spine,
-    and two bean-shaped kidneys (bright cortex, darker medulla, hilum notch facing the spine) whose
-    cross-section grows and shrinks along the slices, so a slice holds zero, one or two kidneys. Files
-    are named ``phantom-CCC_SSS.png`` so ``GROUP_REGEX='^([^_]+)_'`` groups them by case.
-
-    ``window`` is the display window of the stored 8-bit values, in units of the phantom's intensity
-    scale: ``(0, 1)`` stores the whole scale, ``(0.3, 0.9)`` a narrower, brighter window, as CT
-    series exported with different windows are.
-
-    A folder written earlier with the same arguments is reused as it is. A non-empty folder that is
-    not such a phantom set is never touched.
-
-    Raises:
-        FileExistsError: ``out_dir`` holds other files, or phantoms made with other arguments.
-    """
-    out = Path(out_dir)
-    settings = {
-        "n_cases": n_cases,
-        "slices_per_case": slices_per_case,
-        "image_size": image_size,
-        "seed": seed,
-    }
-    if tuple(window) != (0.0, 1.0):
-        settings["window"] = [float(window[0]), float(window[1])]
-    marker = out / _PHANTOM_MARKER
-    if marker.exists():
-        if json.loads(marker.read_text()) == settings:
-            return out
-        raise FileExistsError(
-            f"{out} holds phantoms made with other settings ({marker.read_text().strip()}); "
-            "choose another folder or delete it."
-        )
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} is not empty; phantoms are only written to a new folder.")
-    if image_size < 32 or n_cases < 1 or slices_per_case < 1:
-        raise ValueError("make_synthetic_dataset needs image_size >= 32, n_cases >= 1, slices >= 1.")
-    if not 0.0 <= window[0] < window[1]:
-        raise ValueError(
-            f"make_synthetic_dataset needs a window (low, high) with 0 <= low < high; got {window}."
-        )
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    (out / "masks").mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for case in range(n_cases):
-        anatomy = {
-            "body_ry": rng.uniform(0.62, 0.72),
-            "body_rx": rng.uniform(0.82, 0.92),
-            "bowel": [
-                (rng.uniform(-0.4, 0.0), rng.uniform(-0.3, 0.4), rng.uniform(0.05, 0.1))
-                for _ in range(rng.integers(2, 5))
-            ],
-            "kidneys": [
-                {
-                    "cy": rng.uniform(0.18, 0.3),
-                    "cx": side * rng.uniform(0.3, 0.4),
-                    "ry": rng.uniform(0.13, 0.17),
-                    "rx": rng.uniform(0.09, 0.12),
-                    "angle": side * rng.uniform(0.2, 0.5),
-                    "zc": rng.uniform(0.4, 0.6),
-                    "zr": rng.uniform(0.3, 0.45),
-                    "cortex": rng.uniform(0.72, 0.82),
-                    "medulla": rng.uniform(0.58, 0.66),
-                }
-                for side in (-1.0, 1.0)
-            ],
-        }
-        for s in range(slices_per_case):
-            z = (s + 0.5) / slices_per_case
-            image, mask = _render_phantom_slice(rng, anatomy, z, image_size)
-            if tuple(window) != (0.0, 1.0):
-                scaled = (image.astype(np.float32) / 255.0 - window[0]) / (window[1] - window[0])
-                image = np.clip(np.rint(scaled * 255), 0, 255).astype(np.uint8)
-            name = f"phantom-{case:03d}_{s:03d}.png"
-            cv2.imwrite(str(out / "images" / name), image)
-            cv2.imwrite(str(out / "masks" / name), mask)
-    marker.write_text(json.dumps(settings) + "\n")
-    return out
-
-
-# Two phantom "scanners" for leave-one-source-out without data: same anatomy model, other windows.
-SYNTHETIC_SOURCES = {"phantom-site-a": (0.0, 1.0), "phantom-site-b": (0.3, 0.9)}
-
-
-def make_synthetic_sources(out_dir: str | os.PathLike, n_cases: int = 8, slices_per_case: int = 8) -> Path:
-    """Write one phantom set per :data:`SYNTHETIC_SOURCES` entry under ``out_dir`` (other seeds and
-    intensity windows) and return ``out_dir``: a multi-source layout for notebook 05 without data."""
-    out = Path(out_dir)
-    for seed, (name, window) in enumerate(SYNTHETIC_SOURCES.items(), start=1):
-        make_synthetic_dataset(out / name, n_cases, slices_per_case, seed=seed, window=window)
-    return out
-
-
-def kaggle_dataset_candidates(input_root: str | os.PathLike | None = None) -> list[Path]:
-    """The attached datasets under Kaggle's input that hold images/ and masks/ folders.
-
-    One candidate per mount: ``input/datasets/<owner>/<slug>`` and ``input/competitions/<slug>``
-    (Kaggle's current layout) and ``input/<slug>`` (the older one). The outputs of other notebooks
-    (``input/notebooks/...``) are never data: notebook 03's output can hold synthetic phantoms.
-    """
-    root = Path(input_root) if input_root is not None else kaggle_root() / "input"
-    if not root.is_dir():
-        return []
-    mounts: list[Path] = []
-    for top in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        if top.name == "datasets":
-            mounts += sorted(
-                s for owner in top.iterdir() if owner.is_dir() for s in owner.iterdir() if s.is_dir()
-            )
-        elif top.name == "competitions":
-            mounts += sorted(s for s in top.iterdir() if s.is_dir())
-        elif top.name not in _KAGGLE_INPUT_KINDS:
-            mounts.append(top)
-    return [m for m in mounts if find_dataset_folders(m)]
-
-
-SYNTHETIC = "synthetic"
-
-
-def resolve_data_dir(
-    data_dir: str | os.PathLike | None = "auto",
-    *,
-    kaggle_input: str | os.PathLike | None = None,
-    env_var: str = DATA_DIR_ENV,
-    synthetic_dir: str | os.PathLike | None = None,
-    synthetic_sources: bool = False,
-) -> Path:
-    """Find the data root: the explicit parameter, then Kaggle's input, then an environment variable.
-
-    Args:
-        data_dir: A path; ``"auto"``/``None`` to search; ``"synthetic"`` for phantoms on purpose.
-        kaggle_input: Where Kaggle mounts attached datasets; ``None`` means ``kaggle_root()/input``.
-            When several attached datasets hold images, :func:`choose_candidate` picks one and says so.
-        env_var: Environment variable consulted after Kaggle's input.
-        synthetic_dir: Where phantoms are written. Off Kaggle, finding nothing writes synthetic
-            phantoms here and uses them, with a warning; on Kaggle it is an error that says how to
-            attach a dataset (a GPU session spent on phantoms wastes quota). ``None`` makes "nothing
-            found" an error everywhere.
-        synthetic_sources: Write several phantom sources (:func:`make_synthetic_sources`) instead
-            of one set, for leave-one-source-out validation.
-
-    Raises:
-        FileNotFoundError: an explicit path that does not exist, or nothing found (see above); the
-            message names every place searched.
-    """
-    if data_dir == SYNTHETIC:
-        if synthetic_dir is None:
-            raise ValueError('DATA_DIR="synthetic" needs a folder for the phantoms (synthetic_dir).')
-        return (
-            make_synthetic_sources(synthetic_dir)
-            if synthetic_sources
-            else make_synthetic_dataset(synthetic_dir)
-        )
-    if data_dir not in (None, "", "auto"):
-        path = Path(data_dir).expanduser()
-        if not path.exists():
-            raise FileNotFoundError(f"DATA_DIR {str(path)!r} does not exist. {_LAYOUT_HELP}")
-        return path
-    kaggle_input = Path(kaggle_input) if kaggle_input is not None else kaggle_root() / "input"
-    searched = [f"{kaggle_input}/datasets/*/*, {kaggle_input}/competitions/*, {kaggle_input}/*"]
-    candidates = kaggle_dataset_candidates(kaggle_input)
-    if candidates:
-        return choose_candidate(
-            candidates, "attached datasets with images/ and masks/", "DATA_DIR", "datasets"
-        )
-    env_value = os.environ.get(env_var)
-    searched.append(f"${env_var}" + (f"={env_value}" if env_value else " (unset)"))
-    if env_value:
-        path = Path(env_value).expanduser()
-        if not path.exists():
-            raise FileNotFoundError(f"${env_var} points to {str(path)!r}, which does not exist.")
-        return path
-    if on_kaggle():
-        raise FileNotFoundError(
-            f"No dataset with images/ and masks/ folders is attached to this notebook (searched "
-            f"{'; '.join(searched)}). In the notebook editor use 'Add Input' and pick your dataset "
-            '(with "kaggle kernels push", list it in dataset_sources), then run again; or set DATA_DIR '
-            'to its folder. To try the pipeline on synthetic phantoms instead, set DATA_DIR="synthetic".'
-        )
-    if synthetic_dir is None:
-        raise FileNotFoundError(
-            f"No data found (searched {'; '.join(searched)}). Set DATA_DIR to a folder. {_LAYOUT_HELP}"
-        )
-    warnings.warn(
-        f"No data found (searched {'; '.join(searched)}): using SYNTHETIC kidney phantoms in "
-        f"{synthetic_dir}. Set DATA_DIR to train on real images.",
-        UserWarning,
-        stacklevel=2,
-    )
-    return (
-        make_synthetic_sources(synthetic_dir) if synthetic_sources else make_synthetic_dataset(synthetic_dir)
-    )
-
-
-def resolve_output_dir(
-    output_dir: str | os.PathLike | None = "auto",
-    *,
-    kaggle_working: str | os.PathLike | None = None,
-    default: str | os.PathLike = "outputs",
-) -> Path:
-    """Return the output folder: the parameter, else ``/kaggle/working/kidneyseg`` on Kaggle, else
-    ``default`` (relative to the working directory). The folder is created."""
-    if output_dir not in (None, "", "auto"):
-        path = Path(output_dir).expanduser()
-    elif (
-        working := Path(kaggle_working) if kaggle_working is not None else kaggle_root() / "working"
-    ).is_dir():
-        path = working / "kidneyseg"
-    else:
-        path = Path(default)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-# ----- torch datasets --------------------------------------------------------------------------
+# =================================================================================================
+# 3. Datasets
+# =================================================================================================
 
 
 def _worker_init(_: int) -> None:
@@ -1658,244 +1152,8 @@ def make_datasets(
     return train_ds, val_ds
 
 
-# ----- exploration (notebook 01) ------------------------------------------------------------------
-
-
-def _describe_mask_values(raw: np.ndarray) -> str:
-    colour = raw.ndim == 3 and raw.shape[2] >= 3
-    values = _drop_alpha_and_reduce(raw, reduce="max")
-    found = np.unique(values)
-    prefix = "colour " if colour else ""
-    if found.size <= 2:
-        return prefix + "/".join(str(v.item()) for v in found)
-    return f"{prefix}{found.size} values {found.min().item()}..{found.max().item()}"
-
-
-def inventory(
-    data_dir: str | os.PathLike, group_regex: str | None = None, progress: bool = False
-) -> pd.DataFrame:
-    """One row per pair or orphan under ``data_dir``, with what was found before any conversion.
-
-    Columns: source, case, name, status (``ok``, ``orphan_image``, ``orphan_mask``, ``unreadable``,
-    ``bad_mask``, ``size_mismatch``), problem, image, mask, width, height, dtype, channels,
-    mask_values (raw values, e.g. ``0/255``, ``0/1`` or ``37 values 0..255`` for a noisy mask),
-    kidney_fraction, components, pixel_hash and duplicate_of (the first pair with identical pixels).
-    """
-    import hashlib
-
-    index = index_dataset(data_dir, group_regex)
-    rows: list[dict[str, Any]] = []
-    for pair in _progress_bar(index.pairs, progress, desc="inventory", unit="pair", leave=False):
-        row: dict[str, Any] = {
-            "source": pair.source,
-            "case": pair.case,
-            "name": pair.name,
-            "status": "ok",
-            "problem": "",
-            "image": str(pair.image),
-            "mask": str(pair.mask),
-        }
-        try:
-            raw_image = _decode(pair.image)
-            raw_mask = _decode(pair.mask)
-        except ImageReadError as exc:
-            rows.append({**row, "status": "unreadable", "problem": str(exc)})
-            continue
-        image = to_grayscale_uint8(raw_image)
-        row.update(
-            height=image.shape[0],
-            width=image.shape[1],
-            dtype=str(raw_image.dtype),
-            channels=1 if raw_image.ndim == 2 else raw_image.shape[2],
-            mask_values=_describe_mask_values(raw_mask),
-            pixel_hash=hashlib.sha1(image.tobytes() + str(image.shape).encode()).hexdigest(),
-        )
-        try:
-            mask = binarize_mask(raw_mask, pair.mask)
-        except ValueError as exc:
-            rows.append({**row, "status": "bad_mask", "problem": str(exc)})
-            continue
-        if mask.shape != image.shape:
-            rows.append(
-                {
-                    **row,
-                    "status": "size_mismatch",
-                    "problem": f"mask is {mask.shape[1]}x{mask.shape[0]}, "
-                    f"image {image.shape[1]}x{image.shape[0]}",
-                }
-            )
-            continue
-        count = cv2.connectedComponents(mask, connectivity=8)[0] - 1
-        rows.append({**row, "kidney_fraction": float(mask.mean()), "components": int(count)})
-    for path in index.orphan_images:
-        rows.append(
-            {
-                "source": index._source_of(path),
-                "name": path.stem,
-                "status": "orphan_image",
-                "problem": "image without mask",
-                "image": str(path),
-            }
-        )
-    for path in index.orphan_masks:
-        rows.append(
-            {
-                "source": index._source_of(path),
-                "name": path.stem,
-                "status": "orphan_mask",
-                "problem": "mask without image",
-                "mask": str(path),
-            }
-        )
-    columns = [
-        "source",
-        "case",
-        "name",
-        "status",
-        "problem",
-        "image",
-        "mask",
-        "width",
-        "height",
-        "dtype",
-        "channels",
-        "mask_values",
-        "kidney_fraction",
-        "components",
-        "pixel_hash",
-    ]
-    table = pd.DataFrame(rows).reindex(columns=columns)
-    first = {}
-    duplicate_of = []
-    for key, digest in zip(table["source"] + "/" + table["name"], table["pixel_hash"]):
-        if isinstance(digest, str) and digest in first:
-            duplicate_of.append(first[digest])
-        else:
-            if isinstance(digest, str):
-                first[digest] = key
-            duplicate_of.append("")
-    table["duplicate_of"] = duplicate_of
-    return table
-
-
-def inventory_summary(table: pd.DataFrame) -> pd.DataFrame:
-    """Per source: pairs, cases, orphans, unreadable and other problems, duplicates, distinct sizes,
-    share of slices with kidney and the median kidney fraction of those."""
-    rows = []
-    for source, part in table.groupby("source", sort=True):
-        ok = part[part["status"] == "ok"]
-        kidney = ok["kidney_fraction"] > 0
-        rows.append(
-            {
-                "source": source,
-                "pairs": len(ok),
-                "cases": ok["case"].nunique(),
-                "orphans": int(part["status"].str.startswith("orphan").sum()),
-                "problems": int((~part["status"].isin(["ok", "orphan_image", "orphan_mask"])).sum()),
-                "duplicates": int((part["duplicate_of"] != "").sum()),
-                "sizes": ok[["width", "height"]].drop_duplicates().shape[0],
-                "with_kidney": f"{kidney.mean():.0%}" if len(ok) else "-",
-                "median_kidney_fraction": float(ok.loc[kidney, "kidney_fraction"].median())
-                if kidney.any()
-                else 0.0,
-            }
-        )
-    return pd.DataFrame(rows)
-
-
-def write_inventory(
-    table: pd.DataFrame, output_dir: str | os.PathLike, warnings_found: Sequence[str] = ()
-) -> dict[str, Path]:
-    """Write ``data_inventory.csv`` (one row per file) and ``data_report.json`` (summary, warnings)."""
-    out = Path(output_dir)
-    csv_path, json_path = out / "data_inventory.csv", out / "data_report.json"
-    _atomic_write_text(csv_path, table.to_csv(index=False))
-    report = {
-        "summary": inventory_summary(table).to_dict(orient="records"),
-        "warnings": list(warnings_found),
-        "problems": table.loc[table["status"] != "ok", ["source", "name", "status", "problem"]].to_dict(
-            orient="records"
-        ),
-    }
-    _atomic_write_text(json_path, json.dumps(report, indent=2, default=str) + "\n")
-    return {"inventory_csv": csv_path, "report_json": json_path}
-
-
-def dataset_warnings(
-    table: pd.DataFrame, group_regex: str | None = None, val_fraction: float = 0.2
-) -> list[str]:
-    """Plain sentences about what a user should act on before training."""
-    found: list[str] = []
-    ok = table[table["status"] == "ok"]
-    problems = table[table["status"] != "ok"]
-    for status, part in problems.groupby("status"):
-        names = ", ".join(part["name"].astype(str).head(5))
-        found.append(
-            f"{len(part)} files with status '{status}' (e.g. {names}): see the inventory's "
-            "'problem' column; they are left out of training."
-        )
-    duplicates = table[table["duplicate_of"] != ""]
-    if len(duplicates):
-        found.append(
-            f"{len(duplicates)} images repeat the pixels of another (e.g. {duplicates['name'].iloc[0]} = "
-            f"{duplicates['duplicate_of'].iloc[0]}); duplicates on both sides of the split inflate scores."
-        )
-    if group_regex is None and len(ok):
-        prefixes = ok["name"].str.extract(r"^([^_]+)_", expand=False).dropna()
-        if len(prefixes) > 0.9 * len(ok) and prefixes.nunique() < 0.8 * len(ok):
-            found.append(
-                f"File names share {prefixes.nunique()} prefixes before '_' (e.g. {prefixes.iloc[0]!r}); "
-                "if they are patient ids, set GROUP_REGEX='^([^_]+)_' so that one patient's slices "
-                "never sit on both sides of the split."
-            )
-    kidney = ok[ok["kidney_fraction"] > 0]
-    tiny, huge = kidney[kidney["kidney_fraction"] < 0.001], ok[ok["kidney_fraction"] > 0.5]
-    if len(tiny):
-        found.append(
-            f"{len(tiny)} masks cover less than 0.1 % of their image (e.g. {tiny['name'].iloc[0]}); "
-            "at IMAGE_SIZE they may shrink to a few pixels."
-        )
-    if len(huge):
-        found.append(
-            f"{len(huge)} masks cover more than half of their image (e.g. {huge['name'].iloc[0]}): "
-            "check that they are not inverted."
-        )
-    sizes = ok[["width", "height"]].drop_duplicates()
-    if len(sizes) > 1:
-        areas = (sizes["width"] * sizes["height"]).to_numpy()
-        small, large = sizes.iloc[int(areas.argmin())], sizes.iloc[int(areas.argmax())]
-        found.append(
-            f"{len(sizes)} different image sizes, from {small['width']}x{small['height']} to "
-            f"{large['width']}x{large['height']}: all are resized to IMAGE_SIZE (stretched, not cropped)."
-        )
-    n_groups = ok["case"].nunique() if group_regex else len(ok)
-    if n_groups * val_fraction < 2 or len(ok) < 20:
-        found.append(
-            f"Only {len(ok)} pairs in {n_groups} {'cases' if group_regex else 'split units'}: a "
-            f"{val_fraction:.0%} validation split holds about {max(1, round(n_groups * val_fraction))} of "
-            "them, too few for a trustworthy score; the authors recommend at least 1,000 images."
-        )
-    if len(ok) and not (ok["kidney_fraction"] > 0).any():
-        found.append("No mask contains kidney.")
-    elif len(ok) and (ok["kidney_fraction"] > 0).all():
-        found.append(
-            "Every mask contains kidney: the model will not learn what a kidney-free slice looks like."
-        )
-    return found
-
-
-def mask_heatmap(table: pd.DataFrame, size: int = 64) -> np.ndarray:
-    """Share of masks covering each position of the normalised (resized) image, ``size`` x ``size``."""
-    ok = table[table["status"] == "ok"]
-    total = np.zeros((size, size), np.float64)
-    for path in ok["mask"]:
-        mask = read_mask(path).astype(np.float32)
-        total += cv2.resize(mask, (size, size), interpolation=cv2.INTER_AREA)
-    return total / max(1, len(ok))
-
-
 # =================================================================================================
-# 3. Preprocessing
+# 4. Intensity
 # =================================================================================================
 
 
@@ -2022,7 +1280,7 @@ def normalization_stats(image: np.ndarray, method: str = "minmax") -> IntensityM
     inference compute it from the image itself (:func:`normalize_intensity`).
 
     Rules:
-        * ``"minmax"``: 8-bit images map 0..255 to [0, 1] (the specification); any other depth is
+        * ``"minmax"``: 8-bit images map 0..255 to [0, 1]; any other depth is
           stretched from its own minimum and maximum (the reader's rule for 16-bit files).
         * ``"percentile"``: clip to the image's 0.5th and 99.5th percentiles, stretch to [0, 1].
         * ``"zscore"``: the same clip, then subtract the clipped image's mean and divide by its
@@ -2078,193 +1336,8 @@ def normalize_intensity(
     return (normalization_stats(image, method) if stats is None else stats)(image)
 
 
-def contrast_metrics(image: np.ndarray, mask: np.ndarray, ring: int = 5) -> tuple[float, float]:
-    """Contrast-to-noise ratio between kidney and a ring of surrounding tissue, and edge strength.
-
-    ``cnr = |mean(kidney) - mean(ring)| / sqrt((var(kidney) + var(ring)) / 2)``, with the ring the
-    ``ring``-pixel band just outside the mask; ``edge`` is the mean Sobel gradient magnitude on the
-    mask's outline (grey levels per pixel). Both are NaN for a mask without kidney.
-    """
-    m = mask.astype(bool)
-    if not m.any():
-        return float("nan"), float("nan")
-    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * ring + 1, 2 * ring + 1))
-    band = cv2.dilate(m.astype(np.uint8), kernel).astype(bool) & ~m
-    img = image.astype(np.float32)
-    inside, around = img[m], img[band]
-    if around.size == 0:
-        return float("nan"), float("nan")
-    noise = math.sqrt((inside.var() + around.var()) / 2) + 1e-6
-    cnr = abs(float(inside.mean()) - float(around.mean())) / noise
-    gx = cv2.Sobel(img, cv2.CV_32F, 1, 0, ksize=3) / 8
-    gy = cv2.Sobel(img, cv2.CV_32F, 0, 1, ksize=3) / 8
-    edge = float(np.hypot(gx, gy)[_boundary(m)].mean())
-    return cnr, edge
-
-
-PREPROCESSING_SWEEP: tuple[tuple[str, dict[str, float]], ...] = (
-    ("none", {}),
-    ("white_balance", {"low_percentile": 1.0, "high_percentile": 99.0}),
-    ("white_balance", {"low_percentile": 5.0, "high_percentile": 95.0}),
-    ("clahe", {"clip_limit": 1.0, "tile_grid": 8}),
-    ("clahe", {"clip_limit": 2.0, "tile_grid": 8}),
-    ("clahe", {"clip_limit": 4.0, "tile_grid": 8}),
-    ("clahe", {"clip_limit": 2.0, "tile_grid": 4}),
-    ("unsharp", {"sigma": 1.0, "amount": 0.5}),
-    ("unsharp", {"sigma": 1.0, "amount": 1.0}),
-    ("unsharp", {"sigma": 2.0, "amount": 1.0}),
-)
-
-
-def normalization_consistency(
-    data_dir: str | os.PathLike,
-    methods: Sequence[str] = NORMALIZATION_OPTIONS,
-    image_size: int = 128,
-    preprocessing: str = "none",
-    ring: int = 5,
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """How alike kidneys look across sources after each normalisation (no training needed).
-
-    For every slice with kidney, the model input is normalised and the median intensity of the
-    kidney and of a ``ring``-pixel band around it are taken; per source, the medians over its slices.
-    A normalisation that makes sources alike keeps the kidney level steady across sources relative
-    to the kidney-to-surroundings contrast the network has to find.
-
-    Returns:
-        ``(per_source, summary)``: per (method, source), the kidney and surroundings levels and their
-        difference; per method, ``spread`` = standard deviation of the kidney level over sources
-        divided by the mean absolute contrast (lower is more consistent).
-    """
-    pairs = index_dataset(data_dir).pairs
-    cache = load_arrays(pairs, image_size, preprocessing)
-    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * ring + 1, 2 * ring + 1))
-    rows = []
-    for pair, image, mask in zip(cache.pairs, cache.images, cache.masks):
-        if not mask.any():
-            continue
-        band = cv2.dilate(mask, kernel).astype(bool) & ~mask.astype(bool)
-        for method in methods:
-            values = normalize_intensity(image, method)
-            kidney, around = float(np.median(values[mask > 0])), float(np.median(values[band]))
-            rows.append({"method": method, "source": pair.source, "kidney": kidney, "surroundings": around})
-    per_source = pd.DataFrame(rows).groupby(["method", "source"], sort=False).median().reset_index()
-    per_source["contrast"] = per_source["kidney"] - per_source["surroundings"]
-    summary = per_source.groupby("method", sort=False).agg(
-        kidney_sd=("kidney", "std"), mean_abs_contrast=("contrast", lambda c: float(np.abs(c).mean()))
-    )
-    summary["spread"] = summary["kidney_sd"] / summary["mean_abs_contrast"]
-    return per_source, summary.reset_index()
-
-
-def preprocessing_effects(
-    images: Sequence[np.ndarray],
-    masks: Sequence[np.ndarray],
-    sources: Sequence[str],
-    sweep: Sequence[tuple[str, dict[str, float]]] = PREPROCESSING_SWEEP,
-) -> pd.DataFrame:
-    """Mean CNR and edge strength (:func:`contrast_metrics`) per method, parameters and source, over
-    slices that contain kidney; ``cnr_gain`` and ``edge_gain`` are ratios to no preprocessing."""
-    rows = []
-    for method, params in sweep:
-        fn = (lambda x: x) if method == "none" else partial_preprocessor(method, **params)
-        for image, mask, source in zip(images, masks, sources):
-            if not mask.any():
-                continue
-            cnr, edge = contrast_metrics(fn(image), mask)
-            rows.append(
-                {
-                    "method": method,
-                    "params": ", ".join(f"{k}={v:g}" for k, v in params.items()) or "-",
-                    "source": source,
-                    "cnr": cnr,
-                    "edge": edge,
-                }
-            )
-    table = pd.DataFrame(rows).groupby(["method", "params", "source"], sort=False).mean().reset_index()
-    base = table[table["method"] == "none"].set_index("source")
-    table["cnr_gain"] = table["cnr"] / table["source"].map(base["cnr"])
-    table["edge_gain"] = table["edge"] / table["source"].map(base["edge"])
-    return table
-
-
-def partial_preprocessor(method: str, **params: float) -> Callable[[np.ndarray], np.ndarray]:
-    """The base preprocessing ``method`` with ``params`` bound (for sweeps and sliders)."""
-    if method not in _PREPROCESSORS:
-        raise ValueError(f"unknown preprocessing method {method!r}; choose from {PREPROCESSING_METHODS}")
-    fn = _PREPROCESSORS[method]
-    return lambda image: fn(image, **params)
-
-
-def preprocessing_ablation(
-    config: Config,
-    data_dir: str | os.PathLike,
-    output_dir: str | os.PathLike,
-    options: Sequence[str] = ("none", "white_balance", "clahe", "unsharp", "white_balance+clahe"),
-    device: torch.device | None = None,
-    progress: bool = False,
-) -> pd.DataFrame:
-    """Train one model per preprocessing option at an equal budget and compare validation Dice.
-
-    Every option uses the same config (seed, split, epochs, augmentation) except ``preprocessing``;
-    each run goes to ``output_dir/<option>`` (replaced if present: these are scratch runs).
-
-    Returns:
-        One row per option: best validation loss and its epoch, pooled validation Dice and IoU at
-        that epoch, the best Dice of any epoch, and the seconds spent.
-    """
-    rows = []
-    for option in options:
-        run_config = Config(**{**config.to_dict(), "preprocessing": option})
-        data = prepare_data(run_config, data_dir)
-        run_config = data.config
-        tic = time.monotonic()
-        result = train_model(
-            build_model(run_config),
-            data.train_dataset,
-            data.val_dataset,
-            run_config,
-            Path(output_dir) / option.replace("+", "_"),
-            device,
-            overwrite=True,
-            progress=progress,
-        )
-        best = result.best_row
-        rows.append(
-            {
-                "preprocessing": option,
-                "best_epoch": result.best_epoch,
-                "val_loss": result.best_val_loss,
-                "val_dice": best["val_dice"],
-                "val_iou": best["val_iou"],
-                "max_val_dice": float(result.history["val_dice"].max()),
-                "epochs": len(result.history),
-                "seconds": time.monotonic() - tic,
-            }
-        )
-    return pd.DataFrame(rows)
-
-
-def recommend_preprocessing(ablation: pd.DataFrame, margin: float = 0.01) -> tuple[str, str]:
-    """The option to use and why: the best validation Dice, unless it beats ``"none"`` by less than
-    ``margin`` (then the simpler ``"none"``, since the gain is within run-to-run noise)."""
-    table = ablation.set_index("preprocessing")
-    best = str(table["val_dice"].idxmax())
-    if "none" in table.index and best != "none":
-        gain = table.loc[best, "val_dice"] - table.loc["none", "val_dice"]
-        if gain < margin:
-            return "none", (
-                f"'{best}' beats no preprocessing by only {gain:+.3f} validation Dice (< {margin}); "
-                "keep PREPROCESSING='none'."
-            )
-        return (
-            best,
-            f"'{best}' beats no preprocessing by {gain:+.3f} validation Dice; set PREPROCESSING='{best}'.",
-        )
-    return best, f"'{best}' has the best validation Dice ({table.loc[best, 'val_dice']:.3f})."
-
-
 # =================================================================================================
-# 4. Augmentation
+# 5. Augmentation
 # =================================================================================================
 
 
@@ -2277,10 +1350,10 @@ def _albumentations() -> Any:
     return albumentations
 
 
-def build_train_transform(image_size: int = 256, augmentation: str = "spec") -> A.Compose:
+def build_train_transform(image_size: int = 256, augmentation: str = "standard") -> A.Compose:
     """The training augmentation (Albumentations 2.x API), on uint8 images and 0/1 masks.
 
-    ``"spec"``, the specification's: resize to ``image_size``; horizontal and vertical flips (p 0.7
+    ``"standard"`` (older name ``"spec"``): resize to ``image_size``; horizontal and vertical flips (p 0.7
     each); shift up to 6.25 %, scale 0.9-1.1 and rotation up to 45 degrees (p 0.5, zero padding,
     nearest-neighbour masks so they stay binary); random brightness and contrast (+-0.2, p 0.5).
 
@@ -2295,6 +1368,7 @@ def build_train_transform(image_size: int = 256, augmentation: str = "spec") -> 
     Raises:
         ValueError: an unknown ``augmentation`` (the message lists the options).
     """
+    augmentation = AUGMENTATION_ALIASES.get(augmentation, augmentation)
     if augmentation not in AUGMENTATION_OPTIONS:
         raise ValueError(
             f"AUGMENTATION must be one of {', '.join(map(repr, AUGMENTATION_OPTIONS))}; got {augmentation!r}."
@@ -2362,7 +1436,7 @@ def build_eval_transform(image_size: int = 256) -> A.Compose:
 
 
 # =================================================================================================
-# 5. Model
+# 6. Model
 # =================================================================================================
 
 
@@ -2407,7 +1481,7 @@ class SpatialAttention(nn.Module):
 
 
 class AttentionUNet(nn.Module):
-    """The specification's enhanced U-Net.
+    """The enhanced U-Net: residual blocks and spatial attention on the skip connections.
 
     Encoder of ``depth`` residual blocks (``base``, ``2 base``, ... channels) with max-pooling between
     them; a bridge of ``base * 2**depth`` channels followed by spatial attention; a decoder of
@@ -2481,7 +1555,7 @@ def count_parameters(model: nn.Module) -> int:
 
 
 # =================================================================================================
-# 6. Losses and metrics
+# 7. Losses and metrics
 # =================================================================================================
 
 
@@ -2516,7 +1590,7 @@ def soft_dice_loss(logits: torch.Tensor, targets: torch.Tensor, smooth: float = 
 
 
 class FocalDiceLoss(nn.Module):
-    """``focal_weight * focal + dice_weight * soft Dice`` (0.6 and 0.4 in the specification)."""
+    """``focal_weight * focal + dice_weight * soft Dice`` (0.6 and 0.4 by default)."""
 
     def __init__(
         self, focal_weight: float = 0.6, dice_weight: float = 0.4, alpha: float = 0.25, gamma: float = 2.0
@@ -2595,7 +1669,7 @@ def metrics_from_counts(tp: int, fp: int, fn: int) -> dict[str, float]:
 
 
 # =================================================================================================
-# 7. Training
+# 8. Training
 # =================================================================================================
 
 METRIC_NAMES = ("loss", "dice", "iou", "precision", "recall", "f1")
@@ -2683,10 +1757,6 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
             f"{path} was written by a newer kidneyseg (format "
             f"{payload['format_version']}); update kidneyseg_utils.py."
         )
-    if payload.get("format_version", 0) < 2 and isinstance(payload.get("config"), dict):
-        # Version 1 predates NORMALIZATION and AUGMENTATION: it always used the specification's.
-        payload["config"].setdefault("normalization", "minmax")
-        payload["config"].setdefault("augmentation", "spec")
     return payload
 
 
@@ -2762,6 +1832,7 @@ def _auto_workers(config: Config, device: torch.device) -> int:
 def _run_epoch(
     model: nn.Module,
     loader: DataLoader,
+    *,
     loss_fn: nn.Module,
     device: torch.device,
     threshold: float,
@@ -2771,25 +1842,22 @@ def _run_epoch(
     grad_clip_norm: float = 1.0,
     epoch: int = 0,
     bar: Any = None,
-    channels_last: bool = False,
 ) -> dict[str, float]:
     """One pass over ``loader``: trains when an optimizer is given, else evaluates.
 
     Args:
         amp: Autocast dtype (float16 or bfloat16), or None for full precision.
-        channels_last: Feed the inputs in channels-last memory format.
 
     Returns the mean loss and the pooled metrics of the epoch.
     """
     training = optimizer is not None
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model.train(training)
     counts = ConfusionCounts()
     total_loss, total_n = 0.0, 0
     context = torch.enable_grad() if training else torch.inference_mode()
     with context:
         for images, masks in loader:
-            images = images.to(device, non_blocking=True, memory_format=memory_format)
+            images = images.to(device, non_blocking=True)
             masks = masks.to(device, non_blocking=True)
             with torch.autocast(device_type=device.type, dtype=amp or torch.float32, enabled=amp is not None):
                 logits = model(images)
@@ -2865,11 +1933,11 @@ def train_model(
     progress: bool = True,
     log: bool = True,
 ) -> TrainingResult:
-    """Train with the specification's recipe and write the run's artefacts to ``output_dir``.
+    """Train ``model`` and write the run's artefacts to ``output_dir``.
 
     AdamW; ReduceLROnPlateau on the validation loss; early stopping after ``patience`` epochs
     without a lower validation loss; gradient clipping; on CUDA, mixed precision (fp16 with a
-    GradScaler on a T4, bf16 from compute capability 8.0), optionally channels-last and several GPUs.
+    GradScaler on a T4, bf16 from compute capability 8.0), optionally on several GPUs.
     After each epoch: the best model (by validation loss) as ``best_kidney_segmentation_model.pth``,
     a resumable ``last_checkpoint.pth``, ``training_metrics.csv``; at the end the six-panel
     ``training_metrics.png``. Every write is atomic.
@@ -2914,13 +1982,11 @@ def train_model(
     seed_everything(config.seed)
     base = _unwrap(model)
     base.to(device)
-    amp, channels_last = None, device.type == "cuda" and config.channels_last
+    amp = None
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         if config.amp:
             amp = amp_dtype(torch.cuda.get_device_capability(device))
-        if channels_last:
-            base.to(memory_format=torch.channels_last)
     runner = wrap_for_devices(base, device, config.multi_gpu)
     optimizer = torch.optim.AdamW(
         base.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
@@ -2944,7 +2010,7 @@ def train_model(
         diffs = _config_differences(
             state["config"],
             config.to_dict(),
-            ARCHITECTURE_FIELDS + ("augmentation", "seed", "group_regex", "val_fraction", "test_fraction"),
+            CHECKPOINT_FIELDS + ("augmentation", "seed", "group_regex", "val_fraction", "test_fraction"),
         )
         if diffs:
             raise ValueError(f"Cannot resume {last_path}: the settings differ ({'; '.join(diffs)}).")
@@ -2996,31 +2062,23 @@ def train_model(
             bar = _progress_bar(
                 None, progress, total=len(train_loader) + len(val_loader), desc=f"epoch {epoch}", leave=False
             )
-            train_m = _run_epoch(
-                runner,
-                train_loader,
-                loss_fn,
-                device,
-                config.inference_threshold,
-                optimizer,
-                scaler,
-                amp,
-                config.grad_clip_norm,
-                epoch,
-                bar,
-                channels_last,
-            )
-            val_m = _run_epoch(
-                runner,
-                val_loader,
-                loss_fn,
-                device,
-                config.inference_threshold,
+            common = dict(
+                loss_fn=loss_fn,
+                device=device,
+                threshold=config.inference_threshold,
                 amp=amp,
                 epoch=epoch,
                 bar=bar,
-                channels_last=channels_last,
             )
+            train_m = _run_epoch(
+                runner,
+                train_loader,
+                optimizer=optimizer,
+                scaler=scaler,
+                grad_clip_norm=config.grad_clip_norm,
+                **common,
+            )
+            val_m = _run_epoch(runner, val_loader, **common)
             bar.close()
             lr = optimizer.param_groups[0]["lr"]
             scheduler.step(val_m["loss"])
@@ -3031,10 +2089,10 @@ def train_model(
             improved = val_m["loss"] < best_loss
             if improved:
                 best_loss, best_epoch, stale = val_m["loss"], epoch, 0
-                save_checkpoint(_payload("best", base, config, epoch, history, extra), best_path)
+                save_checkpoint(_checkpoint_payload("best", base, config, epoch, history, extra), best_path)
             else:
                 stale += 1
-            last = _payload("last", base, config, epoch, history, extra)
+            last = _checkpoint_payload("last", base, config, epoch, history, extra)
             last.update(
                 optimizer_state=optimizer.state_dict(),
                 scheduler_state=scheduler.state_dict(),
@@ -3075,7 +2133,7 @@ def train_model(
     return TrainingResult(frame, best_epoch, best_loss, stop_reason, out)
 
 
-def _payload(
+def _checkpoint_payload(
     kind: str,
     model: nn.Module,
     config: Config,
@@ -3083,6 +2141,8 @@ def _payload(
     history: list[dict[str, float]],
     extra: dict[str, Any],
 ) -> dict[str, Any]:
+    """What both checkpoints hold: format marker, config, CPU weights, epoch, history and ``extra``
+    (the split); ``kind`` is "best" or "last", and the last one adds the optimizer and RNG states."""
     return {
         "format": CHECKPOINT_FORMAT,
         "format_version": CHECKPOINT_VERSION,
@@ -3109,8 +2169,36 @@ def _write_history_csv(history: list[dict[str, float]], path: Path) -> None:
     _atomic_write_text(path, pd.DataFrame(history).to_csv(index=False))
 
 
+def plot_training_history(history: pd.DataFrame, best_epoch: int | None = None) -> Any:
+    """The six-panel figure: loss, Dice, IoU, precision, recall, F1, train and validation per panel.
+
+    Args:
+        history: Rows as written to ``training_metrics.csv``.
+        best_epoch: Marked with a dashed line when given.
+    """
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    for ax, name in zip(axes.flat, METRIC_NAMES):
+        ax.plot(history["epoch"], history[f"train_{name}"], label="train", marker=".")
+        ax.plot(history["epoch"], history[f"val_{name}"], label="validation", marker=".")
+        if best_epoch:
+            ax.axvline(best_epoch, color="gray", linestyle="--", linewidth=1, label=f"best ({best_epoch})")
+        ax.set_title(
+            "Dice" if name == "dice" else name.upper() if name in ("iou", "f1") else name.capitalize()
+        )
+        ax.set_xlabel("epoch")
+        if name != "loss":
+            ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("Training metrics (validation metrics pooled over all validation pixels)")
+    fig.tight_layout()
+    return fig
+
+
 # =================================================================================================
-# 8. Evaluation and inference
+# 9. Inference and evaluation
 # =================================================================================================
 
 
@@ -3133,7 +2221,7 @@ def load_model(
     checkpoint = load_checkpoint(path, map_location="cpu")
     config = Config.from_dict(checkpoint["config"])
     if expected is not None:
-        diffs = _config_differences(checkpoint["config"], expected.to_dict(), ARCHITECTURE_FIELDS)
+        diffs = _config_differences(checkpoint["config"], expected.to_dict(), CHECKPOINT_FIELDS)
         if diffs:
             raise ValueError(f"{path} was trained with other settings: {'; '.join(diffs)}.")
     model = build_model(config)
@@ -3437,35 +2525,6 @@ def summarize_scores(per_image: pd.DataFrame) -> dict[str, float]:
     return summary
 
 
-def threshold_sweep(
-    data: EvaluationSet,
-    probs: Sequence[np.ndarray],
-    thresholds: Sequence[float] = tuple(np.round(np.arange(0.05, 0.96, 0.05), 2)),
-) -> pd.DataFrame:
-    """Pooled Dice and mean Dice against the threshold (no postprocessing); the best row is marked.
-
-    Run it on the validation split only: a threshold chosen on the test images would flatter them.
-    """
-    rows = []
-    for threshold in thresholds:
-        total = ConfusionCounts()
-        dices = []
-        for prob, mask in zip(probs, data.masks):
-            counts = confusion_counts(prob > threshold, mask)
-            total = total + counts
-            dices.append(counts.metrics()["dice"])
-        rows.append(
-            {
-                "threshold": float(threshold),
-                "pooled_dice": total.metrics()["dice"],
-                "mean_dice": float(np.mean(dices)),
-            }
-        )
-    table = pd.DataFrame(rows)
-    table["best"] = table["pooled_dice"] == table["pooled_dice"].max()
-    return table
-
-
 def evaluate_model(
     model: nn.Module,
     data: EvaluationSet,
@@ -3480,31 +2539,6 @@ def evaluate_model(
     summary = summarize_scores(per_image)
     summary.update(threshold=threshold, tta=tta, postprocess=postprocess, ms_per_slice=ms)
     return per_image, summary, probs
-
-
-def ablation_table(
-    model: nn.Module, data: EvaluationSet, device: torch.device | str = "cpu", threshold: float = 0.5
-) -> pd.DataFrame:
-    """Pooled and mean Dice, mean HD95 and milliseconds per slice with and without TTA and
-    postprocessing, so what each option buys and costs is visible side by side."""
-    rows = []
-    for tta in (False, True):
-        probs, ms = _timed_probabilities(model, data, device, tta)
-        for post in (False, True):
-            tic = time.perf_counter()
-            summary = summarize_scores(score_predictions(data, probs, threshold, post))
-            post_ms = (time.perf_counter() - tic) * 1000 / max(1, len(data)) if post else 0.0
-            rows.append(
-                {
-                    "tta": tta,
-                    "postprocess": post,
-                    "pooled_dice": summary["pooled_dice"],
-                    "mean_dice": summary["mean_dice"],
-                    "mean_hd95": summary["mean_hd95"],
-                    "ms_per_slice": ms + post_ms,
-                }
-            )
-    return pd.DataFrame(rows)
 
 
 def write_evaluation(
@@ -3616,6 +2650,24 @@ def _list_images(folder: Path) -> list[Path]:
     )
 
 
+def overlay_mask(
+    image: np.ndarray,
+    mask: np.ndarray,
+    color: tuple[int, int, int] = (255, 40, 40),
+    alpha: float = 0.45,
+    contour: bool = True,
+) -> np.ndarray:
+    """An RGB uint8 picture of a gray image with the mask blended in ``color`` (and its outline)."""
+    rgb = np.repeat(image[..., None], 3, axis=2).astype(np.float32)
+    m = mask.astype(bool)
+    rgb[m] = (1 - alpha) * rgb[m] + alpha * np.asarray(color, np.float32)
+    out = np.clip(rgb, 0, 255).astype(np.uint8)
+    if contour and m.any():
+        contours, _ = cv2.findContours(m.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+        cv2.drawContours(out, contours, -1, color, 1)
+    return out
+
+
 def predict_folder(
     model: nn.Module,
     config: Config,
@@ -3695,7 +2747,1475 @@ def _write_png(path: Path, array: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-# ----- leave-one-source-out validation (notebook 05) ----------------------------------------------
+# =================================================================================================
+# 10. Runtime: Kaggle or not, a person watching or not, and where attached files are
+# =================================================================================================
+
+KAGGLE_ROOT_ENV = "KIDNEYSEG_KAGGLE_ROOT"
+INTERACTIVE_ENV = "KIDNEYSEG_INTERACTIVE"
+
+# Kaggle stops a GPU session after 12 hours; the "auto" training budget stops an hour before, leaving
+# time for the curves, the checkpoints and the rest of the notebook.
+KAGGLE_TRAIN_MINUTES = 660
+
+
+def kaggle_root() -> Path:
+    """Kaggle's root folder: ``/kaggle``, or ``$KIDNEYSEG_KAGGLE_ROOT`` (tests point it elsewhere)."""
+    return Path(os.environ.get(KAGGLE_ROOT_ENV, "/kaggle"))
+
+
+def on_kaggle() -> bool:
+    """True inside a Kaggle notebook session (Kaggle sets ``KAGGLE_KERNEL_RUN_TYPE`` there)."""
+    return bool(os.environ.get("KAGGLE_KERNEL_RUN_TYPE"))
+
+
+def interactive_frontend() -> bool:
+    """True when a person works in a notebook front end that can show widgets; False in headless runs.
+
+    Headless runs (papermill, nbclient, nbval, Kaggle's "Save & Run All") must never create a widget:
+    a known race between ipywidgets and nbclient can leave the run waiting for ever
+    (jupyter/nbclient#312, nteract/papermill#723). The rule, in order: ``$KIDNEYSEG_INTERACTIVE``
+    (``1`` or ``0``) decides when set; Kaggle's batch runs (``KAGGLE_KERNEL_RUN_TYPE=Batch``) are
+    headless; otherwise a front end counts as interactive when it accepts ``input()`` for the running
+    cell. JupyterLab, Notebook, VS Code and Kaggle's editor do; papermill, nbclient and nbval send every
+    cell with ``allow_stdin=False``, and plain Python has no kernel at all.
+    """
+    forced = os.environ.get(INTERACTIVE_ENV, "").strip().lower()
+    if forced in ("1", "true", "yes"):
+        return True
+    if forced in ("0", "false", "no"):
+        return False
+    if os.environ.get("KAGGLE_KERNEL_RUN_TYPE", "").lower() == "batch":
+        return False
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    shell = get_ipython()
+    kernel = getattr(shell, "kernel", None)
+    return bool(getattr(kernel, "_allow_stdin", False))
+
+
+def _progress_bar(iterable: Any = None, enabled: bool = True, **options: Any) -> Any:
+    """A tqdm bar: a live widget in an interactive front end, nothing in a headless run (whose
+    record gets plain log lines instead) or when ``enabled`` is False."""
+    if enabled and interactive_frontend():
+        from tqdm.auto import tqdm
+    else:
+        from tqdm import tqdm
+
+        options["disable"] = True
+    return tqdm(iterable, **options)
+
+
+def _static_then_widget(draw: Callable[..., None], controls: Callable[[Any], dict[str, Any]]) -> None:
+    """Draw once with the defaults (so every run records a static picture), then, only in an
+    interactive front end (:func:`interactive_frontend`), offer ipywidgets controls built by
+    ``controls(ipywidgets)``. Headless runs never create a widget: one can hang them for ever."""
+    draw()
+    if not interactive_frontend():
+        print(
+            "(Sliders appear when this notebook runs in Jupyter or Kaggle's editor; a headless run "
+            f"keeps the static figure. Set {INTERACTIVE_ENV}=1 to force them.)"
+        )
+        return
+    try:
+        import ipywidgets as widgets
+        from IPython.display import display
+    except ImportError:
+        return
+    display(widgets.interactive(draw, **controls(widgets)))
+
+
+def find_below(root: str | os.PathLike, name: str, max_depth: int = 6) -> list[Path]:
+    """Every file or folder called ``name`` at most ``max_depth`` folders below ``root``, sorted.
+
+    The search is bounded so that a large attached dataset cannot make it slow: hidden folders and
+    the insides of ``images/`` and ``masks/`` folders are skipped.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    hits = []
+    for current, dirnames, filenames in os.walk(root, followlinks=True):
+        here = Path(current)
+        if name in filenames or name in dirnames:
+            hits.append(here / name)
+        depth = len(here.relative_to(root).parts)
+        keep = [] if depth >= max_depth else dirnames
+        dirnames[:] = sorted(d for d in keep if not d.startswith(".") and d not in ("images", "masks"))
+    return sorted(hits)
+
+
+# Where Kaggle mounts things under /kaggle/input: the current layout first, the old flat one last.
+_KAGGLE_INPUT_KINDS = ("datasets", "notebooks", "competitions", "models")
+
+
+def _kaggle_layout(path: Path, input_root: Path) -> tuple[int, str]:
+    """The rank of ``path`` under Kaggle's input (current layout first) and a description of it."""
+    parts = path.relative_to(input_root).parts
+    top = parts[0] if parts else ""
+    if top in _KAGGLE_INPUT_KINDS:
+        return _KAGGLE_INPUT_KINDS.index(top), f"input/{top}/... (Kaggle's current layout)"
+    return len(_KAGGLE_INPUT_KINDS), "input/<slug>/... (Kaggle's older layout)"
+
+
+def choose_candidate(
+    candidates: Sequence[Path], what: str, parameter: str, prefer: str = "notebooks"
+) -> Path:
+    """Pick one of several found paths and say which and why.
+
+    The rule: under Kaggle's input, the kind of mount named by ``prefer`` first (``datasets`` for
+    data, ``notebooks`` for the outputs of another notebook), then the rest of the current layout,
+    then the older flat layout; within a rank, the shortest path, then alphabetical order.
+    """
+    if not candidates:
+        raise ValueError(f"no {what} to choose from")
+    input_root = kaggle_root() / "input"
+
+    def rank(path: Path) -> tuple[int, int, str]:
+        try:
+            order, _ = _kaggle_layout(path, input_root)
+            parts = path.relative_to(input_root).parts
+            order = -1 if parts and parts[0] == prefer else order
+        except ValueError:
+            order = -2  # outside Kaggle's input: given or local, always first
+        return order, len(path.parts), str(path)
+
+    ordered = sorted(candidates, key=rank)
+    chosen = ordered[0]
+    if len(ordered) > 1:
+        try:
+            reason = _kaggle_layout(chosen, input_root)[1]
+        except ValueError:
+            reason = "outside Kaggle's input"
+        others = ", ".join(str(p) for p in ordered[1:])
+        print(
+            f"Found {len(ordered)} {what}; using {chosen} ({reason}; rule: input/{prefer} first, then "
+            f"the current layout, then the older one, then the shortest path). Others: {others}. "
+            f"Set {parameter} to choose another."
+        )
+    return chosen
+
+
+def kaggle_output_candidates(filename: str, input_root: str | os.PathLike | None = None) -> list[Path]:
+    """Files called ``filename`` in the outputs of notebooks attached to this one: under Kaggle's
+    input at most six folders deep (``input/notebooks/<owner>/<slug>/kidneyseg/<file>`` today,
+    ``input/<slug>/kidneyseg/<file>`` in older notebooks)."""
+    root = Path(input_root) if input_root is not None else kaggle_root() / "input"
+    return [p for p in find_below(root, filename) if p.is_file()]
+
+
+def resolve_auto(value: Any, kaggle: Any, elsewhere: Any) -> Any:
+    """A parameter's ``"auto"`` made concrete: ``kaggle`` in a Kaggle session, else ``elsewhere``."""
+    if isinstance(value, str) and value == "auto":
+        return kaggle if on_kaggle() else elsewhere
+    return value
+
+
+def kaggle_dataset_candidates(input_root: str | os.PathLike | None = None) -> list[Path]:
+    """The attached datasets under Kaggle's input that hold images/ and masks/ folders.
+
+    One candidate per mount: ``input/datasets/<owner>/<slug>`` and ``input/competitions/<slug>``
+    (Kaggle's current layout) and ``input/<slug>`` (the older one). The outputs of other notebooks
+    (``input/notebooks/...``) are never data: notebook 03's output can hold synthetic phantoms.
+    """
+    root = Path(input_root) if input_root is not None else kaggle_root() / "input"
+    if not root.is_dir():
+        return []
+    mounts: list[Path] = []
+    for top in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if top.name == "datasets":
+            mounts += sorted(
+                s for owner in top.iterdir() if owner.is_dir() for s in owner.iterdir() if s.is_dir()
+            )
+        elif top.name == "competitions":
+            mounts += sorted(s for s in top.iterdir() if s.is_dir())
+        elif top.name not in _KAGGLE_INPUT_KINDS:
+            mounts.append(top)
+    return [m for m in mounts if find_dataset_folders(m)]
+
+
+def resolve_output_dir(
+    output_dir: str | os.PathLike | None = "auto",
+    *,
+    kaggle_working: str | os.PathLike | None = None,
+    default: str | os.PathLike = "outputs",
+) -> Path:
+    """Return the output folder: the parameter, else ``/kaggle/working/kidneyseg`` on Kaggle, else
+    ``default`` (relative to the working directory). The folder is created."""
+    if output_dir not in (None, "", "auto"):
+        path = Path(output_dir).expanduser()
+    elif (
+        working := Path(kaggle_working) if kaggle_working is not None else kaggle_root() / "working"
+    ).is_dir():
+        path = working / "kidneyseg"
+    else:
+        path = Path(default)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def resolve_model_path(model_path: str | os.PathLike | None, output_dir: str | os.PathLike) -> Path:
+    """``"auto"``: the best model in ``output_dir``, else one in the output of a notebook attached to
+    this one (notebook 03's output attached to notebook 04, found by :func:`kaggle_output_candidates`);
+    otherwise the path given.
+
+    Raises:
+        FileNotFoundError: naming every place searched.
+    """
+    if model_path not in (None, "", "auto"):
+        path = Path(model_path).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"MODEL_PATH {str(path)!r} does not exist.")
+        return path
+    local = Path(output_dir) / BEST_MODEL_NAME
+    if local.is_file():
+        return local
+    found = kaggle_output_candidates(BEST_MODEL_NAME)
+    if found:
+        return choose_candidate(found, f"attached {BEST_MODEL_NAME} files", "MODEL_PATH")
+    raise FileNotFoundError(
+        f"No {BEST_MODEL_NAME} in {output_dir} or under {kaggle_root() / 'input'} (searched six folders "
+        "deep). Run notebook 03 first (on Kaggle: 'Add Input', then its notebook output), or set MODEL_PATH."
+    )
+
+
+def restore_run_for_resume(output_dir: str | os.PathLike) -> Path | None:
+    """Before ``RESUME=True`` in a new Kaggle session: copy the previous run's checkpoints, metrics and
+    config from an attached notebook output into ``output_dir`` (nothing is overwritten).
+
+    Returns:
+        The folder copied from, or None when ``output_dir`` already holds a last checkpoint or no
+        previous run is attached.
+    """
+    import shutil
+
+    out = Path(output_dir)
+    if (out / LAST_CHECKPOINT_NAME).exists():
+        return None
+    found = kaggle_output_candidates(LAST_CHECKPOINT_NAME)
+    if not found:
+        return None
+    source = choose_candidate(found, f"attached {LAST_CHECKPOINT_NAME} files", "OUTPUT_DIR").parent
+    out.mkdir(parents=True, exist_ok=True)
+    for name in (LAST_CHECKPOINT_NAME, BEST_MODEL_NAME, METRICS_CSV_NAME, CONFIG_JSON_NAME):
+        if (source / name).exists() and not (out / name).exists():
+            shutil.copy2(source / name, out / name)
+    return source
+
+
+# #################################################################################################
+# PART II. THE STUDIES behind notebooks 01, 02, 04's figures and 05, and the phantoms (sections 11-15).
+# Nothing in part I uses anything defined here (tests/test_layout.py checks it).
+# #################################################################################################
+
+
+# =================================================================================================
+# 11. Phantoms and the default dataset
+# =================================================================================================
+
+_PHANTOM_MARKER = "PHANTOM.json"
+
+
+def _ellipse(
+    yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, ry: float, rx: float, angle: float = 0.0
+) -> np.ndarray:
+    cos, sin = math.cos(angle), math.sin(angle)
+    dy, dx = yy - cy, xx - cx
+    u = dx * cos + dy * sin
+    v = -dx * sin + dy * cos
+    return (u / rx) ** 2 + (v / ry) ** 2 <= 1.0
+
+
+def _render_phantom_slice(
+    rng: np.random.Generator, anatomy: dict[str, Any], z: float, size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Render one CT-like axial slice at height ``z`` in [0, 1] and its kidney mask."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / (size - 1) * 2 - 1  # [-1, 1]
+    img = np.full((size, size), 0.02, np.float32)  # air
+    body = _ellipse(yy, xx, 0.0, 0.0, anatomy["body_ry"], anatomy["body_rx"])
+    inner = _ellipse(yy, xx, 0.0, 0.0, anatomy["body_ry"] - 0.05, anatomy["body_rx"] - 0.05)
+    img[body] = 0.30  # subcutaneous fat
+    img[inner] = 0.48  # soft tissue
+    liver = _ellipse(yy, xx, -0.05, -0.35, 0.35, 0.3) & inner
+    img[liver & (z > 0.45)] = 0.56
+    for by, bx, br in anatomy["bowel"]:
+        loop = _ellipse(yy, xx, by, bx, br, br * 1.3) & inner
+        img[loop] = 0.62
+    spine = _ellipse(yy, xx, 0.42, 0.0, 0.12, 0.11)
+    img[spine] = 0.95
+    img[_ellipse(yy, xx, 0.40, 0.0, 0.035, 0.03)] = 0.35  # spinal canal
+    mask = np.zeros((size, size), bool)
+    for kidney in anatomy["kidneys"]:
+        t = (z - kidney["zc"]) / kidney["zr"]
+        if abs(t) >= 1.0:
+            continue
+        scale = math.sqrt(1.0 - t * t)
+        ry, rx = kidney["ry"] * scale, kidney["rx"] * scale
+        if min(ry, rx) < 0.012:
+            continue
+        cy, cx, ang = kidney["cy"], kidney["cx"], kidney["angle"]
+        outer = _ellipse(yy, xx, cy, cx, ry, rx, ang)
+        side = -1.0 if cx > 0 else 1.0  # hilum faces the spine
+        notch = _ellipse(yy, xx, cy, cx + side * rx * 0.95, ry * 0.35, rx * 0.45, ang)
+        kid = outer & ~notch
+        medulla = _ellipse(yy, xx, cy, cx + side * rx * 0.1, ry * 0.55, rx * 0.5, ang) & kid
+        img[kid] = kidney["cortex"]
+        img[medulla] = kidney["medulla"]
+        mask |= kid
+    img += rng.normal(0.0, 0.035, img.shape).astype(np.float32)
+    img = cv2.GaussianBlur(img, (0, 0), sigmaX=max(0.6, size / 400))
+    img += rng.normal(0.0, 0.015, img.shape).astype(np.float32)
+    return np.clip(img * 255, 0, 255).astype(np.uint8), mask.astype(np.uint8) * 255
+
+
+def make_synthetic_dataset(
+    out_dir: str | os.PathLike,
+    n_cases: int = 12,
+    slices_per_case: int = 10,
+    image_size: int = 256,
+    seed: int = 0,
+    window: tuple[float, float] = (0.0, 1.0),
+) -> Path:
+    """Write seeded CT-like kidney phantoms in the images/ + masks/ layout and return ``out_dir``.
+
+    Each case is one synthetic patient: a body with fat and soft tissue, liver, bowel loops, the spine,
+    and two bean-shaped kidneys (bright cortex, darker medulla, hilum notch facing the spine) whose
+    cross-section grows and shrinks along the slices, so a slice holds zero, one or two kidneys. Files
+    are named ``phantom-CCC_SSS.png`` so ``GROUP_REGEX='^([^_]+)_'`` groups them by case.
+
+    ``window`` is the display window of the stored 8-bit values, in units of the phantom's intensity
+    scale: ``(0, 1)`` stores the whole scale, ``(0.3, 0.9)`` a narrower, brighter window, as CT
+    series exported with different windows are.
+
+    A folder written earlier with the same arguments is reused as it is. A non-empty folder that is
+    not such a phantom set is never touched.
+
+    Raises:
+        FileExistsError: ``out_dir`` holds other files, or phantoms made with other arguments.
+    """
+    out = Path(out_dir)
+    settings = {
+        "n_cases": n_cases,
+        "slices_per_case": slices_per_case,
+        "image_size": image_size,
+        "seed": seed,
+    }
+    if tuple(window) != (0.0, 1.0):
+        settings["window"] = [float(window[0]), float(window[1])]
+    marker = out / _PHANTOM_MARKER
+    if marker.exists():
+        if json.loads(marker.read_text()) == settings:
+            return out
+        raise FileExistsError(
+            f"{out} holds phantoms made with other settings ({marker.read_text().strip()}); "
+            "choose another folder or delete it."
+        )
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} is not empty; phantoms are only written to a new folder.")
+    if image_size < 32 or n_cases < 1 or slices_per_case < 1:
+        raise ValueError("make_synthetic_dataset needs image_size >= 32, n_cases >= 1, slices >= 1.")
+    if not 0.0 <= window[0] < window[1]:
+        raise ValueError(
+            f"make_synthetic_dataset needs a window (low, high) with 0 <= low < high; got {window}."
+        )
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "masks").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for case in range(n_cases):
+        anatomy = {
+            "body_ry": rng.uniform(0.62, 0.72),
+            "body_rx": rng.uniform(0.82, 0.92),
+            "bowel": [
+                (rng.uniform(-0.4, 0.0), rng.uniform(-0.3, 0.4), rng.uniform(0.05, 0.1))
+                for _ in range(rng.integers(2, 5))
+            ],
+            "kidneys": [
+                {
+                    "cy": rng.uniform(0.18, 0.3),
+                    "cx": side * rng.uniform(0.3, 0.4),
+                    "ry": rng.uniform(0.13, 0.17),
+                    "rx": rng.uniform(0.09, 0.12),
+                    "angle": side * rng.uniform(0.2, 0.5),
+                    "zc": rng.uniform(0.4, 0.6),
+                    "zr": rng.uniform(0.3, 0.45),
+                    "cortex": rng.uniform(0.72, 0.82),
+                    "medulla": rng.uniform(0.58, 0.66),
+                }
+                for side in (-1.0, 1.0)
+            ],
+        }
+        for s in range(slices_per_case):
+            z = (s + 0.5) / slices_per_case
+            image, mask = _render_phantom_slice(rng, anatomy, z, image_size)
+            if tuple(window) != (0.0, 1.0):
+                scaled = (image.astype(np.float32) / 255.0 - window[0]) / (window[1] - window[0])
+                image = np.clip(np.rint(scaled * 255), 0, 255).astype(np.uint8)
+            name = f"phantom-{case:03d}_{s:03d}.png"
+            cv2.imwrite(str(out / "images" / name), image)
+            cv2.imwrite(str(out / "masks" / name), mask)
+    marker.write_text(json.dumps(settings) + "\n")
+    return out
+
+
+# Two phantom "scanners" for leave-one-source-out without data: same anatomy model, other windows.
+SYNTHETIC_SOURCES = {"phantom-site-a": (0.0, 1.0), "phantom-site-b": (0.3, 0.9)}
+
+
+def make_synthetic_sources(out_dir: str | os.PathLike, n_cases: int = 8, slices_per_case: int = 8) -> Path:
+    """Write one phantom set per :data:`SYNTHETIC_SOURCES` entry under ``out_dir`` (other seeds and
+    intensity windows) and return ``out_dir``: a multi-source layout for notebook 05 without data."""
+    out = Path(out_dir)
+    for seed, (name, window) in enumerate(SYNTHETIC_SOURCES.items(), start=1):
+        make_synthetic_dataset(out / name, n_cases, slices_per_case, seed=seed, window=window)
+    return out
+
+
+SYNTHETIC = "synthetic"
+
+
+def resolve_data_dir(
+    data_dir: str | os.PathLike | None = "auto",
+    *,
+    kaggle_input: str | os.PathLike | None = None,
+    env_var: str = DATA_DIR_ENV,
+    synthetic_dir: str | os.PathLike | None = None,
+    synthetic_sources: bool = False,
+) -> Path:
+    """Find the data root: the explicit parameter, then Kaggle's input, then an environment variable.
+
+    Args:
+        data_dir: A path; ``"auto"``/``None`` to search; ``"synthetic"`` for phantoms on purpose.
+        kaggle_input: Where Kaggle mounts attached datasets; ``None`` means ``kaggle_root()/input``.
+            When several attached datasets hold images, :func:`choose_candidate` picks one and says so.
+        env_var: Environment variable consulted after Kaggle's input.
+        synthetic_dir: Where phantoms are written. Off Kaggle, finding nothing writes synthetic
+            phantoms here and uses them, with a warning; on Kaggle it is an error that says how to
+            attach a dataset (a GPU session spent on phantoms wastes quota). ``None`` makes "nothing
+            found" an error everywhere.
+        synthetic_sources: Write several phantom sources (:func:`make_synthetic_sources`) instead
+            of one set, for leave-one-source-out validation.
+
+    Raises:
+        FileNotFoundError: an explicit path that does not exist, or nothing found (see above); the
+            message names every place searched.
+    """
+    if data_dir == SYNTHETIC:
+        if synthetic_dir is None:
+            raise ValueError('DATA_DIR="synthetic" needs a folder for the phantoms (synthetic_dir).')
+        return (
+            make_synthetic_sources(synthetic_dir)
+            if synthetic_sources
+            else make_synthetic_dataset(synthetic_dir)
+        )
+    if data_dir not in (None, "", "auto"):
+        path = Path(data_dir).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"DATA_DIR {str(path)!r} does not exist. {_LAYOUT_HELP}")
+        return path
+    kaggle_input = Path(kaggle_input) if kaggle_input is not None else kaggle_root() / "input"
+    searched = [f"{kaggle_input}/datasets/*/*, {kaggle_input}/competitions/*, {kaggle_input}/*"]
+    candidates = kaggle_dataset_candidates(kaggle_input)
+    if candidates:
+        return choose_candidate(
+            candidates, "attached datasets with images/ and masks/", "DATA_DIR", "datasets"
+        )
+    env_value = os.environ.get(env_var)
+    searched.append(f"${env_var}" + (f"={env_value}" if env_value else " (unset)"))
+    if env_value:
+        path = Path(env_value).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"${env_var} points to {str(path)!r}, which does not exist.")
+        return path
+    if on_kaggle():
+        raise FileNotFoundError(
+            f"No dataset with images/ and masks/ folders is attached to this notebook (searched "
+            f"{'; '.join(searched)}). In the notebook editor use 'Add Input' and pick your dataset "
+            '(with "kaggle kernels push", list it in dataset_sources), then run again; or set DATA_DIR '
+            'to its folder. To try the pipeline on synthetic phantoms instead, set DATA_DIR="synthetic".'
+        )
+    if synthetic_dir is None:
+        raise FileNotFoundError(
+            f"No data found (searched {'; '.join(searched)}). Set DATA_DIR to a folder. {_LAYOUT_HELP}"
+        )
+    warnings.warn(
+        f"No data found (searched {'; '.join(searched)}): using SYNTHETIC kidney phantoms in "
+        f"{synthetic_dir}. Set DATA_DIR to train on real images.",
+        UserWarning,
+        stacklevel=2,
+    )
+    return (
+        make_synthetic_sources(synthetic_dir) if synthetic_sources else make_synthetic_dataset(synthetic_dir)
+    )
+
+
+# =================================================================================================
+# 12. Exploring a dataset: notebook 01
+# =================================================================================================
+
+
+def _describe_mask_values(raw: np.ndarray) -> str:
+    colour = raw.ndim == 3 and raw.shape[2] >= 3
+    values = _drop_alpha_and_reduce(raw, reduce="max")
+    found = np.unique(values)
+    prefix = "colour " if colour else ""
+    if found.size <= 2:
+        return prefix + "/".join(str(v.item()) for v in found)
+    return f"{prefix}{found.size} values {found.min().item()}..{found.max().item()}"
+
+
+def inventory(
+    data_dir: str | os.PathLike, group_regex: str | None = None, progress: bool = False
+) -> pd.DataFrame:
+    """One row per pair or orphan under ``data_dir``, with what was found before any conversion.
+
+    Columns: source, case, name, status (``ok``, ``orphan_image``, ``orphan_mask``, ``unreadable``,
+    ``bad_mask``, ``size_mismatch``), problem, image, mask, width, height, dtype, channels,
+    mask_values (raw values, e.g. ``0/255``, ``0/1`` or ``37 values 0..255`` for a noisy mask),
+    kidney_fraction, components, pixel_hash and duplicate_of (the first pair with identical pixels).
+    """
+    import hashlib
+
+    index = index_dataset(data_dir, group_regex)
+    rows: list[dict[str, Any]] = []
+    for pair in _progress_bar(index.pairs, progress, desc="inventory", unit="pair", leave=False):
+        row: dict[str, Any] = {
+            "source": pair.source,
+            "case": pair.case,
+            "name": pair.name,
+            "status": "ok",
+            "problem": "",
+            "image": str(pair.image),
+            "mask": str(pair.mask),
+        }
+        try:
+            raw_image = _decode(pair.image)
+            raw_mask = _decode(pair.mask)
+        except ImageReadError as exc:
+            rows.append({**row, "status": "unreadable", "problem": str(exc)})
+            continue
+        image = to_grayscale_uint8(raw_image)
+        row.update(
+            height=image.shape[0],
+            width=image.shape[1],
+            dtype=str(raw_image.dtype),
+            channels=1 if raw_image.ndim == 2 else raw_image.shape[2],
+            mask_values=_describe_mask_values(raw_mask),
+            pixel_hash=hashlib.sha1(image.tobytes() + str(image.shape).encode()).hexdigest(),
+        )
+        try:
+            mask = binarize_mask(raw_mask, pair.mask)
+        except ValueError as exc:
+            rows.append({**row, "status": "bad_mask", "problem": str(exc)})
+            continue
+        if mask.shape != image.shape:
+            rows.append(
+                {
+                    **row,
+                    "status": "size_mismatch",
+                    "problem": f"mask is {mask.shape[1]}x{mask.shape[0]}, "
+                    f"image {image.shape[1]}x{image.shape[0]}",
+                }
+            )
+            continue
+        count = cv2.connectedComponents(mask, connectivity=8)[0] - 1
+        rows.append({**row, "kidney_fraction": float(mask.mean()), "components": int(count)})
+    for path in index.orphan_images:
+        rows.append(
+            {
+                "source": index._source_of(path),
+                "name": path.stem,
+                "status": "orphan_image",
+                "problem": "image without mask",
+                "image": str(path),
+            }
+        )
+    for path in index.orphan_masks:
+        rows.append(
+            {
+                "source": index._source_of(path),
+                "name": path.stem,
+                "status": "orphan_mask",
+                "problem": "mask without image",
+                "mask": str(path),
+            }
+        )
+    columns = [
+        "source",
+        "case",
+        "name",
+        "status",
+        "problem",
+        "image",
+        "mask",
+        "width",
+        "height",
+        "dtype",
+        "channels",
+        "mask_values",
+        "kidney_fraction",
+        "components",
+        "pixel_hash",
+    ]
+    table = pd.DataFrame(rows).reindex(columns=columns)
+    first = {}
+    duplicate_of = []
+    for key, digest in zip(table["source"] + "/" + table["name"], table["pixel_hash"]):
+        if isinstance(digest, str) and digest in first:
+            duplicate_of.append(first[digest])
+        else:
+            if isinstance(digest, str):
+                first[digest] = key
+            duplicate_of.append("")
+    table["duplicate_of"] = duplicate_of
+    return table
+
+
+def inventory_summary(table: pd.DataFrame) -> pd.DataFrame:
+    """Per source: pairs, cases, orphans, unreadable and other problems, duplicates, distinct sizes,
+    share of slices with kidney and the median kidney fraction of those."""
+    rows = []
+    for source, part in table.groupby("source", sort=True):
+        ok = part[part["status"] == "ok"]
+        kidney = ok["kidney_fraction"] > 0
+        rows.append(
+            {
+                "source": source,
+                "pairs": len(ok),
+                "cases": ok["case"].nunique(),
+                "orphans": int(part["status"].str.startswith("orphan").sum()),
+                "problems": int((~part["status"].isin(["ok", "orphan_image", "orphan_mask"])).sum()),
+                "duplicates": int((part["duplicate_of"] != "").sum()),
+                "sizes": ok[["width", "height"]].drop_duplicates().shape[0],
+                "with_kidney": f"{kidney.mean():.0%}" if len(ok) else "-",
+                "median_kidney_fraction": float(ok.loc[kidney, "kidney_fraction"].median())
+                if kidney.any()
+                else 0.0,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def write_inventory(
+    table: pd.DataFrame, output_dir: str | os.PathLike, warnings_found: Sequence[str] = ()
+) -> dict[str, Path]:
+    """Write ``data_inventory.csv`` (one row per file) and ``data_report.json`` (summary, warnings)."""
+    out = Path(output_dir)
+    csv_path, json_path = out / "data_inventory.csv", out / "data_report.json"
+    _atomic_write_text(csv_path, table.to_csv(index=False))
+    report = {
+        "summary": inventory_summary(table).to_dict(orient="records"),
+        "warnings": list(warnings_found),
+        "problems": table.loc[table["status"] != "ok", ["source", "name", "status", "problem"]].to_dict(
+            orient="records"
+        ),
+    }
+    _atomic_write_text(json_path, json.dumps(report, indent=2, default=str) + "\n")
+    return {"inventory_csv": csv_path, "report_json": json_path}
+
+
+def dataset_warnings(
+    table: pd.DataFrame, group_regex: str | None = None, val_fraction: float = 0.2
+) -> list[str]:
+    """Plain sentences about what a user should act on before training."""
+    found: list[str] = []
+    ok = table[table["status"] == "ok"]
+    problems = table[table["status"] != "ok"]
+    for status, part in problems.groupby("status"):
+        names = ", ".join(part["name"].astype(str).head(5))
+        found.append(
+            f"{len(part)} files with status '{status}' (e.g. {names}): see the inventory's "
+            "'problem' column; they are left out of training."
+        )
+    duplicates = table[table["duplicate_of"] != ""]
+    if len(duplicates):
+        found.append(
+            f"{len(duplicates)} images repeat the pixels of another (e.g. {duplicates['name'].iloc[0]} = "
+            f"{duplicates['duplicate_of'].iloc[0]}); duplicates on both sides of the split inflate scores."
+        )
+    if group_regex is None and len(ok):
+        prefixes = ok["name"].str.extract(r"^([^_]+)_", expand=False).dropna()
+        if len(prefixes) > 0.9 * len(ok) and prefixes.nunique() < 0.8 * len(ok):
+            found.append(
+                f"File names share {prefixes.nunique()} prefixes before '_' (e.g. {prefixes.iloc[0]!r}); "
+                "if they are patient ids, set GROUP_REGEX='^([^_]+)_' so that one patient's slices "
+                "never sit on both sides of the split."
+            )
+    kidney = ok[ok["kidney_fraction"] > 0]
+    tiny, huge = kidney[kidney["kidney_fraction"] < 0.001], ok[ok["kidney_fraction"] > 0.5]
+    if len(tiny):
+        found.append(
+            f"{len(tiny)} masks cover less than 0.1 % of their image (e.g. {tiny['name'].iloc[0]}); "
+            "at IMAGE_SIZE they may shrink to a few pixels."
+        )
+    if len(huge):
+        found.append(
+            f"{len(huge)} masks cover more than half of their image (e.g. {huge['name'].iloc[0]}): "
+            "check that they are not inverted."
+        )
+    sizes = ok[["width", "height"]].drop_duplicates()
+    if len(sizes) > 1:
+        areas = (sizes["width"] * sizes["height"]).to_numpy()
+        small, large = sizes.iloc[int(areas.argmin())], sizes.iloc[int(areas.argmax())]
+        found.append(
+            f"{len(sizes)} different image sizes, from {small['width']}x{small['height']} to "
+            f"{large['width']}x{large['height']}: all are resized to IMAGE_SIZE (stretched, not cropped)."
+        )
+    n_groups = ok["case"].nunique() if group_regex else len(ok)
+    if n_groups * val_fraction < 2 or len(ok) < 20:
+        found.append(
+            f"Only {len(ok)} pairs in {n_groups} {'cases' if group_regex else 'split units'}: a "
+            f"{val_fraction:.0%} validation split holds about {max(1, round(n_groups * val_fraction))} of "
+            "them, too few for a trustworthy score; the authors recommend at least 1,000 images."
+        )
+    if len(ok) and not (ok["kidney_fraction"] > 0).any():
+        found.append("No mask contains kidney.")
+    elif len(ok) and (ok["kidney_fraction"] > 0).all():
+        found.append(
+            "Every mask contains kidney: the model will not learn what a kidney-free slice looks like."
+        )
+    return found
+
+
+def mask_heatmap(table: pd.DataFrame, size: int = 64) -> np.ndarray:
+    """Share of masks covering each position of the normalised (resized) image, ``size`` x ``size``."""
+    ok = table[table["status"] == "ok"]
+    total = np.zeros((size, size), np.float64)
+    for path in ok["mask"]:
+        mask = read_mask(path).astype(np.float32)
+        total += cv2.resize(mask, (size, size), interpolation=cv2.INTER_AREA)
+    return total / max(1, len(ok))
+
+
+def plot_image_statistics(table: pd.DataFrame) -> Any:
+    """Image sizes per source (width against height) and the aspect-ratio distribution."""
+    import matplotlib.pyplot as plt
+
+    ok = table[table["status"] == "ok"]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
+    for source, part in ok.groupby("source"):
+        counts = part.groupby(["width", "height"]).size().reset_index(name="n")
+        axes[0].scatter(counts["width"], counts["height"], s=20 + 6 * counts["n"], alpha=0.6, label=source)
+    axes[0].set_xlabel("width (px)")
+    axes[0].set_ylabel("height (px)")
+    axes[0].set_title("Image sizes (marker area ~ number of images)")
+    axes[0].legend(fontsize=7)
+    axes[0].grid(alpha=0.3)
+    aspect = ok["width"] / ok["height"]
+    axes[1].hist(
+        [aspect[ok["source"] == s] for s in sorted(ok["source"].unique())],
+        bins=20,
+        stacked=True,
+        label=sorted(ok["source"].unique()),
+    )
+    axes[1].set_xlabel("aspect ratio (width / height)")
+    axes[1].set_ylabel("images")
+    axes[1].set_title("Aspect ratios")
+    fig.tight_layout()
+    return fig
+
+
+def plot_intensity_histograms(table: pd.DataFrame, per_source: int = 12, seed: int = 0) -> Any:
+    """Gray-level histograms (after conversion to uint8): all sources together and one per source,
+    from up to ``per_source`` random images each."""
+    import matplotlib.pyplot as plt
+
+    ok = table[table["status"] == "ok"]
+    sources = sorted(ok["source"].unique())
+    rng = np.random.default_rng(seed)
+    hists = {}
+    for source in sources:
+        paths = ok.loc[ok["source"] == source, "image"].to_numpy()
+        picks = rng.choice(paths, size=min(per_source, len(paths)), replace=False)
+        hist = np.zeros(256)
+        for path in picks:
+            hist += np.bincount(read_image(path).ravel(), minlength=256)
+        hists[source] = hist / hist.sum()
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4))
+    axes[0].plot(np.mean(list(hists.values()), axis=0), color="black")
+    axes[0].set_title("All sources (mean of per-source histograms)")
+    for source, hist in hists.items():
+        axes[1].plot(hist, label=source, alpha=0.8)
+    axes[1].set_title("Per source")
+    axes[1].legend(fontsize=7)
+    for ax in axes:
+        ax.set_xlabel("gray level")
+        ax.set_ylabel("share of pixels")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def plot_gallery(
+    table: pd.DataFrame,
+    n: int = 12,
+    seed: int = 0,
+    columns: int = 6,
+    transform: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> Any:
+    """Random slices at their original size with the mask overlaid, titled by source and name."""
+    import matplotlib.pyplot as plt
+
+    ok = table[table["status"] == "ok"].reset_index(drop=True)
+    picks = np.random.default_rng(seed).choice(len(ok), size=min(n, len(ok)), replace=False)
+    rows = math.ceil(len(picks) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(2.6 * columns, 2.8 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, i in zip(axes.flat, picks):
+        row = ok.loc[int(i)]
+        image = read_image(row["image"])
+        if transform is not None:
+            image = transform(image)
+        ax.imshow(overlay_mask(image, read_mask(row["mask"])))
+        ax.set_title(f"{row['source']}\n{row['name'][:26]}", fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def plot_mask_statistics(table: pd.DataFrame, heatmap: np.ndarray) -> Any:
+    """Kidney area distribution, connected components per mask, and where kidneys lie."""
+    import matplotlib.pyplot as plt
+
+    ok = table[table["status"] == "ok"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    kidney = ok[ok["kidney_fraction"] > 0]
+    sources = sorted(kidney["source"].unique())
+    axes[0].hist(
+        [100 * kidney.loc[kidney["source"] == s, "kidney_fraction"] for s in sources],
+        bins=25,
+        stacked=True,
+        label=sources,
+    )
+    axes[0].set_xlabel("kidney area (% of image)")
+    axes[0].set_ylabel("masks")
+    empty = (ok["kidney_fraction"] == 0).mean()
+    axes[0].set_title(f"Kidney area ({empty:.0%} of masks are empty)")
+    axes[0].legend(fontsize=7)
+    components = ok["components"].astype(int).value_counts().sort_index()
+    axes[1].bar(components.index.astype(str), components.to_numpy())
+    axes[1].set_xlabel("connected components per mask")
+    axes[1].set_ylabel("masks")
+    axes[1].set_title("Components (two kidneys usually give 2)")
+    shown = axes[2].imshow(heatmap, cmap="magma", vmin=0)
+    axes[2].set_title("Where kidneys lie (share of masks)")
+    axes[2].axis("off")
+    fig.colorbar(shown, ax=axes[2], fraction=0.046)
+    fig.tight_layout()
+    return fig
+
+
+def show_slice_browser(table: pd.DataFrame) -> None:
+    """An ipywidgets browser over the pairs: slice slider, overlay on/off, opacity.
+
+    The first slice is always drawn as a static figure, so headless runs record a picture; the
+    widget follows only in an interactive front end.
+    """
+    import matplotlib.pyplot as plt
+
+    ok = table[table["status"] == "ok"].reset_index(drop=True)
+
+    def draw(index: int = 0, overlay: bool = True, opacity: float = 0.45) -> None:
+        row = ok.loc[index]
+        image = read_image(row["image"])
+        shown = overlay_mask(image, read_mask(row["mask"]), alpha=opacity) if overlay else image
+        fig, ax = plt.subplots(figsize=(5, 5))
+        ax.imshow(shown, cmap="gray")
+        ax.set_title(f"{row['source']} / {row['name']}  ({row['width']}x{row['height']})", fontsize=9)
+        ax.axis("off")
+        plt.show()
+
+    _static_then_widget(
+        draw,
+        lambda widgets: dict(
+            index=widgets.IntSlider(0, 0, len(ok) - 1, description="slice"),
+            overlay=widgets.Checkbox(True, description="overlay"),
+            opacity=widgets.FloatSlider(value=0.45, min=0.0, max=1.0, step=0.05, description="opacity"),
+        ),
+    )
+
+
+# =================================================================================================
+# 13. Preprocessing and normalisation: notebook 02
+# =================================================================================================
+
+
+def contrast_metrics(image: np.ndarray, mask: np.ndarray, ring: int = 5) -> tuple[float, float]:
+    """Contrast-to-noise ratio between kidney and a ring of surrounding tissue, and edge strength.
+
+    ``cnr = |mean(kidney) - mean(ring)| / sqrt((var(kidney) + var(ring)) / 2)``, with the ring the
+    ``ring``-pixel band just outside the mask; ``edge`` is the mean Sobel gradient magnitude on the
+    mask's outline (grey levels per pixel). Both are NaN for a mask without kidney.
+    """
+    m = mask.astype(bool)
+    if not m.any():
+        return float("nan"), float("nan")
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * ring + 1, 2 * ring + 1))
+    band = cv2.dilate(m.astype(np.uint8), kernel).astype(bool) & ~m
+    img = image.astype(np.float32)
+    inside, around = img[m], img[band]
+    if around.size == 0:
+        return float("nan"), float("nan")
+    noise = math.sqrt((inside.var() + around.var()) / 2) + 1e-6
+    cnr = abs(float(inside.mean()) - float(around.mean())) / noise
+    gx = cv2.Sobel(img, cv2.CV_32F, 1, 0, ksize=3) / 8
+    gy = cv2.Sobel(img, cv2.CV_32F, 0, 1, ksize=3) / 8
+    edge = float(np.hypot(gx, gy)[_boundary(m)].mean())
+    return cnr, edge
+
+
+PREPROCESSING_SWEEP: tuple[tuple[str, dict[str, float]], ...] = (
+    ("none", {}),
+    ("white_balance", {"low_percentile": 1.0, "high_percentile": 99.0}),
+    ("white_balance", {"low_percentile": 5.0, "high_percentile": 95.0}),
+    ("clahe", {"clip_limit": 1.0, "tile_grid": 8}),
+    ("clahe", {"clip_limit": 2.0, "tile_grid": 8}),
+    ("clahe", {"clip_limit": 4.0, "tile_grid": 8}),
+    ("clahe", {"clip_limit": 2.0, "tile_grid": 4}),
+    ("unsharp", {"sigma": 1.0, "amount": 0.5}),
+    ("unsharp", {"sigma": 1.0, "amount": 1.0}),
+    ("unsharp", {"sigma": 2.0, "amount": 1.0}),
+)
+
+
+def partial_preprocessor(method: str, **params: float) -> Callable[[np.ndarray], np.ndarray]:
+    """The base preprocessing ``method`` with ``params`` bound (for sweeps and sliders)."""
+    if method not in _PREPROCESSORS:
+        raise ValueError(f"unknown preprocessing method {method!r}; choose from {PREPROCESSING_METHODS}")
+    fn = _PREPROCESSORS[method]
+    return lambda image: fn(image, **params)
+
+
+def preprocessing_effects(
+    images: Sequence[np.ndarray],
+    masks: Sequence[np.ndarray],
+    sources: Sequence[str],
+    sweep: Sequence[tuple[str, dict[str, float]]] = PREPROCESSING_SWEEP,
+) -> pd.DataFrame:
+    """Mean CNR and edge strength (:func:`contrast_metrics`) per method, parameters and source, over
+    slices that contain kidney; ``cnr_gain`` and ``edge_gain`` are ratios to no preprocessing."""
+    rows = []
+    for method, params in sweep:
+        fn = (lambda x: x) if method == "none" else partial_preprocessor(method, **params)
+        for image, mask, source in zip(images, masks, sources):
+            if not mask.any():
+                continue
+            cnr, edge = contrast_metrics(fn(image), mask)
+            rows.append(
+                {
+                    "method": method,
+                    "params": ", ".join(f"{k}={v:g}" for k, v in params.items()) or "-",
+                    "source": source,
+                    "cnr": cnr,
+                    "edge": edge,
+                }
+            )
+    table = pd.DataFrame(rows).groupby(["method", "params", "source"], sort=False).mean().reset_index()
+    base = table[table["method"] == "none"].set_index("source")
+    table["cnr_gain"] = table["cnr"] / table["source"].map(base["cnr"])
+    table["edge_gain"] = table["edge"] / table["source"].map(base["edge"])
+    return table
+
+
+def normalization_consistency(
+    data_dir: str | os.PathLike,
+    methods: Sequence[str] = NORMALIZATION_OPTIONS,
+    image_size: int = 128,
+    preprocessing: str = "none",
+    ring: int = 5,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """How alike kidneys look across sources after each normalisation (no training needed).
+
+    For every slice with kidney, the model input is normalised and the median intensity of the
+    kidney and of a ``ring``-pixel band around it are taken; per source, the medians over its slices.
+    A normalisation that makes sources alike keeps the kidney level steady across sources relative
+    to the kidney-to-surroundings contrast the network has to find.
+
+    Returns:
+        ``(per_source, summary)``: per (method, source), the kidney and surroundings levels and their
+        difference; per method, ``spread`` = standard deviation of the kidney level over sources
+        divided by the mean absolute contrast (lower is more consistent).
+    """
+    pairs = index_dataset(data_dir).pairs
+    cache = load_arrays(pairs, image_size, preprocessing)
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * ring + 1, 2 * ring + 1))
+    rows = []
+    for pair, image, mask in zip(cache.pairs, cache.images, cache.masks):
+        if not mask.any():
+            continue
+        band = cv2.dilate(mask, kernel).astype(bool) & ~mask.astype(bool)
+        for method in methods:
+            values = normalize_intensity(image, method)
+            kidney, around = float(np.median(values[mask > 0])), float(np.median(values[band]))
+            rows.append({"method": method, "source": pair.source, "kidney": kidney, "surroundings": around})
+    per_source = pd.DataFrame(rows).groupby(["method", "source"], sort=False).median().reset_index()
+    per_source["contrast"] = per_source["kidney"] - per_source["surroundings"]
+    summary = per_source.groupby("method", sort=False).agg(
+        kidney_sd=("kidney", "std"), mean_abs_contrast=("contrast", lambda c: float(np.abs(c).mean()))
+    )
+    summary["spread"] = summary["kidney_sd"] / summary["mean_abs_contrast"]
+    return per_source, summary.reset_index()
+
+
+def recommend_preprocessing(ablation: pd.DataFrame, margin: float = 0.01) -> tuple[str, str]:
+    """The option to use and why: the best validation Dice, unless it beats ``"none"`` by less than
+    ``margin`` (then the simpler ``"none"``, since the gain is within run-to-run noise)."""
+    table = ablation.set_index("preprocessing")
+    best = str(table["val_dice"].idxmax())
+    if "none" in table.index and best != "none":
+        gain = table.loc[best, "val_dice"] - table.loc["none", "val_dice"]
+        if gain < margin:
+            return "none", (
+                f"'{best}' beats no preprocessing by only {gain:+.3f} validation Dice (< {margin}); "
+                "keep PREPROCESSING='none'."
+            )
+        return (
+            best,
+            f"'{best}' beats no preprocessing by {gain:+.3f} validation Dice; set PREPROCESSING='{best}'.",
+        )
+    return best, f"'{best}' has the best validation Dice ({table.loc[best, 'val_dice']:.3f})."
+
+
+def preprocessing_ablation(
+    config: Config,
+    data_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    options: Sequence[str] = ("none", "white_balance", "clahe", "unsharp", "white_balance+clahe"),
+    device: torch.device | None = None,
+    progress: bool = False,
+) -> pd.DataFrame:
+    """Train one model per preprocessing option at an equal budget and compare validation Dice.
+
+    Every option uses the same config (seed, split, epochs, augmentation) except ``preprocessing``;
+    each run goes to ``output_dir/<option>`` (replaced if present: these are scratch runs).
+
+    Returns:
+        One row per option: best validation loss and its epoch, pooled validation Dice and IoU at
+        that epoch, the best Dice of any epoch, and the seconds spent.
+    """
+    rows = []
+    for option in options:
+        run_config = Config(**{**config.to_dict(), "preprocessing": option})
+        data = prepare_data(run_config, data_dir)
+        run_config = data.config
+        tic = time.monotonic()
+        result = train_model(
+            build_model(run_config),
+            data.train_dataset,
+            data.val_dataset,
+            run_config,
+            Path(output_dir) / option.replace("+", "_"),
+            device,
+            overwrite=True,
+            progress=progress,
+        )
+        best = result.best_row
+        rows.append(
+            {
+                "preprocessing": option,
+                "best_epoch": result.best_epoch,
+                "val_loss": result.best_val_loss,
+                "val_dice": best["val_dice"],
+                "val_iou": best["val_iou"],
+                "max_val_dice": float(result.history["val_dice"].max()),
+                "epochs": len(result.history),
+                "seconds": time.monotonic() - tic,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def plot_preprocessing_gallery(
+    images: Sequence[np.ndarray],
+    masks: Sequence[np.ndarray],
+    titles: Sequence[str],
+    methods: Sequence[str] = ("none", "white_balance", "clahe", "unsharp"),
+) -> Any:
+    """One row per slice, one column per method, with the kidney outline, and a histogram row."""
+    import matplotlib.pyplot as plt
+
+    n = len(images)
+    fig, axes = plt.subplots(
+        2 * n,
+        len(methods),
+        figsize=(3.1 * len(methods), 5.2 * n),
+        squeeze=False,
+        gridspec_kw={"height_ratios": [3, 1.2] * n},
+    )
+    for r, (image, mask, title) in enumerate(zip(images, masks, titles)):
+        for c, method in enumerate(methods):
+            out = apply_preprocessing(image, method)
+            ax = axes[2 * r, c]
+            ax.imshow(overlay_mask(out, mask, alpha=0.0))
+            ax.set_title(f"{title}\n{method}" if c == 0 else method, fontsize=8)
+            ax.axis("off")
+            hist_ax = axes[2 * r + 1, c]
+            hist_ax.hist(out.ravel(), bins=64, range=(0, 255), color="gray")
+            hist_ax.set_yscale("log")  # the dark background would hide everything else
+            hist_ax.set_yticks([])
+            hist_ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def plot_preprocessing_effects(effects: pd.DataFrame) -> Any:
+    """CNR gain and edge-strength gain per method and parameters, averaged over sources."""
+    import matplotlib.pyplot as plt
+
+    mean = effects.groupby(["method", "params"], sort=False)[["cnr_gain", "edge_gain"]].mean().reset_index()
+    labels = [f"{m}\n{p}" for m, p in zip(mean["method"], mean["params"])]
+    x = np.arange(len(mean))
+    fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(mean)), 4.5))
+    ax.bar(x - 0.2, mean["cnr_gain"], width=0.4, label="CNR kidney vs surrounding ring")
+    ax.bar(x + 0.2, mean["edge_gain"], width=0.4, label="edge strength on the kidney outline")
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks(x, labels, fontsize=7)
+    ax.set_ylabel("ratio to no preprocessing")
+    ax.set_title("Measured effect (mean over sources, slices with kidney)")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def show_preprocessing_sliders(image: np.ndarray, mask: np.ndarray) -> None:
+    """ipywidgets sliders to tune CLAHE, the percentile stretch and unsharp masking on one slice.
+
+    A static figure with the default settings is drawn first (headless runs keep it)."""
+    import matplotlib.pyplot as plt
+
+    def draw(
+        clip_limit: float = 2.0,
+        tile_grid: int = 8,
+        low: float = 1.0,
+        high: float = 99.0,
+        sigma: float = 1.0,
+        amount: float = 1.0,
+    ) -> None:
+        outs = {
+            "original": image,
+            "white balance": white_balance(image, low, high),
+            "CLAHE": clahe(image, clip_limit, tile_grid),
+            "unsharp": unsharp_mask(image, sigma, amount),
+        }
+        fig, axes = plt.subplots(1, 4, figsize=(14, 3.8))
+        for ax, (name, out) in zip(axes, outs.items()):
+            cnr, edge = contrast_metrics(out, mask)
+            ax.imshow(out, cmap="gray", vmin=0, vmax=255)
+            ax.set_title(f"{name}\nCNR {cnr:.2f}  edge {edge:.1f}", fontsize=9)
+            ax.axis("off")
+        plt.show()
+
+    _static_then_widget(
+        draw,
+        lambda widgets: dict(
+            clip_limit=widgets.FloatSlider(value=2.0, min=0.5, max=8.0, step=0.5),
+            tile_grid=widgets.IntSlider(value=8, min=2, max=16),
+            low=widgets.FloatSlider(value=1.0, min=0, max=20),
+            high=widgets.FloatSlider(value=99.0, min=80, max=100),
+            sigma=widgets.FloatSlider(value=1.0, min=0.5, max=5),
+            amount=widgets.FloatSlider(value=1.0, min=0.0, max=3.0, step=0.1),
+        ),
+    )
+
+
+def plot_normalization_consistency(per_source: pd.DataFrame) -> Any:
+    """Kidney and surroundings level per source under each normalisation (from
+    :func:`normalization_consistency`): a consistent normalisation keeps each source's kidney level
+    close to the others' on the scale of the contrast the network has to find."""
+    import matplotlib.pyplot as plt
+
+    methods = list(dict.fromkeys(per_source["method"]))
+    fig, axes = plt.subplots(1, len(methods), figsize=(3.6 * len(methods), 4), squeeze=False)
+    for ax, method in zip(axes[0], methods):
+        part = per_source[per_source["method"] == method]
+        y = np.arange(len(part))
+        for yi, (_, row) in zip(y, part.iterrows()):
+            ax.plot([row["surroundings"], row["kidney"]], [yi, yi], color="0.6", linewidth=1)
+        ax.scatter(part["surroundings"], y, color="0.3", s=20, label="surroundings (5 px ring)")
+        ax.scatter(part["kidney"], y, color="tab:red", s=28, label="kidney")
+        ax.set_yticks(y, part["source"] if ax is axes[0, 0] else [""] * len(part), fontsize=8)
+        ax.set_title(method, fontsize=10)
+        ax.set_xlabel("normalised intensity (median)", fontsize=8)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0, 0].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def plot_normalization_gallery(
+    images: Sequence[np.ndarray], titles: Sequence[str], methods: Sequence[str] = NORMALIZATION_OPTIONS
+) -> Any:
+    """One row per slice (e.g. one per source), one column per normalisation, all on one grey scale
+    per column so that differences between sources stay visible."""
+    import matplotlib.pyplot as plt
+
+    outs = {m: [normalize_intensity(image, m) for image in images] for m in methods}
+    fig, axes = plt.subplots(
+        len(images), len(methods), figsize=(2.6 * len(methods), 2.6 * len(images)), squeeze=False
+    )
+    for c, method in enumerate(methods):
+        low, high = np.percentile(np.concatenate([o.ravel() for o in outs[method]]), [0.5, 99.5])
+        for r, (out, title) in enumerate(zip(outs[method], titles)):
+            ax = axes[r, c]
+            ax.imshow(out, cmap="gray", vmin=low, vmax=high)
+            ax.set_title(f"{title}\n{method}" if c == 0 else method, fontsize=8)
+            ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+# =================================================================================================
+# 14. Figures of a training run and its evaluation: notebooks 03 and 04
+# =================================================================================================
+
+
+def plot_samples(
+    dataset: Dataset, n: int = 8, seed: int = 0, epoch: int = 0, title: str | None = None, columns: int = 4
+) -> Any:
+    """A grid of ``n`` dataset items (as the model sees them, augmentation included) with the mask
+    overlaid. Returns the matplotlib Figure."""
+    import matplotlib.pyplot as plt
+
+    count = min(n, len(dataset))
+    rng = np.random.default_rng(seed)
+    picks = rng.choice(len(dataset), size=count, replace=False)
+    rows = math.ceil(count / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, i in zip(axes.flat, picks):
+        image, mask = dataset[epoch * len(dataset) + int(i)]
+        x = image[0].numpy()
+        lo, hi = float(x.min()), float(x.max())
+        if lo < 0 or hi > 1:  # z-scored input: stretch its own range for display
+            x = (x - lo) / max(hi - lo, 1e-6)
+        img8 = (x * 255).round().astype(np.uint8)
+        ax.imshow(overlay_mask(img8, mask[0].numpy() > 0.5))
+        ax.set_title(f"#{i}  kidney {100 * float(mask.mean()):.1f}%  [{lo:.1f}, {hi:.1f}]", fontsize=9)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def inference_options_table(
+    model: nn.Module, data: EvaluationSet, device: torch.device | str = "cpu", threshold: float = 0.5
+) -> pd.DataFrame:
+    """Pooled and mean Dice, mean HD95 and milliseconds per slice with and without TTA and
+    postprocessing, so what each option buys and costs is visible side by side."""
+    rows = []
+    for tta in (False, True):
+        probs, ms = _timed_probabilities(model, data, device, tta)
+        for post in (False, True):
+            tic = time.perf_counter()
+            summary = summarize_scores(score_predictions(data, probs, threshold, post))
+            post_ms = (time.perf_counter() - tic) * 1000 / max(1, len(data)) if post else 0.0
+            rows.append(
+                {
+                    "tta": tta,
+                    "postprocess": post,
+                    "pooled_dice": summary["pooled_dice"],
+                    "mean_dice": summary["mean_dice"],
+                    "mean_hd95": summary["mean_hd95"],
+                    "ms_per_slice": ms + post_ms,
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def threshold_sweep(
+    data: EvaluationSet,
+    probs: Sequence[np.ndarray],
+    thresholds: Sequence[float] = tuple(np.round(np.arange(0.05, 0.96, 0.05), 2)),
+) -> pd.DataFrame:
+    """Pooled Dice and mean Dice against the threshold (no postprocessing); the best row is marked.
+
+    Run it on the validation split only: a threshold chosen on the test images would flatter them.
+    """
+    rows = []
+    for threshold in thresholds:
+        total = ConfusionCounts()
+        dices = []
+        for prob, mask in zip(probs, data.masks):
+            counts = confusion_counts(prob > threshold, mask)
+            total = total + counts
+            dices.append(counts.metrics()["dice"])
+        rows.append(
+            {
+                "threshold": float(threshold),
+                "pooled_dice": total.metrics()["dice"],
+                "mean_dice": float(np.mean(dices)),
+            }
+        )
+    table = pd.DataFrame(rows)
+    table["best"] = table["pooled_dice"] == table["pooled_dice"].max()
+    return table
+
+
+ERROR_COLORS = {"tp": (40, 200, 60), "fp": (230, 40, 40), "fn": (40, 110, 255)}
+
+
+def error_overlay(image: np.ndarray, pred: np.ndarray, target: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """RGB picture of a gray image with true positives green, false positives red, false negatives
+    blue (:data:`ERROR_COLORS`)."""
+    rgb = np.repeat(image[..., None], 3, axis=2).astype(np.float32)
+    p, t = pred.astype(bool), target.astype(bool)
+    for region, key in ((p & t, "tp"), (p & ~t, "fp"), (~p & t, "fn")):
+        rgb[region] = (1 - alpha) * rgb[region] + alpha * np.asarray(ERROR_COLORS[key], np.float32)
+    return np.clip(rgb, 0, 255).astype(np.uint8)
+
+
+def plot_cases(
+    data: EvaluationSet,
+    probs: Sequence[np.ndarray],
+    per_image: pd.DataFrame,
+    threshold: float = 0.5,
+    postprocess: bool = False,
+    per_group: int = 3,
+) -> Any:
+    """The worst cases by Dice, and the median and best among slices with kidney (``per_group`` of
+    each), with TP/FP/FN colours."""
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    order = per_image.sort_values("dice", kind="stable").index.to_numpy()
+    # median and best among slices with kidney (an empty slice predicted empty is trivially perfect)
+    with_kidney = per_image[per_image["true_area"] > 0]
+    ranked = with_kidney.sort_values("dice", kind="stable").index.to_numpy() if len(with_kidney) else order
+    mid = len(ranked) // 2
+    groups = {
+        "worst": order[:per_group],
+        "median": ranked[max(0, mid - per_group // 2) :][:per_group],
+        "best": ranked[::-1][:per_group],
+    }
+    fig, axes = plt.subplots(3, per_group, figsize=(3.4 * per_group, 10.5), squeeze=False)
+    for row, (label, picks) in enumerate(groups.items()):
+        for col in range(per_group):
+            ax = axes[row, col]
+            ax.axis("off")
+            if col >= len(picks):
+                continue
+            i = int(picks[col])
+            pred = binarize_prediction(probs[i], threshold, postprocess)
+            ax.imshow(error_overlay(data.originals[i], pred, data.masks[i]))
+            r = per_image.loc[i]
+            ax.set_title(
+                f"{label}: {r['name'][:28]}\nDice {r['dice']:.3f}  HD95 {r['hd95']:.1f}px", fontsize=8
+            )
+    handles = [Patch(color=np.asarray(c) / 255, label=k.upper()) for k, c in ERROR_COLORS.items()]
+    fig.legend(handles=handles, loc="lower center", ncol=3)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    return fig
+
+
+def plot_dice_distribution(per_image: pd.DataFrame, by: str = "source") -> Any:
+    """Histogram of per-image Dice and, when the data has several groups, Dice per ``by`` group."""
+    import matplotlib.pyplot as plt
+
+    groups = per_image[by].nunique() if by in per_image else 1
+    fig, axes = plt.subplots(1, 2 if groups > 1 else 1, figsize=(13 if groups > 1 else 6, 4), squeeze=False)
+    ax = axes[0, 0]
+    ax.hist(per_image["dice"], bins=np.linspace(0, 1, 21), color="tab:blue", edgecolor="white")
+    ax.set_xlabel("Dice per image")
+    ax.set_ylabel("images")
+    ax.set_title(f"Dice distribution (n={len(per_image)}, mean {per_image['dice'].mean():.3f})")
+    if groups > 1:
+        ax = axes[0, 1]
+        names = sorted(per_image[by].unique())
+        ax.boxplot([per_image.loc[per_image[by] == n, "dice"] for n in names], showmeans=True)
+        ax.set_xticks(range(1, len(names) + 1), names, rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel("Dice per image")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title(f"Dice per {by}")
+    fig.tight_layout()
+    return fig
+
+
+def plot_case_dice(per_image: pd.DataFrame, title: str = "") -> Any:
+    """Dice per patient (pooled over the patient's slices), sorted, coloured by source."""
+    import matplotlib.pyplot as plt
+
+    cases = case_scores(per_image).sort_values("dice").reset_index(drop=True)
+    sources = sorted(cases["source"].unique())
+    colors = {s: plt.cm.tab10(i % 10) for i, s in enumerate(sources)}
+    fig, ax = plt.subplots(figsize=(max(6, 0.28 * len(cases) + 2), 4))
+    ax.bar(range(len(cases)), cases["dice"], color=[colors[s] for s in cases["source"]])
+    ax.axhline(cases["dice"].mean(), color="black", lw=1, ls="--", label=f"mean {cases['dice'].mean():.3f}")
+    ax.set_xticks(range(len(cases)), cases["patient"].str.split("/").str[-1], rotation=90, fontsize=7)
+    ax.set_ylim(0, 1.02)
+    ax.set_ylabel("Dice pooled over the patient's slices")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colors[s]) for s in sources]
+    ax.legend(
+        [*handles, ax.lines[0]],
+        [*sources, ax.lines[0].get_label()],
+        fontsize=7,
+        loc="upper left",
+        bbox_to_anchor=(1.0, 1.0),
+    )
+    ax.set_title(title or f"Dice per patient (n={len(cases)})")
+    fig.tight_layout()
+    return fig
+
+
+def plot_threshold_sweep(sweep: pd.DataFrame, chosen: float | None = None) -> Any:
+    """Pooled and mean Dice against the threshold, the best threshold marked."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    ax.plot(sweep["threshold"], sweep["pooled_dice"], marker=".", label="pooled Dice")
+    ax.plot(sweep["threshold"], sweep["mean_dice"], marker=".", label="mean Dice per image")
+    best = sweep.loc[sweep["pooled_dice"].idxmax()]
+    ax.axvline(
+        best["threshold"],
+        color="tab:green",
+        linestyle="--",
+        label=f"best {best['threshold']:.2f} (pooled {best['pooled_dice']:.3f})",
+    )
+    if chosen is not None:
+        ax.axvline(chosen, color="gray", linestyle=":", label=f"used {chosen:.2f}")
+    ax.set_xlabel("threshold")
+    ax.set_ylabel("Dice")
+    ax.set_title("Threshold sweep on the validation split")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def show_threshold_viewer(data: EvaluationSet, probs: Sequence[np.ndarray], threshold: float = 0.5) -> None:
+    """An ipywidgets viewer (slice and threshold sliders) over TP/FP/FN overlays.
+
+    A static figure of the first slice at ``threshold`` is always drawn first, so a headless run
+    (papermill, nbval) records a picture; the widget follows only in an interactive front end.
+    """
+    import matplotlib.pyplot as plt
+
+    def draw(index: int = 0, thr: float = threshold) -> None:
+        pred = binarize_prediction(probs[index], thr)
+        counts = confusion_counts(pred, data.masks[index])
+        fig, ax = plt.subplots(figsize=(5, 5))
+        ax.imshow(error_overlay(data.originals[index], pred, data.masks[index]))
+        ax.set_title(
+            f"{data.pairs[index].name}  threshold {thr:.2f}  Dice {counts.metrics()['dice']:.3f}", fontsize=9
+        )
+        ax.axis("off")
+        plt.show()
+
+    _static_then_widget(
+        draw,
+        lambda widgets: dict(
+            index=widgets.IntSlider(0, 0, len(data) - 1, description="slice"),
+            thr=widgets.FloatSlider(value=threshold, min=0.05, max=0.95, step=0.05, description="threshold"),
+        ),
+    )
+
+
+# =================================================================================================
+# 15. Leave-one-source-out: notebook 05
+# =================================================================================================
 
 LOSO_CSV_NAME = "leave_one_source_out.csv"
 LOSO_FOLD_RESULT_NAME = "fold_result.json"
@@ -3873,7 +4393,7 @@ def leave_one_source_out(
             :func:`run_source_fold`).
         sources: The sources to hold out, in order; ``None`` holds out each source in turn.
         variants: Name -> notebook parameters that differ from ``config``, e.g.
-            ``{"spec": {}, "zscore+strong": {"NORMALIZATION": "zscore", "AUGMENTATION": "strong"}}``.
+            ``{"standard": {}, "zscore+strong": {"NORMALIZATION": "zscore", "AUGMENTATION": "strong"}}``.
             ``None`` runs ``config`` alone as ``"config"``.
         device: Compute device; chosen by :func:`get_device` when ``None``.
         progress: Show progress bars.
@@ -3934,491 +4454,6 @@ def summarize_leave_one_source_out(
     return summary.sort_values("pooled_dice", ascending=False).reset_index()
 
 
-# =================================================================================================
-# 9. Plotting
-# =================================================================================================
-
-
-def overlay_mask(
-    image: np.ndarray,
-    mask: np.ndarray,
-    color: tuple[int, int, int] = (255, 40, 40),
-    alpha: float = 0.45,
-    contour: bool = True,
-) -> np.ndarray:
-    """An RGB uint8 picture of a gray image with the mask blended in ``color`` (and its outline)."""
-    rgb = np.repeat(image[..., None], 3, axis=2).astype(np.float32)
-    m = mask.astype(bool)
-    rgb[m] = (1 - alpha) * rgb[m] + alpha * np.asarray(color, np.float32)
-    out = np.clip(rgb, 0, 255).astype(np.uint8)
-    if contour and m.any():
-        contours, _ = cv2.findContours(m.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-        cv2.drawContours(out, contours, -1, color, 1)
-    return out
-
-
-def plot_samples(
-    dataset: Dataset, n: int = 8, seed: int = 0, epoch: int = 0, title: str | None = None, columns: int = 4
-) -> Any:
-    """A grid of ``n`` dataset items (as the model sees them, augmentation included) with the mask
-    overlaid. Returns the matplotlib Figure."""
-    import matplotlib.pyplot as plt
-
-    count = min(n, len(dataset))
-    rng = np.random.default_rng(seed)
-    picks = rng.choice(len(dataset), size=count, replace=False)
-    rows = math.ceil(count / columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, i in zip(axes.flat, picks):
-        image, mask = dataset[epoch * len(dataset) + int(i)]
-        x = image[0].numpy()
-        lo, hi = float(x.min()), float(x.max())
-        if lo < 0 or hi > 1:  # z-scored input: stretch its own range for display
-            x = (x - lo) / max(hi - lo, 1e-6)
-        img8 = (x * 255).round().astype(np.uint8)
-        ax.imshow(overlay_mask(img8, mask[0].numpy() > 0.5))
-        ax.set_title(f"#{i}  kidney {100 * float(mask.mean()):.1f}%  [{lo:.1f}, {hi:.1f}]", fontsize=9)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    return fig
-
-
-def plot_training_history(history: pd.DataFrame, best_epoch: int | None = None) -> Any:
-    """The six-panel figure: loss, Dice, IoU, precision, recall, F1, train and validation per panel.
-
-    Args:
-        history: Rows as written to ``training_metrics.csv``.
-        best_epoch: Marked with a dashed line when given.
-    """
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
-    for ax, name in zip(axes.flat, METRIC_NAMES):
-        ax.plot(history["epoch"], history[f"train_{name}"], label="train", marker=".")
-        ax.plot(history["epoch"], history[f"val_{name}"], label="validation", marker=".")
-        if best_epoch:
-            ax.axvline(best_epoch, color="gray", linestyle="--", linewidth=1, label=f"best ({best_epoch})")
-        ax.set_title(
-            "Dice" if name == "dice" else name.upper() if name in ("iou", "f1") else name.capitalize()
-        )
-        ax.set_xlabel("epoch")
-        if name != "loss":
-            ax.set_ylim(0, 1.02)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle("Training metrics (validation metrics pooled over all validation pixels)")
-    fig.tight_layout()
-    return fig
-
-
-ERROR_COLORS = {"tp": (40, 200, 60), "fp": (230, 40, 40), "fn": (40, 110, 255)}
-
-
-def error_overlay(image: np.ndarray, pred: np.ndarray, target: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """RGB picture of a gray image with true positives green, false positives red, false negatives
-    blue (:data:`ERROR_COLORS`)."""
-    rgb = np.repeat(image[..., None], 3, axis=2).astype(np.float32)
-    p, t = pred.astype(bool), target.astype(bool)
-    for region, key in ((p & t, "tp"), (p & ~t, "fp"), (~p & t, "fn")):
-        rgb[region] = (1 - alpha) * rgb[region] + alpha * np.asarray(ERROR_COLORS[key], np.float32)
-    return np.clip(rgb, 0, 255).astype(np.uint8)
-
-
-def plot_cases(
-    data: EvaluationSet,
-    probs: Sequence[np.ndarray],
-    per_image: pd.DataFrame,
-    threshold: float = 0.5,
-    postprocess: bool = False,
-    per_group: int = 3,
-) -> Any:
-    """The worst cases by Dice, and the median and best among slices with kidney (``per_group`` of
-    each), with TP/FP/FN colours."""
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Patch
-
-    order = per_image.sort_values("dice", kind="stable").index.to_numpy()
-    # median and best among slices with kidney (an empty slice predicted empty is trivially perfect)
-    with_kidney = per_image[per_image["true_area"] > 0]
-    ranked = with_kidney.sort_values("dice", kind="stable").index.to_numpy() if len(with_kidney) else order
-    mid = len(ranked) // 2
-    groups = {
-        "worst": order[:per_group],
-        "median": ranked[max(0, mid - per_group // 2) :][:per_group],
-        "best": ranked[::-1][:per_group],
-    }
-    fig, axes = plt.subplots(3, per_group, figsize=(3.4 * per_group, 10.5), squeeze=False)
-    for row, (label, picks) in enumerate(groups.items()):
-        for col in range(per_group):
-            ax = axes[row, col]
-            ax.axis("off")
-            if col >= len(picks):
-                continue
-            i = int(picks[col])
-            pred = binarize_prediction(probs[i], threshold, postprocess)
-            ax.imshow(error_overlay(data.originals[i], pred, data.masks[i]))
-            r = per_image.loc[i]
-            ax.set_title(
-                f"{label}: {r['name'][:28]}\nDice {r['dice']:.3f}  HD95 {r['hd95']:.1f}px", fontsize=8
-            )
-    handles = [Patch(color=np.asarray(c) / 255, label=k.upper()) for k, c in ERROR_COLORS.items()]
-    fig.legend(handles=handles, loc="lower center", ncol=3)
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
-    return fig
-
-
-def plot_dice_distribution(per_image: pd.DataFrame, by: str = "source") -> Any:
-    """Histogram of per-image Dice and, when the data has several groups, Dice per ``by`` group."""
-    import matplotlib.pyplot as plt
-
-    groups = per_image[by].nunique() if by in per_image else 1
-    fig, axes = plt.subplots(1, 2 if groups > 1 else 1, figsize=(13 if groups > 1 else 6, 4), squeeze=False)
-    ax = axes[0, 0]
-    ax.hist(per_image["dice"], bins=np.linspace(0, 1, 21), color="tab:blue", edgecolor="white")
-    ax.set_xlabel("Dice per image")
-    ax.set_ylabel("images")
-    ax.set_title(f"Dice distribution (n={len(per_image)}, mean {per_image['dice'].mean():.3f})")
-    if groups > 1:
-        ax = axes[0, 1]
-        names = sorted(per_image[by].unique())
-        ax.boxplot([per_image.loc[per_image[by] == n, "dice"] for n in names], showmeans=True)
-        ax.set_xticks(range(1, len(names) + 1), names, rotation=30, ha="right", fontsize=8)
-        ax.set_ylabel("Dice per image")
-        ax.set_ylim(-0.02, 1.02)
-        ax.set_title(f"Dice per {by}")
-    fig.tight_layout()
-    return fig
-
-
-def plot_case_dice(per_image: pd.DataFrame, title: str = "") -> Any:
-    """Dice per patient (pooled over the patient's slices), sorted, coloured by source."""
-    import matplotlib.pyplot as plt
-
-    cases = case_scores(per_image).sort_values("dice").reset_index(drop=True)
-    sources = sorted(cases["source"].unique())
-    colors = {s: plt.cm.tab10(i % 10) for i, s in enumerate(sources)}
-    fig, ax = plt.subplots(figsize=(max(6, 0.28 * len(cases) + 2), 4))
-    ax.bar(range(len(cases)), cases["dice"], color=[colors[s] for s in cases["source"]])
-    ax.axhline(cases["dice"].mean(), color="black", lw=1, ls="--", label=f"mean {cases['dice'].mean():.3f}")
-    ax.set_xticks(range(len(cases)), cases["patient"].str.split("/").str[-1], rotation=90, fontsize=7)
-    ax.set_ylim(0, 1.02)
-    ax.set_ylabel("Dice pooled over the patient's slices")
-    handles = [plt.Rectangle((0, 0), 1, 1, color=colors[s]) for s in sources]
-    ax.legend(
-        [*handles, ax.lines[0]],
-        [*sources, ax.lines[0].get_label()],
-        fontsize=7,
-        loc="upper left",
-        bbox_to_anchor=(1.0, 1.0),
-    )
-    ax.set_title(title or f"Dice per patient (n={len(cases)})")
-    fig.tight_layout()
-    return fig
-
-
-def plot_threshold_sweep(sweep: pd.DataFrame, chosen: float | None = None) -> Any:
-    """Pooled and mean Dice against the threshold, the best threshold marked."""
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    ax.plot(sweep["threshold"], sweep["pooled_dice"], marker=".", label="pooled Dice")
-    ax.plot(sweep["threshold"], sweep["mean_dice"], marker=".", label="mean Dice per image")
-    best = sweep.loc[sweep["pooled_dice"].idxmax()]
-    ax.axvline(
-        best["threshold"],
-        color="tab:green",
-        linestyle="--",
-        label=f"best {best['threshold']:.2f} (pooled {best['pooled_dice']:.3f})",
-    )
-    if chosen is not None:
-        ax.axvline(chosen, color="gray", linestyle=":", label=f"used {chosen:.2f}")
-    ax.set_xlabel("threshold")
-    ax.set_ylabel("Dice")
-    ax.set_title("Threshold sweep on the validation split")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
-def _static_then_widget(draw: Callable[..., None], controls: Callable[[Any], dict[str, Any]]) -> None:
-    """Draw once with the defaults (so every run records a static picture), then, only in an
-    interactive front end (:func:`interactive_frontend`), offer ipywidgets controls built by
-    ``controls(ipywidgets)``. Headless runs never create a widget: one can hang them for ever."""
-    draw()
-    if not interactive_frontend():
-        print(
-            "(Sliders appear when this notebook runs in Jupyter or Kaggle's editor; a headless run "
-            f"keeps the static figure. Set {INTERACTIVE_ENV}=1 to force them.)"
-        )
-        return
-    try:
-        import ipywidgets as widgets
-        from IPython.display import display
-    except ImportError:
-        return
-    display(widgets.interactive(draw, **controls(widgets)))
-
-
-def show_threshold_viewer(data: EvaluationSet, probs: Sequence[np.ndarray], threshold: float = 0.5) -> None:
-    """An ipywidgets viewer (slice and threshold sliders) over TP/FP/FN overlays.
-
-    A static figure of the first slice at ``threshold`` is always drawn first, so a headless run
-    (papermill, nbval) records a picture; the widget follows only in an interactive front end.
-    """
-    import matplotlib.pyplot as plt
-
-    def draw(index: int = 0, thr: float = threshold) -> None:
-        pred = binarize_prediction(probs[index], thr)
-        counts = confusion_counts(pred, data.masks[index])
-        fig, ax = plt.subplots(figsize=(5, 5))
-        ax.imshow(error_overlay(data.originals[index], pred, data.masks[index]))
-        ax.set_title(
-            f"{data.pairs[index].name}  threshold {thr:.2f}  Dice {counts.metrics()['dice']:.3f}", fontsize=9
-        )
-        ax.axis("off")
-        plt.show()
-
-    _static_then_widget(
-        draw,
-        lambda widgets: dict(
-            index=widgets.IntSlider(0, 0, len(data) - 1, description="slice"),
-            thr=widgets.FloatSlider(value=threshold, min=0.05, max=0.95, step=0.05, description="threshold"),
-        ),
-    )
-
-
-def plot_image_statistics(table: pd.DataFrame) -> Any:
-    """Image sizes per source (width against height) and the aspect-ratio distribution."""
-    import matplotlib.pyplot as plt
-
-    ok = table[table["status"] == "ok"]
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
-    for source, part in ok.groupby("source"):
-        counts = part.groupby(["width", "height"]).size().reset_index(name="n")
-        axes[0].scatter(counts["width"], counts["height"], s=20 + 6 * counts["n"], alpha=0.6, label=source)
-    axes[0].set_xlabel("width (px)")
-    axes[0].set_ylabel("height (px)")
-    axes[0].set_title("Image sizes (marker area ~ number of images)")
-    axes[0].legend(fontsize=7)
-    axes[0].grid(alpha=0.3)
-    aspect = ok["width"] / ok["height"]
-    axes[1].hist(
-        [aspect[ok["source"] == s] for s in sorted(ok["source"].unique())],
-        bins=20,
-        stacked=True,
-        label=sorted(ok["source"].unique()),
-    )
-    axes[1].set_xlabel("aspect ratio (width / height)")
-    axes[1].set_ylabel("images")
-    axes[1].set_title("Aspect ratios")
-    fig.tight_layout()
-    return fig
-
-
-def plot_intensity_histograms(table: pd.DataFrame, per_source: int = 12, seed: int = 0) -> Any:
-    """Gray-level histograms (after conversion to uint8): all sources together and one per source,
-    from up to ``per_source`` random images each."""
-    import matplotlib.pyplot as plt
-
-    ok = table[table["status"] == "ok"]
-    sources = sorted(ok["source"].unique())
-    rng = np.random.default_rng(seed)
-    hists = {}
-    for source in sources:
-        paths = ok.loc[ok["source"] == source, "image"].to_numpy()
-        picks = rng.choice(paths, size=min(per_source, len(paths)), replace=False)
-        hist = np.zeros(256)
-        for path in picks:
-            hist += np.bincount(read_image(path).ravel(), minlength=256)
-        hists[source] = hist / hist.sum()
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4))
-    axes[0].plot(np.mean(list(hists.values()), axis=0), color="black")
-    axes[0].set_title("All sources (mean of per-source histograms)")
-    for source, hist in hists.items():
-        axes[1].plot(hist, label=source, alpha=0.8)
-    axes[1].set_title("Per source")
-    axes[1].legend(fontsize=7)
-    for ax in axes:
-        ax.set_xlabel("gray level")
-        ax.set_ylabel("share of pixels")
-        ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return fig
-
-
-def plot_gallery(
-    table: pd.DataFrame,
-    n: int = 12,
-    seed: int = 0,
-    columns: int = 6,
-    transform: Callable[[np.ndarray], np.ndarray] | None = None,
-) -> Any:
-    """Random slices at their original size with the mask overlaid, titled by source and name."""
-    import matplotlib.pyplot as plt
-
-    ok = table[table["status"] == "ok"].reset_index(drop=True)
-    picks = np.random.default_rng(seed).choice(len(ok), size=min(n, len(ok)), replace=False)
-    rows = math.ceil(len(picks) / columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(2.6 * columns, 2.8 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, i in zip(axes.flat, picks):
-        row = ok.loc[int(i)]
-        image = read_image(row["image"])
-        if transform is not None:
-            image = transform(image)
-        ax.imshow(overlay_mask(image, read_mask(row["mask"])))
-        ax.set_title(f"{row['source']}\n{row['name'][:26]}", fontsize=7)
-    fig.tight_layout()
-    return fig
-
-
-def plot_mask_statistics(table: pd.DataFrame, heatmap: np.ndarray) -> Any:
-    """Kidney area distribution, connected components per mask, and where kidneys lie."""
-    import matplotlib.pyplot as plt
-
-    ok = table[table["status"] == "ok"]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    kidney = ok[ok["kidney_fraction"] > 0]
-    sources = sorted(kidney["source"].unique())
-    axes[0].hist(
-        [100 * kidney.loc[kidney["source"] == s, "kidney_fraction"] for s in sources],
-        bins=25,
-        stacked=True,
-        label=sources,
-    )
-    axes[0].set_xlabel("kidney area (% of image)")
-    axes[0].set_ylabel("masks")
-    empty = (ok["kidney_fraction"] == 0).mean()
-    axes[0].set_title(f"Kidney area ({empty:.0%} of masks are empty)")
-    axes[0].legend(fontsize=7)
-    components = ok["components"].astype(int).value_counts().sort_index()
-    axes[1].bar(components.index.astype(str), components.to_numpy())
-    axes[1].set_xlabel("connected components per mask")
-    axes[1].set_ylabel("masks")
-    axes[1].set_title("Components (two kidneys usually give 2)")
-    shown = axes[2].imshow(heatmap, cmap="magma", vmin=0)
-    axes[2].set_title("Where kidneys lie (share of masks)")
-    axes[2].axis("off")
-    fig.colorbar(shown, ax=axes[2], fraction=0.046)
-    fig.tight_layout()
-    return fig
-
-
-def show_slice_browser(table: pd.DataFrame) -> None:
-    """An ipywidgets browser over the pairs: slice slider, overlay on/off, opacity.
-
-    The first slice is always drawn as a static figure, so headless runs record a picture; the
-    widget follows only in an interactive front end.
-    """
-    import matplotlib.pyplot as plt
-
-    ok = table[table["status"] == "ok"].reset_index(drop=True)
-
-    def draw(index: int = 0, overlay: bool = True, opacity: float = 0.45) -> None:
-        row = ok.loc[index]
-        image = read_image(row["image"])
-        shown = overlay_mask(image, read_mask(row["mask"]), alpha=opacity) if overlay else image
-        fig, ax = plt.subplots(figsize=(5, 5))
-        ax.imshow(shown, cmap="gray")
-        ax.set_title(f"{row['source']} / {row['name']}  ({row['width']}x{row['height']})", fontsize=9)
-        ax.axis("off")
-        plt.show()
-
-    _static_then_widget(
-        draw,
-        lambda widgets: dict(
-            index=widgets.IntSlider(0, 0, len(ok) - 1, description="slice"),
-            overlay=widgets.Checkbox(True, description="overlay"),
-            opacity=widgets.FloatSlider(value=0.45, min=0.0, max=1.0, step=0.05, description="opacity"),
-        ),
-    )
-
-
-def plot_preprocessing_gallery(
-    images: Sequence[np.ndarray],
-    masks: Sequence[np.ndarray],
-    titles: Sequence[str],
-    methods: Sequence[str] = ("none", "white_balance", "clahe", "unsharp"),
-) -> Any:
-    """One row per slice, one column per method, with the kidney outline, and a histogram row."""
-    import matplotlib.pyplot as plt
-
-    n = len(images)
-    fig, axes = plt.subplots(
-        2 * n,
-        len(methods),
-        figsize=(3.1 * len(methods), 5.2 * n),
-        squeeze=False,
-        gridspec_kw={"height_ratios": [3, 1.2] * n},
-    )
-    for r, (image, mask, title) in enumerate(zip(images, masks, titles)):
-        for c, method in enumerate(methods):
-            out = apply_preprocessing(image, method)
-            ax = axes[2 * r, c]
-            ax.imshow(overlay_mask(out, mask, alpha=0.0))
-            ax.set_title(f"{title}\n{method}" if c == 0 else method, fontsize=8)
-            ax.axis("off")
-            hist_ax = axes[2 * r + 1, c]
-            hist_ax.hist(out.ravel(), bins=64, range=(0, 255), color="gray")
-            hist_ax.set_yscale("log")  # the dark background would hide everything else
-            hist_ax.set_yticks([])
-            hist_ax.tick_params(labelsize=7)
-    fig.tight_layout()
-    return fig
-
-
-def plot_normalization_consistency(per_source: pd.DataFrame) -> Any:
-    """Kidney and surroundings level per source under each normalisation (from
-    :func:`normalization_consistency`): a consistent normalisation keeps each source's kidney level
-    close to the others' on the scale of the contrast the network has to find."""
-    import matplotlib.pyplot as plt
-
-    methods = list(dict.fromkeys(per_source["method"]))
-    fig, axes = plt.subplots(1, len(methods), figsize=(3.6 * len(methods), 4), squeeze=False)
-    for ax, method in zip(axes[0], methods):
-        part = per_source[per_source["method"] == method]
-        y = np.arange(len(part))
-        for yi, (_, row) in zip(y, part.iterrows()):
-            ax.plot([row["surroundings"], row["kidney"]], [yi, yi], color="0.6", linewidth=1)
-        ax.scatter(part["surroundings"], y, color="0.3", s=20, label="surroundings (5 px ring)")
-        ax.scatter(part["kidney"], y, color="tab:red", s=28, label="kidney")
-        ax.set_yticks(y, part["source"] if ax is axes[0, 0] else [""] * len(part), fontsize=8)
-        ax.set_title(method, fontsize=10)
-        ax.set_xlabel("normalised intensity (median)", fontsize=8)
-        ax.grid(axis="x", alpha=0.3)
-    axes[0, 0].legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    return fig
-
-
-def plot_normalization_gallery(
-    images: Sequence[np.ndarray], titles: Sequence[str], methods: Sequence[str] = NORMALIZATION_OPTIONS
-) -> Any:
-    """One row per slice (e.g. one per source), one column per normalisation, all on one grey scale
-    per column so that differences between sources stay visible."""
-    import matplotlib.pyplot as plt
-
-    outs = {m: [normalize_intensity(image, m) for image in images] for m in methods}
-    fig, axes = plt.subplots(
-        len(images), len(methods), figsize=(2.6 * len(methods), 2.6 * len(images)), squeeze=False
-    )
-    for c, method in enumerate(methods):
-        low, high = np.percentile(np.concatenate([o.ravel() for o in outs[method]]), [0.5, 99.5])
-        for r, (out, title) in enumerate(zip(outs[method], titles)):
-            ax = axes[r, c]
-            ax.imshow(out, cmap="gray", vmin=low, vmax=high)
-            ax.set_title(f"{title}\n{method}" if c == 0 else method, fontsize=8)
-            ax.axis("off")
-    fig.tight_layout()
-    return fig
-
-
 def plot_leave_one_source_out(table: pd.DataFrame) -> Any:
     """Pooled Dice, mean Dice and mean HD95 per held-out source, one bar per variant."""
     import matplotlib.pyplot as plt
@@ -4445,118 +4480,3 @@ def plot_leave_one_source_out(table: pd.DataFrame) -> Any:
     fig.suptitle("Leave-one-source-out: trained on the other sources, tested on this one", fontsize=11)
     fig.tight_layout()
     return fig
-
-
-def plot_preprocessing_effects(effects: pd.DataFrame) -> Any:
-    """CNR gain and edge-strength gain per method and parameters, averaged over sources."""
-    import matplotlib.pyplot as plt
-
-    mean = effects.groupby(["method", "params"], sort=False)[["cnr_gain", "edge_gain"]].mean().reset_index()
-    labels = [f"{m}\n{p}" for m, p in zip(mean["method"], mean["params"])]
-    x = np.arange(len(mean))
-    fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(mean)), 4.5))
-    ax.bar(x - 0.2, mean["cnr_gain"], width=0.4, label="CNR kidney vs surrounding ring")
-    ax.bar(x + 0.2, mean["edge_gain"], width=0.4, label="edge strength on the kidney outline")
-    ax.axhline(1.0, color="black", linewidth=0.8)
-    ax.set_xticks(x, labels, fontsize=7)
-    ax.set_ylabel("ratio to no preprocessing")
-    ax.set_title("Measured effect (mean over sources, slices with kidney)")
-    ax.legend(fontsize=8)
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    return fig
-
-
-def show_preprocessing_sliders(image: np.ndarray, mask: np.ndarray) -> None:
-    """ipywidgets sliders to tune CLAHE, the percentile stretch and unsharp masking on one slice.
-
-    A static figure with the default settings is drawn first (headless runs keep it)."""
-    import matplotlib.pyplot as plt
-
-    def draw(
-        clip_limit: float = 2.0,
-        tile_grid: int = 8,
-        low: float = 1.0,
-        high: float = 99.0,
-        sigma: float = 1.0,
-        amount: float = 1.0,
-    ) -> None:
-        outs = {
-            "original": image,
-            "white balance": white_balance(image, low, high),
-            "CLAHE": clahe(image, clip_limit, tile_grid),
-            "unsharp": unsharp_mask(image, sigma, amount),
-        }
-        fig, axes = plt.subplots(1, 4, figsize=(14, 3.8))
-        for ax, (name, out) in zip(axes, outs.items()):
-            cnr, edge = contrast_metrics(out, mask)
-            ax.imshow(out, cmap="gray", vmin=0, vmax=255)
-            ax.set_title(f"{name}\nCNR {cnr:.2f}  edge {edge:.1f}", fontsize=9)
-            ax.axis("off")
-        plt.show()
-
-    _static_then_widget(
-        draw,
-        lambda widgets: dict(
-            clip_limit=widgets.FloatSlider(value=2.0, min=0.5, max=8.0, step=0.5),
-            tile_grid=widgets.IntSlider(value=8, min=2, max=16),
-            low=widgets.FloatSlider(value=1.0, min=0, max=20),
-            high=widgets.FloatSlider(value=99.0, min=80, max=100),
-            sigma=widgets.FloatSlider(value=1.0, min=0.5, max=5),
-            amount=widgets.FloatSlider(value=1.0, min=0.0, max=3.0, step=0.1),
-        ),
-    )
-
-
-# =================================================================================================
-# 10. Runs attached from earlier Kaggle sessions
-# =================================================================================================
-
-
-def resolve_model_path(model_path: str | os.PathLike | None, output_dir: str | os.PathLike) -> Path:
-    """``"auto"``: the best model in ``output_dir``, else one in the output of a notebook attached to
-    this one (notebook 03's output attached to notebook 04, found by :func:`kaggle_output_candidates`);
-    otherwise the path given.
-
-    Raises:
-        FileNotFoundError: naming every place searched.
-    """
-    if model_path not in (None, "", "auto"):
-        path = Path(model_path).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"MODEL_PATH {str(path)!r} does not exist.")
-        return path
-    local = Path(output_dir) / BEST_MODEL_NAME
-    if local.is_file():
-        return local
-    found = kaggle_output_candidates(BEST_MODEL_NAME)
-    if found:
-        return choose_candidate(found, f"attached {BEST_MODEL_NAME} files", "MODEL_PATH")
-    raise FileNotFoundError(
-        f"No {BEST_MODEL_NAME} in {output_dir} or under {kaggle_root() / 'input'} (searched six folders "
-        "deep). Run notebook 03 first (on Kaggle: 'Add Input', then its notebook output), or set MODEL_PATH."
-    )
-
-
-def restore_run_for_resume(output_dir: str | os.PathLike) -> Path | None:
-    """Before ``RESUME=True`` in a new Kaggle session: copy the previous run's checkpoints, metrics and
-    config from an attached notebook output into ``output_dir`` (nothing is overwritten).
-
-    Returns:
-        The folder copied from, or None when ``output_dir`` already holds a last checkpoint or no
-        previous run is attached.
-    """
-    import shutil
-
-    out = Path(output_dir)
-    if (out / LAST_CHECKPOINT_NAME).exists():
-        return None
-    found = kaggle_output_candidates(LAST_CHECKPOINT_NAME)
-    if not found:
-        return None
-    source = choose_candidate(found, f"attached {LAST_CHECKPOINT_NAME} files", "OUTPUT_DIR").parent
-    out.mkdir(parents=True, exist_ok=True)
-    for name in (LAST_CHECKPOINT_NAME, BEST_MODEL_NAME, METRICS_CSV_NAME, CONFIG_JSON_NAME):
-        if (source / name).exists() and not (out / name).exists():
-            shutil.copy2(source / name, out / name)
-    return source

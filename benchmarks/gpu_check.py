@@ -3,8 +3,7 @@
 On the specification's model (width 64, 256 px, batch 16) it measures, side by side in one run:
 
 1. training throughput (images per second after a warm-up epoch) and peak GPU memory in fp32, with
-   mixed precision (fp16 on a T4, bf16 from compute capability 8.0), and mixed precision with the
-   channels-last memory format;
+   mixed precision (fp16 on a T4, bf16 from compute capability 8.0);
 2. a training process killed (SIGKILL) after its first epoch, then resumed on the GPU;
 3. a checkpoint written on the CPU, resumed on the GPU (the generator and scaler states move across);
 4. evaluation of the trained model on its validation split, with and without flip TTA (autocast);
@@ -88,7 +87,6 @@ def throughput(size: dict[str, Any], data: ku.PreparedData, work: Path, device: 
     variants = {
         "fp32": dict(amp=False),
         "AMP": dict(amp=True),
-        "AMP + channels-last": dict(amp=True, channels_last=True),
     }
     if device.type == "cuda" and torch.cuda.device_count() > 1:
         variants[f"AMP + DataParallel on {torch.cuda.device_count()} GPUs"] = dict(amp=True, multi_gpu=True)

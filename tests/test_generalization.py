@@ -147,7 +147,7 @@ def test_checkpoint_records_normalisation_and_old_checkpoints_load_as_minmax(tmp
     }
     ku.save_checkpoint(payload, tmp_path / "v1.pth")
     _, loaded, _ = ku.load_model(tmp_path / "v1.pth")
-    assert (loaded.normalization, loaded.augmentation) == ("minmax", "spec")
+    assert (loaded.normalization, loaded.augmentation) == ("minmax", "standard")  # the defaults
     payload.update(format_version=2, config=config.to_dict())
     ku.save_checkpoint(payload, tmp_path / "v2.pth")
     assert ku.load_model(tmp_path / "v2.pth")[1].normalization == "histeq"
@@ -192,9 +192,11 @@ def test_strong_pipeline_varies_intensity_and_spec_is_unchanged():
         ku.seed_transform(strong, seed)
         stds.append(float(strong(image=image, mask=mask)["image"].astype(float).std()))
     assert np.ptp(stds) > 5  # contrast, gamma, noise and blur change the spread of values
-    names = [type(t).__name__ for t in ku.build_train_transform(64, "spec").transforms]
-    assert names == ["Resize", "HorizontalFlip", "VerticalFlip", "Affine", "RandomBrightnessContrast"]
-    with pytest.raises(ValueError, match="AUGMENTATION must be one of 'spec', 'strong'"):
+    for name in ("standard", "spec"):  # "spec" is the older name, still accepted
+        names = [type(t).__name__ for t in ku.build_train_transform(64, name).transforms]
+        assert names == ["Resize", "HorizontalFlip", "VerticalFlip", "Affine", "RandomBrightnessContrast"]
+    assert ku.Config(augmentation="spec").augmentation == "standard"
+    with pytest.raises(ValueError, match="AUGMENTATION must be one of 'standard', 'strong'"):
         ku.build_train_transform(64, "nnunet")
 
 
