@@ -54,6 +54,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import cv2
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
@@ -101,13 +102,15 @@ __all__ = [
     "show_slice_browser",
     # 13. Preprocessing and normalisation
     "preprocessing_effects", "normalization_consistency", "recommend_preprocessing",
-    "preprocessing_ablation", "plot_preprocessing_gallery", "plot_preprocessing_effects",
+    "preprocessing_ablation", "sample_slices_with_kidney", "write_preprocessing_results",
+    "plot_preprocessing_gallery", "plot_preprocessing_effects",
     "show_preprocessing_sliders", "plot_normalization_consistency", "plot_normalization_gallery",
     # 14. Figures of a training run and its evaluation
     "plot_samples", "inference_options_table", "threshold_sweep", "plot_cases", "plot_dice_distribution",
-    "plot_case_dice", "plot_threshold_sweep", "show_threshold_viewer",
+    "plot_case_dice", "plot_threshold_sweep", "show_threshold_viewer", "plot_prediction_overlays",
     # 15. Leave-one-source-out
-    "LOSO_CSV_NAME", "source_folds", "leave_one_source_out", "summarize_leave_one_source_out",
+    "LOSO_CSV_NAME", "source_folds", "fold_table", "leave_one_source_out", "leave_one_source_out_files",
+    "summarize_leave_one_source_out",
     "plot_leave_one_source_out",
 ]
 # fmt: on
@@ -370,7 +373,7 @@ class Config:
     def to_json(self, path: str | os.PathLike) -> Path:
         """Write the config as indented JSON (atomically) and return the path."""
         path = Path(path)
-        _atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
+        _atomic_write(path, json.dumps(self.to_dict(), indent=2) + "\n")
         return path
 
     @classmethod
@@ -403,15 +406,22 @@ def get_device(device: str | torch.device | None = "auto") -> torch.device:
     return chosen
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and an atomic rename."""
+def _atomic_write(path: str | os.PathLike, data: str | bytes | Callable[[Any], None]) -> Path:
+    """Write ``data`` (text as UTF-8, bytes, or a function that writes to a binary file handle) to
+    ``path`` through a temporary file, fsync, then rename over ``path``: a kill at any moment leaves
+    either the old or the new file, never a broken one. Every file this module writes goes here."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
+    with open(tmp, "wb") as handle:
+        if callable(data):
+            data(handle)
+        else:
+            handle.write(data.encode("utf-8") if isinstance(data, str) else data)
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+    return path
 
 
 # =================================================================================================
@@ -1716,17 +1726,8 @@ class TrainingResult:
 
 
 def save_checkpoint(payload: dict[str, Any], path: str | os.PathLike) -> Path:
-    """Save with ``torch.save`` to a temporary file, fsync, then rename over ``path`` (atomic: a kill
-    at any moment leaves either the old or the new file, never a broken one)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        torch.save(payload, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    return path
+    """Save with ``torch.save``, atomically (see :func:`_atomic_write`)."""
+    return _atomic_write(path, lambda handle: torch.save(payload, handle))
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -2126,9 +2127,9 @@ def train_model(
         raise ValueError(f"Nothing to train: the checkpoint already reached NUM_EPOCHS={config.num_epochs}.")
     frame = pd.DataFrame(history)
     fig = plot_training_history(frame, best_epoch=best_epoch)
-    fig.savefig(out / METRICS_PNG_NAME, dpi=110, bbox_inches="tight")
-    import matplotlib.pyplot as plt
-
+    _atomic_write(
+        out / METRICS_PNG_NAME, lambda h: fig.savefig(h, format="png", dpi=110, bbox_inches="tight")
+    )
     plt.close(fig)
     return TrainingResult(frame, best_epoch, best_loss, stop_reason, out)
 
@@ -2166,7 +2167,7 @@ def _epoch_line(row: dict[str, float], num_epochs: int, best_epoch: int, improve
 
 
 def _write_history_csv(history: list[dict[str, float]], path: Path) -> None:
-    _atomic_write_text(path, pd.DataFrame(history).to_csv(index=False))
+    _atomic_write(path, pd.DataFrame(history).to_csv(index=False))
 
 
 def plot_training_history(history: pd.DataFrame, best_epoch: int | None = None) -> Any:
@@ -2176,8 +2177,6 @@ def plot_training_history(history: pd.DataFrame, best_epoch: int | None = None) 
         history: Rows as written to ``training_metrics.csv``.
         best_epoch: Marked with a dashed line when given.
     """
-    import matplotlib.pyplot as plt
-
     fig, axes = plt.subplots(2, 3, figsize=(15, 8))
     for ax, name in zip(axes.flat, METRIC_NAMES):
         ax.plot(history["epoch"], history[f"train_{name}"], label="train", marker=".")
@@ -2547,9 +2546,9 @@ def write_evaluation(
     """Write ``evaluation_per_image.csv`` and ``evaluation_summary.json`` (flat keys)."""
     out = Path(output_dir)
     csv_path, json_path = out / "evaluation_per_image.csv", out / "evaluation_summary.json"
-    _atomic_write_text(csv_path, per_image.to_csv(index=False))
+    _atomic_write(csv_path, per_image.to_csv(index=False))
     plain = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in summary.items()}
-    _atomic_write_text(json_path, json.dumps(plain, indent=2, default=str) + "\n")
+    _atomic_write(json_path, json.dumps(plain, indent=2, default=str) + "\n")
     return {"per_image_csv": csv_path, "summary_json": json_path}
 
 
@@ -2739,12 +2738,11 @@ def predict_folder(
 
 
 def _write_png(path: Path, array: np.ndarray) -> None:
+    """Encode ``array`` (gray, or BGR as OpenCV orders colours) as PNG and write it atomically."""
     ok, data = cv2.imencode(".png", array)
     if not ok:
         raise OSError(f"Could not encode {path}")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data.tobytes())
-    os.replace(tmp, path)
+    _atomic_write(path, data.tobytes())
 
 
 # =================================================================================================
@@ -3153,9 +3151,9 @@ def make_synthetic_dataset(
                 scaled = (image.astype(np.float32) / 255.0 - window[0]) / (window[1] - window[0])
                 image = np.clip(np.rint(scaled * 255), 0, 255).astype(np.uint8)
             name = f"phantom-{case:03d}_{s:03d}.png"
-            cv2.imwrite(str(out / "images" / name), image)
-            cv2.imwrite(str(out / "masks" / name), mask)
-    marker.write_text(json.dumps(settings) + "\n")
+            _write_png(out / "images" / name, image)
+            _write_png(out / "masks" / name, mask)
+    _atomic_write(marker, json.dumps(settings) + "\n")
     return out
 
 
@@ -3403,7 +3401,7 @@ def write_inventory(
     """Write ``data_inventory.csv`` (one row per file) and ``data_report.json`` (summary, warnings)."""
     out = Path(output_dir)
     csv_path, json_path = out / "data_inventory.csv", out / "data_report.json"
-    _atomic_write_text(csv_path, table.to_csv(index=False))
+    _atomic_write(csv_path, table.to_csv(index=False))
     report = {
         "summary": inventory_summary(table).to_dict(orient="records"),
         "warnings": list(warnings_found),
@@ -3411,7 +3409,7 @@ def write_inventory(
             orient="records"
         ),
     }
-    _atomic_write_text(json_path, json.dumps(report, indent=2, default=str) + "\n")
+    _atomic_write(json_path, json.dumps(report, indent=2, default=str) + "\n")
     return {"inventory_csv": csv_path, "report_json": json_path}
 
 
@@ -3490,8 +3488,6 @@ def mask_heatmap(table: pd.DataFrame, size: int = 64) -> np.ndarray:
 
 def plot_image_statistics(table: pd.DataFrame) -> Any:
     """Image sizes per source (width against height) and the aspect-ratio distribution."""
-    import matplotlib.pyplot as plt
-
     ok = table[table["status"] == "ok"]
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
     for source, part in ok.groupby("source"):
@@ -3519,8 +3515,6 @@ def plot_image_statistics(table: pd.DataFrame) -> Any:
 def plot_intensity_histograms(table: pd.DataFrame, per_source: int = 12, seed: int = 0) -> Any:
     """Gray-level histograms (after conversion to uint8): all sources together and one per source,
     from up to ``per_source`` random images each."""
-    import matplotlib.pyplot as plt
-
     ok = table[table["status"] == "ok"]
     sources = sorted(ok["source"].unique())
     rng = np.random.default_rng(seed)
@@ -3556,8 +3550,6 @@ def plot_gallery(
     transform: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> Any:
     """Random slices at their original size with the mask overlaid, titled by source and name."""
-    import matplotlib.pyplot as plt
-
     ok = table[table["status"] == "ok"].reset_index(drop=True)
     picks = np.random.default_rng(seed).choice(len(ok), size=min(n, len(ok)), replace=False)
     rows = math.ceil(len(picks) / columns)
@@ -3577,8 +3569,6 @@ def plot_gallery(
 
 def plot_mask_statistics(table: pd.DataFrame, heatmap: np.ndarray) -> Any:
     """Kidney area distribution, connected components per mask, and where kidneys lie."""
-    import matplotlib.pyplot as plt
-
     ok = table[table["status"] == "ok"]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     kidney = ok[ok["kidney_fraction"] > 0]
@@ -3613,8 +3603,6 @@ def show_slice_browser(table: pd.DataFrame) -> None:
     The first slice is always drawn as a static figure, so headless runs record a picture; the
     widget follows only in an interactive front end.
     """
-    import matplotlib.pyplot as plt
-
     ok = table[table["status"] == "ok"].reset_index(drop=True)
 
     def draw(index: int = 0, overlay: bool = True, opacity: float = 0.45) -> None:
@@ -3759,6 +3747,30 @@ def normalization_consistency(
     return per_source, summary.reset_index()
 
 
+def sample_slices_with_kidney(pairs: Sequence[SamplePair], per_source: int, seed: int) -> list[SamplePair]:
+    """Up to ``per_source`` pairs whose mask holds kidney from every source, drawn at random with
+    ``seed`` (the same draw every run), in source and file order."""
+    rng = np.random.default_rng(seed)
+    sample: list[SamplePair] = []
+    for source in sorted({p.source for p in pairs}):
+        candidates = [p for p in pairs if p.source == source and read_mask(p.mask).any()]
+        picks = rng.choice(len(candidates), size=min(per_source, len(candidates)), replace=False)
+        sample += [candidates[i] for i in sorted(picks)]
+    return sample
+
+
+def write_preprocessing_results(
+    ablation: pd.DataFrame, effects: pd.DataFrame, output_dir: str | os.PathLike
+) -> dict[str, Path]:
+    """Write notebook 02's tables: ``preprocessing_results.csv`` (the training ablation) and
+    ``preprocessing_effects.csv`` (the measured effects); returns their paths."""
+    out = Path(output_dir)
+    return {
+        "ablation_csv": _atomic_write(out / "preprocessing_results.csv", ablation.to_csv(index=False)),
+        "effects_csv": _atomic_write(out / "preprocessing_effects.csv", effects.to_csv(index=False)),
+    }
+
+
 def recommend_preprocessing(ablation: pd.DataFrame, margin: float = 0.01) -> tuple[str, str]:
     """The option to use and why: the best validation Dice, unless it beats ``"none"`` by less than
     ``margin`` (then the simpler ``"none"``, since the gain is within run-to-run noise)."""
@@ -3834,8 +3846,6 @@ def plot_preprocessing_gallery(
     methods: Sequence[str] = ("none", "white_balance", "clahe", "unsharp"),
 ) -> Any:
     """One row per slice, one column per method, with the kidney outline, and a histogram row."""
-    import matplotlib.pyplot as plt
-
     n = len(images)
     fig, axes = plt.subplots(
         2 * n,
@@ -3862,8 +3872,6 @@ def plot_preprocessing_gallery(
 
 def plot_preprocessing_effects(effects: pd.DataFrame) -> Any:
     """CNR gain and edge-strength gain per method and parameters, averaged over sources."""
-    import matplotlib.pyplot as plt
-
     mean = effects.groupby(["method", "params"], sort=False)[["cnr_gain", "edge_gain"]].mean().reset_index()
     labels = [f"{m}\n{p}" for m, p in zip(mean["method"], mean["params"])]
     x = np.arange(len(mean))
@@ -3884,7 +3892,6 @@ def show_preprocessing_sliders(image: np.ndarray, mask: np.ndarray) -> None:
     """ipywidgets sliders to tune CLAHE, the percentile stretch and unsharp masking on one slice.
 
     A static figure with the default settings is drawn first (headless runs keep it)."""
-    import matplotlib.pyplot as plt
 
     def draw(
         clip_limit: float = 2.0,
@@ -3925,8 +3932,6 @@ def plot_normalization_consistency(per_source: pd.DataFrame) -> Any:
     """Kidney and surroundings level per source under each normalisation (from
     :func:`normalization_consistency`): a consistent normalisation keeps each source's kidney level
     close to the others' on the scale of the contrast the network has to find."""
-    import matplotlib.pyplot as plt
-
     methods = list(dict.fromkeys(per_source["method"]))
     fig, axes = plt.subplots(1, len(methods), figsize=(3.6 * len(methods), 4), squeeze=False)
     for ax, method in zip(axes[0], methods):
@@ -3950,8 +3955,6 @@ def plot_normalization_gallery(
 ) -> Any:
     """One row per slice (e.g. one per source), one column per normalisation, all on one grey scale
     per column so that differences between sources stay visible."""
-    import matplotlib.pyplot as plt
-
     outs = {m: [normalize_intensity(image, m) for image in images] for m in methods}
     fig, axes = plt.subplots(
         len(images), len(methods), figsize=(2.6 * len(methods), 2.6 * len(images)), squeeze=False
@@ -3977,8 +3980,6 @@ def plot_samples(
 ) -> Any:
     """A grid of ``n`` dataset items (as the model sees them, augmentation included) with the mask
     overlaid. Returns the matplotlib Figure."""
-    import matplotlib.pyplot as plt
-
     count = min(n, len(dataset))
     rng = np.random.default_rng(seed)
     picks = rng.choice(len(dataset), size=count, replace=False)
@@ -4078,7 +4079,6 @@ def plot_cases(
 ) -> Any:
     """The worst cases by Dice, and the median and best among slices with kidney (``per_group`` of
     each), with TP/FP/FN colours."""
-    import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
     order = per_image.sort_values("dice", kind="stable").index.to_numpy()
@@ -4111,10 +4111,22 @@ def plot_cases(
     return fig
 
 
+def plot_prediction_overlays(folder: str | os.PathLike, n: int = 4) -> Any:
+    """The first ``n`` overlays that :func:`predict_folder` wrote to ``folder/overlays``, in a row."""
+    overlays = sorted((Path(folder) / "overlays").glob("*.png"))[:n]
+    if not overlays:
+        raise FileNotFoundError(f"No overlays in {Path(folder) / 'overlays'}; run predict_folder first.")
+    fig, axes = plt.subplots(1, len(overlays), figsize=(4 * len(overlays), 4), squeeze=False)
+    for ax, path in zip(axes.flat, overlays):
+        ax.imshow(cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB))
+        ax.set_title(path.name, fontsize=8)
+        ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
 def plot_dice_distribution(per_image: pd.DataFrame, by: str = "source") -> Any:
     """Histogram of per-image Dice and, when the data has several groups, Dice per ``by`` group."""
-    import matplotlib.pyplot as plt
-
     groups = per_image[by].nunique() if by in per_image else 1
     fig, axes = plt.subplots(1, 2 if groups > 1 else 1, figsize=(13 if groups > 1 else 6, 4), squeeze=False)
     ax = axes[0, 0]
@@ -4136,8 +4148,6 @@ def plot_dice_distribution(per_image: pd.DataFrame, by: str = "source") -> Any:
 
 def plot_case_dice(per_image: pd.DataFrame, title: str = "") -> Any:
     """Dice per patient (pooled over the patient's slices), sorted, coloured by source."""
-    import matplotlib.pyplot as plt
-
     cases = case_scores(per_image).sort_values("dice").reset_index(drop=True)
     sources = sorted(cases["source"].unique())
     colors = {s: plt.cm.tab10(i % 10) for i, s in enumerate(sources)}
@@ -4162,8 +4172,6 @@ def plot_case_dice(per_image: pd.DataFrame, title: str = "") -> Any:
 
 def plot_threshold_sweep(sweep: pd.DataFrame, chosen: float | None = None) -> Any:
     """Pooled and mean Dice against the threshold, the best threshold marked."""
-    import matplotlib.pyplot as plt
-
     fig, ax = plt.subplots(figsize=(6.5, 4))
     ax.plot(sweep["threshold"], sweep["pooled_dice"], marker=".", label="pooled Dice")
     ax.plot(sweep["threshold"], sweep["mean_dice"], marker=".", label="mean Dice per image")
@@ -4191,7 +4199,6 @@ def show_threshold_viewer(data: EvaluationSet, probs: Sequence[np.ndarray], thre
     A static figure of the first slice at ``threshold`` is always drawn first, so a headless run
     (papermill, nbval) records a picture; the widget follows only in an interactive front end.
     """
-    import matplotlib.pyplot as plt
 
     def draw(index: int = 0, thr: float = threshold) -> None:
         pred = binarize_prediction(probs[index], thr)
@@ -4367,7 +4374,7 @@ def run_source_fold(
         "train_minutes": minutes,
     }
     plain = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in row.items()}
-    _atomic_write_text(result_path, json.dumps({"settings": settings, "row": plain}, indent=1) + "\n")
+    _atomic_write(result_path, json.dumps({"settings": settings, "row": plain}, indent=1) + "\n")
     return {**plain, "reused": False}
 
 
@@ -4431,8 +4438,45 @@ def leave_one_source_out(
                 run_config, fold, caches[key], out / name / fold.held_out, device, progress, data_dir
             )
             rows.append({"variant": name, **row})
-            _atomic_write_text(out / LOSO_CSV_NAME, pd.DataFrame(rows).to_csv(index=False))
+            _atomic_write(out / LOSO_CSV_NAME, pd.DataFrame(rows).to_csv(index=False))
     return pd.DataFrame(rows)
+
+
+def fold_table(folds: Sequence[SourceFold]) -> pd.DataFrame:
+    """One row per fold: the held-out source, its test images and patients, and what trains."""
+    return pd.DataFrame(
+        [
+            {
+                "held_out": f.held_out,
+                "train_images": len(f.train),
+                "train_sources": len({p.source for p in f.train}),
+                "test_images": len(f.test),
+                "test_cases": len({p.case for p in f.test}),
+            }
+            for f in folds
+        ]
+    )
+
+
+def leave_one_source_out_files(
+    output_dir: str | os.PathLike, folds: Sequence[SourceFold], variants: Mapping[str, Any]
+) -> list[Path]:
+    """What :func:`leave_one_source_out` wrote under ``output_dir``: the table, and per fold and
+    variant the best model, its curves and the per-image test scores.
+
+    Raises:
+        FileNotFoundError: one of them is missing (the message names it).
+    """
+    out = Path(output_dir)
+    files = [out / LOSO_CSV_NAME]
+    for fold in folds:
+        for variant in variants:
+            fold_dir = out / variant / fold.held_out
+            files += [fold_dir / n for n in (BEST_MODEL_NAME, METRICS_PNG_NAME, "evaluation_per_image.csv")]
+    missing = [p for p in files if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} expected files are missing, first {missing[0]}.")
+    return files
 
 
 def summarize_leave_one_source_out(
@@ -4456,8 +4500,6 @@ def summarize_leave_one_source_out(
 
 def plot_leave_one_source_out(table: pd.DataFrame) -> Any:
     """Pooled Dice, mean Dice and mean HD95 per held-out source, one bar per variant."""
-    import matplotlib.pyplot as plt
-
     sources = list(dict.fromkeys(table["held_out"]))
     variants = list(dict.fromkeys(table["variant"]))
     width = 0.8 / len(variants)
