@@ -243,6 +243,7 @@ def test_synthetic_sources_differ_in_window(two_sites):
     assert means["phantom-site-b"] < means["phantom-site-a"]  # window (0.3, 0.9) darkens soft tissue
 
 
+@pytest.mark.slow  # trains four small models end to end
 def test_leave_one_source_out_table_and_reuse(two_sites, tmp_path):
     config = ku.Config(
         image_size=32, base_channels=4, depth=2, batch_size=4, num_epochs=1, group_regex="^([^_]+)_", seed=1

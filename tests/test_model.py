@@ -1,4 +1,5 @@
-"""The enhanced U-Net: the specification's layout, output shapes, and the input-size rule."""
+"""The attention U-Net: its layout, its size worked out from the channel plan, output shapes, and
+the input-size rule."""
 
 from __future__ import annotations
 
@@ -9,7 +10,36 @@ from torch import nn
 import kidneyseg_utils as ku
 
 
-def test_default_model_matches_specification():
+def _residual_block(c_in: int, c_out: int) -> int:
+    """Two bias-free 3x3 convolutions with batch norm (2 parameters per channel each), and a 1x1
+    convolution with batch norm on the shortcut when the widths differ."""
+    convs = 9 * c_in * c_out + 9 * c_out * c_out + 2 * 2 * c_out
+    return convs + (c_in * c_out + 2 * c_out if c_in != c_out else 0)
+
+
+def expected_parameters(base: int, depth: int) -> int:
+    """The parameter count of the channel plan, worked out layer by layer."""
+    widths = [base * 2**i for i in range(depth)]
+    total, previous = 0, 1
+    for width in widths:  # encoder
+        total += _residual_block(previous, width)
+        previous = width
+    total += _residual_block(previous, base * 2**depth)  # bridge
+    total += 2 * 7 * 7 + 1  # spatial attention: a 7x7 convolution from 2 maps to 1, with bias
+    previous = base * 2**depth
+    for width in reversed(widths):  # 2x2 transposed convolution with bias, then a residual block
+        total += 4 * previous * width + width + _residual_block(2 * width, width)
+        previous = width
+    return total + previous + 1  # the 1x1 head, with bias
+
+
+@pytest.mark.parametrize(("base", "depth"), [(64, 4), (16, 4), (8, 3), (4, 2)])
+def test_parameter_count_follows_from_the_channel_plan(base, depth):
+    model = ku.AttentionUNet(base_channels=base, depth=depth)
+    assert ku.count_parameters(model) == expected_parameters(base, depth)
+
+
+def test_default_model_layout():
     model = ku.build_model(ku.Config())
     assert [e.body[0].out_channels for e in model.encoders] == [64, 128, 256, 512]
     assert model.bridge.body[0].out_channels == 1024
@@ -22,7 +52,7 @@ def test_default_model_matches_specification():
     kinds = [type(layer) for layer in block]
     assert kinds == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.Dropout, nn.Conv2d, nn.BatchNorm2d, nn.ReLU]
     assert block[3].p == 0.2
-    assert ku.count_parameters(model) == 32_435_172
+    assert ku.count_parameters(model) == expected_parameters(64, 4)
 
 
 @pytest.mark.parametrize(("width", "depth", "size"), [(4, 2, 32), (8, 3, 48), (4, 4, 64), (8, 4, 128)])
