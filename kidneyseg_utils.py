@@ -2416,13 +2416,6 @@ def checkpoint_split(
     return [by_key[k] for k in keys]
 
 
-def validation_pairs(
-    checkpoint: dict[str, Any], config: Config, data_dir: str | os.PathLike | None = None
-) -> list[SamplePair]:
-    """The validation part of a run's split (:func:`checkpoint_split` with ``part="val"``)."""
-    return checkpoint_split(checkpoint, config, "val", data_dir)
-
-
 def _timed_probabilities(
     model: nn.Module, data: EvaluationSet, device: torch.device | str, tta: bool, batch_size: int = 16
 ) -> tuple[list[np.ndarray], float]:
@@ -2804,25 +2797,6 @@ def _progress_bar(iterable: Any = None, enabled: bool = True, **options: Any) ->
 
         options["disable"] = True
     return tqdm(iterable, **options)
-
-
-def _static_then_widget(draw: Callable[..., None], controls: Callable[[Any], dict[str, Any]]) -> None:
-    """Draw once with the defaults (so every run records a static picture), then, only in an
-    interactive front end (:func:`interactive_frontend`), offer ipywidgets controls built by
-    ``controls(ipywidgets)``. Headless runs never create a widget: one can hang them for ever."""
-    draw()
-    if not interactive_frontend():
-        print(
-            "(Sliders appear when this notebook runs in Jupyter or Kaggle's editor; a headless run "
-            f"keeps the static figure. Set {INTERACTIVE_ENV}=1 to force them.)"
-        )
-        return
-    try:
-        import ipywidgets as widgets
-        from IPython.display import display
-    except ImportError:
-        return
-    display(widgets.interactive(draw, **controls(widgets)))
 
 
 def find_below(root: str | os.PathLike, name: str, max_depth: int = 6) -> list[Path]:
@@ -3251,6 +3225,25 @@ def resolve_data_dir(
 # =================================================================================================
 # 12. Exploring a dataset: notebook 01
 # =================================================================================================
+
+
+def _static_then_widget(draw: Callable[..., None], controls: Callable[[Any], dict[str, Any]]) -> None:
+    """Draw once with the defaults (so every run records a static picture), then, only in an
+    interactive front end (:func:`interactive_frontend`), offer ipywidgets controls built by
+    ``controls(ipywidgets)``. Headless runs never create a widget: one can hang them for ever."""
+    draw()
+    if not interactive_frontend():
+        print(
+            "(Sliders appear when this notebook runs in Jupyter or Kaggle's editor; a headless run "
+            f"keeps the static figure. Set {INTERACTIVE_ENV}=1 to force them.)"
+        )
+        return
+    try:
+        import ipywidgets as widgets
+        from IPython.display import display
+    except ImportError:
+        return
+    display(widgets.interactive(draw, **controls(widgets)))
 
 
 def _describe_mask_values(raw: np.ndarray) -> str:

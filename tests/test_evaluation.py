@@ -230,13 +230,13 @@ def test_validation_split_is_reproduced_from_the_checkpoint(tmp_path, phantom_di
         extra_state={"split": data.split_record(), "data_dir": str(phantom_dir)},
     )
     _, loaded_config, checkpoint = ku.load_model(result.files["best_model"])
-    pairs = ku.validation_pairs(checkpoint, loaded_config)
+    pairs = ku.checkpoint_split(checkpoint, loaded_config, "val")
     assert [p.key for p in pairs] == [p.key for p in data.val.pairs]
     other = ku.make_synthetic_dataset(tmp_path / "other", n_cases=2, slices_per_case=2, image_size=32)
     with pytest.raises(ValueError, match="not under"):
-        ku.validation_pairs(checkpoint, loaded_config, data_dir=other)
+        ku.checkpoint_split(checkpoint, loaded_config, "val", data_dir=other)
     with pytest.raises(ValueError, match="records no split"):
-        ku.validation_pairs({}, loaded_config)
+        ku.checkpoint_split({}, loaded_config, "val")
     test = ku.checkpoint_split(checkpoint, loaded_config, "test")
     assert [p.key for p in test] == [p.key for p in data.test] and test
     assert not {p.case for p in test} & {p.case for p in pairs}
