@@ -80,7 +80,8 @@ __all__ = [
     # 4. Intensity
     "white_balance", "clahe", "unsharp_mask", "apply_preprocessing", "normalize_intensity",
     # 5. Augmentation
-    "build_train_transform", "build_eval_transform",
+    "build_train_transform", "build_eval_transform", "BatchIntensityAugmentation", "gin_augment",
+    "random_intensity_curves",
     # 6. Model
     "AttentionUNet", "build_model", "count_parameters",
     # 7. Losses and metrics
@@ -90,7 +91,7 @@ __all__ = [
     # 9. Inference and evaluation
     "load_model", "predict_probabilities", "hausdorff95", "EvaluationSet", "load_evaluation_set",
     "evaluate_model", "case_scores", "write_evaluation", "evaluate_split", "summary_table",
-    "overlay_mask", "predict_folder",
+    "overlay_mask", "predict_folder", "familiarity_reference", "familiarity", "image_features",
     # 10. Runtime
     "on_kaggle", "interactive_frontend", "resolve_output_dir", "resolve_model_path",
     "restore_run_for_resume",
@@ -108,10 +109,10 @@ __all__ = [
     # 14. Figures of a training run and its evaluation
     "plot_samples", "inference_options_table", "threshold_sweep", "plot_cases", "plot_dice_distribution",
     "plot_case_dice", "plot_threshold_sweep", "show_threshold_viewer", "plot_prediction_overlays",
+    "familiarity_report", "unfamiliar_note",
     # 15. Leave-one-source-out
-    "LOSO_CSV_NAME", "source_folds", "fold_table", "leave_one_source_out", "leave_one_source_out_files",
-    "summarize_leave_one_source_out",
-    "plot_leave_one_source_out",
+    "LOSO_CSV_NAME", "plot_intensity_draws", "source_folds", "fold_table", "leave_one_source_out",
+    "leave_one_source_out_files", "summarize_leave_one_source_out", "plot_leave_one_source_out",
 ]
 # fmt: on
 
@@ -141,7 +142,7 @@ PREPROCESSING_OPTIONS = ("none", "white_balance", "clahe", "unsharp", "white_bal
 # How model inputs are scaled (see :func:`normalize_intensity`) and which training augmentation runs
 # (see :func:`build_train_transform`); the first of each is the default.
 NORMALIZATION_OPTIONS = ("minmax", "percentile", "zscore", "histeq")
-AUGMENTATION_OPTIONS = ("standard", "strong")
+AUGMENTATION_OPTIONS = ("standard", "strong", "gin", "curves", "strong+gin")
 # Older names still accepted (stored checkpoints and forked notebooks use them): old -> current.
 AUGMENTATION_ALIASES = {"spec": "standard"}
 
@@ -254,8 +255,11 @@ class Config:
             checkpoint and applied identically in training, evaluation and inference.
         augmentation: Training augmentation, one of :data:`AUGMENTATION_OPTIONS`: ``"standard"``
             (flips, small shifts, scales and rotations, brightness and contrast; ``"spec"`` is its
-            older name) or ``"strong"`` (nnU-Net-like 2D: wider scale and rotation,
-            gamma, noise, blur, low-resolution simulation).
+            older name), ``"strong"`` (nnU-Net-like 2D: wider scale and rotation, gamma, noise, blur,
+            low-resolution simulation), ``"gin"`` or ``"curves"`` (``"standard"`` plus random
+            intensity networks or random intensity curves on each batch, for unseen scanners) or
+            ``"strong+gin"`` (``"strong"`` plus either of the two). See
+            :class:`BatchIntensityAugmentation`.
         lr_factor: ReduceLROnPlateau factor.
         lr_patience: ReduceLROnPlateau patience in epochs.
         min_lr: ReduceLROnPlateau floor.
@@ -1373,7 +1377,9 @@ def build_train_transform(image_size: int = 256, augmentation: str = "standard")
     simulation (down to 0.5x and back, p 0.25); gamma 0.7-1.5 (p 0.3). Geometry is applied to image
     and mask together; intensity changes touch the image only.
 
-    Intensities are normalised afterwards by :class:`KidneyDataset`.
+    ``"gin"`` and ``"curves"`` use the ``"standard"`` pipeline here and ``"strong+gin"`` the
+    ``"strong"`` one; their intensity randomisation runs later, on the batch
+    (:class:`BatchIntensityAugmentation`). Intensities are normalised by :class:`KidneyDataset`.
 
     Raises:
         ValueError: an unknown ``augmentation`` (the message lists the options).
@@ -1384,7 +1390,7 @@ def build_train_transform(image_size: int = 256, augmentation: str = "standard")
             f"AUGMENTATION must be one of {', '.join(map(repr, AUGMENTATION_OPTIONS))}; got {augmentation!r}."
         )
     A = _albumentations()
-    if augmentation == "strong":
+    if augmentation.startswith("strong"):
         return A.Compose(
             _geometry(image_size, flip_p=0.5, shift=0.1, scale=(0.7, 1.4), rotate=180, p=0.6)
             + [
@@ -1437,6 +1443,103 @@ def seed_transform(transform: A.Compose, seed: int) -> A.Compose:
     """
     transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
     return transform
+
+
+def random_intensity_curves(
+    images: torch.Tensor, generator: torch.Generator, points: int = 6
+) -> torch.Tensor:
+    """Pass each image through its own random look-up table, drawn as ``points`` control values
+    joined linearly over the image's own intensity range: increasing (a new window or gamma),
+    decreasing (an inverted contrast) or neither (a non-monotone mapping), a third each.
+
+    Shape: ``(B, 1, H, W) -> (B, 1, H, W)``; values stay within each image's own minimum and maximum.
+    """
+    b = images.shape[0]
+    flat = images.flatten(1).float()
+    low, high = flat.amin(1, keepdim=True), flat.amax(1, keepdim=True)
+    span = (high - low).clamp_min(1e-6)
+    control = torch.rand(b, points, generator=generator)
+    kind = torch.randint(0, 3, (b, 1), generator=generator)
+    rising = control.sort(1).values
+    control = torch.where(kind == 0, rising, torch.where(kind == 1, rising.flip(1), control))
+    control = control.to(images.device)
+    position = (flat - low) / span * (points - 1)
+    index = position.floor().long().clamp(0, points - 2)
+    weight = position - index
+    mapped = control.gather(1, index) * (1 - weight) + control.gather(1, index + 1) * weight
+    return (low + mapped * span).view_as(images).to(images.dtype)
+
+
+def gin_augment(
+    images: torch.Tensor, generator: torch.Generator, channels: int = 2, layers: int = 4
+) -> torch.Tensor:
+    """Global intensity non-linear augmentation (GIN; Ouyang et al., IEEE TMI 2022).
+
+    Every image passes through its own shallow network with freshly drawn weights (per layer a 1x1
+    or 3x3 convolution, standard-normal weights and biases, leaky ReLU 0.2 between layers; a grouped
+    convolution runs the whole batch at once), is rescaled to the image's own mean and standard
+    deviation, and is blended with the image by a uniform random weight. Texture and shape survive;
+    the mapping from tissue to grey level is new each time.
+
+    Shape: ``(B, 1, H, W) -> (B, 1, H, W)``.
+    """
+    b, _, h, w = images.shape
+    x = images.float().reshape(1, b, h, w)
+    c_in = 1
+    for layer in range(layers):
+        c_out = 1 if layer == layers - 1 else channels
+        k = int(torch.randint(0, 2, (1,), generator=generator)) * 2 + 1
+        weight = torch.randn(b * c_out, c_in, k, k, generator=generator).to(x.device)
+        bias = torch.randn(b * c_out, generator=generator).to(x.device)
+        x = F.conv2d(x, weight, bias, padding=k // 2, groups=b)
+        if layer < layers - 1:
+            x = F.leaky_relu(x, 0.2)
+        c_in = c_out
+    out = x.reshape(b, 1, h, w)
+    ref = images.float()
+    dims = (1, 2, 3)
+    out = (out - out.mean(dims, keepdim=True)) / out.std(dims, keepdim=True).clamp_min(1e-6)
+    out = out * ref.std(dims, keepdim=True) + ref.mean(dims, keepdim=True)
+    alpha = torch.rand(b, 1, 1, 1, generator=generator).to(x.device)
+    return (alpha * out + (1 - alpha) * ref).to(images.dtype)
+
+
+class BatchIntensityAugmentation:
+    """The batch-level intensity randomisation of ``AUGMENTATION`` ``"gin"``, ``"curves"`` and
+    ``"strong+gin"``, applied in torch to normalised training batches on the training device.
+
+    ``"gin"``: :func:`gin_augment` on every image (its random blend weight keeps some close to the
+    original). ``"curves"``: :func:`random_intensity_curves` on each image with probability 0.5.
+    ``"strong+gin"``: each image gets one of the two, at random. Draws come from ``(seed, epoch,
+    step)`` alone, so a run (and a resumed run) is reproducible on any device and worker count.
+    """
+
+    def __init__(self, augmentation: str, seed: int) -> None:
+        if augmentation not in ("gin", "curves", "strong+gin"):
+            raise ValueError(f"no batch intensity augmentation for AUGMENTATION={augmentation!r}")
+        self.augmentation, self.seed = augmentation, seed
+
+    @staticmethod
+    def for_config(config: Config) -> BatchIntensityAugmentation | None:
+        """The batch augmentation a config asks for, or None (``"standard"``, ``"strong"``)."""
+        if config.augmentation in ("gin", "curves", "strong+gin"):
+            return BatchIntensityAugmentation(config.augmentation, config.seed)
+        return None
+
+    def __call__(self, images: torch.Tensor, epoch: int, step: int) -> torch.Tensor:
+        """Randomise the intensities of a ``(B, 1, H, W)`` batch (step ``step`` of ``epoch``)."""
+        state = np.random.SeedSequence([self.seed, epoch, step, 0x61E]).generate_state(1)[0]
+        generator = torch.Generator().manual_seed(int(state))
+        b = images.shape[0]
+        if self.augmentation == "gin":
+            return gin_augment(images, generator)
+        curves = random_intensity_curves(images, generator)
+        if self.augmentation == "curves":
+            keep = (torch.rand(b, generator=generator) < 0.5).to(images.device)
+            return torch.where(keep.view(b, 1, 1, 1), images, curves)
+        gin = gin_augment(images, generator)
+        use_gin = (torch.rand(b, generator=generator) < 0.5).to(images.device)
+        return torch.where(use_gin.view(b, 1, 1, 1), gin, curves)
 
 
 def build_eval_transform(image_size: int = 256) -> A.Compose:
@@ -1843,11 +1946,13 @@ def _run_epoch(
     grad_clip_norm: float = 1.0,
     epoch: int = 0,
     bar: Any = None,
+    intensity: BatchIntensityAugmentation | None = None,
 ) -> dict[str, float]:
     """One pass over ``loader``: trains when an optimizer is given, else evaluates.
 
     Args:
         amp: Autocast dtype (float16 or bfloat16), or None for full precision.
+        intensity: Batch intensity randomisation of training batches, if the config asks for it.
 
     Returns the mean loss and the pooled metrics of the epoch.
     """
@@ -1857,9 +1962,11 @@ def _run_epoch(
     total_loss, total_n = 0.0, 0
     context = torch.enable_grad() if training else torch.inference_mode()
     with context:
-        for images, masks in loader:
+        for step, (images, masks) in enumerate(loader):
             images = images.to(device, non_blocking=True)
             masks = masks.to(device, non_blocking=True)
+            if training and intensity is not None:
+                images = intensity(images, epoch, step)
             with torch.autocast(device_type=device.type, dtype=amp or torch.float32, enabled=amp is not None):
                 logits = model(images)
             loss = loss_fn(logits, masks)
@@ -2074,6 +2181,7 @@ def train_model(
             train_m = _run_epoch(
                 runner,
                 train_loader,
+                intensity=BatchIntensityAugmentation.for_config(config),
                 optimizer=optimizer,
                 scaler=scaler,
                 grad_clip_norm=config.grad_clip_norm,
@@ -2632,6 +2740,96 @@ def summary_table(evaluations: Mapping[str, dict[str, Any] | None]) -> pd.DataFr
     return pd.DataFrame(columns)
 
 
+# ----- familiarity: does a new image look like anything the model was trained on? -------------------
+
+FAMILIARITY_FEATURES = (
+    *(f"p{q:02d}" for q in (1, 5, 25, 50, 75, 95, 99)),
+    *("mean", "std", "dark_share", "bright_share", "gradient", "laplacian_std"),
+)
+FAMILIARITY_NEIGHBOURS = 5
+FAMILIARITY_MARGIN = 1.0  # x the 99th percentile: about 1 in 100 images like the training ones is flagged
+
+
+def image_features(image: np.ndarray) -> np.ndarray:
+    """Intensity and texture statistics of one uint8 model input (:data:`FAMILIARITY_FEATURES`):
+    grey-level percentiles, mean and spread, the shares of near-black and near-white pixels, the mean
+    gradient magnitude (edges) and the spread of the Laplacian (fine texture and noise)."""
+    x = np.asarray(image, np.float32)
+    gx, gy = cv2.Sobel(x, cv2.CV_32F, 1, 0), cv2.Sobel(x, cv2.CV_32F, 0, 1)
+    return np.array(
+        [
+            *np.percentile(x, (1, 5, 25, 50, 75, 95, 99)),
+            x.mean(),
+            x.std(),
+            (x < 10).mean() * 100,
+            (x > 245).mean() * 100,
+            np.hypot(gx, gy).mean(),
+            cv2.Laplacian(x, cv2.CV_32F).std(),
+        ],
+        np.float32,
+    )
+
+
+def _neighbour_distance(z: np.ndarray, reference: np.ndarray, leave_one_out: bool = False) -> np.ndarray:
+    """Mean Euclidean distance of each row of ``z`` to its nearest rows of ``reference``."""
+    d = np.sqrt(((z[:, None, :] - reference[None, :, :]) ** 2).sum(-1))
+    if leave_one_out:
+        np.fill_diagonal(d, np.inf)
+    k = min(FAMILIARITY_NEIGHBOURS, reference.shape[0] - int(leave_one_out))
+    return np.sort(d, axis=1)[:, :k].mean(1)
+
+
+def familiarity_reference(images: np.ndarray) -> dict[str, Any]:
+    """What :func:`familiarity` compares new images with: the training images' statistics.
+
+    Each feature is standardised over the training images (spread at least one unit); an image's distance is its mean distance
+    to its five nearest training images in that space, so a training set of several scanners is
+    several clusters, not one average. The threshold is :data:`FAMILIARITY_MARGIN` times the 99th percentile
+    of the training images' own distances (each to the others). Plain types, for the checkpoint.
+
+    Args:
+        images: ``(N, S, S)`` uint8 training inputs (``PreparedData.train.images``); N >= 2.
+    """
+    if len(images) < 2:
+        raise ValueError("familiarity_reference needs at least two training images.")
+    features = np.stack([image_features(im) for im in images])
+    # Floor of one unit (a grey level, a percentage point): a feature that barely varies in training
+    # must not turn a one-level difference into a large distance.
+    center, scale = features.mean(0), np.maximum(features.std(0), 1.0)
+    z = (features - center) / scale
+    own = _neighbour_distance(z, z, leave_one_out=True)
+    return {
+        "features": list(FAMILIARITY_FEATURES),
+        "center": center.tolist(),
+        "scale": scale.tolist(),
+        "reference": z.round(4).tolist(),
+        "threshold": float(FAMILIARITY_MARGIN * np.percentile(own, 99)),
+    }
+
+
+def familiarity(images: np.ndarray, reference: Mapping[str, Any] | None) -> pd.DataFrame | None:
+    """Flag images unlike anything the model was trained on, before trusting their predictions.
+
+    Args:
+        images: ``(N, S, S)`` uint8 model inputs (resized and preprocessed as in training).
+        reference: ``checkpoint["familiarity"]`` (:func:`familiarity_reference`); None for a
+            checkpoint that stores none, which returns None.
+
+    Returns:
+        One row per image: ``novelty`` (its distance over the threshold: above 1 is farther from
+        the training images than almost any training image is from the others) and ``unfamiliar``.
+    """
+    if not reference:
+        return None
+    if list(reference["features"]) != list(FAMILIARITY_FEATURES):
+        raise ValueError("This checkpoint's familiarity statistics come from another kidneyseg version.")
+    z = (np.stack([image_features(im) for im in images]) - np.asarray(reference["center"])) / np.asarray(
+        reference["scale"]
+    )
+    novelty = _neighbour_distance(z, np.asarray(reference["reference"], np.float32)) / reference["threshold"]
+    return pd.DataFrame({"novelty": novelty, "unfamiliar": novelty > 1.0})
+
+
 def _list_images(folder: Path) -> list[Path]:
     if (folder / "images").is_dir():
         folder = folder / "images"
@@ -2671,11 +2869,14 @@ def predict_folder(
     postprocess: bool = False,
     overwrite: bool = False,
     batch_size: int = 16,
+    reference: Mapping[str, Any] | None = None,
 ) -> pd.DataFrame:
     """Predict every image in a folder (or its images/ subfolder) and write the results.
 
     Writes ``output_dir/masks/<stem>.png`` (0/255, each input's original size) and
-    ``output_dir/overlays/<stem>.png``. Returns one row per image with its size and kidney area.
+    ``output_dir/overlays/<stem>.png``. Returns one row per image with its size and kidney area,
+    and, given the checkpoint's familiarity ``reference``, its ``novelty`` and ``unfamiliar`` flag
+    (:func:`familiarity`).
 
     Raises:
         ValueError: ``output_dir`` is the input folder or inside it.
@@ -2708,8 +2909,9 @@ def predict_folder(
         originals = [read_image(f) for f in chunk]
         inputs = np.stack([model_input(o, config.image_size, config.preprocessing) for o in originals])
         probs = predict_probabilities(model, inputs, device, batch_size, tta, config.normalization)
-        for f, original, prob, (mask_path, overlay_path) in zip(
-            chunk, originals, probs, targets[start : start + batch_size]
+        flags = familiarity(inputs, reference)
+        for i, (f, original, prob, (mask_path, overlay_path)) in enumerate(
+            zip(chunk, originals, probs, targets[start : start + batch_size])
         ):
             h, w = original.shape
             mask = binarize_prediction(
@@ -2724,6 +2926,7 @@ def predict_folder(
                     "width": w,
                     "kidney_pixels": int(mask.sum()),
                     "kidney_fraction": float(mask.mean()),
+                    **(flags.iloc[i].to_dict() if flags is not None else {}),
                     "mask": str(mask_path),
                 }
             )
@@ -4104,6 +4307,50 @@ def plot_cases(
     return fig
 
 
+def familiarity_report(
+    per_image: pd.DataFrame, images: np.ndarray, reference: Mapping[str, Any] | None
+) -> tuple[pd.DataFrame, pd.DataFrame] | None:
+    """Per-image scores with the familiarity flag beside them, and Dice by flag, so a user sees
+    whether the flag predicts failure. None (with a printed reason) for a checkpoint without
+    familiarity statistics.
+
+    Args:
+        per_image: :func:`score_predictions` of ``images``, in the same order.
+        images: The model inputs that were scored (``EvaluationSet.images``).
+        reference: ``checkpoint.get("familiarity")``.
+    """
+    flags = familiarity(images, reference)
+    if flags is None:
+        print(
+            "This model's checkpoint stores no training statistics (trained before the familiarity "
+            "check): retrain with notebook 03 to get the flag."
+        )
+        return None
+    table = pd.concat([per_image.reset_index(drop=True), flags], axis=1)
+    by_flag = table.groupby("unfamiliar").agg(
+        images=("dice", "size"), mean_dice=("dice", "mean"), median_novelty=("novelty", "median")
+    )
+    for flag, part in table.groupby("unfamiliar"):
+        by_flag.loc[flag, "pooled_dice"] = metrics_from_counts(part.tp.sum(), part.fp.sum(), part.fn.sum())[
+            "dice"
+        ]
+    return table, by_flag.reset_index()
+
+
+def unfamiliar_note(table: pd.DataFrame, name_column: str = "name") -> str:
+    """One sentence on how many images :func:`familiarity` flagged, naming the first few."""
+    if "unfamiliar" not in table:
+        return "No familiarity check: this model's checkpoint stores no training statistics."
+    flagged = table.loc[table["unfamiliar"].astype(bool), name_column].astype(str).tolist()
+    if not flagged:
+        return f"None of the {len(table)} images looks unlike the training images."
+    names = ", ".join(flagged[:5]) + (", ..." if len(flagged) > 5 else "")
+    return (
+        f"{len(flagged)} of {len(table)} images look unlike anything the model was trained on "
+        f"(novelty > 1): {names}. Check their masks before using them."
+    )
+
+
 def plot_prediction_overlays(folder: str | os.PathLike, n: int = 4) -> Any:
     """The first ``n`` overlays that :func:`predict_folder` wrote to ``folder/overlays``, in a row."""
     overlays = sorted((Path(folder) / "overlays").glob("*.png"))[:n]
@@ -4433,6 +4680,26 @@ def leave_one_source_out(
             rows.append({"variant": name, **row})
             _atomic_write(out / LOSO_CSV_NAME, pd.DataFrame(rows).to_csv(index=False))
     return pd.DataFrame(rows)
+
+
+def plot_intensity_draws(image: np.ndarray, augmentation: str = "gin", n: int = 12, seed: int = 0) -> Any:
+    """One uint8 slice under ``n`` draws of a batch intensity augmentation (``"gin"``, ``"curves"``
+    or ``"strong+gin"``), as the network sees it after ``"minmax"`` scaling; the first panel is the
+    slice itself. Returns the matplotlib Figure."""
+    batch = torch.from_numpy(normalize_intensity(image, "minmax"))[None, None].repeat(n, 1, 1, 1)
+    augment = BatchIntensityAugmentation(augmentation, seed)
+    draws = [batch[0, 0].numpy()] + [augment(batch[i : i + 1], 1, i)[0, 0].numpy() for i in range(n - 1)]
+    columns = min(6, n)
+    rows = math.ceil(n / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 2.3 * rows), squeeze=False)
+    for k, (ax, x) in enumerate(zip(axes.flat, draws)):
+        ax.imshow(x, cmap="gray")
+        ax.set_title("original" if k == 0 else f"draw {k}", fontsize=8)
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.suptitle(f"AUGMENTATION={augmentation!r}: one slice, {n - 1} draws")
+    fig.tight_layout()
+    return fig
 
 
 def fold_table(folds: Sequence[SourceFold]) -> pd.DataFrame:
