@@ -143,6 +143,8 @@ PREPROCESSING_OPTIONS = ("none", "white_balance", "clahe", "unsharp", "white_bal
 # (see :func:`build_train_transform`); the first of each is the default.
 NORMALIZATION_OPTIONS = ("minmax", "percentile", "zscore", "histeq")
 AUGMENTATION_OPTIONS = ("standard", "strong", "gin", "curves", "strong+gin")
+# Config fields that were removed and are ignored when a stored config holds them.
+RETIRED_FIELDS = ("channels_last",)
 # Older names still accepted (stored checkpoints and forked notebooks use them): old -> current.
 AUGMENTATION_ALIASES = {"spec": "standard"}
 
@@ -346,8 +348,10 @@ class Config:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> Config:
-        """Build a config from :meth:`to_dict` output; unknown keys are an error naming them."""
+        """Build a config from :meth:`to_dict` output; unknown keys are an error naming them, except
+        fields that were removed (:data:`RETIRED_FIELDS`), which stored checkpoints still hold."""
         known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in values.items() if k not in RETIRED_FIELDS}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"Unknown config keys {unknown}; known keys are {sorted(known)}.")
@@ -2782,10 +2786,11 @@ def _neighbour_distance(z: np.ndarray, reference: np.ndarray, leave_one_out: boo
 def familiarity_reference(images: np.ndarray) -> dict[str, Any]:
     """What :func:`familiarity` compares new images with: the training images' statistics.
 
-    Each feature is standardised over the training images (spread at least one unit); an image's distance is its mean distance
-    to its five nearest training images in that space, so a training set of several scanners is
-    several clusters, not one average. The threshold is :data:`FAMILIARITY_MARGIN` times the 99th percentile
-    of the training images' own distances (each to the others). Plain types, for the checkpoint.
+    Each feature is standardised over the training images (spread at least one unit); an image's
+    distance is its mean distance to its five nearest training images in that space, so a training
+    set of several scanners is several clusters, not one average. The threshold is
+    :data:`FAMILIARITY_MARGIN` times the 99th percentile of the training images' own distances (each
+    to the others). Plain types, for the checkpoint.
 
     Args:
         images: ``(N, S, S)`` uint8 training inputs (``PreparedData.train.images``); N >= 2.

@@ -26,10 +26,11 @@ def run_script(name: str, *args: str) -> str:
 
 
 def test_help_documents_each_benchmark():
-    for name in ("bench_speed.py", "bench_quality.py"):
+    for name in ("bench_speed.py", "bench_quality.py", "bench_unseen.py"):
         assert "--quick" in run_script(name, "--help")
     assert "--tiny" in run_script("gpu_check.py", "--help")
     assert "--epochs" in run_script("reproduce_results.py", "--help")
+    assert "--runs" in run_script("bench_familiarity.py", "--help")
 
 
 def test_speed_tables(tmp_path, shared_data):
@@ -132,3 +133,24 @@ def test_reproduce_results_writes_every_file_readme_quotes(tmp_path, shared_data
     assert test["evaluated_on"] == ku.SPLIT_LABELS["test"] and 0 <= test["mean_case_dice"] <= 1
     per_patient = pd.read_csv(out / "evaluation_test_per_patient.csv")
     assert len(per_patient) == test["n_cases"] == run["patients"]["test"]
+
+
+def test_unseen_scanner_tables_and_the_familiarity_of_their_folds(tmp_path, shared_data):
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    common = ["--data", str(shared_data), "--runs", str(runs), "--out", str(out)]
+    printed = run_script("bench_unseen.py", "--quick", *common)
+    assert "baseline 'standard'" in printed
+    table = pd.read_csv(out / "unseen_runs.csv")
+    # --quick: two seeds, two held-out CT sources, two variants; folds paired by seed.
+    assert len(table) == 8 and set(table["seed"]) == {1, 2} and set(table["variant"]) == {"standard", "gin"}
+    summary = pd.read_csv(out / "unseen_summary.csv").set_index("variant")
+    assert summary.loc["standard", "minus_baseline_mean"] == 0 and summary.loc["gin", "seeds"] == 2
+    per_seed = table[table["variant"] == "gin"].groupby("seed")["pooled_dice"].mean()
+    base = table[table["variant"] == "standard"].groupby("seed")["pooled_dice"].mean()
+    assert summary.loc["gin", "minus_baseline_mean"] == pytest.approx((per_seed - base).mean())
+    again = run_script("bench_unseen.py", "--quick", *common)  # finished folds are reused
+    assert "seed 1: 0.0 min" in again
+    run_script("bench_familiarity.py", "--runs", str(runs), "--data", str(shared_data), "--out", str(out))
+    folds = pd.read_csv(out / "familiarity_folds.csv")
+    assert len(folds) == 2 and folds["test_flagged_share"].between(0, 1).all()
+    assert (folds["val_inverted_flagged_share"] == 1).all()

@@ -82,3 +82,11 @@ def test_get_device_cpu_and_bad_cuda(monkeypatch):
     assert ku.get_device("auto").type == "cpu"
     with pytest.raises(ValueError, match="CUDA"):
         ku.get_device("cuda")
+
+
+def test_stored_configs_with_retired_fields_still_load():
+    stored = {**ku.Config().to_dict(), "channels_last": False, "augmentation": "spec"}
+    config = ku.Config.from_dict(stored)
+    assert config.augmentation == "standard" and "channels_last" not in config.to_dict()
+    with pytest.raises(ValueError, match="Unknown config keys"):
+        ku.Config.from_dict({**ku.Config().to_dict(), "chanels_last": False})
