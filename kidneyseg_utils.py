@@ -1146,7 +1146,16 @@ def prepare_data(
             stacklevel=2,
         )
     train_ds, val_ds = make_datasets(train, val, config)
-    return PreparedData(Path(data_dir), index, train, val, train_ds, val_ds, test_pairs, config)
+    return PreparedData(
+        data_dir=Path(data_dir),
+        index=index,
+        train=train,
+        val=val,
+        train_dataset=train_ds,
+        val_dataset=val_ds,
+        test=test_pairs,
+        config=config,
+    )
 
 
 def make_datasets(
@@ -2200,12 +2209,13 @@ def train_model(
             row.update({f"val_{k}": v for k, v in val_m.items()})
             history.append(row)
             improved = val_m["loss"] < best_loss
+            payload = dict(model=base, config=config, epoch=epoch, history=history, extra=extra)
             if improved:
                 best_loss, best_epoch, stale = val_m["loss"], epoch, 0
-                save_checkpoint(_checkpoint_payload("best", base, config, epoch, history, extra), best_path)
+                save_checkpoint(_checkpoint_payload("best", **payload), best_path)
             else:
                 stale += 1
-            last = _checkpoint_payload("last", base, config, epoch, history, extra)
+            last = _checkpoint_payload("last", **payload)
             last.update(
                 optimizer_state=optimizer.state_dict(),
                 scheduler_state=scheduler.state_dict(),
@@ -2533,7 +2543,9 @@ def _timed_probabilities(
 ) -> tuple[list[np.ndarray], float]:
     """Probabilities resized back to each original size, and milliseconds per slice."""
     tic = time.perf_counter()
-    probs = predict_probabilities(model, data.images, device, batch_size, tta, data.normalization)
+    probs = predict_probabilities(
+        model, data.images, device, batch_size=batch_size, tta=tta, normalization=data.normalization
+    )
     if isinstance(device, torch.device) and device.type == "cuda":
         torch.cuda.synchronize()
     elapsed = (time.perf_counter() - tic) * 1000 / max(1, len(data))
@@ -2719,7 +2731,15 @@ def evaluate_split(
     summary.update(dict(settings or {}), evaluated_on=SPLIT_LABELS[part])
     folder = "evaluation_test_split" if part == "test" else f"evaluation_{part}"
     files = write_evaluation(scores, summary, Path(output_dir) / folder)
-    return SplitEvaluation(part, SPLIT_LABELS[part], data, scores, summary, probs, files)
+    return SplitEvaluation(
+        part=part,
+        label=SPLIT_LABELS[part],
+        data=data,
+        scores=scores,
+        summary=summary,
+        probs=probs,
+        files=files,
+    )
 
 
 REPORTED_KEYS = (
@@ -2913,7 +2933,9 @@ def predict_folder(
         chunk = files[start : start + batch_size]
         originals = [read_image(f) for f in chunk]
         inputs = np.stack([model_input(o, config.image_size, config.preprocessing) for o in originals])
-        probs = predict_probabilities(model, inputs, device, batch_size, tta, config.normalization)
+        probs = predict_probabilities(
+            model, inputs, device, batch_size=batch_size, tta=tta, normalization=config.normalization
+        )
         flags = familiarity(inputs, reference)
         for i, (f, original, prob, (mask_path, overlay_path)) in enumerate(
             zip(chunk, originals, probs, targets[start : start + batch_size])
@@ -4589,6 +4611,7 @@ def run_source_fold(
             "data_dir": "" if data_dir is None else str(data_dir),
             "held_out": fold.held_out,
             "test": settings["test"],
+            "familiarity": familiarity_reference(train.images),
         },
         progress=progress,
     )
@@ -4680,7 +4703,13 @@ def leave_one_source_out(
             caches[key] = load_arrays(index.pairs, *key, progress=progress)
         for fold in folds:
             row = run_source_fold(
-                run_config, fold, caches[key], out / name / fold.held_out, device, progress, data_dir
+                run_config,
+                fold,
+                caches[key],
+                out / name / fold.held_out,
+                device=device,
+                progress=progress,
+                data_dir=data_dir,
             )
             rows.append({"variant": name, **row})
             _atomic_write(out / LOSO_CSV_NAME, pd.DataFrame(rows).to_csv(index=False))
