@@ -2898,8 +2898,9 @@ def predict_folder(
 ) -> pd.DataFrame:
     """Predict every image in a folder (or its images/ subfolder) and write the results.
 
-    Writes ``output_dir/masks/<stem>.png`` (0/255, each input's original size) and
-    ``output_dir/overlays/<stem>.png``. Returns one row per image with its size and kidney area,
+    Writes ``output_dir/masks/<stem>.png`` (0/255, each input's original size),
+    ``output_dir/overlays/<stem>.png`` and ``output_dir/predictions.csv``, the table it returns: one
+    row per image with its size and kidney area,
     and, given the checkpoint's familiarity ``reference``, its ``novelty`` and ``unfamiliar`` flag
     (:func:`familiarity`).
 
@@ -2920,7 +2921,10 @@ def predict_folder(
         raise FileNotFoundError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) in {src}.")
     threshold = config.inference_threshold if threshold is None else threshold
     targets = [(out / "masks" / f"{f.stem}.png", out / "overlays" / f"{f.stem}.png") for f in files]
-    existing = [str(p) for pair in targets for p in pair if p.exists()]
+    table_path = out / "predictions.csv"
+    existing = [str(p) for pair in targets for p in pair if p.exists()] + [
+        str(p) for p in [table_path] if p.exists()
+    ]
     if existing and not overwrite:
         raise FileExistsError(
             f"{len(existing)} result files exist already (first: {existing[0]}); "
@@ -2957,7 +2961,9 @@ def predict_folder(
                     "mask": str(mask_path),
                 }
             )
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    _atomic_write(table_path, table.to_csv(index=False))
+    return table
 
 
 def _write_png(path: Path, array: np.ndarray) -> None:

@@ -89,7 +89,7 @@ def test_03_trains_on_shared_data(trained_run):
 
 def test_04_evaluates_tests_and_predicts(trained_run, shared_data, tmp_path):
     predict = shared_data / "abdominal-us"
-    execute(
+    nb = execute(
         "04_evaluate_model.ipynb",
         tmp_path,
         dict(
@@ -118,6 +118,13 @@ def test_04_evaluates_tests_and_predicts(trained_run, shared_data, tmp_path):
     assert test["n_images"] == 24
     masks = sorted((trained_run / "predictions" / "masks").glob("*.png"))
     assert len(masks) == 15
+    # The familiarity check: notebook 03 stored the training statistics, notebook 04 flagged (or
+    # cleared) every TEST_DIR and PREDICT_DIR image and showed Dice by flag.
+    assert checkpoint["familiarity"]["features"] == list(ku.FAMILIARITY_FEATURES)
+    table = pd.read_csv(trained_run / "predictions" / "predictions.csv")
+    assert len(table) == 15 and table["novelty"].ge(0).all() and table["unfamiliar"].dtype == bool
+    printed = "".join("".join(o.get("text", "")) for c in nb["cells"] for o in c.get("outputs", []))
+    assert printed.count("images look unlike") + printed.count("looks unlike the training") == 2
     first = ku.read_image(predict / "images" / masks[0].name)
     assert ku.read_image(masks[0]).shape == first.shape
 
