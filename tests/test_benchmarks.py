@@ -31,6 +31,7 @@ def test_help_documents_each_benchmark():
     assert "--tiny" in run_script("gpu_check.py", "--help")
     assert "--epochs" in run_script("reproduce_results.py", "--help")
     assert "--runs" in run_script("bench_familiarity.py", "--help")
+    assert "--steps" in run_script("bench_memory_format.py", "--help")
 
 
 def test_speed_tables(tmp_path, shared_data):
@@ -154,3 +155,10 @@ def test_unseen_scanner_tables_and_the_familiarity_of_their_folds(tmp_path, shar
     folds = pd.read_csv(out / "familiarity_folds.csv")
     assert len(folds) == 2 and folds["test_flagged_share"].between(0, 1).all()
     assert (folds["val_inverted_flagged_share"] == 1).all()
+
+
+def test_memory_format_table(tmp_path):
+    run_script("bench_memory_format.py", "--quick", "--out", str(tmp_path))
+    table = pd.read_csv(tmp_path / "speed_memory_format.csv").set_index("model")
+    assert table.loc["ours", "status"] == "ok" and table.loc["ours", "speed_up"] > 0
+    assert set(table.index) == {"ours", "monai-basicunet", "smp-unet-resnet34"}  # measured or "not installed"

@@ -76,3 +76,14 @@ def test_spatial_attention_gates_in_unit_interval():
     x = torch.ones(1, 3, 8, 8)
     y = att(x)
     assert y.shape == x.shape and (y > 0).all() and (y < 1).all()
+
+
+def test_channels_last_on_the_cpu_changes_speed_not_results():
+    model = ku.AttentionUNet(base_channels=4, depth=2).eval()
+    x = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        fast = model(x)
+        model.cpu_channels_last = False
+        plain = model(x)
+    assert fast.is_contiguous(memory_format=torch.channels_last) and plain.is_contiguous()
+    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5)
