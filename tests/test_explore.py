@@ -67,6 +67,7 @@ def test_mask_heatmap_locates_kidneys(messy):
     assert heat[7, 7] == 0.0
 
 
+@pytest.mark.slow  # reads every real slice
 def test_inventory_of_the_real_slices(shared_data, manifest):
     table = ku.inventory(shared_data, "^([^_]+)_")
     assert (table["status"] == "ok").sum() == len(manifest)

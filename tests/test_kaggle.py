@@ -37,6 +37,7 @@ stage_tool = _load_stage_tool()
 # ----- the module is what Kaggle runs as the utility script -----------------------------------------
 
 
+@pytest.mark.slow  # a fresh Python process imports torch
 def test_running_the_module_as_a_script_does_nothing(tmp_path):
     """Kaggle saves a utility script by running it: it must import cleanly, print nothing, exit 0."""
     env = {k: v for k, v in os.environ.items() if k != "NO_ALBUMENTATIONS_UPDATE"}

@@ -121,6 +121,7 @@ def test_skip_bad_files_through_prepare_data(tmp_path):
     assert len(data.train) + len(data.val) + len(data.test) == 11
 
 
+@pytest.mark.slow  # two training runs end to end
 def test_same_seed_twice_gives_identical_metrics(tmp_path, phantom_dir):
     data = ku.prepare_data(cfg(), phantom_dir)
     a = train(cfg(), data, tmp_path / "a")

@@ -68,6 +68,7 @@ def test_time_budget_stops_cleanly(phantom_data, tmp_path):
     assert result.files["last_checkpoint"].is_file()
 
 
+@pytest.mark.slow  # three training runs end to end
 def test_resumed_run_equals_uninterrupted_run(phantom_data, tmp_path):
     full_model, full = run(cfg(num_epochs=4), phantom_data, tmp_path / "full")
     run(cfg(num_epochs=2), phantom_data, tmp_path / "split")

@@ -64,6 +64,7 @@ def test_augmentation_options_and_their_albumentations_base():
         ku.Config(augmentation="gin+curves")
 
 
+@pytest.mark.slow  # three training runs end to end
 def test_training_with_gin_is_reproducible(tmp_path, phantom_dir, tiny_config):
     config = tiny_config.with_parameters(AUGMENTATION="gin", NUM_EPOCHS=1)
     data = ku.prepare_data(config, phantom_dir)
