@@ -1617,7 +1617,7 @@ class AttentionUNet(nn.Module):
 
     Returns logits; ``torch.sigmoid`` of them is the kidney probability map. Input height and width
     must be multiples of ``2**depth``. On a CPU the input is put in channels-last memory format
-    (:attr:`cpu_channels_last`): the same numbers, 1.3-1.4x faster per training step there
+    (:attr:`cpu_channels_last`): the same numbers, about 1.3x faster per training step there
     (``benchmarks/bench_speed.py``); on CUDA the layout is left as it is until measured there.
     """
 
