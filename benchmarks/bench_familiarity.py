@@ -19,6 +19,7 @@ Writes ``familiarity_folds.csv`` to ``--out``.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -30,10 +31,16 @@ sys.path.insert(0, str(REPO))
 import kidneyseg_utils as ku  # noqa: E402
 
 
+@functools.cache
+def pairs_by_key(data_dir: Path, group_regex: str | None) -> dict[str, ku.SamplePair]:
+    """Every pair under ``data_dir`` by ``source/name``, indexed once for all folds."""
+    return {p.key: p for p in ku.index_dataset(data_dir, group_regex).pairs}
+
+
 def fold_row(fold_dir: Path, data_dir: Path) -> dict:
     """The familiarity figures of one trained fold."""
     _, config, checkpoint = ku.load_model(fold_dir / ku.BEST_MODEL_NAME)
-    by_key = {p.key: p for p in ku.index_dataset(data_dir, config.group_regex).pairs}
+    by_key = pairs_by_key(data_dir, config.group_regex)
     load = lambda keys: ku.load_arrays([by_key[k] for k in keys], config.image_size, config.preprocessing)  # noqa: E731
     reference = ku.familiarity_reference(load(checkpoint["split"]["train"]).images)
     val = load(checkpoint["split"]["val"]).images
