@@ -4556,6 +4556,21 @@ def _fold_settings(config: Config, fold: SourceFold) -> dict[str, Any]:
     }
 
 
+def _extendable_fold(stored: Mapping[str, Any], settings: Mapping[str, Any], out: Path) -> bool:
+    """Whether a finished fold differs from ``settings`` only by a larger ``num_epochs``, with an
+    epoch budget alone (no time limit, which would make the stopping epoch depend on the machine)
+    and its resumable last checkpoint at hand: training it on reproduces the longer run exactly."""
+    old, new = stored.get("settings") or {}, settings
+    if not old or not (out / LAST_CHECKPOINT_NAME).is_file():
+        return False
+    a, b = dict(old["config"]), dict(new["config"])
+    if a.get("max_train_minutes") is not None or b.get("max_train_minutes") is not None:
+        return False
+    if int(a.pop("num_epochs", 0)) >= int(b.pop("num_epochs", 0)):
+        return False
+    return a == b and old["train"] == new["train"] and old["test"] == new["test"]
+
+
 def _subset(cache: CachedArrays, pairs: Sequence[SamplePair]) -> CachedArrays:
     position = {p.key: i for i, p in enumerate(cache.pairs)}
     keep = [position[p.key] for p in pairs if p.key in position]
@@ -4581,7 +4596,10 @@ def run_source_fold(
 
     A fold whose ``fold_result.json`` in ``output_dir`` records the same settings and files is not
     retrained: its stored result is returned (``"reused": True``), so an interrupted notebook goes on
-    where it stopped. Anything else in ``output_dir`` is a scratch run of this fold and is replaced.
+    where it stopped. A fold that differs only by a larger ``num_epochs`` (and has no time limit)
+    is trained on from its last checkpoint, which gives exactly the longer run, or, if it had
+    stopped early, is kept as it is. Anything else in ``output_dir`` is a scratch run of this fold
+    and is replaced.
 
     Args:
         config: The fold's settings (``max_train_minutes`` and ``num_epochs`` are its budget).
@@ -4599,10 +4617,14 @@ def run_source_fold(
     out = Path(output_dir)
     settings = _fold_settings(config, fold)
     result_path = out / LOSO_FOLD_RESULT_NAME
-    if result_path.is_file():
-        stored = json.loads(result_path.read_text())
-        if stored.get("settings") == settings:
-            return {**stored["row"], "reused": True}
+    stored = json.loads(result_path.read_text()) if result_path.is_file() else {}
+    if stored.get("settings") == settings:
+        return {**stored["row"], "reused": True}
+    extend = _extendable_fold(stored, settings, out)
+    if extend and stored["row"]["stop_reason"] == "early_stopping":
+        # A longer budget would have stopped at the same epoch: the stored result is the answer.
+        _atomic_write(result_path, json.dumps({"settings": settings, "row": stored["row"]}, indent=1) + "\n")
+        return {**stored["row"], "reused": True}
     train_pairs, val_pairs = split_pairs(
         fold.train, config.val_fraction, config.seed, grouped=config.group_regex is not None
     )
@@ -4618,6 +4640,7 @@ def run_source_fold(
         out,
         device,
         overwrite=True,
+        resume=extend,
         extra_state={
             "split": {"train": [p.key for p in train.pairs], "val": [p.key for p in val.pairs]},
             "data_dir": "" if data_dir is None else str(data_dir),
@@ -4627,7 +4650,7 @@ def run_source_fold(
         },
         progress=progress,
     )
-    minutes = (time.monotonic() - tic) / 60
+    minutes = (time.monotonic() - tic) / 60 + (stored["row"]["train_minutes"] if extend else 0.0)
     model, _, _ = load_model(out / BEST_MODEL_NAME, device)
     test = load_evaluation_set(fold.test, config)
     per_image, summary, _ = evaluate_model(model, test, device, config.inference_threshold)

@@ -11,8 +11,10 @@ Writes to ``--out`` (default ``benchmarks/results/unseen_scanners``):
 ``unseen_runs.csv`` (one row per seed, variant and held-out source), ``unseen_summary.csv`` (per
 variant and held-out group: mean over seeds of the mean pooled Dice over the group's sources, its
 standard deviation over seeds, and the paired difference to the baseline variant with its standard
-deviation) and ``unseen_per_source.csv`` (per variant and source, mean and standard deviation over
-seeds). The trained folds go to ``--runs`` (git-ignored); a rerun reuses finished folds.
+deviation), ``unseen_per_source.csv`` (per variant and source, mean and standard deviation over
+seeds) and both tables as Markdown in ``unseen_tables.md``. The trained folds go to ``--runs``
+(git-ignored); a rerun reuses finished folds, and a larger ``--epochs`` trains them on from their
+last checkpoint (which gives exactly the longer run) instead of starting again.
 
     python benchmarks/bench_unseen.py --help
     python benchmarks/bench_unseen.py --quick            # the tests
@@ -69,11 +71,40 @@ def summarize(runs: pd.DataFrame, groups: dict[str, list[str]], baseline: str) -
                     "pooled_dice_std": values.std(ddof=1),
                     "minus_baseline_mean": diff.mean(),
                     "minus_baseline_std": diff.std(ddof=1),
-                    "best_epoch_mean": part[part["variant"] == variant]["best_epoch"].mean(),
-                    "epochs": part[part["variant"] == variant]["epochs"].max(),
+                    "folds": len(folds := part[part["variant"] == variant]),
+                    "best_epoch_mean": folds["best_epoch"].mean(),
+                    "epochs_run_mean": folds["epochs"].mean(),
+                    "stopped_early": int((folds["stop_reason"] == "early_stopping").sum()),
                 }
             )
     return pd.DataFrame(rows)
+
+
+def markdown_tables(summary: pd.DataFrame, per_source: pd.DataFrame, budget: int, baseline: str) -> str:
+    """The summary and the per-source table as Markdown, for README."""
+
+    def pm(mean: float, std: float) -> str:
+        return "—" if pd.isna(mean) else f"{mean:.3f} ± {std:.3f}"
+
+    lines = [
+        "| held out | variant | seeds | pooled Dice, mean ± SD over seeds | "
+        f"minus `{baseline}`, paired, mean ± SD | best epoch (mean) | epochs run (mean) of {budget} | "
+        "folds stopped early |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in summary.itertuples():
+        diff = "—" if r.variant == baseline else pm(r.minus_baseline_mean, r.minus_baseline_std)
+        lines.append(
+            f"| {r.group} ({r.sources} source{'s' if r.sources > 1 else ''}) | `{r.variant}` | {r.seeds} | "
+            f"{pm(r.pooled_dice_mean, r.pooled_dice_std)} | {diff} | {r.best_epoch_mean:.1f} | "
+            f"{r.epochs_run_mean:.1f} | {r.stopped_early} of {r.folds} |"
+        )
+    wide = per_source.assign(cell=[pm(m, s) for m, s in zip(per_source["mean"], per_source["std"])])
+    wide = wide.pivot(index="held_out", columns="variant", values="cell")
+    lines += ["", "| held out | " + " | ".join(f"`{v}`" for v in wide.columns) + " |"]
+    lines.append("|---" * (len(wide.columns) + 1) + "|")
+    lines += [f"| {source} | " + " | ".join(row) + " |" for source, row in wide.iterrows()]
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
@@ -152,8 +183,9 @@ def main(argv=None) -> int:
     runs.to_csv(out / "unseen_runs.csv", index=False)
     summary.to_csv(out / "unseen_summary.csv", index=False)
     per_source.to_csv(out / "unseen_per_source.csv", index=False)
-    print("\n", summary.round(3).to_string(index=False))
-    print("\n", per_source.round(3).to_string(index=False))
+    tables = markdown_tables(summary, per_source, args.epochs, baseline)
+    (out / "unseen_tables.md").write_text(tables)
+    print("\n" + tables)
     return 0
 
 

@@ -149,6 +149,10 @@ def test_unseen_scanner_tables_and_the_familiarity_of_their_folds(tmp_path, shar
     per_seed = table[table["variant"] == "gin"].groupby("seed")["pooled_dice"].mean()
     base = table[table["variant"] == "standard"].groupby("seed")["pooled_dice"].mean()
     assert summary.loc["gin", "minus_baseline_mean"] == pytest.approx((per_seed - base).mean())
+    assert summary.loc["gin", "folds"] == 4 and summary.loc["gin", "epochs_run_mean"] == 1
+    markdown = (out / "unseen_tables.md").read_text()
+    assert "| CT (2 sources) | `gin` | 2 |" in markdown and "of 1 |" in markdown
+    assert f"{summary.loc['gin', 'pooled_dice_mean']:.3f} ± " in markdown
     run_script("bench_unseen.py", "--quick", *common)
     assert pd.read_csv(out / "unseen_runs.csv")["reused"].all()  # finished folds are not retrained
     run_script("bench_familiarity.py", "--runs", str(runs), "--data", str(shared_data), "--out", str(out))

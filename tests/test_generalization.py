@@ -270,6 +270,7 @@ def test_leave_one_source_out_table_and_reuse(two_sites, tmp_path):
     assert again.iloc[0]["pooled_dice"] == pytest.approx(
         table.query("variant == 'spec'").iloc[1]["pooled_dice"]
     )
+    first_epoch = pd.read_csv(out / "spec" / "phantom-site-b" / ku.METRICS_CSV_NAME).iloc[0]
     longer = ku.leave_one_source_out(
         config.with_parameters(NUM_EPOCHS=2),
         two_sites,
@@ -277,7 +278,37 @@ def test_leave_one_source_out_table_and_reuse(two_sites, tmp_path):
         variants={"spec": {}},
         sources=["phantom-site-b"],
     )
+    # A larger NUM_EPOCHS trains the finished fold on: exactly the run a 2-epoch budget gives.
     assert not longer["reused"].any() and longer.iloc[0]["epochs"] == 2
+    fresh = ku.leave_one_source_out(
+        config.with_parameters(NUM_EPOCHS=2),
+        two_sites,
+        tmp_path / "fresh",
+        variants={"spec": {}},
+        sources=["phantom-site-b"],
+    )
+    extended_curve = pd.read_csv(out / "spec" / "phantom-site-b" / ku.METRICS_CSV_NAME)
+    fresh_curve = pd.read_csv(tmp_path / "fresh" / "spec" / "phantom-site-b" / ku.METRICS_CSV_NAME)
+    assert extended_curve["epoch"].tolist() == [1, 2]
+    assert extended_curve.iloc[0]["seconds"] == first_epoch["seconds"]  # continued, not retrained
+    for column in ("train_loss", "val_loss", "val_dice", "lr"):
+        assert extended_curve[column].tolist() == pytest.approx(fresh_curve[column].tolist(), abs=1e-6)
+    assert longer.iloc[0]["pooled_dice"] == pytest.approx(fresh.iloc[0]["pooled_dice"], abs=1e-6)
+    # A fold that had stopped early would stop at the same epoch with more epochs: kept as it is.
+    result_path = out / "spec" / "phantom-site-b" / "fold_result.json"
+    stored = json.loads(result_path.read_text())
+    stored["row"]["stop_reason"] = "early_stopping"
+    result_path.write_text(json.dumps(stored))
+    stamp = best.stat().st_mtime_ns
+    kept = ku.leave_one_source_out(
+        config.with_parameters(NUM_EPOCHS=5),
+        two_sites,
+        out,
+        variants={"spec": {}},
+        sources=["phantom-site-b"],
+    )
+    assert kept["reused"].all() and kept.iloc[0]["epochs"] == 2 and best.stat().st_mtime_ns == stamp
+    assert json.loads(result_path.read_text())["settings"]["config"]["num_epochs"] == 5
     summary = ku.summarize_leave_one_source_out(table, groups={"A": ["phantom-site-a"]})
     assert summary["pooled_dice"].is_monotonic_decreasing and set(summary["variant"]) == set(variants)
     assert summary.loc[0, "folds"] == 2 and "pooled_dice_A" in summary
