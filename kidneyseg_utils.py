@@ -4559,16 +4559,23 @@ def _fold_settings(config: Config, fold: SourceFold) -> dict[str, Any]:
 def _extendable_fold(stored: Mapping[str, Any], settings: Mapping[str, Any], out: Path) -> bool:
     """Whether a finished fold differs from ``settings`` only by a larger ``num_epochs``, with an
     epoch budget alone (no time limit, which would make the stopping epoch depend on the machine)
-    and its resumable last checkpoint at hand: training it on reproduces the longer run exactly."""
+    and its resumable last checkpoint at hand, short of the new budget (an interrupted longer run may
+    have gone past it): training it on reproduces the longer run exactly."""
     old, new = stored.get("settings") or {}, settings
     if not old or not (out / LAST_CHECKPOINT_NAME).is_file():
         return False
     a, b = dict(old["config"]), dict(new["config"])
     if a.get("max_train_minutes") is not None or b.get("max_train_minutes") is not None:
         return False
-    if int(a.pop("num_epochs", 0)) >= int(b.pop("num_epochs", 0)):
+    budget = int(b.pop("num_epochs", 0))
+    if int(a.pop("num_epochs", 0)) >= budget:
         return False
-    return a == b and old["train"] == new["train"] and old["test"] == new["test"]
+    if not (a == b and old["train"] == new["train"] and old["test"] == new["test"]):
+        return False
+    try:
+        return int(load_checkpoint(out / LAST_CHECKPOINT_NAME, map_location="cpu")["epoch"]) < budget
+    except ValueError:  # damaged: the fold is trained anew
+        return False
 
 
 def _subset(cache: CachedArrays, pairs: Sequence[SamplePair]) -> CachedArrays:

@@ -294,6 +294,22 @@ def test_leave_one_source_out_table_and_reuse(two_sites, tmp_path):
     for column in ("train_loss", "val_loss", "val_dice", "lr"):
         assert extended_curve[column].tolist() == pytest.approx(fresh_curve[column].tolist(), abs=1e-6)
     assert longer.iloc[0]["pooled_dice"] == pytest.approx(fresh.iloc[0]["pooled_dice"], abs=1e-6)
+    # A last checkpoint already at or past the new budget (an interrupted longer run): trained anew.
+    result_path = out / "spec" / "phantom-site-b" / "fold_result.json"
+    stored = json.loads(result_path.read_text())
+    stored["settings"]["config"]["num_epochs"] = 1
+    result_path.write_text(json.dumps(stored))
+    anew = ku.leave_one_source_out(
+        config.with_parameters(NUM_EPOCHS=2),
+        two_sites,
+        out,
+        variants={"spec": {}},
+        sources=["phantom-site-b"],
+    )
+    curve = pd.read_csv(out / "spec" / "phantom-site-b" / ku.METRICS_CSV_NAME)
+    assert not anew["reused"].any() and curve["epoch"].tolist() == [1, 2]
+    assert curve.iloc[0]["seconds"] != first_epoch["seconds"]  # retrained from the start
+    assert curve["val_loss"].tolist() == pytest.approx(fresh_curve["val_loss"].tolist(), abs=1e-6)
     # A fold that had stopped early would stop at the same epoch with more epochs: kept as it is.
     result_path = out / "spec" / "phantom-site-b" / "fold_result.json"
     stored = json.loads(result_path.read_text())
