@@ -4561,16 +4561,16 @@ def _extendable_fold(stored: Mapping[str, Any], settings: Mapping[str, Any], out
     epoch budget alone (no time limit, which would make the stopping epoch depend on the machine)
     and its resumable last checkpoint at hand, short of the new budget (an interrupted longer run may
     have gone past it): training it on reproduces the longer run exactly."""
-    old, new = stored.get("settings") or {}, settings
+    old = stored.get("settings") or {}
     if not old or not (out / LAST_CHECKPOINT_NAME).is_file():
         return False
-    a, b = dict(old["config"]), dict(new["config"])
+    a, b = dict(old["config"]), dict(settings["config"])
     if a.get("max_train_minutes") is not None or b.get("max_train_minutes") is not None:
         return False
     budget = int(b.pop("num_epochs", 0))
     if int(a.pop("num_epochs", 0)) >= budget:
         return False
-    if not (a == b and old["train"] == new["train"] and old["test"] == new["test"]):
+    if not (a == b and old["train"] == settings["train"] and old["test"] == settings["test"]):
         return False
     try:
         return int(load_checkpoint(out / LAST_CHECKPOINT_NAME, map_location="cpu")["epoch"]) < budget

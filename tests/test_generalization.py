@@ -263,31 +263,30 @@ def test_leave_one_source_out_table_and_reuse(two_sites, tmp_path):
     assert trained and not [k for k in trained if k.startswith("phantom-site-a/")]
     assert checkpoint["config"]["normalization"] == "histeq"
     # A second call reuses finished folds; other settings retrain.
-    best = out / "spec" / "phantom-site-b" / ku.BEST_MODEL_NAME
+    fold_b = out / "spec" / "phantom-site-b"
+    best, result_path = fold_b / ku.BEST_MODEL_NAME, fold_b / "fold_result.json"
+
+    def fold_b_run(epochs: int, folder=out) -> pd.DataFrame:
+        return ku.leave_one_source_out(
+            config.with_parameters(NUM_EPOCHS=epochs),
+            two_sites,
+            folder,
+            variants={"spec": {}},
+            sources=["phantom-site-b"],
+        )
+
     stamp = best.stat().st_mtime_ns
-    again = ku.leave_one_source_out(config, two_sites, out, variants={"spec": {}}, sources=["phantom-site-b"])
+    again = fold_b_run(1)
     assert again["reused"].all() and best.stat().st_mtime_ns == stamp
     assert again.iloc[0]["pooled_dice"] == pytest.approx(
         table.query("variant == 'spec'").iloc[1]["pooled_dice"]
     )
-    first_epoch = pd.read_csv(out / "spec" / "phantom-site-b" / ku.METRICS_CSV_NAME).iloc[0]
-    longer = ku.leave_one_source_out(
-        config.with_parameters(NUM_EPOCHS=2),
-        two_sites,
-        out,
-        variants={"spec": {}},
-        sources=["phantom-site-b"],
-    )
+    first_epoch = pd.read_csv(fold_b / ku.METRICS_CSV_NAME).iloc[0]
+    longer = fold_b_run(2)
     # A larger NUM_EPOCHS trains the finished fold on: exactly the run a 2-epoch budget gives.
     assert not longer["reused"].any() and longer.iloc[0]["epochs"] == 2
-    fresh = ku.leave_one_source_out(
-        config.with_parameters(NUM_EPOCHS=2),
-        two_sites,
-        tmp_path / "fresh",
-        variants={"spec": {}},
-        sources=["phantom-site-b"],
-    )
-    extended_curve = pd.read_csv(out / "spec" / "phantom-site-b" / ku.METRICS_CSV_NAME)
+    fresh = fold_b_run(2, tmp_path / "fresh")
+    extended_curve = pd.read_csv(fold_b / ku.METRICS_CSV_NAME)
     fresh_curve = pd.read_csv(tmp_path / "fresh" / "spec" / "phantom-site-b" / ku.METRICS_CSV_NAME)
     assert extended_curve["epoch"].tolist() == [1, 2]
     assert extended_curve.iloc[0]["seconds"] == first_epoch["seconds"]  # continued, not retrained
@@ -295,34 +294,20 @@ def test_leave_one_source_out_table_and_reuse(two_sites, tmp_path):
         assert extended_curve[column].tolist() == pytest.approx(fresh_curve[column].tolist(), abs=1e-6)
     assert longer.iloc[0]["pooled_dice"] == pytest.approx(fresh.iloc[0]["pooled_dice"], abs=1e-6)
     # A last checkpoint already at or past the new budget (an interrupted longer run): trained anew.
-    result_path = out / "spec" / "phantom-site-b" / "fold_result.json"
     stored = json.loads(result_path.read_text())
     stored["settings"]["config"]["num_epochs"] = 1
     result_path.write_text(json.dumps(stored))
-    anew = ku.leave_one_source_out(
-        config.with_parameters(NUM_EPOCHS=2),
-        two_sites,
-        out,
-        variants={"spec": {}},
-        sources=["phantom-site-b"],
-    )
-    curve = pd.read_csv(out / "spec" / "phantom-site-b" / ku.METRICS_CSV_NAME)
+    anew = fold_b_run(2)
+    curve = pd.read_csv(fold_b / ku.METRICS_CSV_NAME)
     assert not anew["reused"].any() and curve["epoch"].tolist() == [1, 2]
     assert curve.iloc[0]["seconds"] != first_epoch["seconds"]  # retrained from the start
     assert curve["val_loss"].tolist() == pytest.approx(fresh_curve["val_loss"].tolist(), abs=1e-6)
     # A fold that had stopped early would stop at the same epoch with more epochs: kept as it is.
-    result_path = out / "spec" / "phantom-site-b" / "fold_result.json"
     stored = json.loads(result_path.read_text())
     stored["row"]["stop_reason"] = "early_stopping"
     result_path.write_text(json.dumps(stored))
     stamp = best.stat().st_mtime_ns
-    kept = ku.leave_one_source_out(
-        config.with_parameters(NUM_EPOCHS=5),
-        two_sites,
-        out,
-        variants={"spec": {}},
-        sources=["phantom-site-b"],
-    )
+    kept = fold_b_run(5)
     assert kept["reused"].all() and kept.iloc[0]["epochs"] == 2 and best.stat().st_mtime_ns == stamp
     assert json.loads(result_path.read_text())["settings"]["config"]["num_epochs"] == 5
     summary = ku.summarize_leave_one_source_out(table, groups={"A": ["phantom-site-a"]})
