@@ -87,7 +87,8 @@ __all__ = [
     # 7. Losses and metrics
     "FocalDiceLoss", "metrics_from_counts",
     # 8. Training
-    "TrainingResult", "TrainingDivergedError", "train_model", "load_checkpoint", "plot_training_history",
+    "TrainingResult", "TrainingDivergedError", "train_model", "autocast_dtype", "cpu_has_native_bf16",
+    "load_checkpoint", "plot_training_history",
     # 9. Inference and evaluation
     "load_model", "predict_probabilities", "hausdorff95", "EvaluationSet", "load_evaluation_set",
     "evaluate_model", "case_scores", "write_evaluation", "evaluate_split", "summary_table",
@@ -209,7 +210,7 @@ _FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "num_workers": _rule(
         lambda v: _is_int(v) and v >= 0, "None (automatic) or an integer >= 0", optional=True
     ),
-    "amp": _BOOLEAN,
+    "amp": _rule(lambda v: isinstance(v, bool) or v == "cuda", 'True, False or "cuda"'),
     "multi_gpu": _rule(lambda v: isinstance(v, bool), '"auto", True or False'),
 }
 
@@ -270,8 +271,11 @@ class Config:
             :data:`KAGGLE_TRAIN_MINUTES` in a Kaggle session (whose GPU sessions end after 12 hours),
             no limit elsewhere.
         num_workers: DataLoader workers; ``None`` picks 0 on a CPU and up to 4 on a GPU.
-        amp: Mixed precision on CUDA: fp16 with a GradScaler below compute capability 8 (a T4),
-            bf16 from 8.0 on (see :func:`amp_dtype`); ignored on a CPU.
+        amp: Mixed precision in training, evaluation and inference (see :func:`autocast_dtype`).
+            ``"cuda"``: on CUDA only, fp16 with a GradScaler below compute capability 8 (a T4) and
+            bf16 from 8.0 on; full precision on a CPU. ``True``: the same on CUDA, and bf16 autocast
+            on a CPU with native bf16 (AVX-512 BF16 or AMX), fp32 on other CPUs. ``False``: full
+            precision everywhere. The loss is always computed in float32.
         multi_gpu: Train on every visible GPU with ``nn.DataParallel``. ``"auto"``: yes in a Kaggle
             session (its GPU is "GPU T4 x2"), one GPU elsewhere.
 
@@ -307,7 +311,7 @@ class Config:
     max_images: int | None = None
     max_train_minutes: float | str | None = "auto"
     num_workers: int | None = None
-    amp: bool = True
+    amp: bool | str = "cuda"
     multi_gpu: bool | str = "auto"
 
     def __post_init__(self) -> None:
@@ -1821,6 +1825,7 @@ class TrainingResult:
         best_val_loss: That loss.
         stop_reason: ``"early_stopping"``, ``"num_epochs"`` or ``"time_budget"``.
         output_dir: Where the files below were written.
+        precision: ``"fp32"``, ``"fp16"`` or ``"bf16"`` (see :func:`autocast_dtype`).
     """
 
     history: pd.DataFrame
@@ -1828,6 +1833,7 @@ class TrainingResult:
     best_val_loss: float
     stop_reason: str
     output_dir: Path
+    precision: str = "fp32"
 
     @property
     def best_row(self) -> pd.Series:
@@ -2016,6 +2022,35 @@ def _run_epoch(
     return {"loss": total_loss / total_n, **counts.metrics()}
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX tiles); bf16 autocast on a CPU
+    without it is emulated and slower than fp32."""
+    checks = [
+        getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    ]
+    return any(check() for check in checks if check is not None)
+
+
+def autocast_dtype(device: torch.device, amp: bool | str) -> torch.dtype | None:
+    """The autocast dtype a run uses on ``device`` for ``Config.amp`` (None: full precision).
+
+    CUDA: :func:`amp_dtype` of the device unless ``amp`` is False. CPU: bf16 when ``amp`` is True and
+    :func:`cpu_has_native_bf16`, else None.
+    """
+    if amp is False:
+        return None
+    if device.type == "cuda":
+        return amp_dtype(torch.cuda.get_device_capability(device))
+    if device.type == "cpu" and amp is True and cpu_has_native_bf16():
+        return torch.bfloat16
+    return None
+
+
+def precision_name(dtype: torch.dtype | None) -> str:
+    """``"fp32"``, ``"fp16"`` or ``"bf16"``: how a run's forward passes were computed."""
+    return {None: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+
+
 def amp_dtype(capability: tuple[int, int] | None) -> torch.dtype | None:
     """The autocast dtype for a CUDA device of compute ``capability`` (None: no CUDA, no autocast).
 
@@ -2109,11 +2144,11 @@ def train_model(
     seed_everything(config.seed)
     base = _unwrap(model)
     base.to(device)
-    amp = None
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-        if config.amp:
-            amp = amp_dtype(torch.cuda.get_device_capability(device))
+    amp = autocast_dtype(device, config.amp)
+    if log:
+        print(f"training on {device} in {precision_name(amp)} (AMP={config.amp!r})", flush=True)
     runner = wrap_for_devices(base, device, config.multi_gpu)
     optimizer = torch.optim.AdamW(
         base.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
@@ -2215,7 +2250,9 @@ def train_model(
             row.update({f"val_{k}": v for k, v in val_m.items()})
             history.append(row)
             improved = val_m["loss"] < best_loss
-            payload = dict(model=base, config=config, epoch=epoch, history=history, extra=extra)
+            payload = dict(
+                model=base, config=config, epoch=epoch, history=history, extra=extra, precision=amp
+            )
             if improved:
                 best_loss, best_epoch, stale = val_m["loss"], epoch, 0
                 save_checkpoint(_checkpoint_payload("best", **payload), best_path)
@@ -2259,7 +2296,7 @@ def train_model(
         out / METRICS_PNG_NAME, lambda h: fig.savefig(h, format="png", dpi=110, bbox_inches="tight")
     )
     plt.close(fig)
-    return TrainingResult(frame, best_epoch, best_loss, stop_reason, out)
+    return TrainingResult(frame, best_epoch, best_loss, stop_reason, out, precision_name(amp))
 
 
 def _checkpoint_payload(
@@ -2269,9 +2306,11 @@ def _checkpoint_payload(
     epoch: int,
     history: list[dict[str, float]],
     extra: dict[str, Any],
+    precision: torch.dtype | None = None,
 ) -> dict[str, Any]:
-    """What both checkpoints hold: format marker, config, CPU weights, epoch, history and ``extra``
-    (the split); ``kind`` is "best" or "last", and the last one adds the optimizer and RNG states."""
+    """What both checkpoints hold: format marker, config, CPU weights, epoch, history, the precision
+    the run computed in and ``extra`` (the split); ``kind`` is "best" or "last", and the last one adds
+    the optimizer and RNG states."""
     return {
         "format": CHECKPOINT_FORMAT,
         "format_version": CHECKPOINT_VERSION,
@@ -2281,6 +2320,7 @@ def _checkpoint_payload(
         "epoch": epoch,
         "history": [dict(row) for row in history],
         "torch_version": str(torch.__version__),
+        "precision": precision_name(precision),
         **extra,
     }
 
@@ -2370,7 +2410,7 @@ def predict_probabilities(
     batch_size: int = 16,
     tta: bool = False,
     normalization: str = "minmax",
-    amp: torch.dtype | None | str = "auto",
+    amp: torch.dtype | None | bool | str = "cuda",
 ) -> np.ndarray:
     """Kidney probability maps for ``(N, S, S)`` uint8 images already at the model's size.
 
@@ -2383,17 +2423,17 @@ def predict_probabilities(
             vertical and double flips, each flipped back.
         normalization: The model's ``Config.normalization``; each image is normalised by
             :func:`normalize_intensity` with its own constants, as in training.
-        amp: Autocast dtype for the forward passes (TTA included), or None for full precision.
-            ``"auto"``: as in training, :func:`amp_dtype` of the CUDA device (fp16 on a T4, bf16
-            from compute capability 8.0), none on a CPU. Probabilities are always returned in fp32.
+        amp: Autocast dtype for the forward passes (TTA included), None for full precision, or a
+            ``Config.amp`` value (True, False, ``"cuda"``) resolved by :func:`autocast_dtype` as in
+            training. Probabilities are always returned in fp32.
 
     Returns:
         ``(N, S, S)`` float32 probabilities in [0, 1].
     """
     model.eval()
     device = torch.device(device)
-    if isinstance(amp, str):
-        amp = amp_dtype(torch.cuda.get_device_capability(device)) if device.type == "cuda" else None
+    if isinstance(amp, (bool, str)):
+        amp = autocast_dtype(device, amp)
     flips = _TTA_FLIPS if tta else ((),)
     out = []
     for start in range(0, len(images), batch_size):
@@ -2463,6 +2503,7 @@ class EvaluationSet:
         masks: Original-size 0/1 masks (``None`` entries when predicting a folder without masks).
         originals: Original-size uint8 images (for pictures).
         normalization: The model's normalisation, applied to ``images`` at prediction time.
+        amp: The model's ``Config.amp``, the precision of its forward passes.
     """
 
     pairs: list[SamplePair]
@@ -2470,6 +2511,7 @@ class EvaluationSet:
     masks: list[np.ndarray | None]
     originals: list[np.ndarray]
     normalization: str = "minmax"
+    amp: bool | str = "cuda"
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -2493,7 +2535,7 @@ def load_evaluation_set(
         images.append(model_input(image, config.image_size, config.preprocessing))
     if not kept:
         raise ValueError("No readable pairs to evaluate.")
-    return EvaluationSet(kept, np.stack(images), masks, originals, config.normalization)
+    return EvaluationSet(kept, np.stack(images), masks, originals, config.normalization, config.amp)
 
 
 SPLIT_PARTS = ("train", "val", "test")
@@ -2550,7 +2592,13 @@ def _timed_probabilities(
     """Probabilities resized back to each original size, and milliseconds per slice."""
     tic = time.perf_counter()
     probs = predict_probabilities(
-        model, data.images, device, batch_size=batch_size, tta=tta, normalization=data.normalization
+        model,
+        data.images,
+        device,
+        batch_size=batch_size,
+        tta=tta,
+        normalization=data.normalization,
+        amp=data.amp,
     )
     if isinstance(device, torch.device) and device.type == "cuda":
         torch.cuda.synchronize()
@@ -2944,7 +2992,13 @@ def predict_folder(
         originals = [read_image(f) for f in chunk]
         inputs = np.stack([model_input(o, config.image_size, config.preprocessing) for o in originals])
         probs = predict_probabilities(
-            model, inputs, device, batch_size=batch_size, tta=tta, normalization=config.normalization
+            model,
+            inputs,
+            device,
+            batch_size=batch_size,
+            tta=tta,
+            normalization=config.normalization,
+            amp=config.amp,
         )
         flags = familiarity(inputs, reference)
         for i, (f, original, prob, (mask_path, overlay_path)) in enumerate(
