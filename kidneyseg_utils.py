@@ -201,7 +201,16 @@ _FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "normalization": _one_of(NORMALIZATION_OPTIONS),
     "augmentation": _one_of(AUGMENTATION_OPTIONS),
     "group_regex": _rule(
-        lambda v: isinstance(v, str) and bool(v), '"auto", a regular expression string or None', optional=True
+        lambda v: (isinstance(v, str) and bool(v))
+        or (isinstance(v, dict) and all(isinstance(k, str) and (p is None or isinstance(p, str)) for k, p in v.items())),
+        '"auto", a regular expression string, {source: pattern or None} or None',
+        optional=True,
+    ),
+    "mask_labels": _rule(
+        lambda v: v == "nonzero"
+        or (isinstance(v, (list, tuple)) and bool(v) and all(_is_int(x) and x > 0 for x in v)),
+        'None, "nonzero" or a list of label values > 0, e.g. [1] or [1, 2]',
+        optional=True,
     ),
     "max_images": _rule(lambda v: _is_int(v) and v >= 2, "None or an integer >= 2", optional=True),
     "max_train_minutes": _rule(
@@ -247,8 +256,15 @@ class Config:
         seed: Seed of the split, the initial weights, the shuffling and the augmentation.
         group_regex: Regular expression whose first group (or whole match) is the patient id of a
             file name; slices of one patient never straddle the split. ``"auto"`` infers it from the
-            file names (:func:`infer_group_regex`) and falls back to a split by image, with a
-            warning, when they carry no consistent patient id. ``None`` splits by image.
+            file names source by source (:func:`infer_group_regex`); a source whose names carry no
+            consistent patient id is split by image, with a warning naming it. ``{source: pattern}``
+            gives each source its own pattern (``None`` or a missing source: split by image).
+            ``None`` splits every source by image.
+        mask_labels: How masks with several label values are read (see :func:`binarize_mask`).
+            ``None``: binary masks only (0/1, 0/255, lossy noise around them); a mask with several
+            labels is an error naming the file and its values. ``"nonzero"``: every non-zero value
+            is kidney (e.g. KiTS kidney + tumour + cyst). A list of values, e.g. ``[1]``: exactly
+            those values are kidney, the rest background.
         preprocessing: Intensity preprocessing, one of :data:`PREPROCESSING_OPTIONS`.
         normalization: How each model input is scaled, one of :data:`NORMALIZATION_OPTIONS`:
             ``"minmax"`` (0..255 to [0, 1]), ``"percentile"`` (per image, clip
@@ -301,7 +317,8 @@ class Config:
     test_fraction: float = 0.15
     inference_threshold: float = 0.5
     seed: int = 42
-    group_regex: str | None = "auto"
+    group_regex: str | dict[str, str | None] | None = "auto"
+    mask_labels: str | list[int] | None = None
     preprocessing: str = "none"
     normalization: str = "minmax"
     augmentation: str = "standard"
@@ -317,6 +334,8 @@ class Config:
     def __post_init__(self) -> None:
         self.max_train_minutes = resolve_auto(self.max_train_minutes, KAGGLE_TRAIN_MINUTES, None)
         self.multi_gpu = resolve_auto(self.multi_gpu, True, False)
+        if isinstance(self.mask_labels, tuple):
+            self.mask_labels = list(self.mask_labels)
         if isinstance(self.augmentation, str):
             self.augmentation = AUGMENTATION_ALIASES.get(self.augmentation, self.augmentation)
         self.validate()
@@ -337,13 +356,16 @@ class Config:
             fail("image_size", f"a positive multiple of {multiple} (2**depth), e.g. 128 or 256")
         if self.focal_weight + self.dice_weight <= 0:
             fail("dice_weight", "> 0 when focal_weight is 0 (the loss needs a positive weight)")
-        if self.group_regex not in (None, AUTO):
+        patterns = self.group_regex.values() if isinstance(self.group_regex, dict) else [self.group_regex]
+        for pattern in patterns:
+            if pattern in (None, AUTO):
+                continue
             try:
-                re.compile(self.group_regex)
+                re.compile(pattern)
             except re.error as exc:
                 raise ValueError(
                     f"GROUP_REGEX (Config.group_regex) is not a valid regular expression: "
-                    f"{self.group_regex!r} ({exc}). Example: '^([^_]+)_'."
+                    f"{pattern!r} ({exc}). Example: '^([^_]+)_'."
                 ) from None
 
     def to_dict(self) -> dict[str, Any]:
@@ -462,6 +484,7 @@ class SamplePair:
         source: The dataset folder (holding images/ and masks/) relative to the data root.
         name: The shared file stem.
         case: Patient id from ``group_regex`` (the stem when no regex is given).
+        mask_labels: How the mask is read (``Config.mask_labels``).
     """
 
     image: Path
@@ -469,6 +492,7 @@ class SamplePair:
     source: str
     name: str
     case: str
+    mask_labels: tuple[int, ...] | str | None = None
 
     @property
     def key(self) -> str:
@@ -490,14 +514,15 @@ class DatasetIndex:
         pairs: Matched pairs, sorted by source and name.
         orphan_images: Images without a mask.
         orphan_masks: Masks without an image.
-        group_regex: The patient-id pattern the cases come from (``None``: each image its own case).
+        group_regex: The patient-id pattern the cases come from (``None``: each image its own case;
+            a dict: one pattern or ``None`` per source).
     """
 
     root: Path
     pairs: list[SamplePair]
     orphan_images: list[Path] = field(default_factory=list)
     orphan_masks: list[Path] = field(default_factory=list)
-    group_regex: str | None = None
+    group_regex: str | dict[str, str | None] | None = None
 
     def summary(self) -> pd.DataFrame:
         """One row per source: pairs, cases and orphans."""
@@ -588,73 +613,113 @@ def _shape(text: str) -> str:
     return re.sub(r"[A-Za-z]+", "a", re.sub(r"\d+", "9", text))
 
 
-def infer_group_regex(stems_by_source: Mapping[str, Sequence[str]]) -> tuple[str | None, str]:
-    """Infer the patient id of file names, or refuse to invent one.
+def _source_rule(names: Sequence[str]) -> tuple[str | None, str]:
+    """The first rule of :data:`GROUP_RULES` that yields patient ids for every name of one source:
+    ``(pattern, meaning)``, or ``(None, why none does)``."""
+    reasons = []
+    for pattern, meaning in GROUP_RULES:
+        regex = re.compile(pattern)
+        matches = [regex.search(name) for name in names]
+        if not all(matches):
+            miss = next(name for name, m in zip(names, matches) if not m)
+            reasons.append(f"{meaning}: {miss!r} has none")
+            continue
+        if not all(re.search(r"\d", name[m.end(1) :]) for name, m in zip(names, matches)):
+            miss = next(name for name, m in zip(names, matches) if not re.search(r"\d", name[m.end(1) :]))
+            reasons.append(f"{meaning}: {miss!r} has no slice number after it")
+            continue
+        ids = {m.group(1) for m in matches}
+        if len({_shape(i) for i in ids}) > 1:
+            reasons.append(f"{meaning}: patient ids of mixed shapes")
+            continue
+        if len(ids) == 1 and len(names) > 1 and not re.search(r"\d", next(iter(ids))):
+            reasons.append(f"{meaning}: one id {next(iter(ids))!r} for all {len(names)} images, a name prefix")
+            continue
+        if len(ids) == len(names) > 1:
+            reasons.append(f"{meaning}: every image would be its own patient")
+            continue
+        return pattern, meaning
+    return None, "; ".join(reasons)
 
-    A rule of :data:`GROUP_RULES` is taken when, for every file: it matches, and what follows the
-    patient id holds a slice number; within each source (folder) every patient id has the same
+
+def infer_group_regex(
+    stems_by_source: Mapping[str, Sequence[str]],
+) -> tuple[str | dict[str, str | None] | None, str]:
+    """Infer the patient id of file names, source by source, or refuse to invent one.
+
+    For each source (folder) the first rule of :data:`GROUP_RULES` is taken that, for every file of
+    the source: matches, and leaves a slice number after the patient id; gives patient ids of one
     shape (``case7`` and ``case12`` do, ``case7`` and ``scan`` do not: mixed naming schemes are not
-    trusted); there are at least :data:`MIN_AUTO_GROUPS` patients; and patients are not all single
-    slices (then the rule would only rename images).
+    trusted); gives more than one id, unless the one id holds a digit (``case7``: a one-patient
+    source; ``img`` in ``img_0001`` is a name prefix); and does not make every image its own patient
+    (then the rule would only rename images). A source where no rule holds is split by image. At
+    least :data:`MIN_AUTO_GROUPS` patients are needed in all.
 
     Args:
         stems_by_source: File stems (names without extension) per source folder.
 
     Returns:
-        ``(pattern, sentence)``: the pattern and what it inferred (rule, patients, images), or
-        ``(None, reason)`` when no rule holds, so that the caller splits by image and says why.
+        ``(rule, sentence)``: one pattern when every source follows it; ``{source: pattern or None}``
+        when sources differ (``None``: split by image), with the sentence naming the sources without
+        patient ids; ``(None, reason)`` when no source has them, so that the caller splits by image
+        and says why.
     """
-    stems = [stem for names in stems_by_source.values() for stem in names]
-    reasons = []
-    for pattern, meaning in GROUP_RULES:
-        regex = re.compile(pattern)
-        matches = [regex.search(stem) for stem in stems]
-        if not all(matches):
-            miss = next(stem for stem, m in zip(stems, matches) if not m)
-            reasons.append(f"{meaning}: {miss!r} has none")
-            continue
-        if not all(re.search(r"\d", stem[m.end(1) :]) for stem, m in zip(stems, matches)):
-            miss = next(stem for stem, m in zip(stems, matches) if not re.search(r"\d", stem[m.end(1) :]))
-            reasons.append(f"{meaning}: {miss!r} has no slice number after it")
-            continue
-        mixed = [
-            source
-            for source, names in stems_by_source.items()
-            if len({_shape(regex.search(n).group(1)) for n in names}) > 1
-        ]
-        if mixed:
-            reasons.append(f"{meaning}: patient ids of mixed shapes in {mixed[0]!r}")
-            continue
-        groups = {
-            (source, regex.search(n).group(1)) for source, names in stems_by_source.items() for n in names
-        }
-        if len(groups) < MIN_AUTO_GROUPS:
-            reasons.append(f"{meaning}: only {len(groups)} patient(s)")
-            continue
-        if len(groups) == len(stems):
-            reasons.append(f"{meaning}: every image would be its own patient")
-            continue
+    found = {source: _source_rule(list(names)) for source, names in stems_by_source.items() if names}
+    rules = {source: pattern for source, (pattern, _) in found.items()}
+    n_images = sum(len(names) for names in stems_by_source.values())
+    groups = {
+        (source, re.search(pattern, name).group(1) if pattern else name)
+        for source, pattern in rules.items()
+        for name in stems_by_source[source]
+    }
+    without = sorted(source for source, pattern in rules.items() if pattern is None)
+    if len(without) == len(rules) or len(groups) < MIN_AUTO_GROUPS:
+        reasons = "; ".join(f"{source}: {why}" for source, (_, why) in found.items() if why) or "too few"
+        if len(without) < len(rules):
+            reasons = f"only {len(groups)} patient(s)"
+        return None, (
+            'GROUP_REGEX="auto" found no consistent patient id in the file names ('
+            + reasons
+            + "), so the data are split by image: slices of one patient can sit on both sides of the "
+            "split, which flatters validation and test scores. Set GROUP_REGEX to a pattern whose first "
+            "group is the patient id, e.g. '^([^_]+)_'."
+        )
+    patterns = set(rules.values())
+    if len(patterns) == 1:
+        pattern = patterns.pop()
+        meaning = next(meaning for p, meaning in GROUP_RULES if p == pattern)
         return pattern, (
             f'GROUP_REGEX="auto": patient id = {meaning} ({pattern!r}): {len(groups)} patients in '
-            f"{len(stems)} images. Set GROUP_REGEX to another pattern if that is wrong."
+            f"{n_images} images. Set GROUP_REGEX to another pattern if that is wrong."
         )
-    return None, (
-        'GROUP_REGEX="auto" found no consistent patient id in the file names ('
-        + "; ".join(reasons)
-        + "), so the data are split by image: slices of one patient can sit on both sides of the "
-        "split, which flatters validation and test scores. Set GROUP_REGEX to a pattern whose first "
-        "group is the patient id, e.g. '^([^_]+)_'."
+    lines = [
+        f"  {source}: "
+        + (f"{meaning} ({rules[source]!r})" if rules[source] else f"NO patient id ({meaning}), split by image")
+        for source, (_, meaning) in found.items()
+    ]
+    return rules, (
+        f'GROUP_REGEX="auto": patient ids differ by source ({len(groups)} patients in {n_images} images):\n'
+        + "\n".join(lines)
+        + f"\nThe images of {', '.join(without) or 'no source'} are split one by one, so one patient's "
+        "slices can sit on both sides of the split there. Rename those files to carry the patient id, "
+        "or set GROUP_REGEX to a pattern (or to {source: pattern})."
     )
 
 
-def index_dataset(data_dir: str | os.PathLike, group_regex: str | None = None) -> DatasetIndex:
+def index_dataset(
+    data_dir: str | os.PathLike,
+    group_regex: str | Mapping[str, str | None] | None = None,
+    mask_labels: str | Sequence[int] | None = None,
+) -> DatasetIndex:
     """Find all image/mask pairs under ``data_dir``, matched by file stem within each folder.
 
     Args:
         data_dir: One folder with images/ and masks/, or a root holding several at any depth.
         group_regex: Optional patient-id pattern (see :class:`Config`); ``"auto"`` infers one from
-            the file names (:func:`infer_group_regex`) and says what it found. The pattern used is
+            the file names (:func:`infer_group_regex`) and says what it found; a mapping gives each
+            source its own pattern (a source it does not name is split by image). The rule used is
             :attr:`DatasetIndex.group_regex`.
+        mask_labels: How masks with several labels are read (``Config.mask_labels``).
 
     Raises:
         FileNotFoundError: ``data_dir`` is missing or holds no images/ + masks/ folder.
@@ -668,6 +733,7 @@ def index_dataset(data_dir: str | os.PathLike, group_regex: str | None = None) -
     folders = find_dataset_folders(root)
     if not folders:
         raise FileNotFoundError(f"No images/ + masks/ folders under DATA_DIR {str(root)!r}. {_LAYOUT_HELP}")
+    labels = tuple(mask_labels) if isinstance(mask_labels, (list, tuple)) else mask_labels
     if group_regex == AUTO:
         stems = {
             _relative_source(folder, root): sorted(
@@ -676,11 +742,10 @@ def index_dataset(data_dir: str | os.PathLike, group_regex: str | None = None) -
             for folder in folders
         }
         group_regex, rule = infer_group_regex(stems)
-        if group_regex is None:
+        if group_regex is None or isinstance(group_regex, dict):
             warnings.warn(rule, UserWarning, stacklevel=2)
         else:
             print(rule)
-    pattern = re.compile(group_regex) if group_regex else None
     pairs: list[SamplePair] = []
     orphan_images: list[Path] = []
     orphan_masks: list[Path] = []
@@ -688,9 +753,11 @@ def index_dataset(data_dir: str | os.PathLike, group_regex: str | None = None) -
         images = _image_files(folder / "images")
         masks = _image_files(folder / "masks")
         source = _relative_source(folder, root)
+        rule = group_regex.get(source) if isinstance(group_regex, dict) else group_regex
+        pattern = re.compile(rule) if rule else None
         for stem in sorted(images.keys() & masks.keys()):
             case = _case_of(stem, pattern, images[stem])
-            pairs.append(SamplePair(images[stem], masks[stem], source, stem, case))
+            pairs.append(SamplePair(images[stem], masks[stem], source, stem, case, labels))
         orphan_images += [images[s] for s in sorted(images.keys() - masks.keys())]
         orphan_masks += [masks[s] for s in sorted(masks.keys() - images.keys())]
     index = DatasetIndex(root, pairs, orphan_images, orphan_masks, group_regex)
@@ -764,41 +831,77 @@ def to_grayscale_uint8(image: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
 
-def binarize_mask(mask: np.ndarray, path: str | os.PathLike = "<array>") -> np.ndarray:
+LOSSY_EXTENSIONS = (".jpg", ".jpeg")
+LABEL_SHARE = 0.01  # an intermediate value holding this share of the labelled pixels is a label
+LOSSY_LABEL_SHARE = 0.2  # the same within +-2 levels, in a lossy file (JPEG noise spreads edges)
+
+
+def _several_labels(values: np.ndarray, found: np.ndarray, counts: np.ndarray, lossy: bool) -> bool:
+    """Whether a mask holds a label besides background and its largest value: an intermediate
+    value (lossless) or band of +-2 levels (lossy, away from both ends) holding a plateau of pixels.
+    Soft edges and compression noise spread over many values and hold none."""
+    top = float(found[-1])
+    positive = found > 0
+    labelled = counts[positive].sum()
+    if not lossy:
+        middle = positive & (found < top)
+        return bool((counts[middle] >= LABEL_SHARE * labelled).any())
+    middle = (found > top / 4) & (found < 3 * top / 4)
+    upper = counts[found > top / 4].sum()
+    for value in found[middle]:
+        near = (found >= value - 2) & (found <= value + 2)
+        if counts[near].sum() >= LOSSY_LABEL_SHARE * upper:
+            return True
+    return False
+
+
+def binarize_mask(
+    mask: np.ndarray, path: str | os.PathLike = "<array>", labels: str | Sequence[int] | None = None
+) -> np.ndarray:
     """Turn a decoded mask into a 2D uint8 array of 0 (background) and 1 (kidney).
 
     Rule: an alpha channel is dropped and colour channels are reduced by their maximum (so white and
-    coloured annotations both count). Then, with ``m`` the largest value:
+    coloured annotations both count); NaN is background. Then, with ``labels`` None (the default):
 
-    * ``m <= 1`` (0/1 flags, booleans): every non-zero pixel is kidney;
-    * 8-bit with ``m >= 128`` (0/255, JPEG-noisy 0/255): pixels ``>= 128`` are kidney;
-    * 8-bit JPEG with ``m <= 32``: compression noise of an empty mask, so no kidney;
-    * any other 8-bit mask (e.g. label values 0/1/2 or 0/100) is ambiguous and an error;
-    * 16-bit, float and other depths: pixels ``>= m / 2`` are kidney (0/1 float masks use 0.5).
+    * one non-zero value at most (0/1, 0/255, 0/65535, booleans, any single label): every non-zero
+      pixel is kidney;
+    * float masks with values in [0, 1] (probability maps): pixels ``>= 0.5`` are kidney;
+    * several non-zero values around one level, from soft edges or JPEG noise (no intermediate
+      value holds a plateau of pixels, see :func:`_several_labels`): pixels ``>= max / 2`` are
+      kidney;
+    * several labels (0/1/2, 0/100/200, KiTS's 0/1/2/3): an error naming the file and its values,
+      never a silent choice.
+
+    ``labels="nonzero"`` reads every non-zero value as kidney; a list of values reads exactly those
+    as kidney. Label values are matched exactly: keep label maps in a lossless format (PNG, TIFF).
 
     Raises:
-        ValueError: for the ambiguous 8-bit case, naming the file and the values found.
+        ValueError: a mask with several labels and no ``labels``, naming the file, the values and
+            the fix.
     """
     values = _drop_alpha_and_reduce(np.asarray(mask), reduce="max")
     if values.dtype == np.bool_:
         return values.astype(np.uint8)
     if np.issubdtype(values.dtype, np.floating):
         values = np.nan_to_num(values, nan=0.0)
-    top = values.max() if values.size else 0
-    if top <= 1:
-        if np.issubdtype(values.dtype, np.floating):
-            return (values >= 0.5).astype(np.uint8)
+    if labels == "nonzero":
         return (values > 0).astype(np.uint8)
-    if values.dtype == np.uint8:
-        if top >= 128:
-            return (values >= 128).astype(np.uint8)
-        if str(path).lower().endswith((".jpg", ".jpeg")) and top <= 32:
-            return np.zeros(values.shape, np.uint8)
-        found = np.unique(values)
+    if labels is not None:
+        return np.isin(values, list(labels)).astype(np.uint8)
+    found, counts = np.unique(values, return_counts=True)
+    if (found > 0).sum() <= 1:
+        return (values > 0).astype(np.uint8)
+    top = found[-1]
+    if np.issubdtype(values.dtype, np.floating) and top <= 1:
+        return (values >= 0.5).astype(np.uint8)
+    if _several_labels(values, found, counts, str(path).lower().endswith(LOSSY_EXTENSIONS)):
+        shown = ", ".join(f"{v:g}: {c} px" for v, c in zip(found[:10].tolist(), counts[:10].tolist()))
         raise ValueError(
-            f"Mask {path} has values {found[:10].tolist()}{'...' if found.size > 10 else ''}: "
-            "neither 0/1 nor 0/255. If it is a label map, save kidney as 255 (or 1) and the "
-            "rest as 0."
+            f"Mask {path} has several label values ({shown}{', ...' if found.size > 10 else ''}), not "
+            "one kidney label. Set MASK_LABELS='nonzero' to read every non-zero label as kidney, "
+            "MASK_LABELS=[values] to name the kidney labels (e.g. [1]), or save the mask as 0/255"
+            + (" in PNG (a JPEG blurs label values)" if str(path).lower().endswith(LOSSY_EXTENSIONS) else "")
+            + "."
         )
     return (values >= top / 2).astype(np.uint8)
 
@@ -808,9 +911,9 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     return to_grayscale_uint8(_decode(Path(path)))
 
 
-def read_mask(path: str | os.PathLike) -> np.ndarray:
-    """Read a mask file as 2D uint8 0/1 (see :func:`binarize_mask` for the rule)."""
-    return binarize_mask(_decode(Path(path)), path)
+def read_mask(path: str | os.PathLike, labels: str | Sequence[int] | None = None) -> np.ndarray:
+    """Read a mask file as 2D uint8 0/1 (see :func:`binarize_mask` for the rule and ``labels``)."""
+    return binarize_mask(_decode(Path(path)), path, labels)
 
 
 def load_pair(pair: SamplePair) -> tuple[np.ndarray, np.ndarray]:
@@ -821,7 +924,7 @@ def load_pair(pair: SamplePair) -> tuple[np.ndarray, np.ndarray]:
         ValueError: image and mask differ in size (the message names both files).
     """
     image = read_image(pair.image)
-    mask = read_mask(pair.mask)
+    mask = read_mask(pair.mask, pair.mask_labels)
     if image.shape != mask.shape:
         raise ValueError(
             f"Image and mask differ in size: {pair.image} is {image.shape[1]}x{image.shape[0]} "
@@ -1110,7 +1213,7 @@ def prepare_data(
     Orphans are reported with a warning and left out; training goes on with the pairs. The test
     split (``config.test_fraction`` of the patients) is held out first and never loaded here.
     """
-    index = index_dataset(data_dir, config.group_regex)
+    index = index_dataset(data_dir, config.group_regex, config.mask_labels)
     config = config.with_parameters(GROUP_REGEX=index.group_regex)
     if index.orphan_images or index.orphan_masks:
         n = len(index.orphan_images) + len(index.orphan_masks)
@@ -2576,7 +2679,7 @@ def checkpoint_split(
             f"The data folder recorded at training time, {root}, does not exist here. Set DATA_DIR to "
             "where the same data is now (on Kaggle: attach the dataset the model was trained on)."
         )
-    by_key = {p.key: p for p in index_dataset(root, config.group_regex).pairs}
+    by_key = {p.key: p for p in index_dataset(root, config.group_regex, config.mask_labels).pairs}
     missing = [k for k in keys if k not in by_key]
     if missing:
         raise ValueError(
@@ -3553,7 +3656,10 @@ def _describe_mask_values(raw: np.ndarray) -> str:
 
 
 def inventory(
-    data_dir: str | os.PathLike, group_regex: str | None = None, progress: bool = False
+    data_dir: str | os.PathLike,
+    group_regex: str | Mapping[str, str | None] | None = None,
+    progress: bool = False,
+    mask_labels: str | Sequence[int] | None = None,
 ) -> pd.DataFrame:
     """One row per pair or orphan under ``data_dir``, with what was found before any conversion.
 
@@ -3564,7 +3670,7 @@ def inventory(
     """
     import hashlib
 
-    index = index_dataset(data_dir, group_regex)
+    index = index_dataset(data_dir, group_regex, mask_labels)
     rows: list[dict[str, Any]] = []
     for pair in _progress_bar(index.pairs, progress, desc="inventory", unit="pair", leave=False):
         row: dict[str, Any] = {
@@ -3592,7 +3698,7 @@ def inventory(
             pixel_hash=hashlib.sha1(image.tobytes() + str(image.shape).encode()).hexdigest(),
         )
         try:
-            mask = binarize_mask(raw_mask, pair.mask)
+            mask = binarize_mask(raw_mask, pair.mask, pair.mask_labels)
         except ValueError as exc:
             rows.append({**row, "status": "bad_mask", "problem": str(exc)})
             continue
@@ -4786,7 +4892,7 @@ def leave_one_source_out(
             configs[name] = config.with_parameters(**dict(overrides))
         except ValueError as exc:
             raise ValueError(f"VARIANTS[{name!r}]: {exc}") from None
-    index = index_dataset(data_dir, config.group_regex)
+    index = index_dataset(data_dir, config.group_regex, config.mask_labels)
     configs = {name: c.with_parameters(GROUP_REGEX=index.group_regex) for name, c in configs.items()}
     folds = source_folds(index.pairs, sources)
     out = Path(output_dir)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import warnings
 from pathlib import Path
@@ -101,16 +102,76 @@ def test_jpeg_noisy_mask(tmp_path):
     assert len(np.unique(raw)) > 2  # really noisy
     out = ku.read_mask(path)
     assert (out == (m > 0)).mean() > 0.995
-    empty = write(
-        tmp_path / "e.jpg", np.zeros((32, 32), np.uint8) + np.uint8(3), [cv2.IMWRITE_JPEG_QUALITY, 50]
-    )
+    empty = write(tmp_path / "e.jpg", np.zeros((32, 32), np.uint8), [cv2.IMWRITE_JPEG_QUALITY, 50])
     assert not ku.read_mask(empty).any()
 
 
-def test_ambiguous_label_mask_is_an_error(tmp_path):
-    path = write(tmp_path / "labels.png", np.array([[0, 1], [2, 0]], np.uint8))
-    with pytest.raises(ValueError, match="labels.png.*neither 0/1 nor 0/255"):
+def test_dim_single_label_jpeg_keeps_its_kidney(tmp_path):
+    # 0/20 saved as JPEG: the kidney label is dim, not noise; it used to be read as an empty mask.
+    m = np.zeros((64, 64), np.uint8)
+    m[16:48, 16:48] = 20
+    out = ku.read_mask(write(tmp_path / "dim.jpg", m, [cv2.IMWRITE_JPEG_QUALITY, 90]))
+    assert (out == (m > 0)).mean() > 0.99
+
+
+def _two_kidneys(left: int, right: int, dtype=np.uint8) -> np.ndarray:
+    m = np.zeros((64, 64), dtype)
+    m[10:30, 8:24] = left
+    m[10:30, 40:56] = right
+    return m
+
+
+@pytest.mark.parametrize(
+    ("name", "mask", "shown"),
+    [
+        ("two_kidneys.png", _two_kidneys(100, 200), "100: 320 px, 200: 320 px"),
+        ("mid_label.png", _two_kidneys(127, 255), "127: 320 px, 255: 320 px"),
+        ("labels012.png", _two_kidneys(1, 2), "1: 320 px, 2: 320 px"),
+        ("two_kidneys.jpg", _two_kidneys(100, 200), "several label values"),
+    ],
+)
+def test_mask_with_several_labels_is_an_error_naming_file_and_values(tmp_path, name, mask, shown):
+    path = write(tmp_path / name, mask, [cv2.IMWRITE_JPEG_QUALITY, 90] if name.endswith(".jpg") else [])
+    with pytest.raises(ValueError, match="several label values") as error:
         ku.read_mask(path)
+    assert name in str(error.value) and shown in str(error.value) and "MASK_LABELS" in str(error.value)
+
+
+def test_kits_label_map_needs_mask_labels(tmp_path):
+    # KiTS21: 1 kidney, 2 tumour, 3 cyst (16-bit). Pixel counts worked out from the rectangles.
+    m = np.zeros((40, 40), np.uint16)
+    m[5:25, 5:25] = 1  # 400 px, 75 of them overwritten below; background 1600 - 400 - 50
+    m[10:15, 10:25] = 2  # 75 px of tumour inside the kidney
+    m[30:35, 30:40] = 3  # 50 px of cyst
+    path = write(tmp_path / "kits.png", m)
+    with pytest.raises(ValueError, match=r"kits.png has several label values \(0: 1150 px, 1: 325 px"):
+        ku.read_mask(path)
+    assert ku.read_mask(path, "nonzero").sum() == 325 + 75 + 50
+    assert ku.read_mask(path, [1]).sum() == 325
+    assert ku.read_mask(path, [1, 2]).sum() == 400
+
+
+def test_soft_edged_png_mask_is_binary(tmp_path):
+    m = np.zeros((128, 128), np.uint8)
+    cv2.ellipse(m, (60, 60), (20, 30), 30, 0, 360, 255, -1, lineType=cv2.LINE_AA)
+    assert len(np.unique(m)) > 20
+    out = ku.read_mask(write(tmp_path / "aa.png", m))
+    assert np.array_equal(out, (m >= 127.5).astype(np.uint8))
+
+
+def test_mask_labels_reach_training_data(tmp_path):
+    mask = np.zeros((32, 32), np.uint8)
+    mask[4:14, 4:12] = 1  # 80 px labelled 1
+    mask[18:28, 16:28] = 2  # 120 px labelled 2
+    for i in range(6):
+        write(tmp_path / "images" / f"p{i}_{i:03d}.png", np.full((32, 32), 90, np.uint8))
+        write(tmp_path / "masks" / f"p{i}_{i:03d}.png", mask)
+    with pytest.raises(ValueError, match="several label values"):
+        ku.prepare_data(ku.Config(image_size=32, depth=2, test_fraction=0), tmp_path)
+    config = ku.Config(image_size=32, depth=2, test_fraction=0, mask_labels=[2])
+    data = ku.prepare_data(config, tmp_path)
+    assert data.train.masks.sum() + data.val.masks.sum() == 6 * 120
+    assert ku.Config.from_dict(config.to_dict()).mask_labels == [2]
 
 
 def test_float_mask_rule():
@@ -419,7 +480,7 @@ def test_auto_groups_find_the_shared_patients_exactly(shared_data, manifest, cap
     [
         ({"d": ["case7_012", "case7_013", "case8_001", "case9_002"]}, "^([^_]+)_", None),
         ({"d": ["case7-012", "case7-013", "case8-001", "case9-002"]}, r"^(.*?)[_\-. ]?\d+$", None),
-        ({"d": [f"img_{i:04d}" for i in range(20)]}, None, "only 1 patient"),
+        ({"d": [f"img_{i:04d}" for i in range(20)]}, None, "a name prefix"),
         ({"d": ["case1_001", "case1_002", "scan_7", "scan_8", "p3-slice12_1", "x_2"]}, None, "mixed shapes"),
         ({"d": ["left_kidney", "right_kidney", "upper_pole", "lower_pole"]}, None, "no slice number"),
         ({"d": ["liver", "spleen", "kidney"]}, None, "has none"),
@@ -434,6 +495,30 @@ def test_auto_groups_refuse_to_invent_patients(stems, pattern, why):
         assert "patients in" in sentence
     else:
         assert why in sentence and "split by image" in sentence
+
+
+def test_auto_groups_per_source_split_a_source_without_ids_by_image(tmp_path):
+    ct = [f"case{p}_{s:03d}" for p in range(1, 7) for s in range(4)]  # 6 patients, 4 slices each
+    us = [f"img_{i:04d}" for i in range(12)]  # no patient id: used to become one "patient" "img"
+    found, sentence = ku.infer_group_regex({"ct": ct, "us": us})
+    assert found == {"ct": "^([^_]+)_", "us": None}
+    assert "us: NO patient id" in sentence and "images of us are split one by one" in sentence
+    for source, names in (("ct", ct), ("us", us)):
+        for name in names:
+            write(tmp_path / source / "images" / f"{name}.png", np.full((8, 8), 50, np.uint8))
+            write(tmp_path / source / "masks" / f"{name}.png", np.zeros((8, 8), np.uint8))
+    with pytest.warns(UserWarning, match="NO patient id"):
+        index = ku.index_dataset(tmp_path, "auto")
+    assert {p.case for p in index.pairs if p.source == "us"} == set(us)  # one image, one split unit
+    assert {p.case for p in index.pairs if p.source == "ct"} == {f"case{p}" for p in range(1, 7)}
+    assert index.group_regex == found
+    train, val, test = ku.split_train_val_test(index.pairs, 0.25, 0.25, seed=0)
+    for part in (train, val, test):  # the ultrasound images are spread, not all on one side
+        assert any(p.source == "us" for p in part)
+    cases_by_part = [{p.group for p in part if p.source == "ct"} for part in (train, val, test)]
+    assert not (cases_by_part[0] & cases_by_part[1]) and not (cases_by_part[0] & cases_by_part[2])
+    config = ku.Config(group_regex=found)
+    assert ku.Config.from_dict(json.loads(json.dumps(config.to_dict()))).group_regex == found
 
 
 def test_auto_groups_fall_back_to_images_with_a_warning(tmp_path):
