@@ -201,14 +201,18 @@ _FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "normalization": _one_of(NORMALIZATION_OPTIONS),
     "augmentation": _one_of(AUGMENTATION_OPTIONS),
     "group_regex": _rule(
-        lambda v: (isinstance(v, str) and bool(v))
-        or (isinstance(v, dict) and all(isinstance(k, str) and (p is None or isinstance(p, str)) for k, p in v.items())),
+        lambda v: (
+            (isinstance(v, str) and bool(v))
+            or (isinstance(v, dict) and all(isinstance(p, (str, type(None))) for p in v.values()))
+        ),
         '"auto", a regular expression string, {source: pattern or None} or None',
         optional=True,
     ),
     "mask_labels": _rule(
-        lambda v: v == "nonzero"
-        or (isinstance(v, (list, tuple)) and bool(v) and all(_is_int(x) and x > 0 for x in v)),
+        lambda v: (
+            v == "nonzero"
+            or (isinstance(v, (list, tuple)) and bool(v) and all(_is_int(x) and x > 0 for x in v))
+        ),
         'None, "nonzero" or a list of label values > 0, e.g. [1] or [1, 2]',
         optional=True,
     ),
@@ -633,7 +637,8 @@ def _source_rule(names: Sequence[str]) -> tuple[str | None, str]:
             reasons.append(f"{meaning}: patient ids of mixed shapes")
             continue
         if len(ids) == 1 and len(names) > 1 and not re.search(r"\d", next(iter(ids))):
-            reasons.append(f"{meaning}: one id {next(iter(ids))!r} for all {len(names)} images, a name prefix")
+            only = next(iter(ids))
+            reasons.append(f"{meaning}: one id {only!r} for all {len(names)} images, a name prefix")
             continue
         if len(ids) == len(names) > 1:
             reasons.append(f"{meaning}: every image would be its own patient")
@@ -693,9 +698,8 @@ def infer_group_regex(
             f"{n_images} images. Set GROUP_REGEX to another pattern if that is wrong."
         )
     lines = [
-        f"  {source}: "
-        + (f"{meaning} ({rules[source]!r})" if rules[source] else f"NO patient id ({meaning}), split by image")
-        for source, (_, meaning) in found.items()
+        f"  {source}: " + (f"{meaning} ({rule!r})" if rule else f"NO patient id ({meaning}), split by image")
+        for source, (rule, meaning) in found.items()
     ]
     return rules, (
         f'GROUP_REGEX="auto": patient ids differ by source ({len(groups)} patients in {n_images} images):\n'
