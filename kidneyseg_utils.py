@@ -3016,16 +3016,6 @@ def familiarity(images: np.ndarray, reference: Mapping[str, Any] | None) -> pd.D
     return pd.DataFrame({"novelty": novelty, "unfamiliar": novelty > 1.0})
 
 
-def _list_images(folder: Path) -> list[Path]:
-    if (folder / "images").is_dir():
-        folder = folder / "images"
-    return sorted(
-        p
-        for p in folder.iterdir()
-        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
-    )
-
-
 def overlay_mask(
     image: np.ndarray,
     mask: np.ndarray,
@@ -3056,6 +3046,7 @@ def predict_folder(
     overwrite: bool = False,
     batch_size: int = 16,
     reference: Mapping[str, Any] | None = None,
+    skip_bad_files: bool = False,
 ) -> pd.DataFrame:
     """Predict every image in a folder (or its images/ subfolder) and write the results.
 
@@ -3063,12 +3054,15 @@ def predict_folder(
     ``output_dir/overlays/<stem>.png`` and ``output_dir/predictions.csv``, the table it returns: one
     row per image with its size and kidney area,
     and, given the checkpoint's familiarity ``reference``, its ``novelty`` and ``unfamiliar`` flag
-    (:func:`familiarity`).
+    (:func:`familiarity`). Images are listed as training lists them: two files of one name
+    (``a.png`` and ``a.jpg``) are an error, since both would write ``masks/a.png``. With
+    ``skip_bad_files`` an unreadable image is skipped and listed in the table (``problem``).
 
     Raises:
-        ValueError: ``output_dir`` is the input folder or inside it.
+        ValueError: ``output_dir`` is the input folder or inside it, or two images share a name.
         FileExistsError: a result file exists and ``overwrite`` is False.
         FileNotFoundError: no images in ``input_dir``.
+        ImageReadError: an unreadable image, unless ``skip_bad_files``.
     """
     src, out = Path(input_dir).resolve(), Path(output_dir).resolve()
     if not src.is_dir():
@@ -3077,7 +3071,7 @@ def predict_folder(
         raise ValueError(
             f"Refusing to write predictions into the input folder {src}; choose an OUTPUT_DIR outside it."
         )
-    files = _list_images(src)
+    files = list(_image_files(src / "images" if (src / "images").is_dir() else src).values())
     if not files:
         raise FileNotFoundError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) in {src}.")
     threshold = config.inference_threshold if threshold is None else threshold
@@ -3093,10 +3087,20 @@ def predict_folder(
         )
     (out / "masks").mkdir(parents=True, exist_ok=True)
     (out / "overlays").mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows, skipped = [], []
     for start in range(0, len(files), batch_size):
-        chunk = files[start : start + batch_size]
-        originals = [read_image(f) for f in chunk]
+        chunk, originals = [], []
+        for f in files[start : start + batch_size]:
+            try:
+                originals.append(read_image(f))
+            except ImageReadError as exc:
+                if not skip_bad_files:
+                    raise
+                skipped.append({"name": f.name, "problem": str(exc)})
+                continue
+            chunk.append(f)
+        if not chunk:
+            continue
         inputs = np.stack([model_input(o, config.image_size, config.preprocessing) for o in originals])
         probs = predict_probabilities(
             model,
@@ -3108,9 +3112,8 @@ def predict_folder(
             amp=config.amp,
         )
         flags = familiarity(inputs, reference)
-        for i, (f, original, prob, (mask_path, overlay_path)) in enumerate(
-            zip(chunk, originals, probs, targets[start : start + batch_size])
-        ):
+        for i, (f, original, prob) in enumerate(zip(chunk, originals, probs)):
+            mask_path, overlay_path = out / "masks" / f"{f.stem}.png", out / "overlays" / f"{f.stem}.png"
             h, w = original.shape
             mask = binarize_prediction(
                 cv2.resize(prob, (w, h), interpolation=cv2.INTER_LINEAR), threshold, postprocess
@@ -3126,9 +3129,14 @@ def predict_folder(
                     "kidney_fraction": float(mask.mean()),
                     **(flags.iloc[i].to_dict() if flags is not None else {}),
                     "mask": str(mask_path),
+                    "problem": "",
                 }
             )
-    table = pd.DataFrame(rows)
+    if skipped:
+        print(f"{len(skipped)} unreadable images skipped: " + ", ".join(row["name"] for row in skipped))
+    if not rows:
+        raise ValueError(f"None of the {len(files)} images in {src} could be read; see the skipped files.")
+    table = pd.DataFrame(rows + skipped)
     _atomic_write(table_path, table.to_csv(index=False))
     return table
 
@@ -4544,12 +4552,13 @@ def unfamiliar_note(table: pd.DataFrame, name_column: str = "name") -> str:
     """One sentence on how many images :func:`familiarity` flagged, naming the first few."""
     if "unfamiliar" not in table:
         return "No familiarity check: this model's checkpoint stores no training statistics."
-    flagged = table.loc[table["unfamiliar"].astype(bool), name_column].astype(str).tolist()
+    checked = table[table["unfamiliar"].notna()]
+    flagged = checked.loc[checked["unfamiliar"].eq(True), name_column].astype(str).tolist()
     if not flagged:
-        return f"None of the {len(table)} images looks unlike the training images."
+        return f"None of the {len(checked)} images looks unlike the training images."
     names = ", ".join(flagged[:5]) + (", ..." if len(flagged) > 5 else "")
     return (
-        f"{len(flagged)} of {len(table)} images look unlike anything the model was trained on "
+        f"{len(flagged)} of {len(checked)} images look unlike anything the model was trained on "
         f"(novelty > 1): {names}. Check their masks before using them."
     )
 

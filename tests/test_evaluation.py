@@ -210,6 +210,35 @@ def test_predict_folder_refusals(tmp_path):
         ku.predict_folder(model, config, tmp_path / "empty", tmp_path / "out2")
 
 
+def test_predict_folder_refuses_two_images_of_one_name(tmp_path):
+    # a.png and a.jpg would both write masks/a.png: the second used to replace the first silently.
+    folder = tmp_path / "new"
+    folder.mkdir()
+    for ext in (".png", ".jpg"):
+        assert cv2.imwrite(str(folder / f"a{ext}"), np.full((32, 32), 80, np.uint8))
+    config = ku.Config(image_size=32, base_channels=4, depth=2)
+    with pytest.raises(ValueError, match=r"Two files share the name 'a'.*a.jpg and a.png"):
+        ku.predict_folder(identity_like_model(), config, folder, tmp_path / "out")
+    assert not (tmp_path / "out" / "masks").exists()
+
+
+def test_predict_folder_skips_and_lists_unreadable_images(tmp_path):
+    root = make_eval_set(tmp_path, [(32, 32), (40, 40)])
+    (root / "images" / "broken.png").write_bytes(b"\x89PNG not really")
+    config = ku.Config(image_size=32, base_channels=4, depth=2)
+    with pytest.raises(ku.ImageReadError, match="broken.png"):
+        ku.predict_folder(identity_like_model(), config, root, tmp_path / "out")
+    table = ku.predict_folder(identity_like_model(), config, root, tmp_path / "out2", skip_bad_files=True)
+    assert len(table) == 3 and table["problem"].fillna("").astype(bool).sum() == 1
+    bad = table[table["name"] == "broken.png"].iloc[0]
+    assert "could not be decoded" in bad["problem"]
+    assert not (tmp_path / "out2" / "masks" / "broken.png").exists()
+    assert len(list((tmp_path / "out2" / "masks").iterdir())) == 2
+    assert pd.read_csv(tmp_path / "out2" / "predictions.csv")["name"].tolist() == table["name"].tolist()
+    flagged = table.assign(unfamiliar=[False, True, np.nan])
+    assert ku.unfamiliar_note(flagged).startswith("1 of 2 images")
+
+
 # ----- the exact validation split ----------------------------------------------------------------
 
 
