@@ -4645,8 +4645,11 @@ def plot_threshold_sweep(sweep: pd.DataFrame, chosen: float | None = None) -> An
     return fig
 
 
-def show_threshold_viewer(data: EvaluationSet, probs: Sequence[np.ndarray], threshold: float = 0.5) -> None:
-    """An ipywidgets viewer (slice and threshold sliders) over TP/FP/FN overlays.
+def show_threshold_viewer(
+    data: EvaluationSet, probs: Sequence[np.ndarray], threshold: float = 0.5, label: str = ""
+) -> None:
+    """An ipywidgets viewer (slice and threshold sliders) over TP/FP/FN overlays; ``label`` names the
+    split in every title (thresholds are chosen on validation, never on test).
 
     A static figure of the first slice at ``threshold`` is always drawn first, so a headless run
     (papermill, nbval) records a picture; the widget follows only in an interactive front end.
@@ -4658,7 +4661,9 @@ def show_threshold_viewer(data: EvaluationSet, probs: Sequence[np.ndarray], thre
         fig, ax = plt.subplots(figsize=(5, 5))
         ax.imshow(error_overlay(data.originals[index], pred, data.masks[index]))
         ax.set_title(
-            f"{data.pairs[index].name}  threshold {thr:.2f}  Dice {counts.metrics()['dice']:.3f}", fontsize=9
+            f"{label + ': ' if label else ''}{data.pairs[index].name}  threshold {thr:.2f}  "
+            f"Dice {counts.metrics()['dice']:.3f}",
+            fontsize=9,
         )
         ax.axis("off")
         plt.show()

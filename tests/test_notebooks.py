@@ -22,6 +22,7 @@ import kidneyseg_utils as ku
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO / "notebooks"
 TINY_TRAINING = dict(IMAGE_SIZE=32, BASE_CHANNELS=4, BATCH_SIZE=8, NUM_EPOCHS=2, MAX_IMAGES=48)
+TRAINED_THRESHOLD = 0.35  # notebook 04 must use the threshold stored with the model, not 0.5
 WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
 
 pytestmark = pytest.mark.slow
@@ -65,7 +66,12 @@ def trained_run(tmp_path_factory, shared_data):
     execute(
         "03_train_model.ipynb",
         tmp,
-        dict(DATA_DIR=str(shared_data), OUTPUT_DIR=str(out), **TINY_TRAINING),  # GROUP_REGEX "auto"
+        dict(
+            DATA_DIR=str(shared_data),
+            OUTPUT_DIR=str(out),
+            INFERENCE_THRESHOLD=TRAINED_THRESHOLD,
+            **TINY_TRAINING,
+        ),  # GROUP_REGEX "auto"
     )
     return out
 
@@ -109,6 +115,7 @@ def test_04_evaluates_tests_and_predicts(trained_run, shared_data, tmp_path):
             summary["n_images"] == len(scores) and summary["tta"] is True and summary["postprocess"] is True
         )
         assert summary["evaluated_on"] == ku.SPLIT_LABELS[part]
+        assert summary["threshold"] == TRAINED_THRESHOLD
         assert summary["n_cases"] == (scores["source"] + scores["case"]).nunique()
         for key in ("pooled_dice", "mean_dice", "mean_dice_with_kidney", "pooled_iou", "mean_case_dice"):
             assert 0 <= summary[key] <= 1, key
@@ -125,6 +132,9 @@ def test_04_evaluates_tests_and_predicts(trained_run, shared_data, tmp_path):
     assert len(table) == 15 and table["novelty"].ge(0).all() and table["unfamiliar"].dtype == bool
     printed = "".join("".join(o.get("text", "")) for c in nb["cells"] for o in c.get("outputs", []))
     assert printed.count("images look unlike") + printed.count("looks unlike the training") == 2
+    viewer = next(c for c in nb["cells"] if "ku.show_threshold_viewer(" in "".join(c["source"]))
+    assert "val.data, val.probs" in "".join(viewer["source"])  # chosen on validation, never on test
+    assert any("image/png" in o.get("data", {}) for o in viewer["outputs"])
     first = ku.read_image(predict / "images" / masks[0].name)
     assert ku.read_image(masks[0]).shape == first.shape
 
