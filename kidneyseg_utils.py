@@ -30,8 +30,10 @@ Part II, the studies: what the notebooks show besides a run. Uses part I, never 
    15. Leave-one-source-out -- notebook 05's folds, table and figure.
 
 Staging for Kaggle (kernel-metadata.json, push order) lives outside this module, in
-``tools/kaggle_stage.py``: running this file as a script (as Kaggle does when it saves the utility
-script) does nothing.
+``tools/kaggle_stage.py``. Running this file as a script (as Kaggle does when it saves the utility
+script) does nothing, except in a Kaggle session, where it copies itself into ``/kaggle/working``
+(:func:`export_for_kaggle`): a notebook that attaches the script then finds the module in the
+script's output even if Kaggle did not mark it as a utility script.
 
 Importing the module has no side effects: no seeding, no plotting settings, no device probing.
 Albumentations is imported on first use, with its network update check switched off
@@ -112,8 +114,9 @@ __all__ = [
     "plot_case_dice", "plot_threshold_sweep", "show_threshold_viewer", "plot_prediction_overlays",
     "familiarity_report", "unfamiliar_note",
     # 15. Leave-one-source-out
-    "LOSO_CSV_NAME", "plot_intensity_draws", "source_folds", "fold_table", "leave_one_source_out",
-    "leave_one_source_out_files", "summarize_leave_one_source_out", "plot_leave_one_source_out",
+    "LOSO_CSV_NAME", "plot_intensity_draws", "source_folds", "fold_examples", "fold_table",
+    "leave_one_source_out", "leave_one_source_out_files", "summarize_leave_one_source_out",
+    "plot_leave_one_source_out",
 ]
 # fmt: on
 
@@ -2955,13 +2958,21 @@ def image_features(image: np.ndarray) -> np.ndarray:
     )
 
 
+FAMILIARITY_WORKING_MB = 64  # scikit-learn's working memory for the neighbour search (chunks)
+
+
 def _neighbour_distance(z: np.ndarray, reference: np.ndarray, leave_one_out: bool = False) -> np.ndarray:
-    """Mean Euclidean distance of each row of ``z`` to its nearest rows of ``reference``."""
-    d = np.sqrt(((z[:, None, :] - reference[None, :, :]) ** 2).sum(-1))
-    if leave_one_out:
-        np.fill_diagonal(d, np.inf)
+    """Mean Euclidean distance of each row of ``z`` to its nearest rows of ``reference``, searched in
+    chunks of :data:`FAMILIARITY_WORKING_MB` (memory linear in the rows, not quadratic). With
+    ``leave_one_out``, ``z`` is ``reference`` and no row is its own neighbour."""
+    import sklearn
+    from sklearn.neighbors import NearestNeighbors
+
     k = min(FAMILIARITY_NEIGHBOURS, reference.shape[0] - int(leave_one_out))
-    return np.sort(d, axis=1)[:, :k].mean(1)
+    with sklearn.config_context(working_memory=FAMILIARITY_WORKING_MB):
+        search = NearestNeighbors(n_neighbors=k, algorithm="brute").fit(np.asarray(reference, np.float64))
+        distances, _ = search.kneighbors(None if leave_one_out else np.asarray(z, np.float64))
+    return distances.mean(1)
 
 
 def familiarity_reference(images: np.ndarray) -> dict[str, Any]:
@@ -3164,6 +3175,27 @@ KAGGLE_TRAIN_MINUTES = 660
 def kaggle_root() -> Path:
     """Kaggle's root folder: ``/kaggle``, or ``$KIDNEYSEG_KAGGLE_ROOT`` (tests point it elsewhere)."""
     return Path(os.environ.get(KAGGLE_ROOT_ENV, "/kaggle"))
+
+
+MODULE_FILE_NAME = "kidneyseg_utils.py"
+
+
+def export_for_kaggle() -> Path | None:
+    """In a Kaggle session, write a copy of this module to ``/kaggle/working/kidneyseg_utils.py``.
+
+    Kaggle runs a script kernel when it is saved; an attached *utility script* is mounted under
+    ``/kaggle/usr/lib``, but an attached kernel that Kaggle did not mark as one brings only its output
+    (``/kaggle/input/.../<slug>/``), which the notebooks' finder also searches. Off Kaggle, or
+    without a ``working`` folder, nothing is written. Returns the copy's path, or None.
+    """
+    working = kaggle_root() / "working"
+    if not on_kaggle() or not working.is_dir():
+        return None
+    target = working / MODULE_FILE_NAME
+    source = Path(__file__).resolve()
+    if target.resolve() != source:
+        _atomic_write(target, source.read_bytes())
+    return target
 
 
 def on_kaggle() -> bool:
@@ -3693,6 +3725,7 @@ def inventory(
             "problem": "",
             "image": str(pair.image),
             "mask": str(pair.mask),
+            "mask_labels": pair.mask_labels,
         }
         try:
             raw_image = _decode(pair.image)
@@ -3762,6 +3795,7 @@ def inventory(
         "kidney_fraction",
         "components",
         "pixel_hash",
+        "mask_labels",
     ]
     table = pd.DataFrame(rows).reindex(columns=columns)
     first = {}
@@ -3883,12 +3917,17 @@ def dataset_warnings(
     return found
 
 
+def _labels_of(value: Any) -> str | tuple[int, ...] | None:
+    """An inventory row's ``mask_labels`` (pandas stores a column of None as NaN)."""
+    return value if isinstance(value, (str, tuple, list)) else None
+
+
 def mask_heatmap(table: pd.DataFrame, size: int = 64) -> np.ndarray:
     """Share of masks covering each position of the normalised (resized) image, ``size`` x ``size``."""
     ok = table[table["status"] == "ok"]
     total = np.zeros((size, size), np.float64)
-    for path in ok["mask"]:
-        mask = read_mask(path).astype(np.float32)
+    for path, labels in zip(ok["mask"], ok["mask_labels"]):
+        mask = read_mask(path, _labels_of(labels)).astype(np.float32)
         total += cv2.resize(mask, (size, size), interpolation=cv2.INTER_AREA)
     return total / max(1, len(ok))
 
@@ -3968,7 +4007,7 @@ def plot_gallery(
         image = read_image(row["image"])
         if transform is not None:
             image = transform(image)
-        ax.imshow(overlay_mask(image, read_mask(row["mask"])))
+        ax.imshow(overlay_mask(image, read_mask(row["mask"], _labels_of(row["mask_labels"]))))
         ax.set_title(f"{row['source']}\n{row['name'][:26]}", fontsize=7)
     fig.tight_layout()
     return fig
@@ -4015,7 +4054,8 @@ def show_slice_browser(table: pd.DataFrame) -> None:
     def draw(index: int = 0, overlay: bool = True, opacity: float = 0.45) -> None:
         row = ok.loc[index]
         image = read_image(row["image"])
-        shown = overlay_mask(image, read_mask(row["mask"]), alpha=opacity) if overlay else image
+        mask = read_mask(row["mask"], _labels_of(row["mask_labels"]))
+        shown = overlay_mask(image, mask, alpha=opacity) if overlay else image
         fig, ax = plt.subplots(figsize=(5, 5))
         ax.imshow(shown, cmap="gray")
         ax.set_title(f"{row['source']} / {row['name']}  ({row['width']}x{row['height']})", fontsize=9)
@@ -4120,6 +4160,7 @@ def normalization_consistency(
     image_size: int = 128,
     preprocessing: str = "none",
     ring: int = 5,
+    mask_labels: str | Sequence[int] | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """How alike kidneys look across sources after each normalisation (no training needed).
 
@@ -4131,9 +4172,10 @@ def normalization_consistency(
     Returns:
         ``(per_source, summary)``: per (method, source), the kidney and surroundings levels and their
         difference; per method, ``spread`` = standard deviation of the kidney level over sources
-        divided by the mean absolute contrast (lower is more consistent).
+        divided by the mean absolute contrast (lower is more consistent), and the ``preprocessing``
+        the inputs had (pass the run's, so that these are the inputs it trains on).
     """
-    pairs = index_dataset(data_dir).pairs
+    pairs = index_dataset(data_dir, mask_labels=mask_labels).pairs
     cache = load_arrays(pairs, image_size, preprocessing)
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * ring + 1, 2 * ring + 1))
     rows = []
@@ -4151,6 +4193,7 @@ def normalization_consistency(
         kidney_sd=("kidney", "std"), mean_abs_contrast=("contrast", lambda c: float(np.abs(c).mean()))
     )
     summary["spread"] = summary["kidney_sd"] / summary["mean_abs_contrast"]
+    summary["preprocessing"] = preprocessing
     return per_source, summary.reset_index()
 
 
@@ -4160,7 +4203,7 @@ def sample_slices_with_kidney(pairs: Sequence[SamplePair], per_source: int, seed
     rng = np.random.default_rng(seed)
     sample: list[SamplePair] = []
     for source in sorted({p.source for p in pairs}):
-        candidates = [p for p in pairs if p.source == source and read_mask(p.mask).any()]
+        candidates = [p for p in pairs if p.source == source and load_pair(p)[1].any()]
         picks = rng.choice(len(candidates), size=min(per_source, len(candidates)), replace=False)
         sample += [candidates[i] for i in sorted(picks)]
     return sample
@@ -4700,20 +4743,32 @@ class SourceFold:
     test: list[SamplePair]
 
 
-def source_folds(pairs: Sequence[SamplePair], sources: Sequence[str] | None = None) -> list[SourceFold]:
+def source_folds(
+    pairs: Sequence[SamplePair], sources: Sequence[str] | None = None, strict: bool = True
+) -> list[SourceFold]:
     """One fold per source (or per listed source): train on all other sources, test on it.
 
+    Args:
+        pairs: Every pair of the data root.
+        sources: The sources to hold out in turn (None: all).
+        strict: With fewer than two sources, raise; if False, print why and return no fold, so that
+            notebook 05 ends with that message instead of a traceback.
+
     Raises:
-        ValueError: fewer than two sources, or ``sources`` names one that is not there (the
-            message lists the sources found) or names one twice.
+        ValueError: fewer than two sources (when ``strict``), or ``sources`` names one that is not
+            there (the message lists the sources found) or names one twice.
     """
     pairs = list(pairs)
     available = sorted({p.source for p in pairs})
     if len(available) < 2:
-        raise ValueError(
+        message = (
             f"Leave-one-source-out needs at least 2 sources (folders with images/ and masks/ under "
             f"DATA_DIR); found {available or 'none'}. Put each scanner or dataset in its own folder."
         )
+        if strict:
+            raise ValueError(message)
+        print(message + " Nothing is trained.")
+        return []
     chosen = available if sources is None else [str(s) for s in sources]
     unknown = [s for s in chosen if s not in available]
     if unknown:
@@ -4956,6 +5011,20 @@ def plot_intensity_draws(image: np.ndarray, augmentation: str = "gin", n: int = 
     return fig
 
 
+def fold_examples(folds: Sequence[SourceFold]) -> list[SamplePair]:
+    """One slice per held-out source for pictures: its first slice with kidney, or its first slice
+    when none has kidney (named in a printed note)."""
+    examples, without = [], []
+    for fold in folds:
+        with_kidney = next((p for p in fold.test if load_pair(p)[1].any()), None)
+        if with_kidney is None:
+            without.append(fold.held_out)
+        examples.append(with_kidney or fold.test[0])
+    if without:
+        print(f"No slice with kidney in {', '.join(without)}: its first slice is shown instead.")
+    return examples
+
+
 def fold_table(folds: Sequence[SourceFold]) -> pd.DataFrame:
     """One row per fold: the held-out source, its test images and patients, and what trains."""
     return pd.DataFrame(
@@ -5036,3 +5105,7 @@ def plot_leave_one_source_out(table: pd.DataFrame) -> Any:
     fig.suptitle("Leave-one-source-out: trained on the other sources, tested on this one", fontsize=11)
     fig.tight_layout()
     return fig
+
+
+if __name__ == "__main__":
+    export_for_kaggle()

@@ -6,6 +6,7 @@ Expected values are worked out by hand on constructed arrays.
 from __future__ import annotations
 
 import json
+import shutil
 
 import albumentations as A
 import cv2
@@ -226,6 +227,23 @@ def test_fold_errors_name_the_problem(phantom_dir, shared_data):
         ku.source_folds(pairs, ["kits-ct"])
     with pytest.raises(ValueError, match="distinct"):
         ku.source_folds(pairs, ["kits19-ct", "kits19-ct"])
+
+
+def test_one_source_gives_no_fold_and_says_why(phantom_dir, capsys):
+    assert ku.source_folds(ku.index_dataset(phantom_dir).pairs, strict=False) == []
+    assert "needs at least 2 sources" in capsys.readouterr().out
+
+
+def test_fold_examples_prefer_kidney_and_survive_a_source_without_any(two_sites, tmp_path, capsys):
+    root = tmp_path / "data"
+    shutil.copytree(two_sites, root)
+    for mask in (root / "phantom-site-b" / "masks").iterdir():  # site b: no kidney anywhere
+        cv2.imwrite(str(mask), np.zeros_like(cv2.imread(str(mask), cv2.IMREAD_UNCHANGED)))
+    folds = ku.source_folds(ku.index_dataset(root).pairs)
+    examples = ku.fold_examples(folds)  # used to raise a bare StopIteration in notebook 05
+    assert [p.source for p in examples] == ["phantom-site-a", "phantom-site-b"]
+    assert ku.load_pair(examples[0])[1].any() and examples[1] == folds[1].test[0]
+    assert "No slice with kidney in phantom-site-b" in capsys.readouterr().out
 
 
 @pytest.fixture(scope="module")

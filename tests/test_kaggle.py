@@ -226,6 +226,11 @@ def test_stage_command_prints_the_push_order(tmp_path):
     ]
     assert pushes == ["kidneyseg-utils", *SLUGS, *LATER]
     assert "once notebook 03 has finished" in proc.stdout and "bob/kidneyseg-03-train-model" in proc.stdout
+    lines = proc.stdout.splitlines()
+    wait = next(i for i, line in enumerate(lines) if "kaggle kernels status bob/kidneyseg-utils" in line)
+    first_notebook = next(i for i, line in enumerate(lines) if line.endswith("kidneyseg-01-explore-data"))
+    utility = next(i for i, line in enumerate(lines) if line.endswith("/kidneyseg-utils"))
+    assert utility < wait < first_notebook  # wait for the utility script's run before the notebooks
     check = subprocess.run(
         [
             sys.executable,
@@ -247,6 +252,32 @@ def test_stage_command_prints_the_push_order(tmp_path):
         timeout=120,
     )
     assert check.returncode == 1 and "no kernel-metadata.json" in check.stdout
+
+
+def test_staging_leaves_05_out_when_the_data_have_one_source(tmp_path, phantom_dir, capsys):
+    stages = stage_tool.stage_kaggle(tmp_path / "one", owner="alice", data_dir=phantom_dir)
+    assert [f.name for f in stages[-1]] == ["kidneyseg-04-evaluate-model"]
+    assert "kidneyseg-05-leave-one-source-out left out" in capsys.readouterr().err
+    two = ku.make_synthetic_sources(tmp_path / "two", n_cases=3, slices_per_case=2)
+    stages = stage_tool.stage_kaggle(tmp_path / "both", owner="alice", data_dir=two)
+    assert [f.name for f in stages[-1]] == LATER
+    with pytest.raises(FileNotFoundError, match="no folder with images/ and masks/"):
+        stage_tool.stage_kaggle(tmp_path / "none", owner="alice", data_dir=tmp_path / "empty-nowhere")
+
+
+@pytest.mark.slow  # a fresh Python process imports torch
+def test_run_as_a_script_on_kaggle_the_module_copies_itself_to_working(tmp_path):
+    """The fallback for a utility script Kaggle did not mark: its output holds the module."""
+    kaggle = tmp_path / "kaggle"
+    (kaggle / "working").mkdir(parents=True)
+    script = _touch(tmp_path / "src" / "script.py", (REPO / "kidneyseg_utils.py").read_text())
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(KIDNEYSEG_KAGGLE_ROOT=str(kaggle), KAGGLE_KERNEL_RUN_TYPE="Batch")
+    run = dict(cwd=kaggle / "working", env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, str(script)], **run)
+    assert (proc.returncode, proc.stdout) == (0, ""), proc.stderr
+    assert sorted(p.name for p in (kaggle / "working").iterdir()) == [ku.MODULE_FILE_NAME]
+    assert (kaggle / "working" / ku.MODULE_FILE_NAME).read_bytes() == script.read_bytes()
 
 
 # ----- runtime rules: where things are, what "auto" means, headless or not ------------------------
@@ -393,11 +424,13 @@ LAYOUTS = {
         "utility": "usr/lib/notebooks/alice/kidneyseg-utils",
         "dataset": "input/datasets/alice/kidneys",
         "output_of_03": "input/notebooks/alice/kidneyseg-03-train-model",
+        "output_of_utility": "input/notebooks/alice/kidneyseg-utils",
     },
     "old": {
         "utility": "usr/lib/kidneyseg_utils",
         "dataset": "input/kidneys",
         "output_of_03": "input/kidneyseg-03-train-model",
+        "output_of_utility": "input/kidneyseg-utils",
     },
 }
 
@@ -480,3 +513,25 @@ def test_simulated_kaggle_sessions(tmp_path, phantom_dir, layout):
     assert history["epoch"].tolist() == [1, 2]
     assert history.iloc[0].equals(pd.read_csv(run / ku.METRICS_CSV_NAME).iloc[0])  # continued, not redone
     assert ku.load_checkpoint(resumed / "kidneyseg" / ku.LAST_CHECKPOINT_NAME)["epoch"] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["current", "old"])
+def test_simulated_kaggle_session_with_an_unmarked_utility_script(tmp_path, phantom_dir, layout):
+    """Kaggle did not mark the script as a utility script: nothing under /kaggle/usr/lib, only the
+    script's output attached as an input. Its run wrote the module there, and notebook 01 finds it."""
+    stage = stage_tool.stage_kaggle(tmp_path / "stage", owner="alice", dataset="alice/kidneys")
+    folders = {f.name: f for group in stage for f in group}
+    kaggle = tmp_path / layout
+    (kaggle / "outputs").mkdir(parents=True)
+    (kaggle / "working").mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(KIDNEYSEG_KAGGLE_ROOT=str(kaggle), KAGGLE_KERNEL_RUN_TYPE="Batch")
+    script = folders["kidneyseg-utils"] / ku.MODULE_FILE_NAME
+    subprocess.run([sys.executable, str(script)], cwd=kaggle / "working", env=env, check=True, timeout=120)
+    shutil.copytree(kaggle / "working", kaggle / LAYOUTS[layout]["output_of_utility"])
+    assert not (kaggle / "usr").exists()
+    shutil.copytree(phantom_dir, kaggle / LAYOUTS[layout]["dataset"] / "ct")
+    explored = _kaggle_session(kaggle, folders["kidneyseg-01-explore-data"], {"GALLERY_SIZE": 4}, None)
+    inventory = pd.read_csv(explored / "kidneyseg" / "exploration" / "data_inventory.csv")
+    assert (inventory["status"] == "ok").sum() == len(ku.index_dataset(phantom_dir).pairs)

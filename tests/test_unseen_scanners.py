@@ -3,12 +3,18 @@ that flags new images unlike the training images."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
 import kidneyseg_utils as ku
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _batch(n: int = 6, size: int = 32) -> torch.Tensor:
@@ -123,6 +129,42 @@ def test_familiarity_reference_is_plain_and_checked(familiar):
         ku.familiarity(held, {**reference, "features": ["mean"]})
     with pytest.raises(ValueError, match="two training images"):
         ku.familiarity_reference(held[:1])
+
+
+def test_neighbour_distance_by_hand():
+    # Three training images on one feature axis at 0, 3 and 4 (the other features 0).
+    reference = np.zeros((3, len(ku.FAMILIARITY_FEATURES)))
+    reference[:, 0] = [0, 3, 4]
+    # Each to the two others (k = n - 1 = 2): (3 + 4) / 2, (3 + 1) / 2, (4 + 1) / 2.
+    own = ku._neighbour_distance(reference, reference, leave_one_out=True)
+    np.testing.assert_allclose(own, [3.5, 2.0, 2.5])
+    query = np.zeros((1, len(ku.FAMILIARITY_FEATURES)))
+    query[0, 0] = 10  # k = min(5, 3) = 3: (10 + 7 + 6) / 3
+    np.testing.assert_allclose(ku._neighbour_distance(query, reference), [23 / 3])
+    twins = np.zeros((3, len(ku.FAMILIARITY_FEATURES)))  # a duplicate is a neighbour, itself is not
+    twins[:, 0] = [1, 1, 5]
+    np.testing.assert_allclose(ku._neighbour_distance(twins, twins, leave_one_out=True), [2.0, 2.0, 4.0])
+
+
+@pytest.mark.slow  # a fresh process, 20,000 rows
+def test_familiarity_memory_is_bounded_at_20000_slices():
+    """The dense N x M x 13 array took 0.83 GiB at 4,000 slices and about 21 GiB at 20,000."""
+    probe = (
+        "import resource, numpy as np, kidneyseg_utils as ku, sklearn.neighbors\n"
+        "z = np.random.default_rng(0).normal(size=(20000, len(ku.FAMILIARITY_FEATURES)))\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "own = ku._neighbour_distance(z, z, leave_one_out=True)\n"
+        "novelty = ku._neighbour_distance(z[:5000] + 1.0, z)\n"
+        "grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024\n"
+        "print(grown, own.shape, novelty.shape)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    grown_mib, *shapes = proc.stdout.strip().split(maxsplit=1)
+    assert float(grown_mib) < 256, proc.stdout  # about 10 MiB measured; the dense array: ~21 GiB
+    assert shapes == ["(20000,) (5000,)"]
 
 
 def test_report_and_note_put_the_flag_beside_the_dice(familiar):

@@ -7,7 +7,7 @@ and 05 only once 03's output exists.
 
 Usage::
 
-    python tools/kaggle_stage.py stage OUT [--owner NAME] [--dataset OWNER/SLUG]
+    python tools/kaggle_stage.py stage OUT [--owner NAME] [--dataset OWNER/SLUG] [--data LOCAL_COPY]
     python tools/kaggle_stage.py validate FOLDER [FOLDER ...]
 
 The metadata rules below are the ones the Kaggle CLI applies in ``kaggle kernels push``
@@ -28,6 +28,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 MODULE = "kidneyseg_utils.py"
+LOSO_SLUG = "kidneyseg-05-leave-one-source-out"
 
 # Every field `kaggle kernels push` reads from kernel-metadata.json.
 KERNEL_METADATA_FIELDS = (
@@ -216,20 +217,34 @@ def series_problems(series: dict[str, Any]) -> list[str]:
     return problems
 
 
+def count_sources(data_dir: str | Path) -> list[str]:
+    """The sources (folders with images/ and masks/) of a local copy of the dataset, as notebook 05
+    sees them."""
+    sys.path.insert(0, str(REPO))
+    import kidneyseg_utils as ku
+
+    root = Path(data_dir)
+    return [ku._relative_source(folder, root) for folder in ku.find_dataset_folders(root)]
+
+
 def stage_kaggle(
     out_dir: str | Path,
     metadata_path: str | Path | None = None,
     owner: str | None = None,
     dataset: str | None = None,
+    data_dir: str | Path | None = None,
 ) -> list[list[Path]]:
     """Stage one folder per kernel and return them in push order, as stages.
 
     Stage 0 is the utility script; stage 1 the notebooks that need only the data (01, 02, 03);
     stage 2 the ones to push once notebook 03 has finished (04 reads its model; 05 would otherwise
     compete with 03 for the GPU quota). ``owner`` and ``dataset`` override ``kaggle-metadata.json``.
+    ``data_dir``, a local copy of the dataset, is checked for notebook 05: with fewer than two
+    sources it is left out (it would spend a GPU session to say that it cannot run).
 
     Raises:
         FileExistsError: ``out_dir`` exists, is not empty and was not made by this function.
+        FileNotFoundError: ``data_dir`` holds no images/ + masks/ folder.
         ValueError: a generated ``kernel-metadata.json`` breaks a rule of the CLI, or the series is
             not consistent (see :func:`series_problems`).
     """
@@ -242,10 +257,22 @@ def stage_kaggle(
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not (out / _STAGING_MARKER).exists():
         raise FileExistsError(f"{out} is not empty and is not a kidneyseg staging folder; choose another.")
+    entries = [series["utility_script"], *series["notebooks"]]
+    if data_dir is not None:
+        sources = count_sources(data_dir)
+        if not sources:
+            raise FileNotFoundError(f"--data {data_dir}: no folder with images/ and masks/ in it")
+        if len(sources) < 2:
+            print(
+                f"# {LOSO_SLUG} left out: {data_dir} has one source ({sources[0]}), and leave-one-"
+                "source-out needs at least two folders with images/ and masks/",
+                file=sys.stderr,
+            )
+            entries = [e for e in entries if e["slug"] != LOSO_SLUG]
     out.mkdir(parents=True, exist_ok=True)
     (out / _STAGING_MARKER).write_text("made by tools/kaggle_stage.py; safe to delete\n")
     stages: dict[int, list[Path]] = {}
-    for entry in [series["utility_script"], *series["notebooks"]]:
+    for entry in entries:
         meta = kernel_metadata(series, entry)
         folder = out / entry["slug"]
         if folder.exists():
@@ -262,10 +289,14 @@ def stage_kaggle(
 
 _STAGE_NOTES = (
     "the utility script first: every notebook imports it (each push also runs the kernel; this one "
-    "only imports the module and ends)",
+    "copies the module into its output and ends)",
+    "once the utility script has finished ('kaggle kernels status OWNER/kidneyseg-utils' says "
+    "complete; a notebook pushed earlier can attach a version whose run has not finished): the "
     "notebooks that need only the dataset; they run at the same time, each GPU run on the weekly quota",
     "once notebook 03 has finished ('kaggle kernels status OWNER/kidneyseg-03-train-model' says "
-    "complete): 04 evaluates 03's model, and 05 would otherwise share the GPU quota with 03",
+    "complete): 04 evaluates 03's model, and 05 would otherwise share the GPU quota with 03. 05 "
+    "needs at least two sources (folders with images/ and masks/) in the dataset; with one it only "
+    "says so: leave it out (stage with --data LOCAL_COPY to check)",
 )
 
 
@@ -291,13 +322,16 @@ def main(argv: list[str] | None = None) -> int:
     stage.add_argument("out", help="folder to write the kernel folders into")
     stage.add_argument("--owner", help="your Kaggle user name (default: kaggle-metadata.json)")
     stage.add_argument("--dataset", help="your dataset as owner/slug (default: kaggle-metadata.json)")
+    stage.add_argument(
+        "--data", help="a local copy of the dataset: notebook 05 is left out if it has fewer than 2 sources"
+    )
     check = commands.add_parser("validate", help="check kernel folders as 'kaggle kernels push' would")
     check.add_argument("folders", nargs="+")
     args = parser.parse_args(argv)
     if args.command == "stage":
         try:
-            stages = stage_kaggle(args.out, owner=args.owner, dataset=args.dataset)
-        except (ValueError, FileExistsError) as exc:
+            stages = stage_kaggle(args.out, owner=args.owner, dataset=args.dataset, data_dir=args.data)
+        except (ValueError, FileExistsError, FileNotFoundError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
         print(push_plan(stages))
