@@ -839,27 +839,28 @@ def to_grayscale_uint8(image: np.ndarray) -> np.ndarray:
 
 
 LOSSY_EXTENSIONS = (".jpg", ".jpeg")
+NOISY_VALUES = 16  # more non-zero values than this: noise or soft edges around labels, not labels
 LABEL_SHARE = 0.01  # an intermediate value holding this share of the labelled pixels is a label
-LOSSY_LABEL_SHARE = 0.2  # the same within +-2 levels, in a lossy file (JPEG noise spreads edges)
+NOISY_LABEL_SHARE = 0.2  # the same within a band, in a noisy mask (noise spreads edges)
 
 
-def _several_labels(values: np.ndarray, found: np.ndarray, counts: np.ndarray, lossy: bool) -> bool:
-    """Whether a mask holds a label besides background and its largest value: an intermediate
-    value (lossless) or band of +-2 levels (lossy, away from both ends) holding a plateau of pixels.
-    Soft edges and compression noise spread over many values and hold none."""
-    top = float(found[-1])
-    positive = found > 0
-    labelled = counts[positive].sum()
-    if not lossy:
-        middle = positive & (found < top)
-        return bool((counts[middle] >= LABEL_SHARE * labelled).any())
-    middle = (found > top / 4) & (found < 3 * top / 4)
-    upper = counts[found > top / 4].sum()
-    for value in found[middle]:
-        near = (found >= value - 2) & (found <= value + 2)
-        if counts[near].sum() >= LOSSY_LABEL_SHARE * upper:
-            return True
-    return False
+def _several_labels(found: np.ndarray, counts: np.ndarray, noisy: bool) -> bool:
+    """Whether a mask holds a label besides background and its largest value, from its distinct
+    values ``found`` (sorted) and their pixel ``counts``: a value more than 1/16 of the range from
+    both ends holding a plateau of pixels (:data:`LABEL_SHARE` of the labelled ones); in a ``noisy``
+    mask (a JPEG, or more than :data:`NOISY_VALUES` values), a band of 1/16 of the range holding
+    :data:`NOISY_LABEL_SHARE` of them. Soft edges and compression noise sit next to the two levels
+    or spread over many values, and hold no such plateau."""
+    found = found.astype(np.float64)
+    top = found[-1]
+    middle = (found > top / 16) & (found < top - top / 16)
+    upper = counts[found > top / 16].sum()
+    if not noisy:
+        return bool((counts[middle] >= LABEL_SHARE * upper).any())
+    return any(
+        counts[middle & (np.abs(found - value) <= top / 32)].sum() >= NOISY_LABEL_SHARE * upper
+        for value in found[middle]
+    )
 
 
 def binarize_mask(
@@ -901,13 +902,14 @@ def binarize_mask(
     top = found[-1]
     if np.issubdtype(values.dtype, np.floating) and top <= 1:
         return (values >= 0.5).astype(np.uint8)
-    if _several_labels(values, found, counts, str(path).lower().endswith(LOSSY_EXTENSIONS)):
+    lossy = str(path).lower().endswith(LOSSY_EXTENSIONS)
+    if _several_labels(found, counts, noisy=lossy or (found > 0).sum() > NOISY_VALUES):
         shown = ", ".join(f"{v:g}: {c} px" for v, c in zip(found[:10].tolist(), counts[:10].tolist()))
         raise ValueError(
             f"Mask {path} has several label values ({shown}{', ...' if found.size > 10 else ''}), not "
             "one kidney label. Set MASK_LABELS='nonzero' to read every non-zero label as kidney, "
             "MASK_LABELS=[values] to name the kidney labels (e.g. [1]), or save the mask as 0/255"
-            + (" in PNG (a JPEG blurs label values)" if str(path).lower().endswith(LOSSY_EXTENSIONS) else "")
+            + (" in PNG (a JPEG blurs label values)" if lossy else "")
             + "."
         )
     return (values >= top / 2).astype(np.uint8)

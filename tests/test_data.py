@@ -104,6 +104,8 @@ def test_jpeg_noisy_mask(tmp_path):
     assert (out == (m > 0)).mean() > 0.995
     empty = write(tmp_path / "e.jpg", np.zeros((32, 32), np.uint8), [cv2.IMWRITE_JPEG_QUALITY, 50])
     assert not ku.read_mask(empty).any()
+    resaved = write(tmp_path / "resaved.png", raw)  # the same noise, stored losslessly
+    assert np.array_equal(ku.read_mask(resaved), out)
 
 
 def test_dim_single_label_jpeg_keeps_its_kidney(tmp_path):

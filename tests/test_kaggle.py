@@ -71,9 +71,12 @@ def kaggle_cli(monkeypatch):
     """The Kaggle CLI's ``KaggleApi`` with its network client replaced by a recorder.
 
     ``kernels_push`` validates the folder and builds the request exactly as on a real push; only the
-    final call to Kaggle's server is caught. Importing the package wants credentials: a dummy token.
+    final call to Kaggle's server is caught. Importing the package wants credentials: a dummy legacy
+    key (an access token would be checked with Kaggle's server by kaggle 2.0, Kaggle's own version).
     """
-    monkeypatch.setenv("KAGGLE_API_TOKEN", "offline-test-token")
+    monkeypatch.delenv("KAGGLE_API_TOKEN", raising=False)
+    monkeypatch.setenv("KAGGLE_USERNAME", "offline-test")
+    monkeypatch.setenv("KAGGLE_KEY", "offline-test-key")
     try:
         from kaggle.api.kaggle_api_extended import KaggleApi
     except ImportError as exc:  # pragma: no cover - the requirements install it
