@@ -92,11 +92,13 @@ __all__ = [
     "TrainingResult", "TrainingDivergedError", "train_model", "autocast_dtype", "cpu_has_native_bf16",
     "load_checkpoint", "plot_training_history",
     # 9. Inference and evaluation
-    "load_model", "predict_probabilities", "hausdorff95", "EvaluationSet", "load_evaluation_set",
-    "evaluate_model", "case_scores", "write_evaluation", "evaluate_split", "summary_table",
+    "load_model", "load_models", "FoldEnsemble", "predict_probabilities", "hausdorff95", "EvaluationSet",
+    "load_evaluation_set", "evaluate_model", "evaluate_validation", "evaluate_out_of_fold", "fold_comparison",
+    "case_scores",
+    "write_evaluation", "evaluate_split", "summary_table",
     "overlay_mask", "predict_folder", "familiarity_reference", "familiarity", "image_features",
     # 10. Runtime
-    "on_kaggle", "interactive_frontend", "resolve_output_dir", "resolve_model_path",
+    "on_kaggle", "interactive_frontend", "resolve_output_dir", "resolve_model_paths", "run_output_dir",
     "restore_run_for_resume",
     # 11. Phantoms and the default dataset
     "make_synthetic_dataset", "resolve_data_dir",
@@ -227,6 +229,8 @@ _FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
         lambda v: _is_int(v) and v >= 0, "None (automatic) or an integer >= 0", optional=True
     ),
     "amp": _rule(lambda v: isinstance(v, bool) or v == "cuda", 'True, False or "cuda"'),
+    "folds": _rule(lambda v: _is_int(v) and v >= 2, "an integer >= 2, e.g. 5"),
+    "fold": _rule(lambda v: _is_int(v) and v >= 0, "None or an integer from 0 to FOLDS - 1", optional=True),
     "multi_gpu": _rule(lambda v: isinstance(v, bool), '"auto", True or False'),
 }
 
@@ -259,6 +263,12 @@ class Config:
         test_fraction: Share of patients (or images) held out first as a test split that never
             chooses anything: not the learning rate, not the stopping epoch, not the best checkpoint.
             0 gives the plain train/validation split.
+        folds: Number of cross-validation folds (nnU-Net's protocol), used when ``fold`` is set.
+        fold: ``None``: the ``val_fraction`` split. ``k`` (0 to ``folds - 1``): the patients outside
+            the test split are divided into ``folds`` patient-disjoint folds, seeded and balanced by
+            source (:func:`cross_validation_folds`); fold ``k`` validates, the others train. Each
+            fold is one run with its own output folder (``fold_k``, :func:`run_output_dir`), and
+            notebook 04 averages the fold models (:class:`FoldEnsemble`).
         inference_threshold: Probability above which a pixel is kidney.
         seed: Seed of the split, the initial weights, the shuffling and the augmentation.
         group_regex: Regular expression whose first group (or whole match) is the patient id of a
@@ -322,6 +332,8 @@ class Config:
     depth: int = 4
     val_fraction: float = 0.2
     test_fraction: float = 0.15
+    folds: int = 5
+    fold: int | None = None
     inference_threshold: float = 0.5
     seed: int = 42
     group_regex: str | dict[str, str | None] | None = "auto"
@@ -363,6 +375,8 @@ class Config:
             fail("image_size", f"a positive multiple of {multiple} (2**depth), e.g. 128 or 256")
         if self.focal_weight + self.dice_weight <= 0:
             fail("dice_weight", "> 0 when focal_weight is 0 (the loss needs a positive weight)")
+        if self.fold is not None and self.fold >= self.folds:
+            fail("fold", f"None or an integer from 0 to {self.folds - 1} (FOLDS={self.folds})")
         patterns = self.group_regex.values() if isinstance(self.group_regex, dict) else [self.group_regex]
         for pattern in patterns:
             if pattern in (None, AUTO):
@@ -1054,18 +1068,58 @@ def split_pairs(
     return [pairs[i] for i in sorted(train_idx)], [pairs[i] for i in sorted(val_idx)]
 
 
+def cross_validation_folds(
+    pairs: Sequence[SamplePair], folds: int = 5, seed: int = 42, grouped: bool = True
+) -> list[list[SamplePair]]:
+    """Divide pairs into ``folds`` patient-disjoint folds, seeded and balanced by source.
+
+    Source by source, the patients (or images, without grouping) are shuffled with ``seed`` and each
+    goes to the fold that holds the fewest images of that source so far (ties: the fewest images in
+    all, then the lowest fold), so every fold gets a share of every source as far as its patients
+    allow. Each fold keeps the input order.
+
+    Raises:
+        ValueError: fewer patients (images) than folds.
+    """
+    pairs = list(pairs)
+    unit = (lambda p: p.group) if grouped else (lambda p: p.key)
+    units: dict[str, list[int]] = {}
+    for i, pair in enumerate(pairs):
+        units.setdefault(unit(pair), []).append(i)
+    if len(units) < folds:
+        raise ValueError(
+            f"FOLDS={folds} needs at least {folds} {'patients' if grouped else 'images'} outside the test "
+            f"split; there are {len(units)}. Lower FOLDS or add data."
+        )
+    rng = np.random.default_rng(seed)
+    fold_of: dict[str, int] = {}
+    totals = [0] * folds
+    for source in sorted({p.source for p in pairs}):
+        names = sorted(u for u, members in units.items() if pairs[members[0]].source == source)
+        per_source = [0] * folds
+        for name in (names[i] for i in rng.permutation(len(names))):
+            k = min(range(folds), key=lambda f: (per_source[f], totals[f], f))
+            fold_of[name] = k
+            per_source[k] += len(units[name])
+            totals[k] += len(units[name])
+    return [[p for p in pairs if fold_of[unit(p)] == k] for k in range(folds)]
+
+
 def split_train_val_test(
     pairs: Sequence[SamplePair],
     val_fraction: float = 0.2,
     test_fraction: float = 0.15,
     seed: int = 42,
     grouped: bool = True,
+    folds: int = 5,
+    fold: int | None = None,
 ) -> tuple[list[SamplePair], list[SamplePair], list[SamplePair]]:
     """Hold out a test split first, then split the rest into training and validation.
 
     ``test_fraction`` of the patients (or images, without grouping) go to the test split, drawn with
     seed ``seed + 1`` so that it does not mirror the validation draw; the rest is split by
-    :func:`split_pairs` with ``seed`` (``val_fraction`` of what is left). With
+    :func:`split_pairs` with ``seed`` (``val_fraction`` of what is left), or, with ``fold`` set, by
+    :func:`cross_validation_folds` into ``folds`` folds of which ``fold`` validates. With
     ``test_fraction`` 0, or fewer than three patients (images), there is no test split, and the
     second case says so with a warning.
     """
@@ -1083,8 +1137,12 @@ def split_train_val_test(
     test: list[SamplePair] = []
     if test_fraction > 0:
         pairs, test = split_pairs(pairs, test_fraction, seed + 1, grouped)
-    train, val = split_pairs(pairs, val_fraction, seed, grouped)
-    return train, val, test
+    if fold is None:
+        train, val = split_pairs(pairs, val_fraction, seed, grouped)
+        return train, val, test
+    val = cross_validation_folds(pairs, folds, seed, grouped)[fold]
+    chosen = {p.key for p in val}
+    return [p for p in pairs if p.key not in chosen], val, test
 
 
 # =================================================================================================
@@ -1235,7 +1293,13 @@ def prepare_data(
         keep = sorted(rng.choice(len(pairs), size=config.max_images, replace=False))
         pairs = [pairs[i] for i in keep]
     train_pairs, val_pairs, test_pairs = split_train_val_test(
-        pairs, config.val_fraction, config.test_fraction, config.seed, grouped=config.group_regex is not None
+        pairs,
+        config.val_fraction,
+        config.test_fraction,
+        config.seed,
+        grouped=config.group_regex is not None,
+        folds=config.folds,
+        fold=config.fold,
     )
     load = dict(
         image_size=config.image_size,
@@ -2284,7 +2348,8 @@ def train_model(
         diffs = _config_differences(
             state["config"],
             config.to_dict(),
-            CHECKPOINT_FIELDS + ("augmentation", "seed", "group_regex", "val_fraction", "test_fraction"),
+            CHECKPOINT_FIELDS
+            + ("augmentation", "seed", "group_regex", "val_fraction", "test_fraction", "folds", "fold"),
         )
         if diffs:
             raise ValueError(f"Cannot resume {last_path}: the settings differ ({'; '.join(diffs)}).")
@@ -2509,6 +2574,61 @@ def load_model(
     except RuntimeError as exc:
         raise ValueError(f"{path}: weights do not fit the stored architecture ({str(exc)[:300]}).") from None
     return model.to(device).eval(), config, checkpoint
+
+
+class FoldEnsemble(nn.Module):
+    """The cross-validation fold models as one network: its logits are those of the mean of the
+    models' probabilities, so every function that takes a model (TTA, evaluation, folder prediction)
+    averages the folds' probabilities."""
+
+    def __init__(self, models: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(models)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = torch.stack([torch.sigmoid(m(x).float()) for m in self.members]).mean(0)
+        return torch.logit(probs, eps=1e-6)
+
+
+MODEL_SET_FIELDS = CHECKPOINT_FIELDS + ("seed", "group_regex", "test_fraction", "folds")
+
+
+def load_models(
+    paths: Sequence[str | os.PathLike], device: torch.device | str = "cpu"
+) -> tuple[list[AttentionUNet], Config, list[dict[str, Any]]]:
+    """Load one checkpoint, or the fold runs of one cross-validation, in eval mode.
+
+    Several checkpoints must be folds of one run: the same architecture, preprocessing, split seed,
+    test split and number of folds, and each fold once.
+
+    Returns:
+        ``(models, config of the first, checkpoints)``, folds in order.
+
+    Raises:
+        ValueError: checkpoints that are not folds of one run, naming the file and what differs.
+    """
+    loaded = sorted(
+        ((Path(path), *load_model(path, device)) for path in paths),
+        key=lambda item: -1 if item[2].fold is None else item[2].fold,
+    )
+    first_path, _, first, first_checkpoint = loaded[0]
+    if len(loaded) > 1:
+        folds = [config.fold for _, _, config, _ in loaded]
+        if None in folds or len(set(folds)) != len(folds):
+            raise ValueError(
+                f"MODEL_PATH holds {len(loaded)} models, but their FOLD values are {folds}: an ensemble "
+                "takes the fold runs of one cross-validation (FOLD=0, 1, ...), each once."
+            )
+        for path, _, config, checkpoint in loaded[1:]:
+            diffs = _config_differences(first.to_dict(), config.to_dict(), MODEL_SET_FIELDS)
+            if checkpoint.get("split", {}).get("test") != first_checkpoint.get("split", {}).get("test"):
+                diffs.append("the held-out test split")
+            if diffs:
+                raise ValueError(
+                    f"Fold FOLD={config.fold} ({path}) differs from fold FOLD={first.fold} ({first_path}): "
+                    f"{'; '.join(diffs)}. Ensemble only the folds of one cross-validation."
+                )
+    return [item[1] for item in loaded], first, [item[3] for item in loaded]
 
 
 _TTA_FLIPS: tuple[tuple[int, ...], ...] = ((), (-1,), (-2,), (-2, -1))
@@ -2819,7 +2939,8 @@ def evaluate_model(
     probs, ms = _timed_probabilities(model, data, device, tta)
     per_image = score_predictions(data, probs, threshold, postprocess)
     summary = summarize_scores(per_image)
-    summary.update(threshold=threshold, tta=tta, postprocess=postprocess, ms_per_slice=ms)
+    models = len(model.members) if isinstance(model, FoldEnsemble) else 1
+    summary.update(threshold=threshold, tta=tta, postprocess=postprocess, ms_per_slice=ms, models=models)
     return per_image, summary, probs
 
 
@@ -2838,6 +2959,13 @@ def write_evaluation(
 SPLIT_LABELS = {
     "test": "held-out test split (chose nothing: report these)",
     "val": "validation split, used for model selection (optimistic)",
+    "oof": "out-of-fold validation: each patient scored by the fold model that did not train on it "
+    "(chose each fold's stopping epoch: optimistic)",
+}
+SPLIT_TITLES = {
+    "test": "held-out test split",
+    "val": "validation split (optimistic)",
+    "oof": "out-of-fold validation (optimistic)",
 }
 
 
@@ -2865,8 +2993,8 @@ class SplitEvaluation:
 
     @property
     def title(self) -> str:
-        """A short name for figures: "held-out test split" or "validation split (optimistic)"."""
-        return "held-out test split" if self.part == "test" else "validation split (optimistic)"
+        """A short name for figures (:data:`SPLIT_TITLES`)."""
+        return SPLIT_TITLES[self.part]
 
 
 def evaluate_split(
@@ -2906,6 +3034,100 @@ def evaluate_split(
         probs=probs,
         files=files,
     )
+
+
+def evaluate_out_of_fold(
+    models: Sequence[nn.Module],
+    checkpoints: Sequence[dict[str, Any]],
+    config: Config,
+    output_dir: str | os.PathLike,
+    device: torch.device | str = "cpu",
+    threshold: float = 0.5,
+    tta: bool = False,
+    postprocess: bool = False,
+    data_dir: str | os.PathLike | None = None,
+    settings: Mapping[str, Any] | None = None,
+) -> SplitEvaluation:
+    """Score every fold's validation patients with that fold's model: out-of-fold predictions,
+    every patient outside the test split scored once by a model that did not train on it. Writes
+    ``output_dir/evaluation_out_of_fold``; per-image scores carry their ``fold``.
+
+    The summary holds the pooled figures over all folds, the mean and spread over patients
+    (``mean_case_dice``, ``std_case_dice``) and over folds (``fold_pooled_dice_mean`` and ``_std``),
+    and ``folds`` (how many of ``config.folds`` were there).
+    """
+    parts, per_fold = [], []
+    for model, checkpoint in zip(models, checkpoints):
+        fold = Config.from_dict(checkpoint["config"]).fold
+        data = load_evaluation_set(checkpoint_split(checkpoint, config, "val", data_dir), config)
+        scores, summary, probs = evaluate_model(
+            model, data, device, threshold, tta=tta, postprocess=postprocess
+        )
+        parts.append((data, scores.assign(fold=fold), probs))
+        per_fold.append(summary["pooled_dice"])
+    keys = [p.key for data, _, _ in parts for p in data.pairs]
+    if len(set(keys)) != len(keys):
+        raise ValueError(
+            "The folds' validation splits overlap: these are not the folds of one cross-validation."
+        )
+    data = EvaluationSet(
+        [p for d, _, _ in parts for p in d.pairs],
+        np.concatenate([d.images for d, _, _ in parts]),
+        [m for d, _, _ in parts for m in d.masks],
+        [o for d, _, _ in parts for o in d.originals],
+        config.normalization,
+        config.amp,
+    )
+    scores = pd.concat([s for _, s, _ in parts], ignore_index=True)
+    probs = [p for _, _, pr in parts for p in pr]
+    summary = summarize_scores(scores)
+    summary.update(
+        threshold=threshold,
+        tta=tta,
+        postprocess=postprocess,
+        models=1,
+        folds=len(models),
+        folds_planned=config.folds,
+        fold_pooled_dice_mean=float(np.mean(per_fold)),
+        fold_pooled_dice_std=float(np.std(per_fold, ddof=1)) if len(per_fold) > 1 else 0.0,
+    )
+    summary.update(dict(settings or {}), evaluated_on=SPLIT_LABELS["oof"])
+    files = write_evaluation(scores, summary, Path(output_dir) / "evaluation_out_of_fold")
+    return SplitEvaluation("oof", SPLIT_LABELS["oof"], data, scores, summary, probs, files)
+
+
+def evaluate_validation(
+    models: Sequence[nn.Module], checkpoints: Sequence[dict[str, Any]], config: Config, **evaluate: Any
+) -> SplitEvaluation | None:
+    """The validation figures of one run (:func:`evaluate_split` on ``"val"``) or, for the fold
+    models of a cross-validation, the out-of-fold ones (:func:`evaluate_out_of_fold`). ``evaluate``:
+    the keyword arguments of those two."""
+    if len(models) == 1:
+        return evaluate_split(models[0], checkpoints[0], config, "val", **evaluate)
+    return evaluate_out_of_fold(models, checkpoints, config, **evaluate)
+
+
+def fold_comparison(
+    models: Sequence[nn.Module],
+    data: EvaluationSet,
+    device: torch.device | str = "cpu",
+    threshold: float = 0.5,
+    tta: bool = False,
+    postprocess: bool = False,
+    fold_ids: Sequence[int] | None = None,
+) -> pd.DataFrame:
+    """Each fold model alone on ``data`` (the test split), their mean, and their ensemble
+    (:class:`FoldEnsemble`): pooled Dice and IoU and the mean Dice per patient. ``fold_ids`` names
+    the folds (default 0, 1, ...)."""
+    keys = ("pooled_dice", "pooled_iou", "mean_case_dice")
+    rows = []
+    for k, model in enumerate([*models, FoldEnsemble(models)]):
+        _, summary, _ = evaluate_model(model, data, device, threshold, tta=tta, postprocess=postprocess)
+        name = f"fold {(fold_ids or range(len(models)))[k]}" if k < len(models) else "ensemble"
+        rows.append({"model": name, **{key: summary[key] for key in keys}})
+    table = pd.DataFrame(rows)
+    mean = {"model": "mean single fold", **table.iloc[: len(models)][list(keys)].mean().to_dict()}
+    return pd.concat([table.iloc[:-1], pd.DataFrame([mean]), table.iloc[-1:]], ignore_index=True)
 
 
 REPORTED_KEYS = (
@@ -3373,28 +3595,58 @@ def resolve_output_dir(
     return path
 
 
-def resolve_model_path(model_path: str | os.PathLike | None, output_dir: str | os.PathLike) -> Path:
-    """``"auto"``: the best model in ``output_dir``, else one in the output of a notebook attached to
-    this one (notebook 03's output attached to notebook 04, found by :func:`kaggle_output_candidates`);
-    otherwise the path given.
+FOLD_DIR_PREFIX = "fold_"
+
+
+def run_output_dir(output_dir: str | os.PathLike, config: Config) -> Path:
+    """Where a run writes: ``output_dir``, or ``output_dir/fold_k`` for cross-validation fold ``k``."""
+    out = Path(output_dir)
+    return out if config.fold is None else out / f"{FOLD_DIR_PREFIX}{config.fold}"
+
+
+def _fold_models(folder: Path) -> list[Path]:
+    return sorted(folder.glob(f"{FOLD_DIR_PREFIX}*/{BEST_MODEL_NAME}"))
+
+
+def resolve_model_paths(model_path: str | os.PathLike | None, output_dir: str | os.PathLike) -> list[Path]:
+    """The model (or the fold models of a cross-validation) to evaluate.
+
+    ``MODEL_PATH`` may be a checkpoint, or a folder holding one or the ``fold_k`` runs of notebook
+    03 (a Kaggle input too). ``"auto"``: the best model in ``output_dir``, else its ``fold_k`` runs,
+    else one in the output of a notebook attached to this one (notebook 03's output attached to
+    notebook 04, found by :func:`kaggle_output_candidates`), else that output's ``fold_k`` runs.
 
     Raises:
         FileNotFoundError: naming every place searched.
     """
     if model_path not in (None, "", "auto"):
         path = Path(model_path).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"MODEL_PATH {str(path)!r} does not exist.")
-        return path
-    local = Path(output_dir) / BEST_MODEL_NAME
-    if local.is_file():
-        return local
+        if path.is_file():
+            return [path]
+        if path.is_dir():
+            found = [path / BEST_MODEL_NAME] if (path / BEST_MODEL_NAME).is_file() else _fold_models(path)
+            if found:
+                return found
+            raise FileNotFoundError(
+                f"MODEL_PATH {str(path)!r} holds neither {BEST_MODEL_NAME} nor {FOLD_DIR_PREFIX}*/"
+                f"{BEST_MODEL_NAME} (the fold runs of notebook 03)."
+            )
+        raise FileNotFoundError(f"MODEL_PATH {str(path)!r} does not exist.")
+    out = Path(output_dir)
+    if (out / BEST_MODEL_NAME).is_file():
+        return [out / BEST_MODEL_NAME]
+    if _fold_models(out):
+        return _fold_models(out)
     found = kaggle_output_candidates(BEST_MODEL_NAME)
+    folds = [p for p in found if p.parent.name.startswith(FOLD_DIR_PREFIX)]
+    if found and len(folds) == len(found):
+        return sorted(folds, key=lambda p: p.parent.name)
     if found:
-        return choose_candidate(found, f"attached {BEST_MODEL_NAME} files", "MODEL_PATH")
+        return [choose_candidate(found, f"attached {BEST_MODEL_NAME} files", "MODEL_PATH")]
     raise FileNotFoundError(
-        f"No {BEST_MODEL_NAME} in {output_dir} or under {kaggle_root() / 'input'} (searched six folders "
-        "deep). Run notebook 03 first (on Kaggle: 'Add Input', then its notebook output), or set MODEL_PATH."
+        f"No {BEST_MODEL_NAME} in {output_dir} (or its {FOLD_DIR_PREFIX}* folders) or under "
+        f"{kaggle_root() / 'input'} (searched six folders deep). Run notebook 03 first (on Kaggle: "
+        "'Add Input', then its notebook output), or set MODEL_PATH."
     )
 
 
@@ -3414,6 +3666,10 @@ def restore_run_for_resume(output_dir: str | os.PathLike) -> Path | None:
     found = kaggle_output_candidates(LAST_CHECKPOINT_NAME)
     if not found:
         return None
+    if out.name.startswith(FOLD_DIR_PREFIX):  # a fold resumes from the same fold's run
+        found = [p for p in found if p.parent.name == out.name]
+        if not found:
+            return None
     source = choose_candidate(found, f"attached {LAST_CHECKPOINT_NAME} files", "OUTPUT_DIR").parent
     out.mkdir(parents=True, exist_ok=True)
     for name in (LAST_CHECKPOINT_NAME, BEST_MODEL_NAME, METRICS_CSV_NAME, CONFIG_JSON_NAME):
@@ -4454,18 +4710,51 @@ def plot_samples(
     return fig
 
 
+def _out_of_fold_probabilities(
+    models: Sequence[nn.Module], val: SplitEvaluation, device: torch.device | str, tta: bool
+) -> tuple[list[np.ndarray], float]:
+    """Each out-of-fold image's probabilities from its own fold's model (in ``val``'s order)."""
+    probs: list[np.ndarray] = [np.empty(0)] * len(val.data)
+    total_ms = 0.0
+    for model, fold in zip(models, dict.fromkeys(val.scores["fold"])):  # folds in models order
+        rows = np.flatnonzero(val.scores["fold"].to_numpy() == fold)
+        part = dataclasses.replace(
+            val.data,
+            pairs=[val.data.pairs[i] for i in rows],
+            images=val.data.images[rows],
+            masks=[val.data.masks[i] for i in rows],
+            originals=[val.data.originals[i] for i in rows],
+        )
+        fold_probs, ms = _timed_probabilities(model, part, device, tta)
+        for i, prob in zip(rows, fold_probs):
+            probs[i] = prob
+        total_ms += ms * len(rows)
+    return probs, total_ms / max(1, len(val.data))
+
+
 def inference_options_table(
-    model: nn.Module, data: EvaluationSet, device: torch.device | str = "cpu", threshold: float = 0.5
+    model: nn.Module | Sequence[nn.Module],
+    data: EvaluationSet | SplitEvaluation,
+    device: torch.device | str = "cpu",
+    threshold: float = 0.5,
 ) -> pd.DataFrame:
     """Pooled and mean Dice, mean HD95 and milliseconds per slice with and without TTA and
-    postprocessing, so what each option buys and costs is visible side by side."""
+    postprocessing, so what each option buys and costs is visible side by side. Given the fold
+    models and the out-of-fold evaluation (:func:`evaluate_validation`), each image is predicted by
+    its own fold's model, never by one that trained on it."""
+    folds = isinstance(data, SplitEvaluation) and data.part == "oof"
+    images = data.data if isinstance(data, SplitEvaluation) else data
     rows = []
     for tta in (False, True):
-        probs, ms = _timed_probabilities(model, data, device, tta)
+        if folds:
+            probs, ms = _out_of_fold_probabilities(model, data, device, tta)
+        else:
+            single = model if isinstance(model, nn.Module) else model[0]
+            probs, ms = _timed_probabilities(single, images, device, tta)
         for post in (False, True):
             tic = time.perf_counter()
-            summary = summarize_scores(score_predictions(data, probs, threshold, post))
-            post_ms = (time.perf_counter() - tic) * 1000 / max(1, len(data)) if post else 0.0
+            summary = summarize_scores(score_predictions(images, probs, threshold, post))
+            post_ms = (time.perf_counter() - tic) * 1000 / max(1, len(images)) if post else 0.0
             rows.append(
                 {
                     "tta": tta,

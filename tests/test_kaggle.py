@@ -295,9 +295,9 @@ def _touch(path: Path, text: str = "x") -> Path:
 def test_outputs_are_found_five_levels_down_in_either_layout(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv(ku.KAGGLE_ROOT_ENV, str(tmp_path))
     old = _touch(tmp_path / "input" / "kidneyseg-03-train-model" / "kidneyseg" / ku.BEST_MODEL_NAME)
-    assert ku.resolve_model_path("auto", tmp_path / "empty") == old
+    assert ku.resolve_model_paths("auto", tmp_path / "empty") == [old]
     new = _touch(tmp_path / "input/notebooks/alice/kidneyseg-03-train-model/kidneyseg" / ku.BEST_MODEL_NAME)
-    assert ku.resolve_model_path("auto", tmp_path / "empty") == new
+    assert ku.resolve_model_paths("auto", tmp_path / "empty") == [new]
     message = capsys.readouterr().out
     assert (
         "Found 2" in message
@@ -308,10 +308,10 @@ def test_outputs_are_found_five_levels_down_in_either_layout(tmp_path, monkeypat
     _touch(tmp_path / "input/a/b/c/d/e/f/g" / ku.BEST_MODEL_NAME)  # seven folders down: out of bounds
     assert len(ku.kaggle_output_candidates(ku.BEST_MODEL_NAME)) == 2
     local = _touch(tmp_path / "working" / "kidneyseg" / ku.BEST_MODEL_NAME)
-    assert ku.resolve_model_path("auto", local.parent) == local  # this session's own model first
+    assert ku.resolve_model_paths("auto", local.parent) == [local]  # this session's own model first
     with pytest.raises(FileNotFoundError, match="MODEL_PATH"):
         monkeypatch.setenv(ku.KAGGLE_ROOT_ENV, str(tmp_path / "nowhere"))
-        ku.resolve_model_path("auto", tmp_path / "empty")
+        ku.resolve_model_paths("auto", tmp_path / "empty")
 
 
 def test_find_below_skips_hidden_and_image_folders(tmp_path):

@@ -229,3 +229,23 @@ def test_05_with_one_source_ends_with_the_reason(phantom_dir, tmp_path):
     printed = "".join("".join(o.get("text", "")) for c in nb["cells"] for o in c.get("outputs", []))
     assert "needs at least 2 sources" in printed and "Nothing is trained" in printed
     assert not (out / "leave_one_source_out" / ku.LOSO_CSV_NAME).exists()
+
+
+def test_03_trains_folds_and_04_ensembles_them(phantom_dir, tmp_path):
+    out = tmp_path / "run"
+    for fold in (0, 1):
+        execute(
+            "03_train_model.ipynb",
+            tmp_path,
+            dict(DATA_DIR=str(phantom_dir), OUTPUT_DIR=str(out), FOLDS=2, FOLD=fold, **TINY_TRAINING),
+        )
+    assert sorted(p.parent.name for p in out.glob("fold_*/" + ku.BEST_MODEL_NAME)) == ["fold_0", "fold_1"]
+    nb = execute("04_evaluate_model.ipynb", tmp_path, dict(OUTPUT_DIR=str(out)))
+    oof = json.loads((out / "evaluation_out_of_fold" / "evaluation_summary.json").read_text())
+    test = json.loads((out / "evaluation_test_split" / "evaluation_summary.json").read_text())
+    assert (oof["folds"], oof["models"], test["models"]) == (2, 1, 2)
+    scored = pd.read_csv(out / "evaluation_out_of_fold" / "evaluation_per_image.csv")
+    assert sorted(scored["fold"].unique()) == [0, 1]
+    compared = next(c for c in nb["cells"] if "ku.fold_comparison(" in "".join(c["source"]))
+    shown = "".join("".join(o.get("data", {}).get("text/plain", "")) for o in compared["outputs"])
+    assert "mean single fold" in shown and "ensemble" in shown
