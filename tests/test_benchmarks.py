@@ -26,7 +26,13 @@ def run_script(name: str, *args: str) -> str:
 
 
 def test_help_documents_each_benchmark():
-    for name in ("bench_speed.py", "bench_quality.py", "bench_unseen.py"):
+    for name in (
+        "bench_speed.py",
+        "bench_quality.py",
+        "bench_unseen.py",
+        "bench_bf16.py",
+        "bench_cross_validation.py",
+    ):
         assert "--quick" in run_script(name, "--help")
     assert "--tiny" in run_script("gpu_check.py", "--help")
     assert "--epochs" in run_script("reproduce_results.py", "--help")
@@ -166,3 +172,55 @@ def test_memory_format_table(tmp_path):
     table = pd.read_csv(tmp_path / "speed_memory_format.csv").set_index("model")
     assert table.loc["ours", "status"] == "ok" and table.loc["ours", "speed_up"] > 0
     assert set(table.index) == {"ours", "monai-basicunet", "smp-unet-resnet34"}  # measured or "not installed"
+
+
+def test_cross_validation_benchmark_writes_its_summary_and_keeps_finished_folds(tmp_path, shared_data):
+    args = [
+        "--quick",
+        "--data",
+        str(shared_data),
+        "--runs",
+        str(tmp_path / "runs"),
+        "--out",
+        str(tmp_path / "cv"),
+    ]
+    run_script("bench_cross_validation.py", *args)
+    summary = json.loads((tmp_path / "cv" / "cv_summary.json").read_text())
+    for key in (
+        "oof_pooled_dice",
+        "oof_pooled_iou",
+        "oof_mean_case_dice",
+        "test_ensemble_pooled_dice",
+        "test_ensemble_pooled_iou",
+        "test_single_fold_pooled_dice",
+        "epochs",
+        "minutes",
+        "image_size",
+        "base_channels",
+        "precision",
+    ):
+        assert key in summary, key
+    assert summary["folds"] == 2 and len(summary["epochs"]) == 2 and summary["image_size"] == 32
+    oof = pd.read_csv(tmp_path / "cv" / "oof_per_image.csv")
+    test = pd.read_csv(tmp_path / "cv" / "test_per_image.csv")
+    assert len(oof) == summary["n_oof_images"] and not set(oof["name"]) & set(test["name"])
+    best = tmp_path / "runs" / "fold_0" / ku.BEST_MODEL_NAME
+    stamp = best.stat().st_mtime_ns
+    run_script("bench_cross_validation.py", *args)  # finished folds are kept, not trained again
+    assert best.stat().st_mtime_ns == stamp
+    assert pd.read_csv(tmp_path / "cv" / "test_folds.csv")["model"].tolist()[-2:] == [
+        "mean single fold",
+        "ensemble",
+    ]
+
+
+def test_bf16_benchmark_tables(tmp_path, shared_data):
+    run_script("bench_bf16.py", "--quick", "--data", str(shared_data), "--out", str(tmp_path))
+    speed = pd.read_csv(tmp_path / "speed.csv")
+    assert speed["precision"].tolist() == ["fp32", "bf16"] and (speed["train_images_per_s"] > 0).all()
+    runs = pd.read_csv(tmp_path / "quality_runs.csv")
+    assert sorted(runs["precision"]) == ["bf16", "bf16", "fp32", "fp32"] and runs["seed"].nunique() == 2
+    expected = "bf16" if ku.cpu_has_native_bf16() else "fp32"  # AMP=True falls back to fp32 without it
+    assert set(runs.loc[runs["precision"] == "bf16", "ran_in"]) == {expected}
+    summary = pd.read_csv(tmp_path / "quality_summary.csv")
+    assert summary.loc[summary["precision"] == "fp32", "minus_fp32_pooled_dice_mean"].item() == 0

@@ -1,0 +1,193 @@
+"""Cross-validation by patient on ../shared/data, each fold trained until early stopping ends it.
+
+nnU-Net's protocol as notebooks 03 and 04 run it: the test split (15 % of the patients) is held out
+first; the other patients are divided into ``--folds`` patient-disjoint folds balanced by source;
+each fold trains (``FOLD=k``) until early stopping, its best checkpoint chosen on its own validation
+fold. Then every non-test patient is scored once by the fold model that did not train on it
+(out-of-fold), and the test split by the ensemble of the fold models and by each fold alone.
+
+Resumable across sessions: a fold that stopped early (or reached ``--epochs``) is kept; a fold
+stopped by ``--max-minutes`` (the clock of this invocation) or killed continues from its last
+checkpoint next time, with the same curve as an uninterrupted run. Scores are written once every
+fold has finished. Writes under ``--out``: ``fold_k_training_metrics.csv`` and ``fold_k.json`` (epochs,
+minutes, best epoch, stop reason) per fold, then ``oof_per_image.csv``, ``oof_per_patient.csv``,
+``test_per_image.csv`` (ensemble), ``test_per_patient.csv``, ``test_folds.csv`` (each fold, their
+mean and the ensemble) and ``cv_summary.json``.
+
+    python benchmarks/bench_cross_validation.py --help
+    python benchmarks/bench_cross_validation.py --threads 1 --max-minutes 100   # docs/cross_validation.md
+    python benchmarks/bench_cross_validation.py --quick                          # tests
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+import kidneyseg_utils as ku  # noqa: E402
+
+FINISHED = ("early_stopping", "num_epochs")
+
+
+def train_fold(config: ku.Config, data_dir: Path, runs: Path, out: Path, deadline: float) -> dict | None:
+    """Train (or continue) one fold; return its record once finished, None if the clock stopped it."""
+    record_path = out / f"fold_{config.fold}.json"
+    if record_path.exists():
+        return json.loads(record_path.read_text())
+    remaining = (deadline - time.monotonic()) / 60
+    if remaining < 1:
+        return None
+    run_dir = ku.run_output_dir(runs, config)
+    resume = (run_dir / ku.LAST_CHECKPOINT_NAME).exists()
+    data = ku.prepare_data(config, data_dir)
+    config = data.config  # GROUP_REGEX="auto" made concrete, as notebook 03 stores it
+    torch.manual_seed(config.seed)
+    result = ku.train_model(
+        ku.build_model(config),
+        data.train_dataset,
+        data.val_dataset,
+        config.with_parameters(MAX_TRAIN_MINUTES=remaining),
+        run_dir,
+        torch.device("cpu"),
+        resume=resume,
+        overwrite=not resume,
+        extra_state={"split": data.split_record(), "data_dir": str(data_dir)},
+        progress=False,
+    )
+    shutil.copy2(run_dir / ku.METRICS_CSV_NAME, out / f"fold_{config.fold}_training_metrics.csv")
+    if result.stop_reason not in FINISHED:
+        print(f"fold {config.fold}: stopped by the clock after epoch {len(result.history)}; run again")
+        return None
+    record = {
+        "fold": config.fold,
+        "epochs": len(result.history),
+        "best_epoch": result.best_epoch,
+        "stop_reason": result.stop_reason,
+        "minutes": float(result.history["seconds"].sum() / 60),
+        "precision": result.precision,
+        "train_images": len(data.train),
+        "val_images": len(data.val),
+        "val_dice_best_epoch": float(result.best_row["val_dice"]),
+    }
+    ku._atomic_write(record_path, json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def score(runs: Path, out: Path, records: list[dict]) -> dict:
+    """Out-of-fold and test-split figures of the finished folds; writes the tables and the summary."""
+    paths = [runs / f"{ku.FOLD_DIR_PREFIX}{r['fold']}" / ku.BEST_MODEL_NAME for r in records]
+    models, config, checkpoints = ku.load_models(paths)
+    oof = ku.evaluate_out_of_fold(models, checkpoints, config, out / "evaluation")
+    test = ku.evaluate_split(ku.FoldEnsemble(models), checkpoints[0], config, "test", out / "evaluation")
+    folds = ku.fold_comparison(models, test.data, fold_ids=[r["fold"] for r in records])
+    for name, table in (
+        ("oof_per_image.csv", oof.scores),
+        ("oof_per_patient.csv", ku.case_scores(oof.scores)),
+        ("test_per_image.csv", test.scores),
+        ("test_per_patient.csv", ku.case_scores(test.scores)),
+        ("test_folds.csv", folds),
+    ):
+        ku._atomic_write(out / name, table.to_csv(index=False))
+    single = folds[folds["model"].str.startswith("fold ")]
+    summary = {
+        "oof_pooled_dice": oof.summary["pooled_dice"],
+        "oof_pooled_iou": oof.summary["pooled_iou"],
+        "oof_mean_case_dice": oof.summary["mean_case_dice"],
+        "oof_std_case_dice": oof.summary["std_case_dice"],
+        "oof_fold_pooled_dice_mean": oof.summary["fold_pooled_dice_mean"],
+        "oof_fold_pooled_dice_std": oof.summary["fold_pooled_dice_std"],
+        "test_ensemble_pooled_dice": test.summary["pooled_dice"],
+        "test_ensemble_pooled_iou": test.summary["pooled_iou"],
+        "test_ensemble_mean_case_dice": test.summary["mean_case_dice"],
+        "test_single_fold_pooled_dice": float(single["pooled_dice"].mean()),
+        "test_single_fold_pooled_dice_std": float(single["pooled_dice"].std(ddof=1))
+        if len(single) > 1
+        else 0.0,
+        "test_single_fold_pooled_iou": float(single["pooled_iou"].mean()),
+        "n_oof_images": oof.summary["n_images"],
+        "n_oof_patients": oof.summary["n_cases"],
+        "n_test_images": test.summary["n_images"],
+        "n_test_patients": test.summary["n_cases"],
+        "folds": len(records),
+        "epochs": [r["epochs"] for r in records],
+        "best_epochs": [r["best_epoch"] for r in records],
+        "minutes": [round(r["minutes"], 2) for r in records],
+        "image_size": config.image_size,
+        "base_channels": config.base_channels,
+        "precision": sorted({r["precision"] for r in records}),
+        "patience": config.patience,
+        "threshold": config.inference_threshold,
+        "torch": str(torch.__version__),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    ku._atomic_write(out / "cv_summary.json", json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data"), help="data root")
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--image-size", type=int, default=160)
+    parser.add_argument("--base-channels", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--epochs", type=int, default=300, help="upper bound; early stopping ends each fold")
+    parser.add_argument("--patience", type=int, default=20)
+    parser.add_argument("--amp", default="true", choices=["true", "cuda", "false"], help="Config.amp")
+    parser.add_argument("--max-minutes", type=float, default=None, help="stop this invocation after this")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--max-images", type=int, default=None)
+    parser.add_argument("--quick", action="store_true", help="tiny settings for the tests")
+    parser.add_argument("--runs", default=str(REPO / "benchmarks" / "results" / "cross_validation_runs"))
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "cross_validation"))
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.image_size, args.base_channels, args.batch, args.max_images = 32, 4, 8, 60
+        args.folds, args.epochs, args.patience = 2, 2, 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    amp = {"true": True, "cuda": "cuda", "false": False}[args.amp]
+    config = ku.Config(
+        image_size=args.image_size,
+        base_channels=args.base_channels,
+        batch_size=args.batch,
+        num_epochs=args.epochs,
+        patience=args.patience,
+        folds=args.folds,
+        max_images=args.max_images,
+        max_train_minutes=None,
+        amp=amp,
+    )
+    out, runs = Path(args.out), Path(args.runs)
+    out.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + 60 * (args.max_minutes if args.max_minutes else 1e9)
+    from bench_speed import machine
+
+    print(f"# cross-validation, {args.folds} folds, {time.strftime('%Y-%m-%d')}, {machine()}")
+    print(
+        f"# {args.image_size}px, width {args.base_channels}, AMP={amp!r}, {torch.get_num_threads()} thread(s)"
+    )
+    records = []
+    for fold in range(args.folds):
+        record = train_fold(config.with_parameters(FOLD=fold), Path(args.data), runs, out, deadline)
+        if record is None:
+            return 0
+        records.append(record)
+        print(json.dumps(record), flush=True)
+    summary = score(runs, out, records)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
