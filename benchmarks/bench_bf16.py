@@ -9,7 +9,9 @@ Two parts, both written under ``--out``:
   (fp32 on a CPU) and one with ``AMP=True`` (bf16 on a CPU with native bf16), the same epochs with
   no early stopping, scored on the held-out test split (pooled Dice, IoU, mean Dice per patient)
   with the best checkpoint by validation loss; the summary gives mean and standard deviation over
-  seeds and the paired bf16 - fp32 difference. ``curves.csv`` holds every epoch of every run.
+  seeds and the paired bf16 - fp32 difference. ``curves.csv`` holds every epoch of every run, and
+  ``curves_summary.csv`` per epoch the mean and SD over seeds of each precision's training and
+  validation loss and validation Dice, with the gap between the two means in units of fp32's SD.
 
 Resumable: a finished (seed, precision) run keeps its ``result.json`` and is not trained again.
 
@@ -153,6 +155,19 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def summarize_curves(curves: pd.DataFrame) -> pd.DataFrame:
+    """Per epoch: mean and SD over seeds of each precision's curves, and bf16's gap to fp32."""
+    metrics = ["train_loss", "val_loss", "val_dice"]
+    stats = curves.groupby(["epoch", "precision"])[metrics].agg(["mean", "std"])
+    stats.columns = [f"{m}_{s}" for m, s in stats.columns]
+    wide = stats.unstack("precision")
+    wide.columns = [f"{name}_{precision}" for name, precision in wide.columns]
+    for m in metrics:
+        gap = wide[f"{m}_mean_bf16"] - wide[f"{m}_mean_fp32"]
+        wide[f"{m}_gap_in_fp32_sd"] = gap / wide[f"{m}_std_fp32"]
+    return wide.reset_index()
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -218,6 +233,8 @@ def main(argv=None) -> int:
             ku._atomic_write(out / "quality_runs.csv", runs.to_csv(index=False))
             ku._atomic_write(out / "curves.csv", pd.concat(curves).to_csv(index=False))
             ku._atomic_write(out / "quality_summary.csv", summarize(runs).to_csv(index=False))
+    curves_summary = summarize_curves(pd.concat(curves))
+    ku._atomic_write(out / "curves_summary.csv", curves_summary.to_csv(index=False))
     print("\n" + summarize(pd.DataFrame(rows)).round(4).to_string(index=False))
     return 0
 

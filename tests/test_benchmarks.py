@@ -224,3 +224,5 @@ def test_bf16_benchmark_tables(tmp_path, shared_data):
     assert set(runs.loc[runs["precision"] == "bf16", "ran_in"]) == {expected}
     summary = pd.read_csv(tmp_path / "quality_summary.csv")
     assert summary.loc[summary["precision"] == "fp32", "minus_fp32_pooled_dice_mean"].item() == 0
+    curves = pd.read_csv(tmp_path / "curves_summary.csv")
+    assert curves["epoch"].tolist() == [1] and "val_dice_gap_in_fp32_sd" in curves
