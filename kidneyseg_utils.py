@@ -1787,7 +1787,7 @@ class SpatialAttention(nn.Module):
 
 
 class AttentionUNet(nn.Module):
-    """The enhanced U-Net: residual blocks and spatial attention on the skip connections.
+    """The enhanced U-Net: residual blocks and spatial attention on the bridge.
 
     Encoder of ``depth`` residual blocks (``base``, ``2 base``, ... channels) with max-pooling between
     them; a bridge of ``base * 2**depth`` channels followed by spatial attention; a decoder of
