@@ -8,14 +8,18 @@ fold. Then every non-test patient is scored once by the fold model that did not 
 
 Resumable across sessions: a fold that stopped early (or reached ``--epochs``) is kept; a fold
 stopped by ``--max-minutes`` (the clock of this invocation) or killed continues from its last
-checkpoint next time, with the same curve as an uninterrupted run. Scores are written once every
-fold has finished. Writes under ``--out``: ``fold_k_training_metrics.csv`` and ``fold_k.json`` (epochs,
-minutes, best epoch, stop reason) per fold, then ``oof_per_image.csv``, ``oof_per_patient.csv``,
-``test_per_image.csv`` (ensemble), ``test_per_patient.csv``, ``test_folds.csv`` (each fold, their
-mean and the ensemble) and ``cv_summary.json``.
+checkpoint under ``--runs`` next time, with the same curve as an uninterrupted run (``--runs`` is
+ignored by git, so an unfinished fold continues only on a machine that kept it). A finished fold's
+best checkpoint is copied to ``--out`` as ``fold_k_model.pth``, which git keeps: folds trained in
+different sessions, on different machines, are scored together once all have finished. ``--only``
+trains some folds and stops, so that two processes can share a machine's cores. Writes under
+``--out``: ``fold_k_training_metrics.csv``, ``fold_k.json`` (epochs, minutes, best epoch, stop
+reason, precision) and ``fold_k_model.pth`` per fold, then ``oof_per_image.csv``,
+``oof_per_patient.csv``, ``test_per_image.csv`` (ensemble), ``test_per_patient.csv``,
+``test_folds.csv`` (each fold, their mean and the ensemble) and ``cv_summary.json``.
 
     python benchmarks/bench_cross_validation.py --help
-    python benchmarks/bench_cross_validation.py --threads 1 --max-minutes 100   # docs/cross_validation.md
+    python benchmarks/bench_cross_validation.py --threads 1                      # docs/cross_validation.md
     python benchmarks/bench_cross_validation.py --quick                          # tests
 """
 
@@ -37,15 +41,24 @@ import kidneyseg_utils as ku  # noqa: E402
 FINISHED = ("early_stopping", "num_epochs")
 
 
+def fold_model_name(fold: int) -> str:
+    """The finished fold's best checkpoint under ``--out``, kept (and committed) so that scoring can
+    happen in a later session than the training."""
+    return f"fold_{fold}_model.pth"
+
+
 def train_fold(config: ku.Config, data_dir: Path, runs: Path, out: Path, deadline: float) -> dict | None:
     """Train (or continue) one fold; return its record once finished, None if the clock stopped it."""
     record_path = out / f"fold_{config.fold}.json"
-    if record_path.exists():
+    model_path = out / fold_model_name(config.fold)
+    if record_path.exists() and model_path.exists():
         return json.loads(record_path.read_text())
+    if record_path.exists():
+        print(f"fold {config.fold}: {record_path.name} exists but {model_path} does not; training it again")
+    run_dir = ku.run_output_dir(runs, config)
     remaining = (deadline - time.monotonic()) / 60
     if remaining < 1:
         return None
-    run_dir = ku.run_output_dir(runs, config)
     resume = (run_dir / ku.LAST_CHECKPOINT_NAME).exists()
     data = ku.prepare_data(config, data_dir)
     config = data.config  # GROUP_REGEX="auto" made concrete, as notebook 03 stores it
@@ -66,6 +79,9 @@ def train_fold(config: ku.Config, data_dir: Path, runs: Path, out: Path, deadlin
     if result.stop_reason not in FINISHED:
         print(f"fold {config.fold}: stopped by the clock after epoch {len(result.history)}; run again")
         return None
+    partial = model_path.with_name(model_path.name + ".partial")
+    shutil.copy2(run_dir / ku.BEST_MODEL_NAME, partial)
+    partial.replace(model_path)
     record = {
         "fold": config.fold,
         "epochs": len(result.history),
@@ -81,9 +97,9 @@ def train_fold(config: ku.Config, data_dir: Path, runs: Path, out: Path, deadlin
     return record
 
 
-def score(runs: Path, out: Path, records: list[dict]) -> dict:
+def score(out: Path, records: list[dict]) -> dict:
     """Out-of-fold and test-split figures of the finished folds; writes the tables and the summary."""
-    paths = [runs / f"{ku.FOLD_DIR_PREFIX}{r['fold']}" / ku.BEST_MODEL_NAME for r in records]
+    paths = [out / fold_model_name(r["fold"]) for r in records]
     models, config, checkpoints = ku.load_models(paths)
     oof = ku.evaluate_out_of_fold(models, checkpoints, config, out / "evaluation")
     test = ku.evaluate_split(ku.FoldEnsemble(models), checkpoints[0], config, "test", out / "evaluation")
@@ -138,11 +154,19 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data"), help="data root")
     parser.add_argument("--folds", type=int, default=5)
-    parser.add_argument("--image-size", type=int, default=160)
+    parser.add_argument(
+        "--only",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="FOLD",
+        help="train only these folds and stop before scoring (run folds side by side)",
+    )
+    parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--base-channels", type=int, default=16)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--epochs", type=int, default=300, help="upper bound; early stopping ends each fold")
-    parser.add_argument("--patience", type=int, default=20)
+    parser.add_argument("--patience", type=int, default=10)
     parser.add_argument("--amp", default="true", choices=["true", "cuda", "false"], help="Config.amp")
     parser.add_argument("--max-minutes", type=float, default=None, help="stop this invocation after this")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -178,13 +202,18 @@ def main(argv=None) -> int:
         f"# {args.image_size}px, width {args.base_channels}, AMP={amp!r}, {torch.get_num_threads()} thread(s)"
     )
     records = []
-    for fold in range(args.folds):
+    for fold in args.only if args.only is not None else range(args.folds):
+        if not 0 <= fold < args.folds:
+            parser.error(f"--only {fold}: a fold is 0 to {args.folds - 1} (--folds {args.folds})")
         record = train_fold(config.with_parameters(FOLD=fold), Path(args.data), runs, out, deadline)
         if record is None:
             return 0
         records.append(record)
         print(json.dumps(record), flush=True)
-    summary = score(runs, out, records)
+    if args.only is not None:
+        print(f"# folds {args.only} finished; run without --only to train the rest and score")
+        return 0
+    summary = score(out, records)
     print(json.dumps(summary, indent=2))
     return 0
 
