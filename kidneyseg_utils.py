@@ -1,39 +1,31 @@
-"""kidneyseg_utils: the one module behind the kidneyseg notebooks.
+"""kidneyseg_utils: the pipeline shared by the kidneyseg notebooks.
 
 Kidney segmentation in grayscale 2D medical images (CT, MRI, ultrasound) with an attention U-Net.
-Every notebook cell calls a named function of this module and shows the result; the logic lives here,
-where it is unit-tested. One file, because Kaggle shares code between notebooks as one utility script.
-
-Part I, the pipeline: what a run needs, in the order data flows. Read only this part to learn how
-training and prediction work.
+Every notebook cell calls a named function and shows the result; the logic lives here, where it is
+unit-tested. Sections, in the order data flows:
     1. Config             -- one dataclass holding every setting, validated before any work.
     2. Reading data       -- finding image/mask pairs, reading any PNG/JPEG/TIFF/BMP by documented
-                             rules, the patient id in file names, patient-grouped splits.
+                             rules, the patient id in file names, patient-grouped splits and folds.
     3. Datasets           -- decoded arrays in memory, torch Datasets, the prepared three-way split.
     4. Intensity          -- optional preprocessing (CLAHE, white balance, unsharp mask) and the
                              scaling of model inputs, identical in training and inference.
     5. Augmentation       -- the Albumentations 2.x pipelines.
-    6. Model              -- the attention U-Net (residual blocks, spatial attention).
+    6. Model              -- the attention U-Net (residual blocks, spatial attention on the bridge).
     7. Losses and metrics -- focal + Dice loss on logits; metrics from tp/fp/fn counts.
-    8. Training           -- AdamW, ReduceLROnPlateau, early stopping, AMP on CUDA, atomic
-                             checkpoints, exact resume, the training curves.
+    8. Training           -- AdamW, ReduceLROnPlateau, early stopping, AMP, atomic checkpoints,
+                             exact resume, the training curves.
     9. Inference and evaluation -- loading checkpoints safely, probabilities (with TTA), scores per
                              image, per patient and pooled, evaluation of a split, folder prediction.
    10. Runtime            -- Kaggle or not, a person watching or not; bounded searches for attached
                              data, models and interrupted runs.
+   11. The default dataset -- synthetic kidney phantoms and ``DATA_DIR`` resolution.
 
-Part II, the studies: what the notebooks show besides a run. Uses part I, never the other way round.
-   11. Phantoms and the default dataset -- synthetic kidney phantoms and ``DATA_DIR`` resolution.
-   12. Exploring a dataset -- notebook 01's inventory, warnings and figures.
-   13. Preprocessing and normalisation -- notebook 02's measurements, ablation and figures.
-   14. Figures of a training run and its evaluation -- notebooks 03 and 04.
-   15. Leave-one-source-out -- notebook 05's folds, table and figure.
-
-Staging for Kaggle (kernel-metadata.json, push order) lives outside this module, in
+What notebooks 01, 02, 04 and 05 show besides a run (the inventory, the preprocessing study, the
+evaluation figures, the familiarity check, leave-one-source-out) lives in ``kidneyseg_studies.py``,
+which imports this module; nothing here imports it. Staging for Kaggle lives in
 ``tools/kaggle_stage.py``. Running this file as a script (as Kaggle does when it saves the utility
 script) does nothing, except in a Kaggle session, where it copies itself into ``/kaggle/working``
-(:func:`export_for_kaggle`): a notebook that attaches the script then finds the module in the
-script's output even if Kaggle did not mark it as a utility script.
+(:func:`export_for_kaggle`).
 
 Importing the module has no side effects: no seeding, no plotting settings, no device probing.
 Albumentations is imported on first use, with its network update check switched off
@@ -67,9 +59,13 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 if TYPE_CHECKING:
     import albumentations as A
 
+# The release: kidneyseg_studies.py refuses to run beside a kidneyseg_utils.py of another release.
+__version__ = "0.2.0"
+
 # The public names, by section: what the notebooks call, and the building blocks of a custom cell.
 # fmt: off
 __all__ = [
+    "__version__",
     # 1. Config
     "Config", "NOTEBOOK_PARAMETERS", "PREPROCESSING_OPTIONS", "NORMALIZATION_OPTIONS",
     "AUGMENTATION_OPTIONS", "BEST_MODEL_NAME", "LAST_CHECKPOINT_NAME", "METRICS_CSV_NAME",
@@ -82,50 +78,26 @@ __all__ = [
     # 4. Intensity
     "white_balance", "clahe", "unsharp_mask", "apply_preprocessing", "normalize_intensity",
     # 5. Augmentation
-    "build_train_transform", "build_eval_transform", "BatchIntensityAugmentation", "gin_augment",
-    "random_intensity_curves",
+    "build_train_transform",
     # 6. Model
     "AttentionUNet", "build_model", "count_parameters",
     # 7. Losses and metrics
     "FocalDiceLoss", "metrics_from_counts",
     # 8. Training
     "TrainingResult", "TrainingDivergedError", "train_model", "autocast_dtype", "cpu_has_native_bf16",
-    "load_checkpoint", "plot_training_history",
+    "load_checkpoint", "plot_training_history", "plot_samples",
     # 9. Inference and evaluation
     "load_model", "load_models", "FoldEnsemble", "predict_probabilities", "hausdorff95", "EvaluationSet",
-    "load_evaluation_set", "evaluate_model", "evaluate_validation", "evaluate_out_of_fold", "fold_comparison",
-    "case_scores",
-    "write_evaluation", "evaluate_split", "summary_table",
-    "overlay_mask", "predict_folder", "familiarity_reference", "familiarity", "image_features",
+    "load_evaluation_set", "evaluate_model", "evaluate_validation", "evaluate_out_of_fold",
+    "fold_comparison", "case_scores", "write_evaluation", "evaluate_split", "summary_table",
+    "overlay_mask", "predict_folder",
     # 10. Runtime
     "on_kaggle", "interactive_frontend", "resolve_output_dir", "resolve_model_paths", "run_output_dir",
     "restore_run_for_resume",
-    # 11. Phantoms and the default dataset
+    # 11. The default dataset
     "make_synthetic_dataset", "resolve_data_dir",
-    # 12. Exploring a dataset
-    "inventory", "inventory_summary", "write_inventory", "dataset_warnings", "mask_heatmap",
-    "plot_image_statistics", "plot_intensity_histograms", "plot_gallery", "plot_mask_statistics",
-    "show_slice_browser",
-    # 13. Preprocessing and normalisation
-    "preprocessing_effects", "normalization_consistency", "recommend_preprocessing",
-    "preprocessing_ablation", "sample_slices_with_kidney", "write_preprocessing_results",
-    "plot_preprocessing_gallery", "plot_preprocessing_effects",
-    "show_preprocessing_sliders", "plot_normalization_consistency", "plot_normalization_gallery",
-    # 14. Figures of a training run and its evaluation
-    "plot_samples", "inference_options_table", "threshold_sweep", "plot_cases", "plot_dice_distribution",
-    "plot_case_dice", "plot_threshold_sweep", "show_threshold_viewer", "plot_prediction_overlays",
-    "familiarity_report", "unfamiliar_note",
-    # 15. Leave-one-source-out
-    "LOSO_CSV_NAME", "plot_intensity_draws", "source_folds", "fold_examples", "fold_table",
-    "leave_one_source_out", "leave_one_source_out_files", "summarize_leave_one_source_out",
-    "plot_leave_one_source_out",
 ]
 # fmt: on
-
-
-# #################################################################################################
-# PART I. THE PIPELINE: what a run needs, from a setting to a prediction (sections 1-10).
-# #################################################################################################
 
 
 # =================================================================================================
@@ -148,11 +120,7 @@ PREPROCESSING_OPTIONS = ("none", "white_balance", "clahe", "unsharp", "white_bal
 # How model inputs are scaled (see :func:`normalize_intensity`) and which training augmentation runs
 # (see :func:`build_train_transform`); the first of each is the default.
 NORMALIZATION_OPTIONS = ("minmax", "percentile", "zscore", "histeq")
-AUGMENTATION_OPTIONS = ("standard", "strong", "gin", "curves", "strong+gin")
-# Config fields that were removed and are ignored when a stored config holds them.
-RETIRED_FIELDS = ("channels_last",)
-# Older names still accepted (stored checkpoints and forked notebooks use them): old -> current.
-AUGMENTATION_ALIASES = {"spec": "standard"}
+AUGMENTATION_OPTIONS = ("standard", "strong")
 
 # Settings a checkpoint fixes: the network's shape and how its inputs are made. A checkpoint only
 # loads (or resumes) with equal values.
@@ -286,21 +254,19 @@ class Config:
         normalization: How each model input is scaled, one of :data:`NORMALIZATION_OPTIONS`:
             ``"minmax"`` (0..255 to [0, 1]), ``"percentile"`` (per image, clip
             to the 0.5-99.5th percentiles and stretch to [0, 1]), ``"zscore"`` (the same clip,
-            then zero mean and unit variance; nnU-Net's rule for non-CT images) or ``"histeq"``
+            then zero mean and unit variance; nnU-Net z-scores non-CT images without a clip) or ``"histeq"``
             (global histogram equalisation, blind to another window or gamma). Stored in the
             checkpoint and applied identically in training, evaluation and inference.
         augmentation: Training augmentation, one of :data:`AUGMENTATION_OPTIONS`: ``"standard"``
-            (flips, small shifts, scales and rotations, brightness and contrast; ``"spec"`` is its
-            older name), ``"strong"`` (nnU-Net-like 2D: wider scale and rotation, gamma, noise, blur,
-            low-resolution simulation), ``"gin"`` or ``"curves"`` (``"standard"`` plus random
-            intensity networks or random intensity curves on each batch, for unseen scanners) or
-            ``"strong+gin"`` (``"strong"`` plus either of the two). See
-            :class:`BatchIntensityAugmentation`.
+            (flips, small shifts, scales and rotations, brightness and contrast) or ``"strong"``
+            (nnU-Net-like 2D: wider scale and rotation, gamma, noise, blur, low-resolution
+            simulation). See :func:`build_train_transform`.
         lr_factor: ReduceLROnPlateau factor.
         lr_patience: ReduceLROnPlateau patience in epochs.
         min_lr: ReduceLROnPlateau floor.
         max_images: Use at most this many pairs (a seeded random subset); ``None`` uses all.
-        max_train_minutes: Stop cleanly after the epoch that would cross this budget. ``"auto"``:
+        max_train_minutes: Stop cleanly before an epoch that, at the mean epoch time so far, would
+            end past this budget. ``"auto"``:
             :data:`KAGGLE_TRAIN_MINUTES` in a Kaggle session (whose GPU sessions end after 12 hours),
             no limit elsewhere.
         num_workers: DataLoader workers; ``None`` picks 0 on a CPU and up to 4 on a GPU.
@@ -355,8 +321,6 @@ class Config:
         self.multi_gpu = resolve_auto(self.multi_gpu, True, False)
         if isinstance(self.mask_labels, tuple):
             self.mask_labels = list(self.mask_labels)
-        if isinstance(self.augmentation, str):
-            self.augmentation = AUGMENTATION_ALIASES.get(self.augmentation, self.augmentation)
         self.validate()
 
     def validate(self) -> None:
@@ -395,10 +359,8 @@ class Config:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> Config:
-        """Build a config from :meth:`to_dict` output; unknown keys are an error naming them, except
-        fields that were removed (:data:`RETIRED_FIELDS`), which stored checkpoints still hold."""
+        """Build a config from :meth:`to_dict` output; unknown keys are an error naming them."""
         known = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in values.items() if k not in RETIRED_FIELDS}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"Unknown config keys {unknown}; known keys are {sorted(known)}.")
@@ -957,14 +919,6 @@ def load_pair(pair: SamplePair) -> tuple[np.ndarray, np.ndarray]:
     return image, mask
 
 
-def resize_pair(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Resize an image (area or linear interpolation) and its 0/1 mask (linear, then >= 0.5).
-
-    The whole field of view is kept: a non-square image is stretched, never cropped.
-    """
-    return _resize_gray(image, size), _resize_mask(mask, size)
-
-
 def _resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
     mask_f = cv2.resize(mask.astype(np.float32), (size, size), interpolation=cv2.INTER_LINEAR)
     return (mask_f >= 0.5).astype(np.uint8)
@@ -1162,19 +1116,16 @@ class EpochShuffleSampler(Sampler[int]):
     the number of workers, and a resumed run repeats the epochs it would have run.
     """
 
-    def __init__(self, n: int, seed: int = 0, shuffle: bool = True) -> None:
-        self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
+    def __init__(self, n: int, seed: int = 0) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose order :meth:`__iter__` yields."""
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
-        if self.shuffle:
-            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-            order = torch.randperm(self.n, generator=gen).tolist()
-        else:
-            order = range(self.n)
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.n, generator=gen).tolist()
         base = self.epoch * self.n
         return iter([base + i for i in order])
 
@@ -1352,7 +1303,7 @@ def make_datasets(
     val_ds = KidneyDataset(
         val.images,
         val.masks,
-        build_eval_transform(config.image_size),
+        None,  # the cached arrays are at image_size already
         seed=config.seed,
         normalization=config.normalization,
     )
@@ -1451,7 +1402,7 @@ def model_input(image: np.ndarray, image_size: int, preprocessing: str = "none")
     return apply_preprocessing(_resize_gray(image, image_size), preprocessing)
 
 
-# Percentiles of the "percentile" and "zscore" clip (nnU-Net uses 0.5 and 99.5).
+# Percentiles of the "percentile" and "zscore" clip (nnU-Net clips CT at 0.5 and 99.5, dataset-wide).
 NORMALIZATION_PERCENTILES = (0.5, 99.5)
 
 
@@ -1491,7 +1442,7 @@ def normalization_stats(image: np.ndarray, method: str = "minmax") -> IntensityM
           stretched from its own minimum and maximum (the reader's rule for 16-bit files).
         * ``"percentile"``: clip to the image's 0.5th and 99.5th percentiles, stretch to [0, 1].
         * ``"zscore"``: the same clip, then subtract the clipped image's mean and divide by its
-          standard deviation (nnU-Net's rule for non-CT images).
+          standard deviation (nnU-Net z-scores non-CT images the same way, without the clip).
         * ``"histeq"``: global histogram equalisation to [0, 1]: each value maps to the share of
           pixels at or below it (as OpenCV's ``equalizeHist``). It is unchanged by any increasing
           remapping of the intensities, such as another CT window or gamma.
@@ -1560,8 +1511,8 @@ def _albumentations() -> Any:
 def build_train_transform(image_size: int = 256, augmentation: str = "standard") -> A.Compose:
     """The training augmentation (Albumentations 2.x API), on uint8 images and 0/1 masks.
 
-    ``"standard"`` (older name ``"spec"``): resize to ``image_size``; horizontal and vertical flips (p 0.7
-    each); shift up to 6.25 %, scale 0.9-1.1 and rotation up to 45 degrees (p 0.5, zero padding,
+    ``"standard"``: resize to ``image_size``; horizontal and vertical flips (p 0.7 each); shift up to
+    6.25 %, scale 0.9-1.1 and rotation up to 45 degrees (p 0.5, zero padding,
     nearest-neighbour masks so they stay binary); random brightness and contrast (+-0.2, p 0.5).
 
     ``"strong"``, in the spirit of nnU-Net's 2D defaults: flips (p 0.5 each); scale 0.7-1.4, rotation
@@ -1570,20 +1521,18 @@ def build_train_transform(image_size: int = 256, augmentation: str = "standard")
     simulation (down to 0.5x and back, p 0.25); gamma 0.7-1.5 (p 0.3). Geometry is applied to image
     and mask together; intensity changes touch the image only.
 
-    ``"gin"`` and ``"curves"`` use the ``"standard"`` pipeline here and ``"strong+gin"`` the
-    ``"strong"`` one; their intensity randomisation runs later, on the batch
-    (:class:`BatchIntensityAugmentation`). Intensities are normalised by :class:`KidneyDataset`.
+    Intensities are normalised afterwards, by :class:`KidneyDataset`; a transform of whole training
+    batches can follow on the device (``batch_transform`` of :func:`train_model`).
 
     Raises:
         ValueError: an unknown ``augmentation`` (the message lists the options).
     """
-    augmentation = AUGMENTATION_ALIASES.get(augmentation, augmentation)
     if augmentation not in AUGMENTATION_OPTIONS:
         raise ValueError(
             f"AUGMENTATION must be one of {', '.join(map(repr, AUGMENTATION_OPTIONS))}; got {augmentation!r}."
         )
     A = _albumentations()
-    if augmentation.startswith("strong"):
+    if augmentation == "strong":
         return A.Compose(
             _geometry(image_size, flip_p=0.5, shift=0.1, scale=(0.7, 1.4), rotate=180, p=0.6)
             + [
@@ -1636,109 +1585,6 @@ def seed_transform(transform: A.Compose, seed: int) -> A.Compose:
     """
     transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
     return transform
-
-
-def random_intensity_curves(
-    images: torch.Tensor, generator: torch.Generator, points: int = 6
-) -> torch.Tensor:
-    """Pass each image through its own random look-up table, drawn as ``points`` control values
-    joined linearly over the image's own intensity range: increasing (a new window or gamma),
-    decreasing (an inverted contrast) or neither (a non-monotone mapping), a third each.
-
-    Shape: ``(B, 1, H, W) -> (B, 1, H, W)``; values stay within each image's own minimum and maximum.
-    """
-    b = images.shape[0]
-    flat = images.flatten(1).float()
-    low, high = flat.amin(1, keepdim=True), flat.amax(1, keepdim=True)
-    span = (high - low).clamp_min(1e-6)
-    control = torch.rand(b, points, generator=generator)
-    kind = torch.randint(0, 3, (b, 1), generator=generator)
-    rising = control.sort(1).values
-    control = torch.where(kind == 0, rising, torch.where(kind == 1, rising.flip(1), control))
-    control = control.to(images.device)
-    position = (flat - low) / span * (points - 1)
-    index = position.floor().long().clamp(0, points - 2)
-    weight = position - index
-    mapped = control.gather(1, index) * (1 - weight) + control.gather(1, index + 1) * weight
-    return (low + mapped * span).view_as(images).to(images.dtype)
-
-
-def gin_augment(
-    images: torch.Tensor, generator: torch.Generator, channels: int = 2, layers: int = 4
-) -> torch.Tensor:
-    """Global intensity non-linear augmentation (GIN; Ouyang et al., IEEE TMI 2022).
-
-    Every image passes through its own shallow network with freshly drawn weights (per layer a 1x1
-    or 3x3 convolution, standard-normal weights and biases, leaky ReLU 0.2 between layers; a grouped
-    convolution runs the whole batch at once), is rescaled to the image's own mean and standard
-    deviation, and is blended with the image by a uniform random weight. Texture and shape survive;
-    the mapping from tissue to grey level is new each time.
-
-    Shape: ``(B, 1, H, W) -> (B, 1, H, W)``.
-    """
-    b, _, h, w = images.shape
-    x = images.float().reshape(1, b, h, w)
-    c_in = 1
-    for layer in range(layers):
-        c_out = 1 if layer == layers - 1 else channels
-        k = int(torch.randint(0, 2, (1,), generator=generator)) * 2 + 1
-        weight = torch.randn(b * c_out, c_in, k, k, generator=generator).to(x.device)
-        bias = torch.randn(b * c_out, generator=generator).to(x.device)
-        x = F.conv2d(x, weight, bias, padding=k // 2, groups=b)
-        if layer < layers - 1:
-            x = F.leaky_relu(x, 0.2)
-        c_in = c_out
-    out = x.reshape(b, 1, h, w)
-    ref = images.float()
-    dims = (1, 2, 3)
-    out = (out - out.mean(dims, keepdim=True)) / out.std(dims, keepdim=True).clamp_min(1e-6)
-    out = out * ref.std(dims, keepdim=True) + ref.mean(dims, keepdim=True)
-    alpha = torch.rand(b, 1, 1, 1, generator=generator).to(x.device)
-    return (alpha * out + (1 - alpha) * ref).to(images.dtype)
-
-
-class BatchIntensityAugmentation:
-    """The batch-level intensity randomisation of ``AUGMENTATION`` ``"gin"``, ``"curves"`` and
-    ``"strong+gin"``, applied in torch to normalised training batches on the training device.
-
-    ``"gin"``: :func:`gin_augment` on every image (its random blend weight keeps some close to the
-    original). ``"curves"``: :func:`random_intensity_curves` on each image with probability 0.5.
-    ``"strong+gin"``: each image gets one of the two, at random. Draws come from ``(seed, epoch,
-    step)`` alone, so a run (and a resumed run) is reproducible on any device and worker count.
-    """
-
-    def __init__(self, augmentation: str, seed: int) -> None:
-        if augmentation not in ("gin", "curves", "strong+gin"):
-            raise ValueError(f"no batch intensity augmentation for AUGMENTATION={augmentation!r}")
-        self.augmentation, self.seed = augmentation, seed
-
-    @staticmethod
-    def for_config(config: Config) -> BatchIntensityAugmentation | None:
-        """The batch augmentation a config asks for, or None (``"standard"``, ``"strong"``)."""
-        if config.augmentation in ("gin", "curves", "strong+gin"):
-            return BatchIntensityAugmentation(config.augmentation, config.seed)
-        return None
-
-    def __call__(self, images: torch.Tensor, epoch: int, step: int) -> torch.Tensor:
-        """Randomise the intensities of a ``(B, 1, H, W)`` batch (step ``step`` of ``epoch``)."""
-        state = np.random.SeedSequence([self.seed, epoch, step, 0x61E]).generate_state(1)[0]
-        generator = torch.Generator().manual_seed(int(state))
-        b = images.shape[0]
-        if self.augmentation == "gin":
-            return gin_augment(images, generator)
-        curves = random_intensity_curves(images, generator)
-        if self.augmentation == "curves":
-            keep = (torch.rand(b, generator=generator) < 0.5).to(images.device)
-            return torch.where(keep.view(b, 1, 1, 1), images, curves)
-        gin = gin_augment(images, generator)
-        use_gin = (torch.rand(b, generator=generator) < 0.5).to(images.device)
-        return torch.where(use_gin.view(b, 1, 1, 1), gin, curves)
-
-
-def build_eval_transform(image_size: int = 256) -> A.Compose:
-    """Validation and inference transform: resize only."""
-    A = _albumentations()
-    return A.Compose([A.Resize(image_size, image_size, interpolation=cv2.INTER_AREA)])
 
 
 # =================================================================================================
@@ -2072,13 +1918,9 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def _rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()  # noqa: NPY002
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
-        "numpy_pos": int(np_state[2]),
-        "python": list(random.getstate()[1]),
-    }
+    """The torch generators (CPU, and CUDA where present): the only global generators the pipeline
+    draws from (augmentation and shuffling are seeded from the seed, the epoch and the index)."""
+    state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -2093,15 +1935,12 @@ def _cpu_bytes(state: torch.Tensor) -> torch.Tensor:
 def _set_rng_state(state: dict[str, Any]) -> None:
     """Restore the generators saved by :func:`_rng_state`, on any device.
 
-    The CPU, NumPy and Python generators always come back. The CUDA generators come back only when
+    The CPU generator always comes back. The CUDA generators come back only when
     this machine has exactly as many GPUs as the one that saved them; otherwise (a CPU run resumed
     on a GPU, or the reverse) the GPUs keep their seeded state, and only GPU-side randomness (none in
     this pipeline: augmentation and shuffling draw on the CPU) differs from an uninterrupted run.
     """
     torch.set_rng_state(_cpu_bytes(state["torch"]))
-    keys = state["numpy_keys"].cpu().numpy().astype(np.uint32)
-    np.random.set_state(("MT19937", keys, int(state["numpy_pos"]), 0, 0.0))  # noqa: NPY002
-    random.setstate((3, tuple(int(v) for v in state["python"]), None))
     saved = state.get("cuda") or []
     if saved and torch.cuda.is_available() and torch.cuda.device_count() == len(saved):
         torch.cuda.set_rng_state_all([_cpu_bytes(t) for t in saved])
@@ -2112,9 +1951,9 @@ def _grad_scaler(
 ) -> torch.amp.GradScaler:
     """A GradScaler for fp16 training, with a saved state restored when there is one to restore.
 
-    A checkpoint written where the scaler was off (on a CPU, or with bf16) holds an empty state, and a
-    checkpoint from before scalers were saved holds none: both start the scaler afresh instead of
-    failing in ``load_state_dict``. A saved state is ignored when the scaler is off here.
+    A checkpoint written where the scaler was off (on a CPU, or with bf16) holds an empty state, which
+    starts the scaler afresh instead of failing in ``load_state_dict``. A saved state is ignored when
+    the scaler is off here.
     """
     scaler = torch.amp.GradScaler(device_type, enabled=enabled)
     if enabled and state:
@@ -2134,6 +1973,10 @@ def _auto_workers(config: Config, device: torch.device) -> int:
     return min(4, os.cpu_count() or 1) if device.type == "cuda" else 0
 
 
+# A transform of whole training batches: f(images, epoch, step) -> images (see train_model).
+BatchTransform = Callable[[torch.Tensor, int, int], torch.Tensor]
+
+
 def _run_epoch(
     model: nn.Module,
     loader: DataLoader,
@@ -2147,13 +1990,13 @@ def _run_epoch(
     grad_clip_norm: float = 1.0,
     epoch: int = 0,
     bar: Any = None,
-    intensity: BatchIntensityAugmentation | None = None,
+    batch_transform: BatchTransform | None = None,
 ) -> dict[str, float]:
     """One pass over ``loader``: trains when an optimizer is given, else evaluates.
 
     Args:
         amp: Autocast dtype (float16 or bfloat16), or None for full precision.
-        intensity: Batch intensity randomisation of training batches, if the config asks for it.
+        batch_transform: Applied to each training batch, see :func:`train_model`.
 
     Returns the mean loss and the pooled metrics of the epoch.
     """
@@ -2166,8 +2009,8 @@ def _run_epoch(
         for step, (images, masks) in enumerate(loader):
             images = images.to(device, non_blocking=True)
             masks = masks.to(device, non_blocking=True)
-            if training and intensity is not None:
-                images = intensity(images, epoch, step)
+            if training and batch_transform is not None:
+                images = batch_transform(images, epoch, step)
             with torch.autocast(device_type=device.type, dtype=amp or torch.float32, enabled=amp is not None):
                 logits = model(images)
             loss = loss_fn(logits, masks)
@@ -2270,6 +2113,7 @@ def train_model(
     extra_state: dict[str, Any] | None = None,
     progress: bool = True,
     log: bool = True,
+    batch_transform: BatchTransform | None = None,
 ) -> TrainingResult:
     """Train ``model`` and write the run's artefacts to ``output_dir``.
 
@@ -2294,6 +2138,11 @@ def train_model(
             runs never get widget bars (see :func:`interactive_frontend`).
         log: Print one plain line per epoch, which headless runs ("Save & Run All", papermill)
             record while widget bars stay blank there.
+        batch_transform: ``f(images, epoch, step) -> images``, applied to every normalised
+            ``(B, 1, H, W)`` training batch on the training device after the per-image
+            augmentation (the studies' intensity randomisation uses it). It should draw its
+            randomness from ``(epoch, step)`` alone, so that a resumed run repeats an uninterrupted
+            one. None: no batch transform.
 
     Raises:
         FileExistsError: ``output_dir`` holds a best model and neither ``resume`` nor ``overwrite``.
@@ -2412,7 +2261,7 @@ def train_model(
             train_m = _run_epoch(
                 runner,
                 train_loader,
-                intensity=BatchIntensityAugmentation.for_config(config),
+                batch_transform=batch_transform,
                 optimizer=optimizer,
                 scaler=scaler,
                 grad_clip_norm=config.grad_clip_norm,
@@ -2537,6 +2386,33 @@ def plot_training_history(history: pd.DataFrame, best_epoch: int | None = None) 
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle("Training metrics (validation metrics pooled over all validation pixels)")
+    fig.tight_layout()
+    return fig
+
+
+def plot_samples(
+    dataset: Dataset, n: int = 8, seed: int = 0, epoch: int = 0, title: str | None = None, columns: int = 4
+) -> Any:
+    """A grid of ``n`` dataset items (as the model sees them, augmentation included) with the mask
+    overlaid. Returns the matplotlib Figure."""
+    count = min(n, len(dataset))
+    rng = np.random.default_rng(seed)
+    picks = rng.choice(len(dataset), size=count, replace=False)
+    rows = math.ceil(count / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, i in zip(axes.flat, picks):
+        image, mask = dataset[epoch * len(dataset) + int(i)]
+        x = image[0].numpy()
+        lo, hi = float(x.min()), float(x.max())
+        if lo < 0 or hi > 1:  # z-scored input: stretch its own range for display
+            x = (x - lo) / max(hi - lo, 1e-6)
+        img8 = (x * 255).round().astype(np.uint8)
+        ax.imshow(overlay_mask(img8, mask[0].numpy() > 0.5))
+        ax.set_title(f"#{i}  kidney {100 * float(mask.mean()):.1f}%  [{lo:.1f}, {hi:.1f}]", fontsize=9)
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     return fig
 
@@ -3152,105 +3028,6 @@ def summary_table(evaluations: Mapping[str, dict[str, Any] | None]) -> pd.DataFr
     return pd.DataFrame(columns)
 
 
-# ----- familiarity: does a new image look like anything the model was trained on? -------------------
-
-FAMILIARITY_FEATURES = (
-    *(f"p{q:02d}" for q in (1, 5, 25, 50, 75, 95, 99)),
-    *("mean", "std", "dark_share", "bright_share", "gradient", "laplacian_std"),
-)
-FAMILIARITY_NEIGHBOURS = 5
-FAMILIARITY_MARGIN = 1.0  # x the 99th percentile: about 1 in 100 images like the training ones is flagged
-
-
-def image_features(image: np.ndarray) -> np.ndarray:
-    """Intensity and texture statistics of one uint8 model input (:data:`FAMILIARITY_FEATURES`):
-    grey-level percentiles, mean and spread, the shares of near-black and near-white pixels, the mean
-    gradient magnitude (edges) and the spread of the Laplacian (fine texture and noise)."""
-    x = np.asarray(image, np.float32)
-    gx, gy = cv2.Sobel(x, cv2.CV_32F, 1, 0), cv2.Sobel(x, cv2.CV_32F, 0, 1)
-    return np.array(
-        [
-            *np.percentile(x, (1, 5, 25, 50, 75, 95, 99)),
-            x.mean(),
-            x.std(),
-            (x < 10).mean() * 100,
-            (x > 245).mean() * 100,
-            np.hypot(gx, gy).mean(),
-            cv2.Laplacian(x, cv2.CV_32F).std(),
-        ],
-        np.float32,
-    )
-
-
-FAMILIARITY_WORKING_MB = 64  # scikit-learn's working memory for the neighbour search (chunks)
-
-
-def _neighbour_distance(z: np.ndarray, reference: np.ndarray, leave_one_out: bool = False) -> np.ndarray:
-    """Mean Euclidean distance of each row of ``z`` to its nearest rows of ``reference``, searched in
-    chunks of :data:`FAMILIARITY_WORKING_MB` (memory linear in the rows, not quadratic). With
-    ``leave_one_out``, ``z`` is ``reference`` and no row is its own neighbour."""
-    import sklearn
-    from sklearn.neighbors import NearestNeighbors
-
-    k = min(FAMILIARITY_NEIGHBOURS, reference.shape[0] - int(leave_one_out))
-    with sklearn.config_context(working_memory=FAMILIARITY_WORKING_MB):
-        search = NearestNeighbors(n_neighbors=k, algorithm="brute").fit(np.asarray(reference, np.float64))
-        distances, _ = search.kneighbors(None if leave_one_out else np.asarray(z, np.float64))
-    return distances.mean(1)
-
-
-def familiarity_reference(images: np.ndarray) -> dict[str, Any]:
-    """What :func:`familiarity` compares new images with: the training images' statistics.
-
-    Each feature is standardised over the training images (spread at least one unit); an image's
-    distance is its mean distance to its five nearest training images in that space, so a training
-    set of several scanners is several clusters, not one average. The threshold is
-    :data:`FAMILIARITY_MARGIN` times the 99th percentile of the training images' own distances (each
-    to the others). Plain types, for the checkpoint.
-
-    Args:
-        images: ``(N, S, S)`` uint8 training inputs (``PreparedData.train.images``); N >= 2.
-    """
-    if len(images) < 2:
-        raise ValueError("familiarity_reference needs at least two training images.")
-    features = np.stack([image_features(im) for im in images])
-    # Floor of one unit (a grey level, a percentage point): a feature that barely varies in training
-    # must not turn a one-level difference into a large distance.
-    center, scale = features.mean(0), np.maximum(features.std(0), 1.0)
-    z = (features - center) / scale
-    own = _neighbour_distance(z, z, leave_one_out=True)
-    return {
-        "features": list(FAMILIARITY_FEATURES),
-        "center": center.tolist(),
-        "scale": scale.tolist(),
-        "reference": z.round(4).tolist(),
-        "threshold": float(FAMILIARITY_MARGIN * np.percentile(own, 99)),
-    }
-
-
-def familiarity(images: np.ndarray, reference: Mapping[str, Any] | None) -> pd.DataFrame | None:
-    """Flag images unlike anything the model was trained on, before trusting their predictions.
-
-    Args:
-        images: ``(N, S, S)`` uint8 model inputs (resized and preprocessed as in training).
-        reference: ``checkpoint["familiarity"]`` (:func:`familiarity_reference`); None for a
-            checkpoint that stores none, which returns None.
-
-    Returns:
-        One row per image: ``novelty`` (its distance over the threshold: above 1 is farther from
-        the training images than almost any training image is from the others) and ``unfamiliar``.
-    """
-    if not reference:
-        return None
-    if list(reference["features"]) != list(FAMILIARITY_FEATURES):
-        raise ValueError("This checkpoint's familiarity statistics come from another kidneyseg version.")
-    z = (np.stack([image_features(im) for im in images]) - np.asarray(reference["center"])) / np.asarray(
-        reference["scale"]
-    )
-    novelty = _neighbour_distance(z, np.asarray(reference["reference"], np.float32)) / reference["threshold"]
-    return pd.DataFrame({"novelty": novelty, "unfamiliar": novelty > 1.0})
-
-
 def overlay_mask(
     image: np.ndarray,
     mask: np.ndarray,
@@ -3258,8 +3035,9 @@ def overlay_mask(
     alpha: float = 0.45,
     contour: bool = True,
 ) -> np.ndarray:
-    """An RGB uint8 picture of a gray image with the mask blended in ``color`` (and its outline)."""
-    rgb = np.repeat(image[..., None], 3, axis=2).astype(np.float32)
+    """An RGB uint8 picture of a gray (or RGB) image with the mask blended in ``color`` (and its
+    outline)."""
+    rgb = (image if image.ndim == 3 else np.repeat(image[..., None], 3, axis=2)).astype(np.float32)
     m = mask.astype(bool)
     rgb[m] = (1 - alpha) * rgb[m] + alpha * np.asarray(color, np.float32)
     out = np.clip(rgb, 0, 255).astype(np.uint8)
@@ -3280,17 +3058,17 @@ def predict_folder(
     postprocess: bool = False,
     overwrite: bool = False,
     batch_size: int = 16,
-    reference: Mapping[str, Any] | None = None,
+    annotate: Callable[[np.ndarray], pd.DataFrame | None] | None = None,
     skip_bad_files: bool = False,
 ) -> pd.DataFrame:
     """Predict every image in a folder (or its images/ subfolder) and write the results.
 
     Writes ``output_dir/masks/<stem>.png`` (0/255, each input's original size),
     ``output_dir/overlays/<stem>.png`` and ``output_dir/predictions.csv``, the table it returns: one
-    row per image with its size and kidney area,
-    and, given the checkpoint's familiarity ``reference``, its ``novelty`` and ``unfamiliar`` flag
-    (:func:`familiarity`). Images are listed as training lists them: two files of one name
-    (``a.png`` and ``a.jpg``) are an error, since both would write ``masks/a.png``. With
+    row per image with its size and kidney area, and the columns that ``annotate`` returns for each
+    batch of model inputs (``(N, H, W)`` uint8; one row per image, or None), such as
+    ``kidneyseg_studies.familiarity``'s novelty. Images are listed as training lists them: two files
+    of one name (``a.png`` and ``a.jpg``) are an error, since both would write ``masks/a.png``. With
     ``skip_bad_files`` an unreadable image is skipped and listed in the table (``problem``).
 
     Raises:
@@ -3346,7 +3124,7 @@ def predict_folder(
             normalization=config.normalization,
             amp=config.amp,
         )
-        flags = familiarity(inputs, reference)
+        flags = annotate(inputs) if annotate is not None else None
         for i, (f, original, prob) in enumerate(zip(chunk, originals, probs)):
             mask_path, overlay_path = out / "masks" / f"{f.stem}.png", out / "overlays" / f"{f.stem}.png"
             h, w = original.shape
@@ -3537,12 +3315,11 @@ def choose_candidate(
     return chosen
 
 
-def kaggle_output_candidates(filename: str, input_root: str | os.PathLike | None = None) -> list[Path]:
+def kaggle_output_candidates(filename: str) -> list[Path]:
     """Files called ``filename`` in the outputs of notebooks attached to this one: under Kaggle's
     input at most six folders deep (``input/notebooks/<owner>/<slug>/kidneyseg/<file>`` today,
     ``input/<slug>/kidneyseg/<file>`` in older notebooks)."""
-    root = Path(input_root) if input_root is not None else kaggle_root() / "input"
-    return [p for p in find_below(root, filename) if p.is_file()]
+    return [p for p in find_below(kaggle_root() / "input", filename) if p.is_file()]
 
 
 def resolve_auto(value: Any, kaggle: Any, elsewhere: Any) -> Any:
@@ -3552,14 +3329,14 @@ def resolve_auto(value: Any, kaggle: Any, elsewhere: Any) -> Any:
     return value
 
 
-def kaggle_dataset_candidates(input_root: str | os.PathLike | None = None) -> list[Path]:
+def kaggle_dataset_candidates() -> list[Path]:
     """The attached datasets under Kaggle's input that hold images/ and masks/ folders.
 
     One candidate per mount: ``input/datasets/<owner>/<slug>`` and ``input/competitions/<slug>``
     (Kaggle's current layout) and ``input/<slug>`` (the older one). The outputs of other notebooks
     (``input/notebooks/...``) are never data: notebook 03's output can hold synthetic phantoms.
     """
-    root = Path(input_root) if input_root is not None else kaggle_root() / "input"
+    root = kaggle_root() / "input"
     if not root.is_dir():
         return []
     mounts: list[Path] = []
@@ -3678,14 +3455,8 @@ def restore_run_for_resume(output_dir: str | os.PathLike) -> Path | None:
     return source
 
 
-# #################################################################################################
-# PART II. THE STUDIES behind notebooks 01, 02, 04's figures and 05, and the phantoms (sections 11-15).
-# Nothing in part I uses anything defined here (tests/test_layout.py checks it).
-# #################################################################################################
-
-
 # =================================================================================================
-# 11. Phantoms and the default dataset
+# 11. The default dataset: synthetic kidney phantoms
 # =================================================================================================
 
 _PHANTOM_MARKER = "PHANTOM.json"
@@ -3851,18 +3622,14 @@ SYNTHETIC = "synthetic"
 def resolve_data_dir(
     data_dir: str | os.PathLike | None = "auto",
     *,
-    kaggle_input: str | os.PathLike | None = None,
-    env_var: str = DATA_DIR_ENV,
     synthetic_dir: str | os.PathLike | None = None,
     synthetic_sources: bool = False,
 ) -> Path:
-    """Find the data root: the explicit parameter, then Kaggle's input, then an environment variable.
+    """Find the data root: the explicit parameter, then Kaggle's input (``kaggle_root()/input``), then
+    ``$KIDNEYSEG_DATA_DIR``.
 
     Args:
         data_dir: A path; ``"auto"``/``None`` to search; ``"synthetic"`` for phantoms on purpose.
-        kaggle_input: Where Kaggle mounts attached datasets; ``None`` means ``kaggle_root()/input``.
-            When several attached datasets hold images, :func:`choose_candidate` picks one and says so.
-        env_var: Environment variable consulted after Kaggle's input.
         synthetic_dir: Where phantoms are written. Off Kaggle, finding nothing writes synthetic
             phantoms here and uses them, with a warning; on Kaggle it is an error that says how to
             attach a dataset (a GPU session spent on phantoms wastes quota). ``None`` makes "nothing
@@ -3887,19 +3654,19 @@ def resolve_data_dir(
         if not path.exists():
             raise FileNotFoundError(f"DATA_DIR {str(path)!r} does not exist. {_LAYOUT_HELP}")
         return path
-    kaggle_input = Path(kaggle_input) if kaggle_input is not None else kaggle_root() / "input"
+    kaggle_input = kaggle_root() / "input"
     searched = [f"{kaggle_input}/datasets/*/*, {kaggle_input}/competitions/*, {kaggle_input}/*"]
-    candidates = kaggle_dataset_candidates(kaggle_input)
+    candidates = kaggle_dataset_candidates()
     if candidates:
         return choose_candidate(
             candidates, "attached datasets with images/ and masks/", "DATA_DIR", "datasets"
         )
-    env_value = os.environ.get(env_var)
-    searched.append(f"${env_var}" + (f"={env_value}" if env_value else " (unset)"))
+    env_value = os.environ.get(DATA_DIR_ENV)
+    searched.append(f"${DATA_DIR_ENV}" + (f"={env_value}" if env_value else " (unset)"))
     if env_value:
         path = Path(env_value).expanduser()
         if not path.exists():
-            raise FileNotFoundError(f"${env_var} points to {str(path)!r}, which does not exist.")
+            raise FileNotFoundError(f"${DATA_DIR_ENV} points to {str(path)!r}, which does not exist.")
         return path
     if on_kaggle():
         raise FileNotFoundError(
@@ -3921,1481 +3688,6 @@ def resolve_data_dir(
     return (
         make_synthetic_sources(synthetic_dir) if synthetic_sources else make_synthetic_dataset(synthetic_dir)
     )
-
-
-# =================================================================================================
-# 12. Exploring a dataset: notebook 01
-# =================================================================================================
-
-
-def _static_then_widget(draw: Callable[..., None], controls: Callable[[Any], dict[str, Any]]) -> None:
-    """Draw once with the defaults (so every run records a static picture), then, only in an
-    interactive front end (:func:`interactive_frontend`), offer ipywidgets controls built by
-    ``controls(ipywidgets)``. Headless runs never create a widget: one can hang them for ever."""
-    draw()
-    if not interactive_frontend():
-        print(
-            "(Sliders appear when this notebook runs in Jupyter or Kaggle's editor; a headless run "
-            f"keeps the static figure. Set {INTERACTIVE_ENV}=1 to force them.)"
-        )
-        return
-    try:
-        import ipywidgets as widgets
-        from IPython.display import display
-    except ImportError:
-        return
-    display(widgets.interactive(draw, **controls(widgets)))
-
-
-def _describe_mask_values(raw: np.ndarray) -> str:
-    colour = raw.ndim == 3 and raw.shape[2] >= 3
-    values = _drop_alpha_and_reduce(raw, reduce="max")
-    found = np.unique(values)
-    prefix = "colour " if colour else ""
-    if found.size <= 2:
-        return prefix + "/".join(str(v.item()) for v in found)
-    return f"{prefix}{found.size} values {found.min().item()}..{found.max().item()}"
-
-
-def inventory(
-    data_dir: str | os.PathLike,
-    group_regex: str | Mapping[str, str | None] | None = None,
-    progress: bool = False,
-    mask_labels: str | Sequence[int] | None = None,
-) -> pd.DataFrame:
-    """One row per pair or orphan under ``data_dir``, with what was found before any conversion.
-
-    Columns: source, case, name, status (``ok``, ``orphan_image``, ``orphan_mask``, ``unreadable``,
-    ``bad_mask``, ``size_mismatch``), problem, image, mask, width, height, dtype, channels,
-    mask_values (raw values, e.g. ``0/255``, ``0/1`` or ``37 values 0..255`` for a noisy mask),
-    kidney_fraction, components, pixel_hash and duplicate_of (the first pair with identical pixels).
-    """
-    import hashlib
-
-    index = index_dataset(data_dir, group_regex, mask_labels)
-    rows: list[dict[str, Any]] = []
-    for pair in _progress_bar(index.pairs, progress, desc="inventory", unit="pair", leave=False):
-        row: dict[str, Any] = {
-            "source": pair.source,
-            "case": pair.case,
-            "name": pair.name,
-            "status": "ok",
-            "problem": "",
-            "image": str(pair.image),
-            "mask": str(pair.mask),
-            "mask_labels": pair.mask_labels,
-        }
-        try:
-            raw_image = _decode(pair.image)
-            raw_mask = _decode(pair.mask)
-        except ImageReadError as exc:
-            rows.append({**row, "status": "unreadable", "problem": str(exc)})
-            continue
-        image = to_grayscale_uint8(raw_image)
-        row.update(
-            height=image.shape[0],
-            width=image.shape[1],
-            dtype=str(raw_image.dtype),
-            channels=1 if raw_image.ndim == 2 else raw_image.shape[2],
-            mask_values=_describe_mask_values(raw_mask),
-            pixel_hash=hashlib.sha1(image.tobytes() + str(image.shape).encode()).hexdigest(),
-        )
-        try:
-            mask = binarize_mask(raw_mask, pair.mask, pair.mask_labels)
-        except ValueError as exc:
-            rows.append({**row, "status": "bad_mask", "problem": str(exc)})
-            continue
-        if mask.shape != image.shape:
-            rows.append(
-                {
-                    **row,
-                    "status": "size_mismatch",
-                    "problem": f"mask is {mask.shape[1]}x{mask.shape[0]}, "
-                    f"image {image.shape[1]}x{image.shape[0]}",
-                }
-            )
-            continue
-        count = cv2.connectedComponents(mask, connectivity=8)[0] - 1
-        rows.append({**row, "kidney_fraction": float(mask.mean()), "components": int(count)})
-    for path in index.orphan_images:
-        rows.append(
-            {
-                "source": index._source_of(path),
-                "name": path.stem,
-                "status": "orphan_image",
-                "problem": "image without mask",
-                "image": str(path),
-            }
-        )
-    for path in index.orphan_masks:
-        rows.append(
-            {
-                "source": index._source_of(path),
-                "name": path.stem,
-                "status": "orphan_mask",
-                "problem": "mask without image",
-                "mask": str(path),
-            }
-        )
-    columns = [
-        "source",
-        "case",
-        "name",
-        "status",
-        "problem",
-        "image",
-        "mask",
-        "width",
-        "height",
-        "dtype",
-        "channels",
-        "mask_values",
-        "kidney_fraction",
-        "components",
-        "pixel_hash",
-        "mask_labels",
-    ]
-    table = pd.DataFrame(rows).reindex(columns=columns)
-    first = {}
-    duplicate_of = []
-    for key, digest in zip(table["source"] + "/" + table["name"], table["pixel_hash"]):
-        if isinstance(digest, str) and digest in first:
-            duplicate_of.append(first[digest])
-        else:
-            if isinstance(digest, str):
-                first[digest] = key
-            duplicate_of.append("")
-    table["duplicate_of"] = duplicate_of
-    return table
-
-
-def inventory_summary(table: pd.DataFrame) -> pd.DataFrame:
-    """Per source: pairs, cases, orphans, unreadable and other problems, duplicates, distinct sizes,
-    share of slices with kidney and the median kidney fraction of those."""
-    rows = []
-    for source, part in table.groupby("source", sort=True):
-        ok = part[part["status"] == "ok"]
-        kidney = ok["kidney_fraction"] > 0
-        rows.append(
-            {
-                "source": source,
-                "pairs": len(ok),
-                "cases": ok["case"].nunique(),
-                "orphans": int(part["status"].str.startswith("orphan").sum()),
-                "problems": int((~part["status"].isin(["ok", "orphan_image", "orphan_mask"])).sum()),
-                "duplicates": int((part["duplicate_of"] != "").sum()),
-                "sizes": ok[["width", "height"]].drop_duplicates().shape[0],
-                "with_kidney": f"{kidney.mean():.0%}" if len(ok) else "-",
-                "median_kidney_fraction": float(ok.loc[kidney, "kidney_fraction"].median())
-                if kidney.any()
-                else 0.0,
-            }
-        )
-    return pd.DataFrame(rows)
-
-
-def write_inventory(
-    table: pd.DataFrame, output_dir: str | os.PathLike, warnings_found: Sequence[str] = ()
-) -> dict[str, Path]:
-    """Write ``data_inventory.csv`` (one row per file) and ``data_report.json`` (summary, warnings)."""
-    out = Path(output_dir)
-    csv_path, json_path = out / "data_inventory.csv", out / "data_report.json"
-    _atomic_write(csv_path, table.to_csv(index=False))
-    report = {
-        "summary": inventory_summary(table).to_dict(orient="records"),
-        "warnings": list(warnings_found),
-        "problems": table.loc[table["status"] != "ok", ["source", "name", "status", "problem"]].to_dict(
-            orient="records"
-        ),
-    }
-    _atomic_write(json_path, json.dumps(report, indent=2, default=str) + "\n")
-    return {"inventory_csv": csv_path, "report_json": json_path}
-
-
-def dataset_warnings(
-    table: pd.DataFrame, group_regex: str | None = None, val_fraction: float = 0.2
-) -> list[str]:
-    """Plain sentences about what a user should act on before training."""
-    found: list[str] = []
-    ok = table[table["status"] == "ok"]
-    problems = table[table["status"] != "ok"]
-    for status, part in problems.groupby("status"):
-        names = ", ".join(part["name"].astype(str).head(5))
-        found.append(
-            f"{len(part)} files with status '{status}' (e.g. {names}): see the inventory's "
-            "'problem' column; they are left out of training."
-        )
-    duplicates = table[table["duplicate_of"] != ""]
-    if len(duplicates):
-        found.append(
-            f"{len(duplicates)} images repeat the pixels of another (e.g. {duplicates['name'].iloc[0]} = "
-            f"{duplicates['duplicate_of'].iloc[0]}); duplicates on both sides of the split inflate scores."
-        )
-    if group_regex is None and len(ok):
-        prefixes = ok["name"].str.extract(r"^([^_]+)_", expand=False).dropna()
-        if len(prefixes) > 0.9 * len(ok) and prefixes.nunique() < 0.8 * len(ok):
-            found.append(
-                f"File names share {prefixes.nunique()} prefixes before '_' (e.g. {prefixes.iloc[0]!r}); "
-                "if they are patient ids, set GROUP_REGEX='^([^_]+)_' so that one patient's slices "
-                "never sit on both sides of the split."
-            )
-    kidney = ok[ok["kidney_fraction"] > 0]
-    tiny, huge = kidney[kidney["kidney_fraction"] < 0.001], ok[ok["kidney_fraction"] > 0.5]
-    if len(tiny):
-        found.append(
-            f"{len(tiny)} masks cover less than 0.1 % of their image (e.g. {tiny['name'].iloc[0]}); "
-            "at IMAGE_SIZE they may shrink to a few pixels."
-        )
-    if len(huge):
-        found.append(
-            f"{len(huge)} masks cover more than half of their image (e.g. {huge['name'].iloc[0]}): "
-            "check that they are not inverted."
-        )
-    sizes = ok[["width", "height"]].drop_duplicates()
-    if len(sizes) > 1:
-        areas = (sizes["width"] * sizes["height"]).to_numpy()
-        small, large = sizes.iloc[int(areas.argmin())], sizes.iloc[int(areas.argmax())]
-        found.append(
-            f"{len(sizes)} different image sizes, from {small['width']}x{small['height']} to "
-            f"{large['width']}x{large['height']}: all are resized to IMAGE_SIZE (stretched, not cropped)."
-        )
-    n_groups = ok["case"].nunique() if group_regex else len(ok)
-    if n_groups * val_fraction < 2 or len(ok) < 20:
-        found.append(
-            f"Only {len(ok)} pairs in {n_groups} {'cases' if group_regex else 'split units'}: a "
-            f"{val_fraction:.0%} validation split holds about {max(1, round(n_groups * val_fraction))} of "
-            "them, too few for a trustworthy score; the authors recommend at least 1,000 images."
-        )
-    if len(ok) and not (ok["kidney_fraction"] > 0).any():
-        found.append("No mask contains kidney.")
-    elif len(ok) and (ok["kidney_fraction"] > 0).all():
-        found.append(
-            "Every mask contains kidney: the model will not learn what a kidney-free slice looks like."
-        )
-    return found
-
-
-def _labels_of(value: Any) -> str | tuple[int, ...] | None:
-    """An inventory row's ``mask_labels`` (pandas stores a column of None as NaN)."""
-    return value if isinstance(value, (str, tuple, list)) else None
-
-
-def mask_heatmap(table: pd.DataFrame, size: int = 64) -> np.ndarray:
-    """Share of masks covering each position of the normalised (resized) image, ``size`` x ``size``."""
-    ok = table[table["status"] == "ok"]
-    total = np.zeros((size, size), np.float64)
-    for path, labels in zip(ok["mask"], ok["mask_labels"]):
-        mask = read_mask(path, _labels_of(labels)).astype(np.float32)
-        total += cv2.resize(mask, (size, size), interpolation=cv2.INTER_AREA)
-    return total / max(1, len(ok))
-
-
-def plot_image_statistics(table: pd.DataFrame) -> Any:
-    """Image sizes per source (width against height) and the aspect-ratio distribution."""
-    ok = table[table["status"] == "ok"]
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
-    for source, part in ok.groupby("source"):
-        counts = part.groupby(["width", "height"]).size().reset_index(name="n")
-        axes[0].scatter(counts["width"], counts["height"], s=20 + 6 * counts["n"], alpha=0.6, label=source)
-    axes[0].set_xlabel("width (px)")
-    axes[0].set_ylabel("height (px)")
-    axes[0].set_title("Image sizes (marker area ~ number of images)")
-    axes[0].legend(fontsize=7)
-    axes[0].grid(alpha=0.3)
-    aspect = ok["width"] / ok["height"]
-    axes[1].hist(
-        [aspect[ok["source"] == s] for s in sorted(ok["source"].unique())],
-        bins=20,
-        stacked=True,
-        label=sorted(ok["source"].unique()),
-    )
-    axes[1].set_xlabel("aspect ratio (width / height)")
-    axes[1].set_ylabel("images")
-    axes[1].set_title("Aspect ratios")
-    fig.tight_layout()
-    return fig
-
-
-def plot_intensity_histograms(table: pd.DataFrame, per_source: int = 12, seed: int = 0) -> Any:
-    """Gray-level histograms (after conversion to uint8): all sources together and one per source,
-    from up to ``per_source`` random images each."""
-    ok = table[table["status"] == "ok"]
-    sources = sorted(ok["source"].unique())
-    rng = np.random.default_rng(seed)
-    hists = {}
-    for source in sources:
-        paths = ok.loc[ok["source"] == source, "image"].to_numpy()
-        picks = rng.choice(paths, size=min(per_source, len(paths)), replace=False)
-        hist = np.zeros(256)
-        for path in picks:
-            hist += np.bincount(read_image(path).ravel(), minlength=256)
-        hists[source] = hist / hist.sum()
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4))
-    axes[0].plot(np.mean(list(hists.values()), axis=0), color="black")
-    axes[0].set_title("All sources (mean of per-source histograms)")
-    for source, hist in hists.items():
-        axes[1].plot(hist, label=source, alpha=0.8)
-    axes[1].set_title("Per source")
-    axes[1].legend(fontsize=7)
-    for ax in axes:
-        ax.set_xlabel("gray level")
-        ax.set_ylabel("share of pixels")
-        ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return fig
-
-
-def plot_gallery(
-    table: pd.DataFrame,
-    n: int = 12,
-    seed: int = 0,
-    columns: int = 6,
-    transform: Callable[[np.ndarray], np.ndarray] | None = None,
-) -> Any:
-    """Random slices at their original size with the mask overlaid, titled by source and name."""
-    ok = table[table["status"] == "ok"].reset_index(drop=True)
-    picks = np.random.default_rng(seed).choice(len(ok), size=min(n, len(ok)), replace=False)
-    rows = math.ceil(len(picks) / columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(2.6 * columns, 2.8 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, i in zip(axes.flat, picks):
-        row = ok.loc[int(i)]
-        image = read_image(row["image"])
-        if transform is not None:
-            image = transform(image)
-        ax.imshow(overlay_mask(image, read_mask(row["mask"], _labels_of(row["mask_labels"]))))
-        ax.set_title(f"{row['source']}\n{row['name'][:26]}", fontsize=7)
-    fig.tight_layout()
-    return fig
-
-
-def plot_mask_statistics(table: pd.DataFrame, heatmap: np.ndarray) -> Any:
-    """Kidney area distribution, connected components per mask, and where kidneys lie."""
-    ok = table[table["status"] == "ok"]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    kidney = ok[ok["kidney_fraction"] > 0]
-    sources = sorted(kidney["source"].unique())
-    axes[0].hist(
-        [100 * kidney.loc[kidney["source"] == s, "kidney_fraction"] for s in sources],
-        bins=25,
-        stacked=True,
-        label=sources,
-    )
-    axes[0].set_xlabel("kidney area (% of image)")
-    axes[0].set_ylabel("masks")
-    empty = (ok["kidney_fraction"] == 0).mean()
-    axes[0].set_title(f"Kidney area ({empty:.0%} of masks are empty)")
-    axes[0].legend(fontsize=7)
-    components = ok["components"].astype(int).value_counts().sort_index()
-    axes[1].bar(components.index.astype(str), components.to_numpy())
-    axes[1].set_xlabel("connected components per mask")
-    axes[1].set_ylabel("masks")
-    axes[1].set_title("Components (two kidneys usually give 2)")
-    shown = axes[2].imshow(heatmap, cmap="magma", vmin=0)
-    axes[2].set_title("Where kidneys lie (share of masks)")
-    axes[2].axis("off")
-    fig.colorbar(shown, ax=axes[2], fraction=0.046)
-    fig.tight_layout()
-    return fig
-
-
-def show_slice_browser(table: pd.DataFrame) -> None:
-    """An ipywidgets browser over the pairs: slice slider, overlay on/off, opacity.
-
-    The first slice is always drawn as a static figure, so headless runs record a picture; the
-    widget follows only in an interactive front end.
-    """
-    ok = table[table["status"] == "ok"].reset_index(drop=True)
-
-    def draw(index: int = 0, overlay: bool = True, opacity: float = 0.45) -> None:
-        row = ok.loc[index]
-        image = read_image(row["image"])
-        mask = read_mask(row["mask"], _labels_of(row["mask_labels"]))
-        shown = overlay_mask(image, mask, alpha=opacity) if overlay else image
-        fig, ax = plt.subplots(figsize=(5, 5))
-        ax.imshow(shown, cmap="gray")
-        ax.set_title(f"{row['source']} / {row['name']}  ({row['width']}x{row['height']})", fontsize=9)
-        ax.axis("off")
-        plt.show()
-
-    _static_then_widget(
-        draw,
-        lambda widgets: dict(
-            index=widgets.IntSlider(0, 0, len(ok) - 1, description="slice"),
-            overlay=widgets.Checkbox(True, description="overlay"),
-            opacity=widgets.FloatSlider(value=0.45, min=0.0, max=1.0, step=0.05, description="opacity"),
-        ),
-    )
-
-
-# =================================================================================================
-# 13. Preprocessing and normalisation: notebook 02
-# =================================================================================================
-
-
-def contrast_metrics(image: np.ndarray, mask: np.ndarray, ring: int = 5) -> tuple[float, float]:
-    """Contrast-to-noise ratio between kidney and a ring of surrounding tissue, and edge strength.
-
-    ``cnr = |mean(kidney) - mean(ring)| / sqrt((var(kidney) + var(ring)) / 2)``, with the ring the
-    ``ring``-pixel band just outside the mask; ``edge`` is the mean Sobel gradient magnitude on the
-    mask's outline (grey levels per pixel). Both are NaN for a mask without kidney.
-    """
-    m = mask.astype(bool)
-    if not m.any():
-        return float("nan"), float("nan")
-    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * ring + 1, 2 * ring + 1))
-    band = cv2.dilate(m.astype(np.uint8), kernel).astype(bool) & ~m
-    img = image.astype(np.float32)
-    inside, around = img[m], img[band]
-    if around.size == 0:
-        return float("nan"), float("nan")
-    noise = math.sqrt((inside.var() + around.var()) / 2) + 1e-6
-    cnr = abs(float(inside.mean()) - float(around.mean())) / noise
-    gx = cv2.Sobel(img, cv2.CV_32F, 1, 0, ksize=3) / 8
-    gy = cv2.Sobel(img, cv2.CV_32F, 0, 1, ksize=3) / 8
-    edge = float(np.hypot(gx, gy)[_boundary(m)].mean())
-    return cnr, edge
-
-
-PREPROCESSING_SWEEP: tuple[tuple[str, dict[str, float]], ...] = (
-    ("none", {}),
-    ("white_balance", {"low_percentile": 1.0, "high_percentile": 99.0}),
-    ("white_balance", {"low_percentile": 5.0, "high_percentile": 95.0}),
-    ("clahe", {"clip_limit": 1.0, "tile_grid": 8}),
-    ("clahe", {"clip_limit": 2.0, "tile_grid": 8}),
-    ("clahe", {"clip_limit": 4.0, "tile_grid": 8}),
-    ("clahe", {"clip_limit": 2.0, "tile_grid": 4}),
-    ("unsharp", {"sigma": 1.0, "amount": 0.5}),
-    ("unsharp", {"sigma": 1.0, "amount": 1.0}),
-    ("unsharp", {"sigma": 2.0, "amount": 1.0}),
-)
-
-
-def partial_preprocessor(method: str, **params: float) -> Callable[[np.ndarray], np.ndarray]:
-    """The base preprocessing ``method`` with ``params`` bound (for sweeps and sliders)."""
-    if method not in _PREPROCESSORS:
-        raise ValueError(f"unknown preprocessing method {method!r}; choose from {PREPROCESSING_METHODS}")
-    fn = _PREPROCESSORS[method]
-    return lambda image: fn(image, **params)
-
-
-def preprocessing_effects(
-    images: Sequence[np.ndarray],
-    masks: Sequence[np.ndarray],
-    sources: Sequence[str],
-    sweep: Sequence[tuple[str, dict[str, float]]] = PREPROCESSING_SWEEP,
-) -> pd.DataFrame:
-    """Mean CNR and edge strength (:func:`contrast_metrics`) per method, parameters and source, over
-    slices that contain kidney; ``cnr_gain`` and ``edge_gain`` are ratios to no preprocessing."""
-    rows = []
-    for method, params in sweep:
-        fn = (lambda x: x) if method == "none" else partial_preprocessor(method, **params)
-        for image, mask, source in zip(images, masks, sources):
-            if not mask.any():
-                continue
-            cnr, edge = contrast_metrics(fn(image), mask)
-            rows.append(
-                {
-                    "method": method,
-                    "params": ", ".join(f"{k}={v:g}" for k, v in params.items()) or "-",
-                    "source": source,
-                    "cnr": cnr,
-                    "edge": edge,
-                }
-            )
-    table = pd.DataFrame(rows).groupby(["method", "params", "source"], sort=False).mean().reset_index()
-    base = table[table["method"] == "none"].set_index("source")
-    table["cnr_gain"] = table["cnr"] / table["source"].map(base["cnr"])
-    table["edge_gain"] = table["edge"] / table["source"].map(base["edge"])
-    return table
-
-
-def normalization_consistency(
-    data_dir: str | os.PathLike,
-    methods: Sequence[str] = NORMALIZATION_OPTIONS,
-    image_size: int = 128,
-    preprocessing: str = "none",
-    ring: int = 5,
-    mask_labels: str | Sequence[int] | None = None,
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """How alike kidneys look across sources after each normalisation (no training needed).
-
-    For every slice with kidney, the model input is normalised and the median intensity of the
-    kidney and of a ``ring``-pixel band around it are taken; per source, the medians over its slices.
-    A normalisation that makes sources alike keeps the kidney level steady across sources relative
-    to the kidney-to-surroundings contrast the network has to find.
-
-    Returns:
-        ``(per_source, summary)``: per (method, source), the kidney and surroundings levels and their
-        difference; per method, ``spread`` = standard deviation of the kidney level over sources
-        divided by the mean absolute contrast (lower is more consistent), and the ``preprocessing``
-        the inputs had (pass the run's, so that these are the inputs it trains on).
-    """
-    pairs = index_dataset(data_dir, mask_labels=mask_labels).pairs
-    cache = load_arrays(pairs, image_size, preprocessing)
-    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * ring + 1, 2 * ring + 1))
-    rows = []
-    for pair, image, mask in zip(cache.pairs, cache.images, cache.masks):
-        if not mask.any():
-            continue
-        band = cv2.dilate(mask, kernel).astype(bool) & ~mask.astype(bool)
-        for method in methods:
-            values = normalize_intensity(image, method)
-            kidney, around = float(np.median(values[mask > 0])), float(np.median(values[band]))
-            rows.append({"method": method, "source": pair.source, "kidney": kidney, "surroundings": around})
-    per_source = pd.DataFrame(rows).groupby(["method", "source"], sort=False).median().reset_index()
-    per_source["contrast"] = per_source["kidney"] - per_source["surroundings"]
-    summary = per_source.groupby("method", sort=False).agg(
-        kidney_sd=("kidney", "std"), mean_abs_contrast=("contrast", lambda c: float(np.abs(c).mean()))
-    )
-    summary["spread"] = summary["kidney_sd"] / summary["mean_abs_contrast"]
-    summary["preprocessing"] = preprocessing
-    return per_source, summary.reset_index()
-
-
-def sample_slices_with_kidney(pairs: Sequence[SamplePair], per_source: int, seed: int) -> list[SamplePair]:
-    """Up to ``per_source`` pairs whose mask holds kidney from every source, drawn at random with
-    ``seed`` (the same draw every run), in source and file order."""
-    rng = np.random.default_rng(seed)
-    sample: list[SamplePair] = []
-    for source in sorted({p.source for p in pairs}):
-        candidates = [p for p in pairs if p.source == source and load_pair(p)[1].any()]
-        picks = rng.choice(len(candidates), size=min(per_source, len(candidates)), replace=False)
-        sample += [candidates[i] for i in sorted(picks)]
-    return sample
-
-
-def write_preprocessing_results(
-    ablation: pd.DataFrame, effects: pd.DataFrame, output_dir: str | os.PathLike
-) -> dict[str, Path]:
-    """Write notebook 02's tables: ``preprocessing_results.csv`` (the training ablation) and
-    ``preprocessing_effects.csv`` (the measured effects); returns their paths."""
-    out = Path(output_dir)
-    return {
-        "ablation_csv": _atomic_write(out / "preprocessing_results.csv", ablation.to_csv(index=False)),
-        "effects_csv": _atomic_write(out / "preprocessing_effects.csv", effects.to_csv(index=False)),
-    }
-
-
-def recommend_preprocessing(ablation: pd.DataFrame, margin: float = 0.01) -> tuple[str, str]:
-    """The option to use and why: the best validation Dice, unless it beats ``"none"`` by less than
-    ``margin`` (then the simpler ``"none"``, since the gain is within run-to-run noise)."""
-    table = ablation.set_index("preprocessing")
-    best = str(table["val_dice"].idxmax())
-    if "none" in table.index and best != "none":
-        gain = table.loc[best, "val_dice"] - table.loc["none", "val_dice"]
-        if gain < margin:
-            return "none", (
-                f"'{best}' beats no preprocessing by only {gain:+.3f} validation Dice (< {margin}); "
-                "keep PREPROCESSING='none'."
-            )
-        return (
-            best,
-            f"'{best}' beats no preprocessing by {gain:+.3f} validation Dice; set PREPROCESSING='{best}'.",
-        )
-    return best, f"'{best}' has the best validation Dice ({table.loc[best, 'val_dice']:.3f})."
-
-
-def preprocessing_ablation(
-    config: Config,
-    data_dir: str | os.PathLike,
-    output_dir: str | os.PathLike,
-    options: Sequence[str] = ("none", "white_balance", "clahe", "unsharp", "white_balance+clahe"),
-    device: torch.device | None = None,
-    progress: bool = False,
-) -> pd.DataFrame:
-    """Train one model per preprocessing option at an equal budget and compare validation Dice.
-
-    Every option uses the same config (seed, split, epochs, augmentation) except ``preprocessing``;
-    each run goes to ``output_dir/<option>`` (replaced if present: these are scratch runs).
-
-    Returns:
-        One row per option: best validation loss and its epoch, pooled validation Dice and IoU at
-        that epoch, the best Dice of any epoch, and the seconds spent.
-    """
-    rows = []
-    for option in options:
-        run_config = Config(**{**config.to_dict(), "preprocessing": option})
-        data = prepare_data(run_config, data_dir)
-        run_config = data.config
-        tic = time.monotonic()
-        result = train_model(
-            build_model(run_config),
-            data.train_dataset,
-            data.val_dataset,
-            run_config,
-            Path(output_dir) / option.replace("+", "_"),
-            device,
-            overwrite=True,
-            progress=progress,
-        )
-        best = result.best_row
-        rows.append(
-            {
-                "preprocessing": option,
-                "best_epoch": result.best_epoch,
-                "val_loss": result.best_val_loss,
-                "val_dice": best["val_dice"],
-                "val_iou": best["val_iou"],
-                "max_val_dice": float(result.history["val_dice"].max()),
-                "epochs": len(result.history),
-                "seconds": time.monotonic() - tic,
-            }
-        )
-    return pd.DataFrame(rows)
-
-
-def plot_preprocessing_gallery(
-    images: Sequence[np.ndarray],
-    masks: Sequence[np.ndarray],
-    titles: Sequence[str],
-    methods: Sequence[str] = ("none", "white_balance", "clahe", "unsharp"),
-) -> Any:
-    """One row per slice, one column per method, with the kidney outline, and a histogram row."""
-    n = len(images)
-    fig, axes = plt.subplots(
-        2 * n,
-        len(methods),
-        figsize=(3.1 * len(methods), 5.2 * n),
-        squeeze=False,
-        gridspec_kw={"height_ratios": [3, 1.2] * n},
-    )
-    for r, (image, mask, title) in enumerate(zip(images, masks, titles)):
-        for c, method in enumerate(methods):
-            out = apply_preprocessing(image, method)
-            ax = axes[2 * r, c]
-            ax.imshow(overlay_mask(out, mask, alpha=0.0))
-            ax.set_title(f"{title}\n{method}" if c == 0 else method, fontsize=8)
-            ax.axis("off")
-            hist_ax = axes[2 * r + 1, c]
-            hist_ax.hist(out.ravel(), bins=64, range=(0, 255), color="gray")
-            hist_ax.set_yscale("log")  # the dark background would hide everything else
-            hist_ax.set_yticks([])
-            hist_ax.tick_params(labelsize=7)
-    fig.tight_layout()
-    return fig
-
-
-def plot_preprocessing_effects(effects: pd.DataFrame) -> Any:
-    """CNR gain and edge-strength gain per method and parameters, averaged over sources."""
-    mean = effects.groupby(["method", "params"], sort=False)[["cnr_gain", "edge_gain"]].mean().reset_index()
-    labels = [f"{m}\n{p}" for m, p in zip(mean["method"], mean["params"])]
-    x = np.arange(len(mean))
-    fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(mean)), 4.5))
-    ax.bar(x - 0.2, mean["cnr_gain"], width=0.4, label="CNR kidney vs surrounding ring")
-    ax.bar(x + 0.2, mean["edge_gain"], width=0.4, label="edge strength on the kidney outline")
-    ax.axhline(1.0, color="black", linewidth=0.8)
-    ax.set_xticks(x, labels, fontsize=7)
-    ax.set_ylabel("ratio to no preprocessing")
-    ax.set_title("Measured effect (mean over sources, slices with kidney)")
-    ax.legend(fontsize=8)
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    return fig
-
-
-def show_preprocessing_sliders(image: np.ndarray, mask: np.ndarray) -> None:
-    """ipywidgets sliders to tune CLAHE, the percentile stretch and unsharp masking on one slice.
-
-    A static figure with the default settings is drawn first (headless runs keep it)."""
-
-    def draw(
-        clip_limit: float = 2.0,
-        tile_grid: int = 8,
-        low: float = 1.0,
-        high: float = 99.0,
-        sigma: float = 1.0,
-        amount: float = 1.0,
-    ) -> None:
-        outs = {
-            "original": image,
-            "white balance": white_balance(image, low, high),
-            "CLAHE": clahe(image, clip_limit, tile_grid),
-            "unsharp": unsharp_mask(image, sigma, amount),
-        }
-        fig, axes = plt.subplots(1, 4, figsize=(14, 3.8))
-        for ax, (name, out) in zip(axes, outs.items()):
-            cnr, edge = contrast_metrics(out, mask)
-            ax.imshow(out, cmap="gray", vmin=0, vmax=255)
-            ax.set_title(f"{name}\nCNR {cnr:.2f}  edge {edge:.1f}", fontsize=9)
-            ax.axis("off")
-        plt.show()
-
-    _static_then_widget(
-        draw,
-        lambda widgets: dict(
-            clip_limit=widgets.FloatSlider(value=2.0, min=0.5, max=8.0, step=0.5),
-            tile_grid=widgets.IntSlider(value=8, min=2, max=16),
-            low=widgets.FloatSlider(value=1.0, min=0, max=20),
-            high=widgets.FloatSlider(value=99.0, min=80, max=100),
-            sigma=widgets.FloatSlider(value=1.0, min=0.5, max=5),
-            amount=widgets.FloatSlider(value=1.0, min=0.0, max=3.0, step=0.1),
-        ),
-    )
-
-
-def plot_normalization_consistency(per_source: pd.DataFrame) -> Any:
-    """Kidney and surroundings level per source under each normalisation (from
-    :func:`normalization_consistency`): a consistent normalisation keeps each source's kidney level
-    close to the others' on the scale of the contrast the network has to find."""
-    methods = list(dict.fromkeys(per_source["method"]))
-    fig, axes = plt.subplots(1, len(methods), figsize=(3.6 * len(methods), 4), squeeze=False)
-    for ax, method in zip(axes[0], methods):
-        part = per_source[per_source["method"] == method]
-        y = np.arange(len(part))
-        for yi, (_, row) in zip(y, part.iterrows()):
-            ax.plot([row["surroundings"], row["kidney"]], [yi, yi], color="0.6", linewidth=1)
-        ax.scatter(part["surroundings"], y, color="0.3", s=20, label="surroundings (5 px ring)")
-        ax.scatter(part["kidney"], y, color="tab:red", s=28, label="kidney")
-        ax.set_yticks(y, part["source"] if ax is axes[0, 0] else [""] * len(part), fontsize=8)
-        ax.set_title(method, fontsize=10)
-        ax.set_xlabel("normalised intensity (median)", fontsize=8)
-        ax.grid(axis="x", alpha=0.3)
-    axes[0, 0].legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    return fig
-
-
-def plot_normalization_gallery(
-    images: Sequence[np.ndarray], titles: Sequence[str], methods: Sequence[str] = NORMALIZATION_OPTIONS
-) -> Any:
-    """One row per slice (e.g. one per source), one column per normalisation, all on one grey scale
-    per column so that differences between sources stay visible."""
-    outs = {m: [normalize_intensity(image, m) for image in images] for m in methods}
-    fig, axes = plt.subplots(
-        len(images), len(methods), figsize=(2.6 * len(methods), 2.6 * len(images)), squeeze=False
-    )
-    for c, method in enumerate(methods):
-        low, high = np.percentile(np.concatenate([o.ravel() for o in outs[method]]), [0.5, 99.5])
-        for r, (out, title) in enumerate(zip(outs[method], titles)):
-            ax = axes[r, c]
-            ax.imshow(out, cmap="gray", vmin=low, vmax=high)
-            ax.set_title(f"{title}\n{method}" if c == 0 else method, fontsize=8)
-            ax.axis("off")
-    fig.tight_layout()
-    return fig
-
-
-# =================================================================================================
-# 14. Figures of a training run and its evaluation: notebooks 03 and 04
-# =================================================================================================
-
-
-def plot_samples(
-    dataset: Dataset, n: int = 8, seed: int = 0, epoch: int = 0, title: str | None = None, columns: int = 4
-) -> Any:
-    """A grid of ``n`` dataset items (as the model sees them, augmentation included) with the mask
-    overlaid. Returns the matplotlib Figure."""
-    count = min(n, len(dataset))
-    rng = np.random.default_rng(seed)
-    picks = rng.choice(len(dataset), size=count, replace=False)
-    rows = math.ceil(count / columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, i in zip(axes.flat, picks):
-        image, mask = dataset[epoch * len(dataset) + int(i)]
-        x = image[0].numpy()
-        lo, hi = float(x.min()), float(x.max())
-        if lo < 0 or hi > 1:  # z-scored input: stretch its own range for display
-            x = (x - lo) / max(hi - lo, 1e-6)
-        img8 = (x * 255).round().astype(np.uint8)
-        ax.imshow(overlay_mask(img8, mask[0].numpy() > 0.5))
-        ax.set_title(f"#{i}  kidney {100 * float(mask.mean()):.1f}%  [{lo:.1f}, {hi:.1f}]", fontsize=9)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    return fig
-
-
-def _out_of_fold_probabilities(
-    models: Sequence[nn.Module], val: SplitEvaluation, device: torch.device | str, tta: bool
-) -> tuple[list[np.ndarray], float]:
-    """Each out-of-fold image's probabilities from its own fold's model (in ``val``'s order)."""
-    probs: list[np.ndarray] = [np.empty(0)] * len(val.data)
-    total_ms = 0.0
-    for model, fold in zip(models, dict.fromkeys(val.scores["fold"])):  # folds in models order
-        rows = np.flatnonzero(val.scores["fold"].to_numpy() == fold)
-        part = dataclasses.replace(
-            val.data,
-            pairs=[val.data.pairs[i] for i in rows],
-            images=val.data.images[rows],
-            masks=[val.data.masks[i] for i in rows],
-            originals=[val.data.originals[i] for i in rows],
-        )
-        fold_probs, ms = _timed_probabilities(model, part, device, tta)
-        for i, prob in zip(rows, fold_probs):
-            probs[i] = prob
-        total_ms += ms * len(rows)
-    return probs, total_ms / max(1, len(val.data))
-
-
-def inference_options_table(
-    model: nn.Module | Sequence[nn.Module],
-    data: EvaluationSet | SplitEvaluation,
-    device: torch.device | str = "cpu",
-    threshold: float = 0.5,
-) -> pd.DataFrame:
-    """Pooled and mean Dice, mean HD95 and milliseconds per slice with and without TTA and
-    postprocessing, so what each option buys and costs is visible side by side. Given the fold
-    models and the out-of-fold evaluation (:func:`evaluate_validation`), each image is predicted by
-    its own fold's model, never by one that trained on it."""
-    folds = isinstance(data, SplitEvaluation) and data.part == "oof"
-    images = data.data if isinstance(data, SplitEvaluation) else data
-    rows = []
-    for tta in (False, True):
-        if folds:
-            probs, ms = _out_of_fold_probabilities(model, data, device, tta)
-        else:
-            single = model if isinstance(model, nn.Module) else model[0]
-            probs, ms = _timed_probabilities(single, images, device, tta)
-        for post in (False, True):
-            tic = time.perf_counter()
-            summary = summarize_scores(score_predictions(images, probs, threshold, post))
-            post_ms = (time.perf_counter() - tic) * 1000 / max(1, len(images)) if post else 0.0
-            rows.append(
-                {
-                    "tta": tta,
-                    "postprocess": post,
-                    "pooled_dice": summary["pooled_dice"],
-                    "mean_dice": summary["mean_dice"],
-                    "mean_hd95": summary["mean_hd95"],
-                    "ms_per_slice": ms + post_ms,
-                }
-            )
-    return pd.DataFrame(rows)
-
-
-def threshold_sweep(
-    data: EvaluationSet,
-    probs: Sequence[np.ndarray],
-    thresholds: Sequence[float] = tuple(np.round(np.arange(0.05, 0.96, 0.05), 2)),
-) -> pd.DataFrame:
-    """Pooled Dice and mean Dice against the threshold (no postprocessing); the best row is marked.
-
-    Run it on the validation split only: a threshold chosen on the test images would flatter them.
-    """
-    rows = []
-    for threshold in thresholds:
-        total = ConfusionCounts()
-        dices = []
-        for prob, mask in zip(probs, data.masks):
-            counts = confusion_counts(prob > threshold, mask)
-            total = total + counts
-            dices.append(counts.metrics()["dice"])
-        rows.append(
-            {
-                "threshold": float(threshold),
-                "pooled_dice": total.metrics()["dice"],
-                "mean_dice": float(np.mean(dices)),
-            }
-        )
-    table = pd.DataFrame(rows)
-    table["best"] = table["pooled_dice"] == table["pooled_dice"].max()
-    return table
-
-
-ERROR_COLORS = {"tp": (40, 200, 60), "fp": (230, 40, 40), "fn": (40, 110, 255)}
-
-
-def error_overlay(image: np.ndarray, pred: np.ndarray, target: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """RGB picture of a gray image with true positives green, false positives red, false negatives
-    blue (:data:`ERROR_COLORS`)."""
-    rgb = np.repeat(image[..., None], 3, axis=2).astype(np.float32)
-    p, t = pred.astype(bool), target.astype(bool)
-    for region, key in ((p & t, "tp"), (p & ~t, "fp"), (~p & t, "fn")):
-        rgb[region] = (1 - alpha) * rgb[region] + alpha * np.asarray(ERROR_COLORS[key], np.float32)
-    return np.clip(rgb, 0, 255).astype(np.uint8)
-
-
-def plot_cases(
-    data: EvaluationSet,
-    probs: Sequence[np.ndarray],
-    per_image: pd.DataFrame,
-    threshold: float = 0.5,
-    postprocess: bool = False,
-    per_group: int = 3,
-) -> Any:
-    """The worst cases by Dice, and the median and best among slices with kidney (``per_group`` of
-    each), with TP/FP/FN colours."""
-    from matplotlib.patches import Patch
-
-    order = per_image.sort_values("dice", kind="stable").index.to_numpy()
-    # median and best among slices with kidney (an empty slice predicted empty is trivially perfect)
-    with_kidney = per_image[per_image["true_area"] > 0]
-    ranked = with_kidney.sort_values("dice", kind="stable").index.to_numpy() if len(with_kidney) else order
-    mid = len(ranked) // 2
-    groups = {
-        "worst": order[:per_group],
-        "median": ranked[max(0, mid - per_group // 2) :][:per_group],
-        "best": ranked[::-1][:per_group],
-    }
-    fig, axes = plt.subplots(3, per_group, figsize=(3.4 * per_group, 10.5), squeeze=False)
-    for row, (label, picks) in enumerate(groups.items()):
-        for col in range(per_group):
-            ax = axes[row, col]
-            ax.axis("off")
-            if col >= len(picks):
-                continue
-            i = int(picks[col])
-            pred = binarize_prediction(probs[i], threshold, postprocess)
-            ax.imshow(error_overlay(data.originals[i], pred, data.masks[i]))
-            r = per_image.loc[i]
-            ax.set_title(
-                f"{label}: {r['name'][:28]}\nDice {r['dice']:.3f}  HD95 {r['hd95']:.1f}px", fontsize=8
-            )
-    handles = [Patch(color=np.asarray(c) / 255, label=k.upper()) for k, c in ERROR_COLORS.items()]
-    fig.legend(handles=handles, loc="lower center", ncol=3)
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
-    return fig
-
-
-def familiarity_report(
-    per_image: pd.DataFrame, images: np.ndarray, reference: Mapping[str, Any] | None
-) -> tuple[pd.DataFrame, pd.DataFrame] | None:
-    """Per-image scores with the familiarity flag beside them, and Dice by flag, so a user sees
-    whether the flag predicts failure. None (with a printed reason) for a checkpoint without
-    familiarity statistics.
-
-    Args:
-        per_image: :func:`score_predictions` of ``images``, in the same order.
-        images: The model inputs that were scored (``EvaluationSet.images``).
-        reference: ``checkpoint.get("familiarity")``.
-    """
-    flags = familiarity(images, reference)
-    if flags is None:
-        print(
-            "This model's checkpoint stores no training statistics (trained before the familiarity "
-            "check): retrain with notebook 03 to get the flag."
-        )
-        return None
-    table = pd.concat([per_image.reset_index(drop=True), flags], axis=1)
-    by_flag = table.groupby("unfamiliar").agg(
-        images=("dice", "size"), mean_dice=("dice", "mean"), median_novelty=("novelty", "median")
-    )
-    for flag, part in table.groupby("unfamiliar"):
-        by_flag.loc[flag, "pooled_dice"] = metrics_from_counts(part.tp.sum(), part.fp.sum(), part.fn.sum())[
-            "dice"
-        ]
-    return table, by_flag.reset_index()
-
-
-def unfamiliar_note(table: pd.DataFrame, name_column: str = "name") -> str:
-    """One sentence on how many images :func:`familiarity` flagged, naming the first few."""
-    if "unfamiliar" not in table:
-        return "No familiarity check: this model's checkpoint stores no training statistics."
-    checked = table[table["unfamiliar"].notna()]
-    flagged = checked.loc[checked["unfamiliar"].eq(True), name_column].astype(str).tolist()
-    if not flagged:
-        return f"None of the {len(checked)} images looks unlike the training images."
-    names = ", ".join(flagged[:5]) + (", ..." if len(flagged) > 5 else "")
-    return (
-        f"{len(flagged)} of {len(checked)} images look unlike anything the model was trained on "
-        f"(novelty > 1): {names}. Check their masks before using them."
-    )
-
-
-def plot_prediction_overlays(folder: str | os.PathLike, n: int = 4) -> Any:
-    """The first ``n`` overlays that :func:`predict_folder` wrote to ``folder/overlays``, in a row."""
-    overlays = sorted((Path(folder) / "overlays").glob("*.png"))[:n]
-    if not overlays:
-        raise FileNotFoundError(f"No overlays in {Path(folder) / 'overlays'}; run predict_folder first.")
-    fig, axes = plt.subplots(1, len(overlays), figsize=(4 * len(overlays), 4), squeeze=False)
-    for ax, path in zip(axes.flat, overlays):
-        ax.imshow(cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB))
-        ax.set_title(path.name, fontsize=8)
-        ax.axis("off")
-    fig.tight_layout()
-    return fig
-
-
-def plot_dice_distribution(per_image: pd.DataFrame, by: str = "source") -> Any:
-    """Histogram of per-image Dice and, when the data has several groups, Dice per ``by`` group."""
-    groups = per_image[by].nunique() if by in per_image else 1
-    fig, axes = plt.subplots(1, 2 if groups > 1 else 1, figsize=(13 if groups > 1 else 6, 4), squeeze=False)
-    ax = axes[0, 0]
-    ax.hist(per_image["dice"], bins=np.linspace(0, 1, 21), color="tab:blue", edgecolor="white")
-    ax.set_xlabel("Dice per image")
-    ax.set_ylabel("images")
-    ax.set_title(f"Dice distribution (n={len(per_image)}, mean {per_image['dice'].mean():.3f})")
-    if groups > 1:
-        ax = axes[0, 1]
-        names = sorted(per_image[by].unique())
-        ax.boxplot([per_image.loc[per_image[by] == n, "dice"] for n in names], showmeans=True)
-        ax.set_xticks(range(1, len(names) + 1), names, rotation=30, ha="right", fontsize=8)
-        ax.set_ylabel("Dice per image")
-        ax.set_ylim(-0.02, 1.02)
-        ax.set_title(f"Dice per {by}")
-    fig.tight_layout()
-    return fig
-
-
-def plot_case_dice(per_image: pd.DataFrame, title: str = "") -> Any:
-    """Dice per patient (pooled over the patient's slices), sorted, coloured by source."""
-    cases = case_scores(per_image).sort_values("dice").reset_index(drop=True)
-    sources = sorted(cases["source"].unique())
-    colors = {s: plt.cm.tab10(i % 10) for i, s in enumerate(sources)}
-    fig, ax = plt.subplots(figsize=(max(6, 0.28 * len(cases) + 2), 4))
-    ax.bar(range(len(cases)), cases["dice"], color=[colors[s] for s in cases["source"]])
-    ax.axhline(cases["dice"].mean(), color="black", lw=1, ls="--", label=f"mean {cases['dice'].mean():.3f}")
-    ax.set_xticks(range(len(cases)), cases["patient"].str.split("/").str[-1], rotation=90, fontsize=7)
-    ax.set_ylim(0, 1.02)
-    ax.set_ylabel("Dice pooled over the patient's slices")
-    handles = [plt.Rectangle((0, 0), 1, 1, color=colors[s]) for s in sources]
-    ax.legend(
-        [*handles, ax.lines[0]],
-        [*sources, ax.lines[0].get_label()],
-        fontsize=7,
-        loc="upper left",
-        bbox_to_anchor=(1.0, 1.0),
-    )
-    ax.set_title(title or f"Dice per patient (n={len(cases)})")
-    fig.tight_layout()
-    return fig
-
-
-def plot_threshold_sweep(sweep: pd.DataFrame, chosen: float | None = None) -> Any:
-    """Pooled and mean Dice against the threshold, the best threshold marked."""
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    ax.plot(sweep["threshold"], sweep["pooled_dice"], marker=".", label="pooled Dice")
-    ax.plot(sweep["threshold"], sweep["mean_dice"], marker=".", label="mean Dice per image")
-    best = sweep.loc[sweep["pooled_dice"].idxmax()]
-    ax.axvline(
-        best["threshold"],
-        color="tab:green",
-        linestyle="--",
-        label=f"best {best['threshold']:.2f} (pooled {best['pooled_dice']:.3f})",
-    )
-    if chosen is not None:
-        ax.axvline(chosen, color="gray", linestyle=":", label=f"used {chosen:.2f}")
-    ax.set_xlabel("threshold")
-    ax.set_ylabel("Dice")
-    ax.set_title("Threshold sweep on the validation split")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
-def show_threshold_viewer(
-    data: EvaluationSet, probs: Sequence[np.ndarray], threshold: float = 0.5, label: str = ""
-) -> None:
-    """An ipywidgets viewer (slice and threshold sliders) over TP/FP/FN overlays; ``label`` names the
-    split in every title (thresholds are chosen on validation, never on test).
-
-    A static figure of the first slice at ``threshold`` is always drawn first, so a headless run
-    (papermill, nbval) records a picture; the widget follows only in an interactive front end.
-    """
-
-    def draw(index: int = 0, thr: float = threshold) -> None:
-        pred = binarize_prediction(probs[index], thr)
-        counts = confusion_counts(pred, data.masks[index])
-        fig, ax = plt.subplots(figsize=(5, 5))
-        ax.imshow(error_overlay(data.originals[index], pred, data.masks[index]))
-        ax.set_title(
-            f"{label + ': ' if label else ''}{data.pairs[index].name}  threshold {thr:.2f}  "
-            f"Dice {counts.metrics()['dice']:.3f}",
-            fontsize=9,
-        )
-        ax.axis("off")
-        plt.show()
-
-    _static_then_widget(
-        draw,
-        lambda widgets: dict(
-            index=widgets.IntSlider(0, 0, len(data) - 1, description="slice"),
-            thr=widgets.FloatSlider(value=threshold, min=0.05, max=0.95, step=0.05, description="threshold"),
-        ),
-    )
-
-
-# =================================================================================================
-# 15. Leave-one-source-out: notebook 05
-# =================================================================================================
-
-LOSO_CSV_NAME = "leave_one_source_out.csv"
-LOSO_FOLD_RESULT_NAME = "fold_result.json"
-
-
-@dataclass
-class SourceFold:
-    """One fold of leave-one-source-out validation.
-
-    Attributes:
-        held_out: The source (folder under ``DATA_DIR``) that is tested and never trained on.
-        train: Every pair of the other sources (split again into training and validation).
-        test: Every pair of the held-out source.
-    """
-
-    held_out: str
-    train: list[SamplePair]
-    test: list[SamplePair]
-
-
-def source_folds(
-    pairs: Sequence[SamplePair], sources: Sequence[str] | None = None, strict: bool = True
-) -> list[SourceFold]:
-    """One fold per source (or per listed source): train on all other sources, test on it.
-
-    Args:
-        pairs: Every pair of the data root.
-        sources: The sources to hold out in turn (None: all).
-        strict: With fewer than two sources, raise; if False, print why and return no fold, so that
-            notebook 05 ends with that message instead of a traceback.
-
-    Raises:
-        ValueError: fewer than two sources (when ``strict``), or ``sources`` names one that is not
-            there (the message lists the sources found) or names one twice.
-    """
-    pairs = list(pairs)
-    available = sorted({p.source for p in pairs})
-    if len(available) < 2:
-        message = (
-            f"Leave-one-source-out needs at least 2 sources (folders with images/ and masks/ under "
-            f"DATA_DIR); found {available or 'none'}. Put each scanner or dataset in its own folder."
-        )
-        if strict:
-            raise ValueError(message)
-        print(message + " Nothing is trained.")
-        return []
-    chosen = available if sources is None else [str(s) for s in sources]
-    unknown = [s for s in chosen if s not in available]
-    if unknown:
-        raise ValueError(f"SOURCES names {unknown}, which are not sources of DATA_DIR; found {available}.")
-    if len(set(chosen)) != len(chosen) or not chosen:
-        raise ValueError(f"SOURCES must list distinct sources (or be None for all); got {chosen}.")
-    return [
-        SourceFold(s, [p for p in pairs if p.source != s], [p for p in pairs if p.source == s])
-        for s in chosen
-    ]
-
-
-def _fold_settings(config: Config, fold: SourceFold) -> dict[str, Any]:
-    return {
-        "config": config.to_dict(),
-        "train": [p.key for p in fold.train],
-        "test": [p.key for p in fold.test],
-    }
-
-
-def _extendable_fold(stored: Mapping[str, Any], settings: Mapping[str, Any], out: Path) -> bool:
-    """Whether a finished fold differs from ``settings`` only by a larger ``num_epochs``, with an
-    epoch budget alone (no time limit, which would make the stopping epoch depend on the machine)
-    and its resumable last checkpoint at hand, short of the new budget (an interrupted longer run may
-    have gone past it): training it on reproduces the longer run exactly."""
-    old = stored.get("settings") or {}
-    if not old or not (out / LAST_CHECKPOINT_NAME).is_file():
-        return False
-    a, b = dict(old["config"]), dict(settings["config"])
-    if a.get("max_train_minutes") is not None or b.get("max_train_minutes") is not None:
-        return False
-    budget = int(b.pop("num_epochs", 0))
-    if int(a.pop("num_epochs", 0)) >= budget:
-        return False
-    if not (a == b and old["train"] == settings["train"] and old["test"] == settings["test"]):
-        return False
-    try:
-        return int(load_checkpoint(out / LAST_CHECKPOINT_NAME, map_location="cpu")["epoch"]) < budget
-    except ValueError:  # damaged: the fold is trained anew
-        return False
-
-
-def _subset(cache: CachedArrays, pairs: Sequence[SamplePair]) -> CachedArrays:
-    position = {p.key: i for i, p in enumerate(cache.pairs)}
-    keep = [position[p.key] for p in pairs if p.key in position]
-    return CachedArrays(
-        cache.images[keep],
-        cache.masks[keep],
-        [cache.pairs[i] for i in keep],
-        [cache.original_sizes[i] for i in keep],
-    )
-
-
-def run_source_fold(
-    config: Config,
-    fold: SourceFold,
-    cache: CachedArrays,
-    output_dir: str | os.PathLike,
-    device: torch.device | None = None,
-    progress: bool = False,
-    data_dir: str | os.PathLike | None = None,
-) -> dict[str, Any]:
-    """Train one fold on ``fold.train`` (patient-split again for early stopping) and score the best
-    model on the held-out source at each image's original size (no TTA, no postprocessing).
-
-    A fold whose ``fold_result.json`` in ``output_dir`` records the same settings and files is not
-    retrained: its stored result is returned (``"reused": True``), so an interrupted notebook goes on
-    where it stopped. A fold that differs only by a larger ``num_epochs`` (and has no time limit)
-    is trained on from its last checkpoint, which gives exactly the longer run, or, if it had
-    stopped early, is kept as it is. Anything else in ``output_dir`` is a scratch run of this fold
-    and is replaced.
-
-    Args:
-        config: The fold's settings (``max_train_minutes`` and ``num_epochs`` are its budget).
-        fold: The fold.
-        cache: Decoded arrays of (at least) every training pair, at ``config.image_size`` with
-            ``config.preprocessing``.
-        output_dir: The fold's folder.
-        device: Compute device; chosen by :func:`get_device` when ``None``.
-        progress: Show progress bars.
-        data_dir: The data root, recorded in the checkpoints (so notebook 04 can reopen a fold).
-
-    Returns:
-        The fold's row: sizes, pooled and mean test metrics, epochs and minutes.
-    """
-    out = Path(output_dir)
-    settings = _fold_settings(config, fold)
-    result_path = out / LOSO_FOLD_RESULT_NAME
-    stored = json.loads(result_path.read_text()) if result_path.is_file() else {}
-    if stored.get("settings") == settings:
-        return {**stored["row"], "reused": True}
-    extend = _extendable_fold(stored, settings, out)
-    if extend and stored["row"]["stop_reason"] == "early_stopping":
-        # A longer budget would have stopped at the same epoch: the stored result is the answer.
-        _atomic_write(result_path, json.dumps({"settings": settings, "row": stored["row"]}, indent=1) + "\n")
-        return {**stored["row"], "reused": True}
-    train_pairs, val_pairs = split_pairs(
-        fold.train, config.val_fraction, config.seed, grouped=config.group_regex is not None
-    )
-    train, val = _subset(cache, train_pairs), _subset(cache, val_pairs)
-    train_ds, val_ds = make_datasets(train, val, config)
-    device = device or get_device()
-    tic = time.monotonic()
-    result = train_model(
-        build_model(config),
-        train_ds,
-        val_ds,
-        config,
-        out,
-        device,
-        overwrite=True,
-        resume=extend,
-        extra_state={
-            "split": {"train": [p.key for p in train.pairs], "val": [p.key for p in val.pairs]},
-            "data_dir": "" if data_dir is None else str(data_dir),
-            "held_out": fold.held_out,
-            "test": settings["test"],
-            "familiarity": familiarity_reference(train.images),
-        },
-        progress=progress,
-    )
-    minutes = (time.monotonic() - tic) / 60 + (stored["row"]["train_minutes"] if extend else 0.0)
-    model, _, _ = load_model(out / BEST_MODEL_NAME, device)
-    test = load_evaluation_set(fold.test, config)
-    per_image, summary, _ = evaluate_model(model, test, device, config.inference_threshold)
-    write_evaluation(per_image, summary, out)
-    row = {
-        "held_out": fold.held_out,
-        "normalization": config.normalization,
-        "augmentation": config.augmentation,
-        "n_train": len(train),
-        "n_val": len(val),
-        "n_test": len(test),
-        "n_test_cases": len({p.case for p in fold.test}),
-        "n_with_kidney": summary["n_with_kidney"],
-        "pooled_dice": summary["pooled_dice"],
-        "pooled_iou": summary["pooled_iou"],
-        "mean_dice": summary["mean_dice"],
-        "mean_dice_with_kidney": summary["mean_dice_with_kidney"],
-        "mean_hd95": summary["mean_hd95"],
-        "median_hd95": summary["median_hd95"],
-        "val_dice": float(result.best_row["val_dice"]),
-        "best_epoch": result.best_epoch,
-        "epochs": len(result.history),
-        "stop_reason": result.stop_reason,
-        "train_minutes": minutes,
-    }
-    plain = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in row.items()}
-    _atomic_write(result_path, json.dumps({"settings": settings, "row": plain}, indent=1) + "\n")
-    return {**plain, "reused": False}
-
-
-def leave_one_source_out(
-    config: Config,
-    data_dir: str | os.PathLike,
-    output_dir: str | os.PathLike,
-    sources: Sequence[str] | None = None,
-    variants: Mapping[str, Mapping[str, Any]] | None = None,
-    device: torch.device | None = None,
-    progress: bool = False,
-) -> pd.DataFrame:
-    """Leave-one-source-out validation: for each variant and each source, train on all other sources
-    and test on that one, at the same budget per fold.
-
-    Args:
-        config: Settings shared by every fold (``num_epochs`` and ``max_train_minutes`` are the
-            budget per fold).
-        data_dir: Data root with one folder per source.
-        output_dir: Each fold runs in ``output_dir/<variant>/<source>``; the table is written to
-            ``output_dir/leave_one_source_out.csv`` after every fold, so nothing is lost when a
-            long run is interrupted (finished folds are reused on the next call, see
-            :func:`run_source_fold`).
-        sources: The sources to hold out, in order; ``None`` holds out each source in turn.
-        variants: Name -> notebook parameters that differ from ``config``, e.g.
-            ``{"standard": {}, "zscore+strong": {"NORMALIZATION": "zscore", "AUGMENTATION": "strong"}}``.
-            ``None`` runs ``config`` alone as ``"config"``.
-        device: Compute device; chosen by :func:`get_device` when ``None``.
-        progress: Show progress bars.
-
-    Returns:
-        One row per (variant, held-out source): see :func:`run_source_fold`.
-
-    Raises:
-        ValueError: fewer than two sources, an unknown source or parameter (the message names it).
-    """
-    variants = {"config": {}} if variants is None else dict(variants)
-    if not variants:
-        raise ValueError("VARIANTS is empty; give at least one, e.g. {'spec': {}}.")
-    configs = {}
-    for name, overrides in variants.items():
-        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.+-]+", name):
-            raise ValueError(f"Variant name {name!r} must be a plain folder name (letters, digits, _ . + -).")
-        try:
-            configs[name] = config.with_parameters(**dict(overrides))
-        except ValueError as exc:
-            raise ValueError(f"VARIANTS[{name!r}]: {exc}") from None
-    index = index_dataset(data_dir, config.group_regex, config.mask_labels)
-    configs = {name: c.with_parameters(GROUP_REGEX=index.group_regex) for name, c in configs.items()}
-    folds = source_folds(index.pairs, sources)
-    out = Path(output_dir)
-    device = device or get_device()
-    caches: dict[tuple[int, str], CachedArrays] = {}
-    rows = []
-    for name, run_config in configs.items():
-        key = (run_config.image_size, run_config.preprocessing)
-        if key not in caches:
-            caches[key] = load_arrays(index.pairs, *key, progress=progress)
-        for fold in folds:
-            row = run_source_fold(
-                run_config,
-                fold,
-                caches[key],
-                out / name / fold.held_out,
-                device=device,
-                progress=progress,
-                data_dir=data_dir,
-            )
-            rows.append({"variant": name, **row})
-            _atomic_write(out / LOSO_CSV_NAME, pd.DataFrame(rows).to_csv(index=False))
-    return pd.DataFrame(rows)
-
-
-def plot_intensity_draws(image: np.ndarray, augmentation: str = "gin", n: int = 12, seed: int = 0) -> Any:
-    """One uint8 slice under ``n`` draws of a batch intensity augmentation (``"gin"``, ``"curves"``
-    or ``"strong+gin"``), as the network sees it after ``"minmax"`` scaling; the first panel is the
-    slice itself. Returns the matplotlib Figure."""
-    batch = torch.from_numpy(normalize_intensity(image, "minmax"))[None, None].repeat(n, 1, 1, 1)
-    augment = BatchIntensityAugmentation(augmentation, seed)
-    draws = [batch[0, 0].numpy()] + [augment(batch[i : i + 1], 1, i)[0, 0].numpy() for i in range(n - 1)]
-    columns = min(6, n)
-    rows = math.ceil(n / columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 2.3 * rows), squeeze=False)
-    for k, (ax, x) in enumerate(zip(axes.flat, draws)):
-        ax.imshow(x, cmap="gray")
-        ax.set_title("original" if k == 0 else f"draw {k}", fontsize=8)
-    for ax in axes.flat:
-        ax.axis("off")
-    fig.suptitle(f"AUGMENTATION={augmentation!r}: one slice, {n - 1} draws")
-    fig.tight_layout()
-    return fig
-
-
-def fold_examples(folds: Sequence[SourceFold]) -> list[SamplePair]:
-    """One slice per held-out source for pictures: its first slice with kidney, or its first slice
-    when none has kidney (named in a printed note)."""
-    examples, without = [], []
-    for fold in folds:
-        with_kidney = next((p for p in fold.test if load_pair(p)[1].any()), None)
-        if with_kidney is None:
-            without.append(fold.held_out)
-        examples.append(with_kidney or fold.test[0])
-    if without:
-        print(f"No slice with kidney in {', '.join(without)}: its first slice is shown instead.")
-    return examples
-
-
-def fold_table(folds: Sequence[SourceFold]) -> pd.DataFrame:
-    """One row per fold: the held-out source, its test images and patients, and what trains."""
-    return pd.DataFrame(
-        [
-            {
-                "held_out": f.held_out,
-                "train_images": len(f.train),
-                "train_sources": len({p.source for p in f.train}),
-                "test_images": len(f.test),
-                "test_cases": len({p.case for p in f.test}),
-            }
-            for f in folds
-        ]
-    )
-
-
-def leave_one_source_out_files(
-    output_dir: str | os.PathLike, folds: Sequence[SourceFold], variants: Mapping[str, Any]
-) -> list[Path]:
-    """What :func:`leave_one_source_out` wrote under ``output_dir``: the table, and per fold and
-    variant the best model, its curves and the per-image test scores.
-
-    Raises:
-        FileNotFoundError: one of them is missing (the message names it).
-    """
-    out = Path(output_dir)
-    files = [out / LOSO_CSV_NAME]
-    for fold in folds:
-        for variant in variants:
-            fold_dir = out / variant / fold.held_out
-            files += [fold_dir / n for n in (BEST_MODEL_NAME, METRICS_PNG_NAME, "evaluation_per_image.csv")]
-    missing = [p for p in files if not p.is_file()]
-    if missing:
-        raise FileNotFoundError(f"{len(missing)} expected files are missing, first {missing[0]}.")
-    return files
-
-
-def summarize_leave_one_source_out(
-    table: pd.DataFrame, groups: Mapping[str, Sequence[str]] | None = None
-) -> pd.DataFrame:
-    """Per variant: the mean over held-out sources of pooled Dice, mean Dice and mean HD95, and the
-    mean pooled Dice over each named group of sources (e.g. ``{"CT": [...]}``), best first."""
-    summary = table.groupby("variant", sort=False).agg(
-        folds=("held_out", "count"),
-        pooled_dice=("pooled_dice", "mean"),
-        mean_dice=("mean_dice", "mean"),
-        mean_hd95=("mean_hd95", "mean"),
-        worst_pooled_dice=("pooled_dice", "min"),
-        train_minutes=("train_minutes", "sum"),
-    )
-    for group, members in (groups or {}).items():
-        part = table[table["held_out"].isin(list(members))]
-        summary[f"pooled_dice_{group}"] = part.groupby("variant", sort=False)["pooled_dice"].mean()
-    return summary.sort_values("pooled_dice", ascending=False).reset_index()
-
-
-def plot_leave_one_source_out(table: pd.DataFrame) -> Any:
-    """Pooled Dice, mean Dice and mean HD95 per held-out source, one bar per variant."""
-    sources = list(dict.fromkeys(table["held_out"]))
-    variants = list(dict.fromkeys(table["variant"]))
-    width = 0.8 / len(variants)
-    fig, axes = plt.subplots(1, 3, figsize=(max(12, 1.6 * len(sources) * 3), 4.2))
-    panels = (("pooled_dice", "pooled Dice", (0, 1)), ("mean_dice", "mean Dice per slice", (0, 1)))
-    panels += (("mean_hd95", "mean HD95 (px, lower is better)", None),)
-    x = np.arange(len(sources))
-    for ax, (column, label, limits) in zip(axes, panels):
-        for k, variant in enumerate(variants):
-            part = table[table["variant"] == variant].set_index("held_out").reindex(sources)
-            bars = ax.bar(x + (k - (len(variants) - 1) / 2) * width, part[column], width, label=variant)
-            if column != "mean_hd95":
-                ax.bar_label(bars, fmt="%.2f", fontsize=6, padding=1)
-        ax.set_xticks(x, sources, rotation=20, fontsize=8)
-        ax.set_title(label, fontsize=10)
-        if limits:
-            ax.set_ylim(*limits)
-        ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(fontsize=7, title="variant", title_fontsize=7)
-    fig.suptitle("Leave-one-source-out: trained on the other sources, tested on this one", fontsize=11)
-    fig.tight_layout()
-    return fig
 
 
 if __name__ == "__main__":

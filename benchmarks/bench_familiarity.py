@@ -28,6 +28,7 @@ import pandas as pd
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+import kidneyseg_studies as ks  # noqa: E402
 import kidneyseg_utils as ku  # noqa: E402
 
 
@@ -42,11 +43,11 @@ def fold_row(fold_dir: Path, data_dir: Path) -> dict:
     _, config, checkpoint = ku.load_model(fold_dir / ku.BEST_MODEL_NAME)
     by_key = pairs_by_key(data_dir, config.group_regex)
     load = lambda keys: ku.load_arrays([by_key[k] for k in keys], config.image_size, config.preprocessing)  # noqa: E731
-    reference = ku.familiarity_reference(load(checkpoint["split"]["train"]).images)
+    reference = ks.familiarity_reference(load(checkpoint["split"]["train"]).images)
     val = load(checkpoint["split"]["val"]).images
     scores = pd.read_csv(fold_dir / "evaluation_per_image.csv")
     held = load([f"{s}/{n}" for s, n in zip(scores["source"], scores["name"])]).images
-    table, by_flag = ku.familiarity_report(scores, held, reference)
+    table, by_flag = ks.familiarity_report(scores, held, reference)
     flagged, unflagged = table[table["unfamiliar"]], table[~table["unfamiliar"]]
 
     def pooled(part: pd.DataFrame) -> float:
@@ -54,7 +55,7 @@ def fold_row(fold_dir: Path, data_dir: Path) -> dict:
             return float("nan")
         return ku.metrics_from_counts(part.tp.sum(), part.fp.sum(), part.fn.sum())["dice"]
 
-    share = lambda images: float(ku.familiarity(images, reference)["unfamiliar"].mean())  # noqa: E731
+    share = lambda images: float(ks.familiarity(images, reference)["unfamiliar"].mean())  # noqa: E731
     return {
         "held_out": checkpoint["held_out"],
         "augmentation": config.augmentation,

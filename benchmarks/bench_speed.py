@@ -45,7 +45,7 @@ class NaiveDataset(Dataset):
 
     def __getitem__(self, index):
         image, mask = ku.load_pair(self.pairs[index])
-        image, mask = ku.resize_pair(image, mask, self.size)
+        image, mask = ku._resize_gray(image, self.size), ku._resize_mask(mask, self.size)
         out = self.transform(image=image, mask=mask)
         return (
             torch.from_numpy(out["image"].astype(np.float32) / 255)[None],

@@ -32,6 +32,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+import kidneyseg_studies as ks  # noqa: E402
 import kidneyseg_utils as ku  # noqa: E402
 
 CT_SOURCES = ["curvas-ct", "kidneycyst-ct", "kits19-ct"]
@@ -165,7 +166,7 @@ def main(argv=None) -> int:
             max_images=60 if args.quick else None,
         )
         tic = time.monotonic()
-        table = ku.leave_one_source_out(
+        table = ks.leave_one_source_out(
             config, args.data, Path(args.runs) / f"seed{seed}", args.sources, variants, device
         )
         tables.append(table.assign(seed=seed))

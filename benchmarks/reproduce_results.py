@@ -1,8 +1,8 @@
-"""Reproduce README's "Results" figures: the CPU preset trained on the shared data, scored on the
+"""docs/results.md's single-split figures: the CPU preset trained on the shared data, scored on the
 held-out test split (and on the validation split, labelled optimistic), with and without flip TTA.
 
 The run uses ``presets/cpu_quick.yaml`` with its clock limit replaced by a fixed number of epochs
-(the clock-limited preset ran 71 epochs on one 2-core machine and 36 on another), the patient split
+(how many epochs a clock limit buys changes from machine to machine, and Dice with it), the patient split
 inferred by ``GROUP_REGEX="auto"`` and ``TEST_FRACTION=0.15``, through the same functions notebooks 03
 and 04 call. It writes, under ``--out`` (default ``benchmarks/results/cpu_preset``):
 
@@ -14,7 +14,7 @@ and 04 call. It writes, under ``--out`` (default ``benchmarks/results/cpu_preset
 - ``run.json``: the command, machine, date, epochs, minutes, best epoch and split sizes.
 
     python benchmarks/reproduce_results.py --help
-    python benchmarks/reproduce_results.py                      # README's figures (about 25 min, 2 cores)
+    python benchmarks/reproduce_results.py                      # docs/results.md
     python benchmarks/reproduce_results.py --quick --out /tmp/x # tiny settings (the tests)
 """
 
@@ -32,6 +32,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+import kidneyseg_studies as ks  # noqa: E402
 import kidneyseg_utils as ku  # noqa: E402
 
 
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
                 ku.case_scores(evaluation.scores).to_csv(
                     args.out / f"evaluation_{part}_per_patient.csv", index=False
                 )
-    per_source, spread = ku.normalization_consistency(args.data, image_size=128 if not args.quick else 32)
+    per_source, spread = ks.normalization_consistency(args.data, image_size=128 if not args.quick else 32)
     spread.to_csv(args.out / "normalization_spread.csv", index=False)
     from bench_speed import machine
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
+import torch
 
 import kidneyseg_utils as ku
 
@@ -39,16 +41,50 @@ def phantom_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
 
 
+# A model and run small enough for a unit test on a CPU: 32 px, width 4, depth 2, batch 4.
+TINY = dict(
+    image_size=32,
+    base_channels=4,
+    depth=2,
+    batch_size=4,
+    num_epochs=3,
+    patience=20,
+    group_regex="^([^_]+)_",
+    seed=3,
+)
+
+
+def tiny(**changes: Any) -> ku.Config:
+    """:data:`TINY` with ``changes`` (Config field names)."""
+    return ku.Config(**{**TINY, **changes})
+
+
+def train_tiny(
+    config: ku.Config, data: ku.PreparedData, out: Path, **kw: Any
+) -> tuple[torch.nn.Module, ku.TrainingResult]:
+    """Train a fresh model (seeded by ``config.seed``) on the CPU, quietly; returns it and the result."""
+    torch.manual_seed(config.seed)
+    model = ku.build_model(config)
+    result = ku.train_model(
+        model,
+        data.train_dataset,
+        data.val_dataset,
+        config,
+        out,
+        torch.device("cpu"),
+        progress=False,
+        log=kw.pop("log", False),
+        **kw,
+    )
+    return model, result
+
+
 @pytest.fixture()
 def tiny_config() -> ku.Config:
-    """A model and run small enough for a unit test on a CPU."""
-    return ku.Config(
-        image_size=32,
-        base_channels=4,
-        depth=2,
-        batch_size=4,
-        num_epochs=3,
-        patience=20,
-        group_regex="^([^_]+)_",
-        seed=3,
-    )
+    return tiny()
+
+
+@pytest.fixture(scope="session")
+def phantom_data(phantom_dir: Path) -> ku.PreparedData:
+    """The phantoms prepared for :data:`TINY` (read-only: tests must not change them)."""
+    return ku.prepare_data(tiny(), phantom_dir)

@@ -84,9 +84,8 @@ def test_get_device_cpu_and_bad_cuda(monkeypatch):
         ku.get_device("cuda")
 
 
-def test_stored_configs_with_retired_fields_still_load():
-    stored = {**ku.Config().to_dict(), "channels_last": False, "augmentation": "spec"}
-    config = ku.Config.from_dict(stored)
-    assert config.augmentation == "standard" and "channels_last" not in config.to_dict()
-    with pytest.raises(ValueError, match="Unknown config keys"):
+def test_stored_config_round_trips_and_unknown_keys_are_named():
+    config = ku.Config(image_size=96, augmentation="strong")
+    assert ku.Config.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match=r"Unknown config keys \['chanels_last'\]"):
         ku.Config.from_dict({**ku.Config().to_dict(), "chanels_last": False})

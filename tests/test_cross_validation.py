@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import kidneyseg_studies as ks
 import kidneyseg_utils as ku
 
 
@@ -123,7 +124,7 @@ def test_out_of_fold_scores_every_other_patient_once(fold_runs, tmp_path):
     assert table["model"].tolist() == ["fold 0", "fold 1", "mean single fold", "ensemble"]
     assert table.loc[2, "pooled_dice"] == pytest.approx(table.loc[:1, "pooled_dice"].mean())
     assert table.loc[3, "pooled_dice"] == pytest.approx(test.summary["pooled_dice"])
-    options = ku.inference_options_table(models, oof)
+    options = ks.inference_options_table(models, oof)
     assert len(options) == 4 and options.loc[0, "pooled_dice"] == pytest.approx(summary["pooled_dice"])
 
 

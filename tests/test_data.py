@@ -262,7 +262,7 @@ def test_resize_keeps_field_of_view_and_binary_mask():
     mask = np.zeros((40, 80), np.uint8)
     mask[:, 60:] = 1  # right quarter
     image[:, 60:] = 200
-    img, m = ku.resize_pair(image, mask, 32)
+    img, m = ku._resize_gray(image, 32), ku._resize_mask(mask, 32)
     assert img.shape == m.shape == (32, 32)
     assert set(np.unique(m)) <= {0, 1}
     assert m[:, 25:].all() and not m[:, :23].any()  # still the right quarter: stretched, not cropped
@@ -350,21 +350,21 @@ def test_phantoms_never_touch_foreign_folders(tmp_path, phantom_dir):
 
 
 def test_resolve_data_dir_order(tmp_path, monkeypatch):
-    kaggle = tmp_path / "kaggle_input"
+    kaggle = tmp_path / "kaggle" / "input"
     make_folder(kaggle / "my-dataset" / "train", ["a"])
     monkeypatch.delenv(ku.DATA_DIR_ENV, raising=False)
-    assert ku.resolve_data_dir(str(tmp_path), kaggle_input=kaggle) == tmp_path
-    assert ku.resolve_data_dir("auto", kaggle_input=kaggle) == kaggle / "my-dataset"  # the attached dataset
+    monkeypatch.setenv(ku.KAGGLE_ROOT_ENV, str(tmp_path / "kaggle"))
+    assert ku.resolve_data_dir(str(tmp_path)) == tmp_path
+    assert ku.resolve_data_dir("auto") == kaggle / "my-dataset"  # the attached dataset
+    monkeypatch.setenv(ku.KAGGLE_ROOT_ENV, str(tmp_path / "none"))
     monkeypatch.setenv(ku.DATA_DIR_ENV, str(tmp_path / "env"))
     make_folder(tmp_path / "env", ["b"])
-    assert ku.resolve_data_dir("auto", kaggle_input=tmp_path / "none") == tmp_path / "env"
+    assert ku.resolve_data_dir("auto") == tmp_path / "env"
     monkeypatch.delenv(ku.DATA_DIR_ENV)
     with pytest.raises(FileNotFoundError, match="searched"):
-        ku.resolve_data_dir("auto", kaggle_input=tmp_path / "none")
+        ku.resolve_data_dir("auto")
     with pytest.warns(UserWarning, match="SYNTHETIC"):
-        synthetic = ku.resolve_data_dir(
-            "auto", kaggle_input=tmp_path / "none", synthetic_dir=tmp_path / "syn"
-        )
+        synthetic = ku.resolve_data_dir("auto", synthetic_dir=tmp_path / "syn")
     assert len(ku.index_dataset(synthetic).pairs) == 120
     with pytest.raises(FileNotFoundError, match="does not exist"):
         ku.resolve_data_dir(tmp_path / "missing")

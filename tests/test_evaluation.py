@@ -10,8 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import tiny, train_tiny
 from torch import nn
 
+import kidneyseg_studies as ks
 import kidneyseg_utils as ku
 
 
@@ -167,7 +169,7 @@ def test_threshold_sweep_marks_the_best(tmp_path):
     config = ku.Config(image_size=32, base_channels=4, depth=2)
     data = ku.load_evaluation_set(ku.index_dataset(root).pairs, config)
     probs = [data.masks[0] * 0.7 + 0.1]  # kidney 0.8, background 0.1
-    sweep = ku.threshold_sweep(data, probs, thresholds=[0.05, 0.5, 0.9])
+    sweep = ks.threshold_sweep(data, probs, thresholds=[0.05, 0.5, 0.9])
     assert sweep["pooled_dice"].round(6).tolist() == [pytest.approx(2 * 64 / (2 * 64 + 1024 - 64)), 1.0, 0.0]
     assert sweep["best"].tolist() == [False, True, False]
 
@@ -236,28 +238,17 @@ def test_predict_folder_skips_and_lists_unreadable_images(tmp_path):
     assert len(list((tmp_path / "out2" / "masks").iterdir())) == 2
     assert pd.read_csv(tmp_path / "out2" / "predictions.csv")["name"].tolist() == table["name"].tolist()
     flagged = table.assign(unfamiliar=[False, True, np.nan])
-    assert ku.unfamiliar_note(flagged).startswith("1 of 2 images")
+    assert ks.unfamiliar_note(flagged).startswith("1 of 2 images")
 
 
 # ----- the exact validation split ----------------------------------------------------------------
 
 
 def test_validation_split_is_reproduced_from_the_checkpoint(tmp_path, phantom_dir):
-    config = ku.Config(
-        image_size=32, base_channels=4, depth=2, batch_size=4, num_epochs=1, group_regex="^([^_]+)_"
-    )
+    config = tiny(num_epochs=1)
     data = ku.prepare_data(config, phantom_dir)
-    model = ku.build_model(config)
-    result = ku.train_model(
-        model,
-        data.train_dataset,
-        data.val_dataset,
-        config,
-        tmp_path / "run",
-        torch.device("cpu"),
-        progress=False,
-        extra_state={"split": data.split_record(), "data_dir": str(phantom_dir)},
-    )
+    extra = {"split": data.split_record(), "data_dir": str(phantom_dir)}
+    _, result = train_tiny(config, data, tmp_path / "run", extra_state=extra)
     _, loaded_config, checkpoint = ku.load_model(result.files["best_model"])
     pairs = ku.checkpoint_split(checkpoint, loaded_config, "val")
     assert [p.key for p in pairs] == [p.key for p in data.val.pairs]

@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-import kidneyseg_utils as ku
+import kidneyseg_studies as ks
 
 
 @pytest.fixture()
@@ -34,7 +34,7 @@ def messy(tmp_path):
 
 
 def test_inventory_flags_each_problem(messy):
-    table = ku.inventory(messy, "^([^_]+)_").set_index("name")
+    table = ks.inventory(messy, "^([^_]+)_").set_index("name")
     assert table.loc["p1_a", "status"] == "ok" and table.loc["p1_a", "components"] == 2
     assert table.loc["p1_a", "mask_values"] == "0/255" and table.loc["p1_b", "mask_values"] == "0/1"
     assert table.loc["p1_a", "kidney_fraction"] == pytest.approx(200 / 1600)
@@ -42,26 +42,26 @@ def test_inventory_flags_each_problem(messy):
     assert table.loc["p2_c", "kidney_fraction"] == 0 and table.loc["p2_c", "components"] == 0
     assert table.loc["p2_d", "status"] == "unreadable" and "p2_d.png" in table.loc["p2_d", "problem"]
     assert table.loc["p3_e", "status"] == "orphan_image" and table.loc["p4_f", "status"] == "orphan_mask"
-    summary = ku.inventory_summary(table.reset_index()).iloc[0]
+    summary = ks.inventory_summary(table.reset_index()).iloc[0]
     assert (summary["pairs"], summary["orphans"], summary["problems"], summary["duplicates"]) == (3, 2, 1, 1)
     assert summary["cases"] == 2
 
 
 def test_warnings_and_report(messy, tmp_path):
-    table = ku.inventory(messy)
-    found = ku.dataset_warnings(table, group_regex=None)
+    table = ks.inventory(messy)
+    found = ks.dataset_warnings(table, group_regex=None)
     text = "\n".join(found)
     assert "unreadable" in text and "orphan_image" in text and "repeat the pixels" in text
     assert "GROUP_REGEX" in text and "Only 3 pairs" in text
-    files = ku.write_inventory(table, tmp_path / "out", found)
+    files = ks.write_inventory(table, tmp_path / "out", found)
     report = json.loads(files["report_json"].read_text())
     assert report["warnings"] == found and len(report["problems"]) == 3
     assert len(files["inventory_csv"].read_text().splitlines()) == len(table) + 1
 
 
 def test_mask_heatmap_locates_kidneys(messy):
-    table = ku.inventory(messy)
-    heat = ku.mask_heatmap(table, size=8)
+    table = ks.inventory(messy)
+    heat = ks.mask_heatmap(table, size=8)
     assert heat.shape == (8, 8) and heat.max() <= 1.0
     assert heat[3, 2] == pytest.approx(2 / 3)  # kidney in two of the three readable masks
     assert heat[7, 7] == 0.0
@@ -69,9 +69,9 @@ def test_mask_heatmap_locates_kidneys(messy):
 
 @pytest.mark.slow  # reads every real slice
 def test_inventory_of_the_real_slices(shared_data, manifest):
-    table = ku.inventory(shared_data, "^([^_]+)_")
+    table = ks.inventory(shared_data, "^([^_]+)_")
     assert (table["status"] == "ok").sum() == len(manifest)
-    summary = ku.inventory_summary(table).set_index("source")
+    summary = ks.inventory_summary(table).set_index("source")
     assert summary.loc["kidneycyst-ct", "sizes"] > 1 and summary.loc["kits19-ct", "with_kidney"] == "100%"
-    warnings = ku.dataset_warnings(table, "^([^_]+)_")
+    warnings = ks.dataset_warnings(table, "^([^_]+)_")
     assert any("different image sizes" in w for w in warnings)

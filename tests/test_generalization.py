@@ -16,6 +16,7 @@ import pytest
 import torch
 from torch import nn
 
+import kidneyseg_studies as ks
 import kidneyseg_utils as ku
 
 RAMP = np.arange(1000, dtype=np.float64).reshape(10, 100)  # 0..999
@@ -193,10 +194,10 @@ def test_strong_pipeline_varies_intensity_and_spec_is_unchanged():
         ku.seed_transform(strong, seed)
         stds.append(float(strong(image=image, mask=mask)["image"].astype(float).std()))
     assert np.ptp(stds) > 5  # contrast, gamma, noise and blur change the spread of values
-    for name in ("standard", "spec"):  # "spec" is the older name, still accepted
-        names = [type(t).__name__ for t in ku.build_train_transform(64, name).transforms]
-        assert names == ["Resize", "HorizontalFlip", "VerticalFlip", "Affine", "RandomBrightnessContrast"]
-    assert ku.Config(augmentation="spec").augmentation == "standard"
+    names = [type(t).__name__ for t in ku.build_train_transform(64, "standard").transforms]
+    assert names == ["Resize", "HorizontalFlip", "VerticalFlip", "Affine", "RandomBrightnessContrast"]
+    with pytest.raises(ValueError, match="AUGMENTATION"):
+        ku.Config(augmentation="spec")
     with pytest.raises(ValueError, match="AUGMENTATION must be one of 'standard', 'strong'"):
         ku.build_train_transform(64, "nnunet")
 
@@ -206,14 +207,14 @@ def test_strong_pipeline_varies_intensity_and_spec_is_unchanged():
 
 def test_folds_leave_each_source_out_once(shared_data, manifest):
     pairs = ku.index_dataset(shared_data, "^([^_]+)_").pairs
-    folds = ku.source_folds(pairs)
+    folds = ks.source_folds(pairs)
     sources = sorted({p.source for p in pairs})
     assert [f.held_out for f in folds] == sources == sorted(manifest["source"].unique())
     for fold in folds:
         assert {p.source for p in fold.test} == {fold.held_out}
         assert fold.held_out not in {p.source for p in fold.train}
         assert len(fold.train) + len(fold.test) == len(pairs) == len(manifest)
-    chosen = ku.source_folds(pairs, ["kits19-ct", "curvas-ct"])
+    chosen = ks.source_folds(pairs, ["kits19-ct", "curvas-ct"])
     assert [f.held_out for f in chosen] == ["kits19-ct", "curvas-ct"]
     sizes = manifest["source"].value_counts()
     assert len(chosen[0].test) == sizes["kits19-ct"] and len(chosen[1].test) == sizes["curvas-ct"]
@@ -221,16 +222,16 @@ def test_folds_leave_each_source_out_once(shared_data, manifest):
 
 def test_fold_errors_name_the_problem(phantom_dir, shared_data):
     with pytest.raises(ValueError, match="at least 2 sources"):
-        ku.source_folds(ku.index_dataset(phantom_dir).pairs)
+        ks.source_folds(ku.index_dataset(phantom_dir).pairs)
     pairs = ku.index_dataset(shared_data).pairs
     with pytest.raises(ValueError, match=r"SOURCES names \['kits-ct'\].*kits19-ct"):
-        ku.source_folds(pairs, ["kits-ct"])
+        ks.source_folds(pairs, ["kits-ct"])
     with pytest.raises(ValueError, match="distinct"):
-        ku.source_folds(pairs, ["kits19-ct", "kits19-ct"])
+        ks.source_folds(pairs, ["kits19-ct", "kits19-ct"])
 
 
 def test_one_source_gives_no_fold_and_says_why(phantom_dir, capsys):
-    assert ku.source_folds(ku.index_dataset(phantom_dir).pairs, strict=False) == []
+    assert ks.source_folds(ku.index_dataset(phantom_dir).pairs, strict=False) == []
     assert "needs at least 2 sources" in capsys.readouterr().out
 
 
@@ -239,8 +240,8 @@ def test_fold_examples_prefer_kidney_and_survive_a_source_without_any(two_sites,
     shutil.copytree(two_sites, root)
     for mask in (root / "phantom-site-b" / "masks").iterdir():  # site b: no kidney anywhere
         cv2.imwrite(str(mask), np.zeros_like(cv2.imread(str(mask), cv2.IMREAD_UNCHANGED)))
-    folds = ku.source_folds(ku.index_dataset(root).pairs)
-    examples = ku.fold_examples(folds)  # used to raise a bare StopIteration in notebook 05
+    folds = ks.source_folds(ku.index_dataset(root).pairs)
+    examples = ks.fold_examples(folds)  # used to raise a bare StopIteration in notebook 05
     assert [p.source for p in examples] == ["phantom-site-a", "phantom-site-b"]
     assert ku.load_pair(examples[0])[1].any() and examples[1] == folds[1].test[0]
     assert "No slice with kidney in phantom-site-b" in capsys.readouterr().out
@@ -268,13 +269,13 @@ def test_leave_one_source_out_table_and_reuse(two_sites, tmp_path):
     )
     variants = {"spec": {}, "histeq+strong": {"NORMALIZATION": "histeq", "AUGMENTATION": "strong"}}
     out = tmp_path / "loso"
-    table = ku.leave_one_source_out(config, two_sites, out, variants=variants)
+    table = ks.leave_one_source_out(config, two_sites, out, variants=variants)
     assert len(table) == 4 and table.groupby("variant")["held_out"].nunique().tolist() == [2, 2]
     assert set(table["held_out"]) == set(ku.SYNTHETIC_SOURCES)
     assert (table["n_test"] == 12).all() and (table["n_train"] + table["n_val"] == 12).all()
     assert table[["pooled_dice", "mean_dice"]].apply(lambda c: c.between(0, 1)).all().all()
     assert not table["reused"].any()
-    pd.testing.assert_frame_equal(pd.read_csv(out / ku.LOSO_CSV_NAME), table, check_dtype=False)
+    pd.testing.assert_frame_equal(pd.read_csv(out / ks.LOSO_CSV_NAME), table, check_dtype=False)
     # The model of a fold never saw its held-out source.
     checkpoint = ku.load_checkpoint(out / "histeq+strong" / "phantom-site-a" / ku.BEST_MODEL_NAME)
     trained = checkpoint["split"]["train"] + checkpoint["split"]["val"]
@@ -285,7 +286,7 @@ def test_leave_one_source_out_table_and_reuse(two_sites, tmp_path):
     best, result_path = fold_b / ku.BEST_MODEL_NAME, fold_b / "fold_result.json"
 
     def fold_b_run(epochs: int, folder=out) -> pd.DataFrame:
-        return ku.leave_one_source_out(
+        return ks.leave_one_source_out(
             config.with_parameters(NUM_EPOCHS=epochs),
             two_sites,
             folder,
@@ -328,7 +329,7 @@ def test_leave_one_source_out_table_and_reuse(two_sites, tmp_path):
     kept = fold_b_run(5)
     assert kept["reused"].all() and kept.iloc[0]["epochs"] == 2 and best.stat().st_mtime_ns == stamp
     assert json.loads(result_path.read_text())["settings"]["config"]["num_epochs"] == 5
-    summary = ku.summarize_leave_one_source_out(table, groups={"A": ["phantom-site-a"]})
+    summary = ks.summarize_leave_one_source_out(table, groups={"A": ["phantom-site-a"]})
     assert summary["pooled_dice"].is_monotonic_decreasing and set(summary["variant"]) == set(variants)
     assert summary.loc[0, "folds"] == 2 and "pooled_dice_A" in summary
     result = json.loads((out / "spec" / "phantom-site-a" / "fold_result.json").read_text())
@@ -337,15 +338,15 @@ def test_leave_one_source_out_table_and_reuse(two_sites, tmp_path):
 
 def test_leave_one_source_out_rejects_bad_variants(two_sites, tmp_path, tiny_config):
     with pytest.raises(ValueError, match=r"VARIANTS\['x'\]: Unknown parameters \['NORMALISATION'\]"):
-        ku.leave_one_source_out(tiny_config, two_sites, tmp_path, variants={"x": {"NORMALISATION": "zscore"}})
+        ks.leave_one_source_out(tiny_config, two_sites, tmp_path, variants={"x": {"NORMALISATION": "zscore"}})
     with pytest.raises(ValueError, match="plain folder name"):
-        ku.leave_one_source_out(tiny_config, two_sites, tmp_path, variants={"a/b": {}})
+        ks.leave_one_source_out(tiny_config, two_sites, tmp_path, variants={"a/b": {}})
     with pytest.raises(ValueError, match="NORMALIZATION"):
-        ku.leave_one_source_out(tiny_config, two_sites, tmp_path, variants={"x": {"NORMALIZATION": "robust"}})
+        ks.leave_one_source_out(tiny_config, two_sites, tmp_path, variants={"x": {"NORMALIZATION": "robust"}})
 
 
 def test_normalization_consistency_reports_every_source(shared_data, manifest):
-    per_source, summary = ku.normalization_consistency(shared_data, image_size=64)
+    per_source, summary = ks.normalization_consistency(shared_data, image_size=64)
     assert set(per_source["source"]) == set(manifest["source"])
     assert list(summary["method"]) == list(ku.NORMALIZATION_OPTIONS)
     minmax = per_source[per_source["method"] == "minmax"]
@@ -355,8 +356,7 @@ def test_normalization_consistency_reports_every_source(shared_data, manifest):
 
 def test_without_data_notebook_05_gets_two_phantom_sources(tmp_path, monkeypatch):
     monkeypatch.delenv(ku.DATA_DIR_ENV, raising=False)
+    monkeypatch.setenv(ku.KAGGLE_ROOT_ENV, str(tmp_path / "no-kaggle"))
     with pytest.warns(UserWarning, match="SYNTHETIC"):
-        root = ku.resolve_data_dir(
-            "auto", kaggle_input=tmp_path / "no-input", synthetic_dir=tmp_path / "syn", synthetic_sources=True
-        )
-    assert len(ku.source_folds(ku.index_dataset(root).pairs)) == len(ku.SYNTHETIC_SOURCES) == 2
+        root = ku.resolve_data_dir("auto", synthetic_dir=tmp_path / "syn", synthetic_sources=True)
+    assert len(ks.source_folds(ku.index_dataset(root).pairs)) == len(ku.SYNTHETIC_SOURCES) == 2

@@ -6,37 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import tiny, train_tiny
 from torch import nn
 
 import kidneyseg_utils as ku
-
-
-@pytest.fixture(scope="module")
-def phantom_data(phantom_dir):
-    config = ku.Config(image_size=32, base_channels=4, depth=2, batch_size=4, group_regex="^([^_]+)_", seed=3)
-    return ku.prepare_data(config, phantom_dir)
-
-
-def cfg(**changes):
-    base = dict(image_size=32, base_channels=4, depth=2, batch_size=4, num_epochs=2, group_regex="^([^_]+)_")
-    return ku.Config(**{**base, "seed": 3, **changes})
-
-
-def train(config, data, out, **kw):
-    torch.manual_seed(config.seed)
-    model = ku.build_model(config)
-    result = ku.train_model(
-        model,
-        data.train_dataset,
-        data.val_dataset,
-        config,
-        out,
-        torch.device("cpu"),
-        progress=False,
-        log=False,
-        **kw,
-    )
-    return model, result
 
 
 def test_amp_dtype_never_bf16_below_compute_capability_8():
@@ -49,7 +22,7 @@ def test_amp_dtype_never_bf16_below_compute_capability_8():
 def test_resume_loads_to_the_cpu_and_restores_generators_as_cpu_bytes(phantom_data, tmp_path, monkeypatch):
     """A last checkpoint is loaded with map_location="cpu" whatever the device, and every generator
     state reaches set_rng_state as a CPU uint8 tensor, even when the file was loaded elsewhere."""
-    train(cfg(num_epochs=1), phantom_data, tmp_path)
+    train_tiny(tiny(num_epochs=1), phantom_data, tmp_path)
     loads, states = [], []
     real_load, real_set = torch.load, torch.set_rng_state
 
@@ -59,7 +32,6 @@ def test_resume_loads_to_the_cpu_and_restores_generators_as_cpu_bytes(phantom_da
         if isinstance(payload, dict) and "rng_state" in payload:  # as if loaded onto another device:
             rng = payload["rng_state"]
             rng["torch"] = rng["torch"].to(torch.int64)  # another dtype (a GPU copy would be another device)
-            rng["numpy_keys"] = rng["numpy_keys"].clone()
         return payload
 
     def spy_set(state):
@@ -68,7 +40,7 @@ def test_resume_loads_to_the_cpu_and_restores_generators_as_cpu_bytes(phantom_da
 
     monkeypatch.setattr(torch, "load", spy_load)
     monkeypatch.setattr(torch, "set_rng_state", spy_set)
-    _, resumed = train(cfg(num_epochs=2), phantom_data, tmp_path, resume=True)
+    _, resumed = train_tiny(tiny(num_epochs=2), phantom_data, tmp_path, resume=True)
     assert loads == ["cpu"] and states and set(states) == {("cpu", torch.uint8)}
     assert resumed.history["epoch"].tolist() == [1, 2]
 
@@ -80,9 +52,6 @@ def test_cuda_generator_states_restored_only_on_a_matching_machine(monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: calls.append(states))
     saved = {
         "torch": torch.get_rng_state(),
-        "numpy_keys": torch.zeros(624, dtype=torch.int64),
-        "numpy_pos": 624,
-        "python": list(range(625)),
         "cuda": [torch.zeros(16, dtype=torch.int64), torch.ones(16, dtype=torch.int64)],
     }
     before = torch.get_rng_state()
@@ -114,7 +83,7 @@ def test_grad_scaler_state_empty_missing_or_real():
 
 def test_cpu_checkpoint_without_scaler_state_resumes_with_a_scaler(phantom_data, tmp_path, monkeypatch):
     """A CPU run's last checkpoint (empty scaler state, or none at all) resumed where fp16 is on."""
-    train(cfg(num_epochs=1), phantom_data, tmp_path)
+    train_tiny(tiny(num_epochs=1), phantom_data, tmp_path)
     last = tmp_path / ku.LAST_CHECKPOINT_NAME
     payload = ku.load_checkpoint(last)
     assert payload["scaler_state"] == {}
@@ -129,14 +98,14 @@ def test_cpu_checkpoint_without_scaler_state_resumes_with_a_scaler(phantom_data,
         return scaler
 
     monkeypatch.setattr(ku, "_grad_scaler", fp16_scaler)
-    _, resumed = train(cfg(num_epochs=2), phantom_data, tmp_path, resume=True)
+    _, resumed = train_tiny(tiny(num_epochs=2), phantom_data, tmp_path, resume=True)
     assert resumed.history["epoch"].tolist() == [1, 2] and built[0].is_enabled()
 
 
 def test_inference_under_autocast_matches_fp32(phantom_data):
     """The autocast branch of prediction (fp16 on a T4) runs, TTA included; on a CPU bf16 stands in."""
     torch.manual_seed(0)
-    model = ku.build_model(cfg()).eval()
+    model = ku.build_model(tiny()).eval()
     images = phantom_data.train_dataset.images[:4]
     exact = ku.predict_probabilities(model, images, "cpu", tta=True, amp=None)
     assert np.array_equal(exact, ku.predict_probabilities(model, images, "cpu", tta=True))  # "auto" on a CPU
@@ -153,7 +122,7 @@ def test_two_gpu_wrapper_and_unwrapped_checkpoint(tmp_path, phantom_data):
     assert ku.wrap_for_devices(model, cuda, False, device_count=2) is model
     assert ku.wrap_for_devices(model, cuda, True, device_count=1) is model
     assert ku.wrap_for_devices(model, torch.device("cpu"), True, device_count=2) is model
-    config = cfg(num_epochs=1)
+    config = tiny(num_epochs=1)
     wrapped = nn.DataParallel(ku.build_model(config))
     result = ku.train_model(
         wrapped,

@@ -17,9 +17,11 @@ import papermill
 import pytest
 import torch
 
+import kidneyseg_studies as ks
 import kidneyseg_utils as ku
 
 REPO = Path(__file__).resolve().parents[1]
+UTILITIES = ["kidneyseg-utils", "kidneyseg-studies"]
 SLUGS = ["kidneyseg-01-explore-data", "kidneyseg-02-preprocessing-experiments", "kidneyseg-03-train-model"]
 LATER = ["kidneyseg-04-evaluate-model", "kidneyseg-05-leave-one-source-out"]
 
@@ -38,23 +40,24 @@ stage_tool = _load_stage_tool()
 
 
 @pytest.mark.slow  # a fresh Python process imports torch
-def test_running_the_module_as_a_script_does_nothing(tmp_path):
+def test_running_the_modules_as_scripts_does_nothing(tmp_path):
     """Kaggle saves a utility script by running it: it must import cleanly, print nothing, exit 0."""
     env = {k: v for k, v in os.environ.items() if k != "NO_ALBUMENTATIONS_UPDATE"}
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "kidneyseg_utils.py")],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert (proc.returncode, proc.stdout) == (0, "")
+    for name in ("kidneyseg_utils.py", "kidneyseg_studies.py"):
+        proc = subprocess.run(
+            [sys.executable, str(REPO / name)],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert (proc.returncode, proc.stdout, proc.stderr) == (0, "", ""), name
     assert list(tmp_path.iterdir()) == []  # wrote nothing
     probe = (
         "import os, sys, kidneyseg_utils as ku\n"
         "assert 'albumentations' not in sys.modules\n"
-        "ku.build_eval_transform(32)\n"
+        "ku.build_train_transform(32)\n"
         "print(os.environ['NO_ALBUMENTATIONS_UPDATE'])\n"
     )
     proc = subprocess.run(
@@ -101,101 +104,48 @@ def kaggle_cli(monkeypatch):
 
 def test_staged_series_is_pushed_as_the_kaggle_cli_would(tmp_path, kaggle_cli):
     stages = stage_tool.stage_kaggle(tmp_path / "stage", owner="alice", dataset="alice/kidneys")
-    assert [[f.name for f in stage] for stage in stages] == [["kidneyseg-utils"], SLUGS, LATER]
+    assert [[f.name for f in stage] for stage in stages] == [UTILITIES, SLUGS, LATER]
     for folder in [f for stage in stages for f in stage]:
         kaggle_cli.kernels_push(str(folder))
     sent = {request.slug.split("/")[1]: request for request in kaggle_cli.sent}
-    utility = sent["kidneyseg-utils"]
-    assert utility.kernel_type == "script" and utility.category_ids == ["util-script"]
-    assert utility.enable_gpu is False and "kidneyseg_utils" in utility.text
-    assert utility.docker_image_pinning_type == "original"
+    for slug in UTILITIES:
+        utility = sent[slug]
+        assert utility.kernel_type == "script" and utility.category_ids == ["util-script"]
+        assert utility.enable_gpu is False and utility.docker_image_pinning_type == "original"
+        assert utility.text == (REPO / f"{slug.replace('-', '_')}.py").read_text()
     for slug in SLUGS + LATER:
         request = sent[slug]
         assert request.kernel_type == "notebook" and request.enable_internet is False
         assert request.dataset_data_sources == ["alice/kidneys"]
         assert "alice/kidneyseg-utils" in request.kernel_data_sources
+        studies = "alice/kidneyseg-studies" in request.kernel_data_sources
+        assert studies == (slug != "kidneyseg-03-train-model")  # 03 needs only the pipeline
         assert request.docker_image_pinning_type == "original"
         assert request.machine_shape == ("" if slug.endswith("01-explore-data") else "NvidiaTeslaT4")
         assert json.loads(request.text)["cells"]  # the notebook itself travels
     assert "alice/kidneyseg-03-train-model" in sent["kidneyseg-04-evaluate-model"].kernel_data_sources
 
 
-GOOD = {
-    "id": "alice/kidneyseg-03-train-model",
-    "title": "kidneyseg 03 train model",
-    "code_file": "03_train_model.ipynb",
-    "language": "python",
-    "kernel_type": "notebook",
-    "is_private": True,
-    "enable_gpu": True,
-    "enable_tpu": False,
-    "enable_internet": False,
-    "dataset_sources": ["alice/kidneys"],
-    "kernel_sources": [],
-    "machine_shape": "NvidiaTeslaT4",
-}
-
-
-@pytest.mark.parametrize(
-    ("change", "error"),
-    [
-        ({"title": "abc"}, "at least five characters"),
-        ({"language": "julia"}, "language"),
-        ({"kernel_type": "app"}, "kernel_type"),
-        ({"enable_gpu": "yes"}, "enable_gpu"),
-        ({"dataset_sources": ["just-a-name"]}, "dataset_sources"),
-        ({"kernel_sources": ["a/b/c/d"]}, "kernel_sources"),
-        ({"model_sources": ["a/b/c"]}, "model_sources"),
-        ({"docker_image_pinning_type": "pinned"}, "docker_image_pinning_type"),
-        ({"id": "alice/slug/3"}, "no version"),
-        ({"code_file": "missing.ipynb"}, "code_file"),
-        # what the CLI accepts, the validator accepts too:
-        ({"enable_gpu": "TRUE", "is_private": "false"}, None),
-        ({"keywords": ["util-script"], "docker_image_pinning_type": "latest", "docker_image": "x"}, None),
-        ({"id_no": 12345}, None),
-        ({"dataset_sources": ["alice/kidneys/2"], "model_sources": ["a/m/pytorch/v/1"]}, None),
-    ],
-)
-def test_validator_agrees_with_the_kaggle_cli(tmp_path, kaggle_cli, change, error):
-    (tmp_path / "03_train_model.ipynb").write_text(json.dumps({"cells": [], "metadata": {}}))
-    meta = {**GOOD, **change}
-    (tmp_path / "kernel-metadata.json").write_text(json.dumps(meta))
-    errors, _ = stage_tool.validate_kernel_metadata(meta, tmp_path)
-    if error is None:
-        assert errors == []
-        kaggle_cli.kernels_push(str(tmp_path))
-    else:
-        assert any(error in e for e in errors), errors
-        with pytest.raises(ValueError):
-            kaggle_cli.kernels_push(str(tmp_path))
-
-
-@pytest.mark.parametrize(
-    ("change", "warning"),
-    [
-        ({"colour": "red"}, "not read by the Kaggle CLI"),
-        ({"title": "Something else"}, "gives the slug"),
-        ({"machine_shape": "NvidiaTeslaP100"}, "no Pascal kernels"),
-        ({"machine_shape": "NvidiaK80"}, "not one Kaggle documents"),
-    ],
-)
-def test_validator_warns_where_the_cli_accepts_what_misleads(tmp_path, change, warning):
-    (tmp_path / "03_train_model.ipynb").write_text("{}")
-    errors, warnings = stage_tool.validate_kernel_metadata({**GOOD, **change}, tmp_path)
-    assert errors == [] and any(warning in w for w in warnings), warnings
-    without_internet = {k: v for k, v in GOOD.items() if k != "enable_internet"}
-    assert any("internet ON" in w for w in stage_tool.validate_kernel_metadata(without_internet)[1])
-
-
 def test_series_rules_and_staging_folder(tmp_path):
     series = json.loads((REPO / "kaggle-metadata.json").read_text())
     assert stage_tool.series_problems(series) == []
     broken = json.loads(json.dumps(series))
-    broken["utility_script"]["keywords"] = []
-    broken["utility_script"]["slug"] = "kidneyseg-helpers"
+    broken["utility_scripts"][0]["keywords"] = []
+    broken["utility_scripts"][0]["slug"] = "kidneyseg-helpers"
     broken["notebooks"][0]["kernel_sources"] = []
-    problems = " ".join(stage_tool.series_problems(broken))
-    assert "util-script" in problems and "kidneyseg_utils.py" in problems and "01-explore-data" in problems
+    broken["notebooks"][1]["kernel_sources"] = ["{owner}/kidneyseg-utils"]
+    broken["notebooks"][2]["title"] = "Train it"
+    broken["notebooks"][3]["machine_shape"] = "NvidiaTeslaP100"
+    problems = stage_tool.series_problems(broken)
+    assert any("util-script" in p for p in problems)
+    assert any("'kidneyseg-helpers' must give its file name kidneyseg_utils.py" in p for p in problems)
+    assert any(p.startswith("kidneyseg-01-explore-data does not list") for p in problems)
+    assert (
+        "kidneyseg-02-preprocessing-experiments does not list the utility script of kidneyseg_studies.py"
+        in " ".join(problems)
+    )
+    assert any("gives the slug 'train-it'" in p for p in problems)
+    assert any("no Pascal kernels" in p for p in problems)
     assert {n["code_file"] for n in series["notebooks"]} == {
         p.relative_to(REPO).as_posix() for p in (REPO / "notebooks").glob("*.ipynb")
     }
@@ -227,34 +177,13 @@ def test_stage_command_prints_the_push_order(tmp_path):
     pushes = [
         line.split("/")[-1] for line in proc.stdout.splitlines() if line.startswith("kaggle kernels push")
     ]
-    assert pushes == ["kidneyseg-utils", *SLUGS, *LATER]
+    assert pushes == [*UTILITIES, *SLUGS, *LATER]
     assert "once notebook 03 has finished" in proc.stdout and "bob/kidneyseg-03-train-model" in proc.stdout
     lines = proc.stdout.splitlines()
     wait = next(i for i, line in enumerate(lines) if "kaggle kernels status bob/kidneyseg-utils" in line)
     first_notebook = next(i for i, line in enumerate(lines) if line.endswith("kidneyseg-01-explore-data"))
-    utility = next(i for i, line in enumerate(lines) if line.endswith("/kidneyseg-utils"))
-    assert utility < wait < first_notebook  # wait for the utility script's run before the notebooks
-    check = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "tools" / "kaggle_stage.py"),
-            "validate",
-            *(str(p) for p in (tmp_path / "s").iterdir() if p.is_dir()),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert check.returncode == 0 and check.stdout.count(": ok") == 6, check.stdout
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    check = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "kaggle_stage.py"), "validate", str(empty)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert check.returncode == 1 and "no kernel-metadata.json" in check.stdout
+    utility = next(i for i, line in enumerate(lines) if line.endswith("/kidneyseg-studies"))
+    assert utility < wait < first_notebook  # wait for the utility scripts' runs before the notebooks
 
 
 def test_staging_leaves_05_out_when_the_data_have_one_source(tmp_path, phantom_dir, capsys):
@@ -269,18 +198,20 @@ def test_staging_leaves_05_out_when_the_data_have_one_source(tmp_path, phantom_d
 
 
 @pytest.mark.slow  # a fresh Python process imports torch
-def test_run_as_a_script_on_kaggle_the_module_copies_itself_to_working(tmp_path):
-    """The fallback for a utility script Kaggle did not mark: its output holds the module."""
+@pytest.mark.parametrize("name", ["kidneyseg_utils.py", "kidneyseg_studies.py"])
+def test_run_as_a_script_on_kaggle_each_module_copies_itself_to_working(tmp_path, name):
+    """The fallback for a utility script Kaggle did not mark: its output holds the module. The
+    studies' script runs in a session where the pipeline is not attached (nothing on the path)."""
     kaggle = tmp_path / "kaggle"
     (kaggle / "working").mkdir(parents=True)
-    script = _touch(tmp_path / "src" / "script.py", (REPO / "kidneyseg_utils.py").read_text())
+    script = _touch(tmp_path / "src" / "script.py", (REPO / name).read_text())
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(KIDNEYSEG_KAGGLE_ROOT=str(kaggle), KAGGLE_KERNEL_RUN_TYPE="Batch")
     run = dict(cwd=kaggle / "working", env=env, capture_output=True, text=True, timeout=120)
-    proc = subprocess.run([sys.executable, str(script)], **run)
+    proc = subprocess.run([sys.executable, "-I", str(script)], **run)
     assert (proc.returncode, proc.stdout) == (0, ""), proc.stderr
-    assert sorted(p.name for p in (kaggle / "working").iterdir()) == [ku.MODULE_FILE_NAME]
-    assert (kaggle / "working" / ku.MODULE_FILE_NAME).read_bytes() == script.read_bytes()
+    assert sorted(p.name for p in (kaggle / "working").iterdir()) == [name]
+    assert (kaggle / "working" / name).read_bytes() == script.read_bytes()
 
 
 # ----- runtime rules: where things are, what "auto" means, headless or not ------------------------
@@ -392,10 +323,10 @@ def test_headless_runs_create_no_widget(monkeypatch, capsys):
     drawn = []
     controls = lambda widgets: {"x": widgets.IntSlider(0, 0, 3)}  # noqa: E731
     monkeypatch.setenv(ku.INTERACTIVE_ENV, "0")
-    ku._static_then_widget(lambda x=0: drawn.append(x), controls)
+    ks._static_then_widget(lambda x=0: drawn.append(x), controls)
     assert drawn == [0] and shown == [] and "Sliders appear" in capsys.readouterr().out
     monkeypatch.setenv(ku.INTERACTIVE_ENV, "1")
-    ku._static_then_widget(lambda x=0: drawn.append(x), controls)
+    ks._static_then_widget(lambda x=0: drawn.append(x), controls)
     assert len(shown) == 1 and isinstance(shown[0], ipywidgets.Widget)
     monkeypatch.setenv(ku.INTERACTIVE_ENV, "0")
     bar = ku._progress_bar(range(3), True)
@@ -428,12 +359,16 @@ LAYOUTS = {
         "dataset": "input/datasets/alice/kidneys",
         "output_of_03": "input/notebooks/alice/kidneyseg-03-train-model",
         "output_of_utility": "input/notebooks/alice/kidneyseg-utils",
+        "studies": "usr/lib/notebooks/alice/kidneyseg-studies",
+        "output_of_studies": "input/notebooks/alice/kidneyseg-studies",
     },
     "old": {
         "utility": "usr/lib/kidneyseg_utils",
         "dataset": "input/kidneys",
         "output_of_03": "input/kidneyseg-03-train-model",
         "output_of_utility": "input/kidneyseg-utils",
+        "studies": "usr/lib/kidneyseg_studies",
+        "output_of_studies": "input/kidneyseg-studies",
     },
 }
 
@@ -487,8 +422,9 @@ def _kaggle_session(kaggle: Path, folder: Path, parameters: dict, previous_outpu
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", ["current", "old"])
 def test_simulated_kaggle_sessions(tmp_path, phantom_dir, layout):
-    """Notebook 03 trains; 04 evaluates 03's attached output with MODEL_PATH="auto"; 03 runs again
-    in a new session with RESUME=True and its previous output attached, continuing the history."""
+    """Notebook 03 trains with only the pipeline's utility script attached; 04 (both scripts)
+    evaluates 03's attached output with MODEL_PATH="auto"; 03 runs again in a new session with
+    RESUME=True and its previous output attached, continuing the history."""
     stage = stage_tool.stage_kaggle(tmp_path / "stage", owner="alice", dataset="alice/kidneys")
     folders = {f.name: f for group in stage for f in group}
     kaggle = tmp_path / layout
@@ -498,6 +434,7 @@ def test_simulated_kaggle_sessions(tmp_path, phantom_dir, layout):
     tiny = dict(IMAGE_SIZE=32, BASE_CHANNELS=4, BATCH_SIZE=8, GROUP_REGEX="^([^_]+)_")
 
     first = _kaggle_session(kaggle, folders["kidneyseg-03-train-model"], {**tiny, "NUM_EPOCHS": 1}, None)
+    shutil.copytree(folders["kidneyseg-studies"], kaggle / LAYOUTS[layout]["studies"])
     run = first / "kidneyseg"
     checkpoint = ku.load_checkpoint(run / ku.BEST_MODEL_NAME)
     assert checkpoint["data_dir"] == str(kaggle / LAYOUTS[layout]["dataset"])
@@ -522,7 +459,8 @@ def test_simulated_kaggle_sessions(tmp_path, phantom_dir, layout):
 @pytest.mark.parametrize("layout", ["current", "old"])
 def test_simulated_kaggle_session_with_an_unmarked_utility_script(tmp_path, phantom_dir, layout):
     """Kaggle did not mark the script as a utility script: nothing under /kaggle/usr/lib, only the
-    script's output attached as an input. Its run wrote the module there, and notebook 01 finds it."""
+    scripts' outputs attached as inputs. Their runs wrote the modules there, and notebook 01 finds
+    both."""
     stage = stage_tool.stage_kaggle(tmp_path / "stage", owner="alice", dataset="alice/kidneys")
     folders = {f.name: f for group in stage for f in group}
     kaggle = tmp_path / layout
@@ -530,9 +468,15 @@ def test_simulated_kaggle_session_with_an_unmarked_utility_script(tmp_path, phan
     (kaggle / "working").mkdir()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(KIDNEYSEG_KAGGLE_ROOT=str(kaggle), KAGGLE_KERNEL_RUN_TYPE="Batch")
-    script = folders["kidneyseg-utils"] / ku.MODULE_FILE_NAME
-    subprocess.run([sys.executable, str(script)], cwd=kaggle / "working", env=env, check=True, timeout=120)
-    shutil.copytree(kaggle / "working", kaggle / LAYOUTS[layout]["output_of_utility"])
+    for slug, output in (
+        ("kidneyseg-utils", "output_of_utility"),
+        ("kidneyseg-studies", "output_of_studies"),
+    ):
+        script = folders[slug] / f"{slug.replace('-', '_')}.py"
+        run = dict(cwd=kaggle / "working", env=env, check=True, timeout=120)
+        subprocess.run([sys.executable, "-I", str(script)], **run)
+        shutil.move(kaggle / "working", kaggle / LAYOUTS[layout][output])
+        (kaggle / "working").mkdir()
     assert not (kaggle / "usr").exists()
     shutil.copytree(phantom_dir, kaggle / LAYOUTS[layout]["dataset"] / "ct")
     explored = _kaggle_session(kaggle, folders["kidneyseg-01-explore-data"], {"GALLERY_SIZE": 4}, None)

@@ -1,79 +1,85 @@
-"""The module's layout: part I (the pipeline) never uses part II (the studies), and the table of
-contents in the module docstring lists the sections that are there, in their order."""
+"""The layout: the pipeline (kidneyseg_utils) never imports the studies (kidneyseg_studies), notebook
+03 needs only the pipeline, each module's table of contents lists its sections in order, and the
+notebooks use public names only."""
 
 from __future__ import annotations
 
 import ast
+import json
+import os
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
+import kidneyseg_studies as ks
 import kidneyseg_utils as ku
 
-SOURCE = Path(ku.__file__).read_text(encoding="utf-8")
-PART_TWO = "# PART II."
+REPO = Path(ku.__file__).parent
+MODULES = {"ku": ku, "ks": ks}
 
 
-def _top_level_names(nodes: list[ast.stmt]) -> dict[str, ast.stmt]:
-    names = {}
-    for node in nodes:
-        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
-            names[node.name] = node
-        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
-            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-            names.update({t.id: node for t in targets if isinstance(t, ast.Name)})
+def _imported_modules(source: str) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module.split(".")[0])
     return names
 
 
-def _parts() -> tuple[dict[str, ast.stmt], dict[str, ast.stmt]]:
-    boundary = next(i for i, line in enumerate(SOURCE.splitlines(), 1) if line.startswith(PART_TWO))
-    body = ast.parse(SOURCE).body
-    return (
-        _top_level_names([n for n in body if n.lineno < boundary]),
-        _top_level_names([n for n in body if n.lineno > boundary]),
-    )
+def _notebook_code(path: Path) -> str:
+    cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
+    return "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
 
 
-def _used_names(node: ast.AST) -> set[str]:
-    return {n.id for n in ast.walk(node) if isinstance(n, ast.Name)} | {
-        n.attr for n in ast.walk(node) if isinstance(n, ast.Attribute)
-    }
+def test_the_pipeline_never_imports_the_studies_and_03_needs_only_the_pipeline():
+    assert "kidneyseg_studies" not in _imported_modules(Path(ku.__file__).read_text(encoding="utf-8"))
+    assert "kidneyseg_utils" in _imported_modules(Path(ks.__file__).read_text(encoding="utf-8"))
+    probe = "import kidneyseg_studies\n"
+    assert "kidneyseg_studies" in _imported_modules(probe)  # the check above can fail
+    train = _notebook_code(next((REPO / "notebooks").glob("03_*.ipynb")))
+    assert "ks." not in train and "kidneyseg_studies" not in _imported_modules(train)
 
 
-def test_the_pipeline_never_uses_the_studies():
-    pipeline, studies = _parts()
-    assert len(pipeline) > 100 and len(studies) > 40, "the PART II marker moved or vanished"
-    backwards = {
-        name: sorted(_used_names(node) & set(studies))
-        for name, node in pipeline.items()
-        if _used_names(node) & set(studies)
-    }
-    assert backwards == {}, f"pipeline definitions that use study definitions: {backwards}"
-
-
-def test_the_check_catches_a_backward_call():
-    """The check above is not vacuous: a pipeline function calling a study function is found."""
-    pipeline, studies = _parts()
-    probe = ast.parse("def train_model():\n    return plot_cases()\n").body[0]
-    assert _used_names(probe) & set(studies) == {"plot_cases"}
-    assert "train_model" in pipeline and "plot_cases" in studies
-
-
-def test_table_of_contents_lists_the_sections_in_order():
-    headers = re.findall(r"^# (\d+)\. (.+)$", SOURCE, flags=re.M)
-    assert [int(n) for n, _ in headers] == list(range(1, len(headers) + 1))
-    contents = ku.__doc__
-    listed = re.findall(r"^\s+(\d+)\. (.+?)\s+--", contents, flags=re.M)
-    assert [(n, t.strip()) for n, t in listed] == [(n, t.split(":")[0].strip()) for n, t in headers]
-    part_two_at = SOURCE.index(PART_TWO)
-    first_study = min(int(n) for n, _ in re.findall(r"^# (\d+)\. (.+)$", SOURCE[part_two_at:], flags=re.M))
-    assert "Part II" in contents and f"{first_study}." in contents.split("Part II")[1]
+def test_tables_of_contents_list_the_sections_in_order():
+    for module in MODULES.values():
+        source = Path(module.__file__).read_text(encoding="utf-8")
+        headers = re.findall(r"^# (\d+)\. (.+)$", source, flags=re.M)
+        assert [int(n) for n, _ in headers] == list(range(1, len(headers) + 1)), module.__name__
+        listed = re.findall(r"^\s+(\d+)\. (.+?)\s+--", module.__doc__, flags=re.M)
+        assert [n for n, _ in listed] == [n for n, _ in headers], module.__name__
 
 
 def test_every_public_name_exists_and_the_notebooks_need_no_private_one():
-    missing = [name for name in ku.__all__ if not hasattr(ku, name)]
-    assert missing == []
-    notebooks = Path(ku.__file__).parent / "notebooks"
-    text = "\n".join(p.read_text(encoding="utf-8") for p in sorted(notebooks.glob("*.ipynb")))
-    used = set(re.findall(r"ku\.(\w+)", text))
-    assert used, "no ku.<name> found in the notebooks"
-    assert sorted(used - set(ku.__all__)) == []
+    notebooks = "\n".join(_notebook_code(p) for p in sorted((REPO / "notebooks").glob("*.ipynb")))
+    for alias, module in MODULES.items():
+        assert [name for name in module.__all__ if not hasattr(module, name)] == []
+        used = set(re.findall(rf"\b{alias}\.(\w+)", notebooks))
+        assert used, f"no {alias}.<name> found in the notebooks"
+        assert sorted(used - set(module.__all__)) == [], module.__name__
+
+
+def test_one_release_number_for_both_modules_and_the_project():
+    pyproject = (REPO / "pyproject.toml").read_text(encoding="utf-8")
+    assert re.search(r'^version = "([^"]+)"', pyproject, flags=re.M).group(1) == ku.__version__
+    assert ks.__version__ == ku.__version__
+
+
+def test_the_studies_refuse_a_pipeline_of_another_release(tmp_path):
+    """Beside a kidneyseg_utils.py of another release, importing the studies names both scripts."""
+    (tmp_path / "kidneyseg_utils.py").write_text('__version__ = "0.0.0"\n')
+    shutil.copy(ks.__file__, tmp_path / "kidneyseg_studies.py")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run(
+        [sys.executable, "-c", "import kidneyseg_studies"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1 and "ImportError" in proc.stderr
+    assert "kidneyseg-utils and kidneyseg-studies" in proc.stderr and "is 0.0.0" in proc.stderr

@@ -16,7 +16,9 @@ from unittest import mock
 import pandas as pd
 import papermill
 import pytest
+import torch
 
+import kidneyseg_studies as ks
 import kidneyseg_utils as ku
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,7 +63,8 @@ def execute(notebook: str, tmp_path: Path, parameters: dict, pictures: bool = Tr
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, shared_data):
-    """Notebook 03 with tiny parameters on the real slices; returns its OUTPUT_DIR."""
+    """Notebook 03 with tiny parameters on the real slices as fold 0 of two, and fold 1 trained by
+    the same functions from fold 0's stored config; returns the OUTPUT_DIR holding both folds."""
     tmp = tmp_path_factory.mktemp("nb03")
     out = tmp / "run"
     execute(
@@ -71,14 +74,31 @@ def trained_run(tmp_path_factory, shared_data):
             DATA_DIR=str(shared_data),
             OUTPUT_DIR=str(out),
             INFERENCE_THRESHOLD=TRAINED_THRESHOLD,
+            FOLDS=2,
+            FOLD=0,
             **TINY_TRAINING,
         ),  # GROUP_REGEX "auto"
+    )
+    _, config, _ = ku.load_model(out / "fold_0" / ku.BEST_MODEL_NAME)
+    config = config.with_parameters(FOLD=1)
+    data = ku.prepare_data(config, shared_data)
+    torch.manual_seed(config.seed)
+    ku.train_model(
+        ku.build_model(config),
+        data.train_dataset,
+        data.val_dataset,
+        config,
+        ku.run_output_dir(out, config),
+        torch.device("cpu"),
+        extra_state={"split": data.split_record(), "data_dir": str(shared_data)},
+        progress=False,
+        log=False,
     )
     return out
 
 
-def test_03_trains_on_shared_data(trained_run):
-    out = trained_run
+def test_03_trains_a_fold_on_shared_data(trained_run):
+    out = trained_run / "fold_0"
     history = pd.read_csv(out / ku.METRICS_CSV_NAME)
     assert history["epoch"].tolist() == [1, 2]
     assert history.filter(like="dice").apply(lambda s: s.between(0, 1)).all().all()
@@ -86,7 +106,7 @@ def test_03_trains_on_shared_data(trained_run):
         assert (out / name).is_file(), name
     _, config, checkpoint = ku.load_model(out / ku.BEST_MODEL_NAME)
     assert (config.image_size, config.base_channels, config.group_regex) == (32, 4, "^([^_]+)_")
-    assert config.test_fraction == 0.15
+    assert (config.test_fraction, config.folds, config.fold) == (0.15, 2, 0)
     split = checkpoint["split"]
     assert len(split["train"]) + len(split["val"]) + len(split["test"]) == 48 and split["test"]
     case = lambda key: key.split("/")[0] + "/" + key.split("/")[1].split("_")[0]  # noqa: E731
@@ -94,8 +114,9 @@ def test_03_trains_on_shared_data(trained_run):
     assert not cases["train"] & cases["val"] and not (cases["train"] | cases["val"]) & cases["test"]
 
 
-def test_04_evaluates_tests_and_predicts(trained_run, shared_data, tmp_path):
+def test_04_ensembles_the_folds_evaluates_and_predicts(trained_run, shared_data, manifest, tmp_path):
     predict = shared_data / "abdominal-us"
+    slices = manifest["source"].value_counts()
     nb = execute(
         "04_evaluate_model.ipynb",
         tmp_path,
@@ -107,45 +128,47 @@ def test_04_evaluates_tests_and_predicts(trained_run, shared_data, tmp_path):
             POSTPROCESS=True,
         ),
     )
-    _, _, checkpoint = ku.load_model(trained_run / ku.BEST_MODEL_NAME)
-    for folder, part in (("evaluation_test_split", "test"), ("evaluation_val", "val")):
+    splits = [ku.load_model(trained_run / f"fold_{k}" / ku.BEST_MODEL_NAME)[2]["split"] for k in (0, 1)]
+    assert splits[0]["test"] == splits[1]["test"]  # one test split, held out before the folds
+    expected = {"test": splits[0]["test"], "out_of_fold": splits[0]["val"] + splits[1]["val"]}
+    for folder, part in (("evaluation_test_split", "test"), ("evaluation_out_of_fold", "out_of_fold")):
         scores = pd.read_csv(trained_run / folder / "evaluation_per_image.csv")
-        assert sorted(scores["source"] + "/" + scores["name"]) == sorted(checkpoint["split"][part])
+        assert sorted(scores["source"] + "/" + scores["name"]) == sorted(expected[part])
         summary = json.loads((trained_run / folder / "evaluation_summary.json").read_text())
         assert (
             summary["n_images"] == len(scores) and summary["tta"] is True and summary["postprocess"] is True
         )
-        assert summary["evaluated_on"] == ku.SPLIT_LABELS[part]
         assert summary["threshold"] == TRAINED_THRESHOLD
         assert summary["n_cases"] == (scores["source"] + scores["case"]).nunique()
         for key in ("pooled_dice", "mean_dice", "mean_dice_with_kidney", "pooled_iou", "mean_case_dice"):
             assert 0 <= summary[key] <= 1, key
         assert summary["mean_hd95"] >= 0
-    assert "optimistic" in ku.SPLIT_LABELS["val"]
+    test_split = json.loads((trained_run / "evaluation_test_split" / "evaluation_summary.json").read_text())
+    oof = json.loads((trained_run / "evaluation_out_of_fold" / "evaluation_summary.json").read_text())
+    assert (oof["folds"], oof["models"], test_split["models"]) == (2, 1, 2)
+    assert test_split["evaluated_on"] == ku.SPLIT_LABELS["test"]
+    compared = next(c for c in nb["cells"] if "ku.fold_comparison(" in "".join(c["source"]))
+    shown = "".join("".join(o.get("data", {}).get("text/plain", "")) for o in compared["outputs"])
+    assert "mean single fold" in shown and "ensemble" in shown
     test = json.loads((trained_run / "evaluation_test" / "evaluation_summary.json").read_text())
-    assert test["n_images"] == 24
+    assert test["n_images"] == slices["kits19-ct"]
     masks = sorted((trained_run / "predictions" / "masks").glob("*.png"))
-    assert len(masks) == 15
-    # The familiarity check: notebook 03 stored the training statistics, notebook 04 flagged (or
+    assert len(masks) == slices["abdominal-us"]
+    # The familiarity check: notebook 04 read both folds' training splits again, flagged (or
     # cleared) every TEST_DIR and PREDICT_DIR image and showed Dice by flag.
-    assert checkpoint["familiarity"]["features"] == list(ku.FAMILIARITY_FEATURES)
     table = pd.read_csv(trained_run / "predictions" / "predictions.csv")
-    assert len(table) == 15 and table["novelty"].ge(0).all() and table["unfamiliar"].dtype == bool
+    assert (
+        len(table) == slices["abdominal-us"]
+        and table["novelty"].ge(0).all()
+        and table["unfamiliar"].dtype == bool
+    )
     printed = "".join("".join(o.get("text", "")) for c in nb["cells"] for o in c.get("outputs", []))
     assert printed.count("images look unlike") + printed.count("looks unlike the training") == 2
-    viewer = next(c for c in nb["cells"] if "ku.show_threshold_viewer(" in "".join(c["source"]))
+    viewer = next(c for c in nb["cells"] if "ks.show_threshold_viewer(" in "".join(c["source"]))
     assert "val.data, val.probs" in "".join(viewer["source"])  # chosen on validation, never on test
     assert any("image/png" in o.get("data", {}) for o in viewer["outputs"])
     first = ku.read_image(predict / "images" / masks[0].name)
     assert ku.read_image(masks[0]).shape == first.shape
-
-
-def test_03_falls_back_to_synthetic_phantoms(tmp_path):
-    out = tmp_path / "run"
-    execute("03_train_model.ipynb", tmp_path, dict(OUTPUT_DIR=str(out), **TINY_TRAINING))
-    assert (out / "synthetic_data" / "images").is_dir()
-    assert len(pd.read_csv(out / ku.METRICS_CSV_NAME)) == 2
-    assert (out / ku.BEST_MODEL_NAME).is_file()
 
 
 def test_01_explores_the_real_slices(shared_data, manifest, tmp_path):
@@ -186,7 +209,7 @@ def test_02_measures_and_ablates_tiny(shared_data, manifest, tmp_path):
     assert set(effects["source"]) == set(manifest["source"])
 
 
-def test_05_leave_one_source_out_tiny(shared_data, tmp_path):
+def test_05_leave_one_source_out_tiny(shared_data, manifest, tmp_path):
     out = tmp_path / "run"
     nb = execute(
         "05_leave_one_source_out.ipynb",
@@ -196,7 +219,10 @@ def test_05_leave_one_source_out_tiny(shared_data, tmp_path):
             OUTPUT_DIR=str(out),
             GROUP_REGEX="^([^_]+)_",
             SOURCES=["kits19-ct", "abdominal-us"],
-            VARIANTS={"spec": {}, "histeq+strong": {"NORMALIZATION": "histeq", "AUGMENTATION": "strong"}},
+            VARIANTS={
+                "standard": {},
+                "histeq+gin": {"NORMALIZATION": "histeq", "AUGMENTATION": "strong+gin"},
+            },
             GROUPS={"CT": ["kits19-ct"]},
             IMAGE_SIZE=32,
             BASE_CHANNELS=4,
@@ -206,16 +232,18 @@ def test_05_leave_one_source_out_tiny(shared_data, tmp_path):
             PREPROCESSING="clahe",
         ),
     )
-    spread = next(c for c in nb["cells"] if "ku.normalization_consistency(" in "".join(c["source"]))
+    spread = next(c for c in nb["cells"] if "ks.normalization_consistency(" in "".join(c["source"]))
     shown = "".join("".join(o.get("data", {}).get("text/plain", "")) for o in spread["outputs"])
     assert "preprocessing" in shown and "clahe" in shown  # the inputs the folds train on
     loso = out / "leave_one_source_out"
-    table = pd.read_csv(loso / ku.LOSO_CSV_NAME)
+    table = pd.read_csv(loso / ks.LOSO_CSV_NAME)
     assert len(table) == 4 and set(table["held_out"]) == {"kits19-ct", "abdominal-us"}
-    assert table.set_index(["variant", "held_out"]).loc[("spec", "kits19-ct"), "n_test"] == 24
+    rows = table.set_index(["variant", "held_out"])
+    assert rows.loc[("standard", "kits19-ct"), "n_test"] == (manifest["source"] == "kits19-ct").sum()
+    assert rows.loc[("histeq+gin", "abdominal-us"), "augmentation"] == "strong+gin"
     assert (loso / "leave_one_source_out.png").is_file()
-    _, config, _ = ku.load_model(loso / "histeq+strong" / "abdominal-us" / ku.BEST_MODEL_NAME)
-    assert (config.normalization, config.augmentation) == ("histeq", "strong")
+    _, config, _ = ku.load_model(loso / "histeq+gin" / "abdominal-us" / ku.BEST_MODEL_NAME)
+    assert (config.normalization, config.augmentation) == ("histeq", "strong")  # GIN is the batch hook
 
 
 def test_05_with_one_source_ends_with_the_reason(phantom_dir, tmp_path):
@@ -228,24 +256,4 @@ def test_05_with_one_source_ends_with_the_reason(phantom_dir, tmp_path):
     )
     printed = "".join("".join(o.get("text", "")) for c in nb["cells"] for o in c.get("outputs", []))
     assert "needs at least 2 sources" in printed and "Nothing is trained" in printed
-    assert not (out / "leave_one_source_out" / ku.LOSO_CSV_NAME).exists()
-
-
-def test_03_trains_folds_and_04_ensembles_them(phantom_dir, tmp_path):
-    out = tmp_path / "run"
-    for fold in (0, 1):
-        execute(
-            "03_train_model.ipynb",
-            tmp_path,
-            dict(DATA_DIR=str(phantom_dir), OUTPUT_DIR=str(out), FOLDS=2, FOLD=fold, **TINY_TRAINING),
-        )
-    assert sorted(p.parent.name for p in out.glob("fold_*/" + ku.BEST_MODEL_NAME)) == ["fold_0", "fold_1"]
-    nb = execute("04_evaluate_model.ipynb", tmp_path, dict(OUTPUT_DIR=str(out)))
-    oof = json.loads((out / "evaluation_out_of_fold" / "evaluation_summary.json").read_text())
-    test = json.loads((out / "evaluation_test_split" / "evaluation_summary.json").read_text())
-    assert (oof["folds"], oof["models"], test["models"]) == (2, 1, 2)
-    scored = pd.read_csv(out / "evaluation_out_of_fold" / "evaluation_per_image.csv")
-    assert sorted(scored["fold"].unique()) == [0, 1]
-    compared = next(c for c in nb["cells"] if "ku.fold_comparison(" in "".join(c["source"]))
-    shown = "".join("".join(o.get("data", {}).get("text/plain", "")) for o in compared["outputs"])
-    assert "mean single fold" in shown and "ensemble" in shown
+    assert not (out / "leave_one_source_out" / ks.LOSO_CSV_NAME).exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import kidneyseg_studies as ks
 import kidneyseg_utils as ku
 
 
@@ -88,32 +89,32 @@ def test_contrast_metrics_by_hand():
     mask = np.zeros((40, 40), np.uint8)
     mask[10:30, 10:30] = 1
     image[mask > 0] = 150
-    cnr, edge = ku.contrast_metrics(image, mask)
+    cnr, edge = ks.contrast_metrics(image, mask)
     assert cnr > 1e4  # a contrast of 100 grey levels over no noise at all
     # Sobel/8 across a 100-level step is 50 grey levels per pixel on the straight sides of the
     # outline; the four corners give 53 (gx = gy = 37.5).
     assert edge == pytest.approx(50, abs=1.0)
     noisy = image.astype(float) + np.random.default_rng(0).normal(0, 10, image.shape)
-    cnr_noisy, _ = ku.contrast_metrics(np.clip(noisy, 0, 255).astype(np.uint8), mask)
+    cnr_noisy, _ = ks.contrast_metrics(np.clip(noisy, 0, 255).astype(np.uint8), mask)
     assert 7 < cnr_noisy < 13  # about 100 / 10
-    assert all(np.isnan(ku.contrast_metrics(image, np.zeros_like(mask))))
+    assert all(np.isnan(ks.contrast_metrics(image, np.zeros_like(mask))))
 
 
 def test_preprocessing_effects_table():
     image = low_contrast_phantom()
     mask = np.zeros_like(image)
     mask[40:80, 40:80] = 1
-    effects = ku.preprocessing_effects([image, image], [mask, mask], ["a", "b"])
+    effects = ks.preprocessing_effects([image, image], [mask, mask], ["a", "b"])
     none = effects[effects["method"] == "none"]
     assert (none["cnr_gain"] == 1.0).all() and set(effects["source"]) == {"a", "b"}
-    assert len(effects) == 2 * len(ku.PREPROCESSING_SWEEP)
+    assert len(effects) == 2 * len(ks.PREPROCESSING_SWEEP)
 
 
 def test_recommendation_prefers_simple_within_noise():
     import pandas as pd
 
     table = pd.DataFrame({"preprocessing": ["none", "clahe", "unsharp"], "val_dice": [0.80, 0.805, 0.79]})
-    assert ku.recommend_preprocessing(table)[0] == "none"
+    assert ks.recommend_preprocessing(table)[0] == "none"
     table.loc[1, "val_dice"] = 0.85
-    choice, reason = ku.recommend_preprocessing(table)
+    choice, reason = ks.recommend_preprocessing(table)
     assert choice == "clahe" and "+0.050" in reason

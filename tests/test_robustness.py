@@ -37,7 +37,7 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
-import torch
+from conftest import tiny, train_tiny
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
@@ -47,23 +47,11 @@ import kidneyseg_utils as ku
 REPO = Path(__file__).resolve().parents[1]
 
 
-def cfg(**changes):
-    base = dict(image_size=32, base_channels=4, depth=2, batch_size=4, num_epochs=2, group_regex="^([^_]+)_")
-    return ku.Config(**{**base, **changes})
-
-
 def write_pair(root: Path, name: str, image: np.ndarray, mask: np.ndarray) -> None:
     (root / "images").mkdir(parents=True, exist_ok=True)
     (root / "masks").mkdir(parents=True, exist_ok=True)
     assert cv2.imwrite(str(root / "images" / f"{name}.png"), image)
     assert cv2.imwrite(str(root / "masks" / f"{name}.png"), mask)
-
-
-def train(config, data, out, **kw):
-    model = ku.build_model(config)
-    return ku.train_model(
-        model, data.train_dataset, data.val_dataset, config, out, torch.device("cpu"), progress=False, **kw
-    )
 
 
 def test_tiny_huge_and_non_square_images(tmp_path):
@@ -78,9 +66,9 @@ def test_tiny_huge_and_non_square_images(tmp_path):
     for mask in cached.masks:  # the whole field of view is kept: the kidney stays in the middle
         rows, cols = np.nonzero(mask)
         assert 8 <= rows.min() <= 12 and 19 <= rows.max() <= 23 and 8 <= cols.min() <= 12
-    data = ku.load_evaluation_set(index.pairs, cfg())
+    data = ku.load_evaluation_set(index.pairs, tiny())
     assert [m.shape for m in data.masks] == list(sizes.values())
-    model = ku.build_model(cfg()).eval()
+    model = ku.build_model(tiny()).eval()
     per_image, _, probs = ku.evaluate_model(model, data)
     assert [p.shape for p in probs] == list(sizes.values()) and per_image["hd95"].notna().all()
 
@@ -100,10 +88,10 @@ def _uniform_folder(root: Path, n: int, with_kidney: bool) -> Path:
 def test_only_empty_or_no_empty_masks(tmp_path, with_kidney, message):
     root = _uniform_folder(tmp_path / "d", 16, with_kidney)
     with pytest.warns(UserWarning, match=message):
-        data = ku.prepare_data(cfg(), root)
-    result = train(cfg(), data, tmp_path / "out")
+        data = ku.prepare_data(tiny(), root)
+    _, result = train_tiny(tiny(), data, tmp_path / "out")
     h = result.history
-    assert len(h) == 2 and h.filter(like="_dice").apply(lambda s: s.between(0, 1)).all().all()
+    assert len(h) == 3 and h.filter(like="_dice").apply(lambda s: s.between(0, 1)).all().all()
     assert not h.isna().any().any()
     if not with_kidney:  # empty rule: precision/recall/Dice are 1 with no prediction, 0 with a false one
         assert set(h["val_recall"]) <= {0.0, 1.0}
@@ -113,9 +101,9 @@ def test_skip_bad_files_through_prepare_data(tmp_path):
     root = _uniform_folder(tmp_path / "d", 12, True)
     (root / "images" / "p0_0.png").write_bytes(b"")
     with pytest.raises(ku.ImageReadError, match="p0_0.png"):
-        ku.prepare_data(cfg(), root)
+        ku.prepare_data(tiny(), root)
     with pytest.warns(UserWarning):
-        data = ku.prepare_data(cfg(), root, skip_bad_files=True)
+        data = ku.prepare_data(tiny(), root, skip_bad_files=True)
     skipped = data.train.skipped + data.val.skipped
     assert len(skipped) == 1 and "p0_0.png" in skipped[0][0]
     assert len(data.train) + len(data.val) + len(data.test) == 11
@@ -123,12 +111,12 @@ def test_skip_bad_files_through_prepare_data(tmp_path):
 
 @pytest.mark.slow  # two training runs end to end
 def test_same_seed_twice_gives_identical_metrics(tmp_path, phantom_dir):
-    data = ku.prepare_data(cfg(), phantom_dir)
-    a = train(cfg(), data, tmp_path / "a")
-    b = train(cfg(), ku.prepare_data(cfg(), phantom_dir), tmp_path / "b")
+    data = ku.prepare_data(tiny(), phantom_dir)
+    _, a = train_tiny(tiny(), data, tmp_path / "a")
+    _, b = train_tiny(tiny(), ku.prepare_data(tiny(), phantom_dir), tmp_path / "b")
     columns = [c for c in a.history.columns if c != "seconds"]
     pd.testing.assert_frame_equal(a.history[columns], b.history[columns])
-    c = train(cfg(seed=99), ku.prepare_data(cfg(seed=99), phantom_dir), tmp_path / "c")
+    _, c = train_tiny(tiny(seed=99), ku.prepare_data(tiny(seed=99), phantom_dir), tmp_path / "c")
     assert not a.history[columns].equals(c.history[columns])
 
 
@@ -175,14 +163,14 @@ def _resume_and_check(phantom_dir: Path, out: Path, config: ku.Config, killed_af
     last = ku.load_checkpoint(out / ku.LAST_CHECKPOINT_NAME)  # loads: never half-written
     assert last["epoch"] == killed_after
     assert _csv_epochs(out) == list(range(1, killed_after + 1))
-    result = train(config, ku.prepare_data(config, phantom_dir), out, resume=True)
+    _, result = train_tiny(config, ku.prepare_data(config, phantom_dir), out, resume=True)
     assert _csv_epochs(out) == list(range(1, config.num_epochs + 1))  # no gap, no duplicate
     assert result.history["epoch"].tolist() == list(range(1, config.num_epochs + 1))
 
 
 @pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume(tmp_path, phantom_dir):
-    config = cfg(num_epochs=4)
+    config = tiny(num_epochs=4)
     out = tmp_path / "run"
     child = _start_child(phantom_dir, out, "slow_epoch", config)
     _wait_for(lambda: _csv_epochs(out) == [1, 2], child)
@@ -195,7 +183,7 @@ def test_sigkill_mid_epoch_then_resume(tmp_path, phantom_dir):
 
 @pytest.mark.slow
 def test_sigkill_mid_checkpoint_write_then_resume(tmp_path, phantom_dir):
-    config = cfg(num_epochs=4)
+    config = tiny(num_epochs=4)
     out = tmp_path / "run"
     child = _start_child(phantom_dir, out, "slow_save", config)
     _wait_for(lambda: (out / "SAVING").exists(), child)

@@ -8,40 +8,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import tiny, train_tiny
 
 import kidneyseg_utils as ku
 
 
-@pytest.fixture(scope="module")
-def phantom_data(phantom_dir):
-    config = ku.Config(image_size=32, base_channels=4, depth=2, batch_size=4, group_regex="^([^_]+)_", seed=3)
-    return ku.prepare_data(config, phantom_dir)
-
-
-def run(config, data, out, **kw):
-    torch.manual_seed(config.seed)
-    model = ku.build_model(config)
-    return model, ku.train_model(
-        model, data.train_dataset, data.val_dataset, config, out, torch.device("cpu"), progress=False, **kw
-    )
-
-
-def cfg(**changes):
-    base = dict(
-        image_size=32,
-        base_channels=4,
-        depth=2,
-        batch_size=4,
-        num_epochs=3,
-        patience=20,
-        group_regex="^([^_]+)_",
-        seed=3,
-    )
-    return ku.Config(**{**base, **changes})
-
-
 def test_short_training_lowers_the_loss_and_writes_artefacts(phantom_data, tmp_path):
-    _, result = run(cfg(num_epochs=8, learning_rate=3e-3), phantom_data, tmp_path)
+    _, result = train_tiny(tiny(num_epochs=8, learning_rate=3e-3), phantom_data, tmp_path)
     h = result.history
     assert h["train_loss"].iloc[-1] < h["train_loss"].iloc[0]
     assert h["val_loss"].min() < h["val_loss"].iloc[0]
@@ -53,27 +26,27 @@ def test_short_training_lowers_the_loss_and_writes_artefacts(phantom_data, tmp_p
     csv = pd.read_csv(result.files["metrics_csv"])
     pd.testing.assert_frame_equal(csv, h, check_dtype=False)
     assert result.best_epoch == int(h.loc[h["val_loss"].idxmin(), "epoch"])
-    assert ku.Config.from_json(result.files["config_json"]) == cfg(num_epochs=8, learning_rate=3e-3)
+    assert ku.Config.from_json(result.files["config_json"]) == tiny(num_epochs=8, learning_rate=3e-3)
 
 
 def test_early_stopping_triggers(phantom_data, tmp_path):
-    _, result = run(cfg(num_epochs=40, patience=2, learning_rate=0.05), phantom_data, tmp_path)
+    _, result = train_tiny(tiny(num_epochs=40, patience=2, learning_rate=0.05), phantom_data, tmp_path)
     assert result.stop_reason == "early_stopping"
     assert len(result.history) == result.best_epoch + 2 < 40
 
 
 def test_time_budget_stops_cleanly(phantom_data, tmp_path):
-    _, result = run(cfg(num_epochs=50, max_train_minutes=1e-4), phantom_data, tmp_path)
+    _, result = train_tiny(tiny(num_epochs=50, max_train_minutes=1e-4), phantom_data, tmp_path)
     assert result.stop_reason == "time_budget" and len(result.history) == 1
     assert result.files["last_checkpoint"].is_file()
 
 
 @pytest.mark.slow  # three training runs end to end
 def test_resumed_run_equals_uninterrupted_run(phantom_data, tmp_path):
-    full_model, full = run(cfg(num_epochs=4), phantom_data, tmp_path / "full")
-    run(cfg(num_epochs=2), phantom_data, tmp_path / "split")
+    full_model, full = train_tiny(tiny(num_epochs=4), phantom_data, tmp_path / "full")
+    train_tiny(tiny(num_epochs=2), phantom_data, tmp_path / "split")
     torch.manual_seed(999)  # a fresh process would start from another state; resume must not care
-    resumed_model, resumed = run(cfg(num_epochs=4), phantom_data, tmp_path / "split", resume=True)
+    resumed_model, resumed = train_tiny(tiny(num_epochs=4), phantom_data, tmp_path / "split", resume=True)
     columns = [c for c in full.history.columns if c != "seconds"]
     pd.testing.assert_frame_equal(full.history[columns], resumed.history[columns])
     for (name, a), b in zip(full_model.state_dict().items(), resumed_model.state_dict().values()):
@@ -81,35 +54,45 @@ def test_resumed_run_equals_uninterrupted_run(phantom_data, tmp_path):
     assert resumed.best_epoch == full.best_epoch
 
 
+@pytest.mark.slow  # two training runs, one with worker processes
+def test_data_loader_workers_do_not_change_the_history(phantom_data, tmp_path):
+    """The sampler's promise: augmentation is seeded from (seed, epoch, index), so the batches, and
+    with them the whole history, are the same with worker processes as without."""
+    _, inline = train_tiny(tiny(num_epochs=2, num_workers=0), phantom_data, tmp_path / "inline")
+    _, workers = train_tiny(tiny(num_epochs=2, num_workers=2), phantom_data, tmp_path / "workers")
+    columns = [c for c in inline.history.columns if c != "seconds"]
+    pd.testing.assert_frame_equal(inline.history[columns], workers.history[columns])
+
+
 def test_resume_refuses_other_architecture_and_missing_checkpoint(phantom_data, tmp_path):
-    run(cfg(num_epochs=1), phantom_data, tmp_path)
+    train_tiny(tiny(num_epochs=1), phantom_data, tmp_path)
     with pytest.raises(ValueError, match="BASE_CHANNELS: 4 vs 8"):
-        run(cfg(num_epochs=2, base_channels=8), phantom_data, tmp_path, resume=True)
+        train_tiny(tiny(num_epochs=2, base_channels=8), phantom_data, tmp_path, resume=True)
     with pytest.raises(FileNotFoundError, match="RESUME=True"):
-        run(cfg(num_epochs=2), phantom_data, tmp_path / "fresh", resume=True)
+        train_tiny(tiny(num_epochs=2), phantom_data, tmp_path / "fresh", resume=True)
 
 
 def test_second_run_never_overwrites_silently(phantom_data, tmp_path):
-    run(cfg(num_epochs=1), phantom_data, tmp_path)
+    train_tiny(tiny(num_epochs=1), phantom_data, tmp_path)
     before = (tmp_path / ku.BEST_MODEL_NAME).read_bytes()
     with pytest.raises(FileExistsError, match="OVERWRITE=True"):
-        run(cfg(num_epochs=1), phantom_data, tmp_path)
+        train_tiny(tiny(num_epochs=1), phantom_data, tmp_path)
     assert (tmp_path / ku.BEST_MODEL_NAME).read_bytes() == before
-    run(cfg(num_epochs=1, seed=4), phantom_data, tmp_path, overwrite=True)
+    train_tiny(tiny(num_epochs=1, seed=4), phantom_data, tmp_path, overwrite=True)
     assert (tmp_path / ku.BEST_MODEL_NAME).read_bytes() != before
 
 
 def test_batch_larger_than_training_set(phantom_data, tmp_path):
     with pytest.raises(ValueError, match="BATCH_SIZE=100"):
-        run(cfg(batch_size=100), phantom_data, tmp_path)
+        train_tiny(tiny(batch_size=100), phantom_data, tmp_path)
 
 
 def test_checkpoint_round_trip_with_weights_only(phantom_data, tmp_path):
-    model, result = run(
-        cfg(num_epochs=2), phantom_data, tmp_path, extra_state={"split": {"train": ["a/b"], "val": ["c/d"]}}
+    model, result = train_tiny(
+        tiny(num_epochs=2), phantom_data, tmp_path, extra_state={"split": {"train": ["a/b"], "val": ["c/d"]}}
     )
-    loaded, config, checkpoint = ku.load_model(result.files["best_model"], expected=cfg())
-    assert config == cfg(num_epochs=2)
+    loaded, config, checkpoint = ku.load_model(result.files["best_model"], expected=tiny())
+    assert config == tiny(num_epochs=2)
     assert checkpoint["split"]["val"] == ["c/d"] and checkpoint["epoch"] == result.best_epoch
     raw = torch.load(result.files["last_checkpoint"], weights_only=True)  # plain types only
     assert raw["kind"] == "last" and len(raw["history"]) == 2
@@ -123,9 +106,9 @@ def test_checkpoint_round_trip_with_weights_only(phantom_data, tmp_path):
 
 
 def test_load_model_names_the_differing_setting(phantom_data, tmp_path):
-    _, result = run(cfg(num_epochs=1), phantom_data, tmp_path)
+    _, result = train_tiny(tiny(num_epochs=1), phantom_data, tmp_path)
     with pytest.raises(ValueError, match="BASE_CHANNELS: 4 vs 16"):
-        ku.load_model(result.files["best_model"], expected=cfg(base_channels=16))
+        ku.load_model(result.files["best_model"], expected=tiny(base_channels=16))
 
 
 class _Payload:
@@ -161,7 +144,7 @@ def test_foreign_and_damaged_files(tmp_path):
 
 
 def test_nan_loss_stops_with_the_epoch_and_keeps_best(phantom_data, tmp_path):
-    model, result = run(cfg(num_epochs=1), phantom_data, tmp_path)
+    model, result = train_tiny(tiny(num_epochs=1), phantom_data, tmp_path)
     best = (tmp_path / ku.BEST_MODEL_NAME).read_bytes()
     with torch.no_grad():
         model.head.bias.fill_(float("nan"))
@@ -170,7 +153,7 @@ def test_nan_loss_stops_with_the_epoch_and_keeps_best(phantom_data, tmp_path):
             model,
             phantom_data.train_dataset,
             phantom_data.val_dataset,
-            cfg(num_epochs=2),
+            tiny(num_epochs=2),
             tmp_path,
             torch.device("cpu"),
             overwrite=True,
@@ -185,4 +168,4 @@ def test_out_of_memory_message_names_the_levers(phantom_data, tmp_path, monkeypa
 
     monkeypatch.setattr(ku, "_run_epoch", boom)
     with pytest.raises(RuntimeError, match="BATCH_SIZE=4, IMAGE_SIZE=32"):
-        run(cfg(), phantom_data, tmp_path)
+        train_tiny(tiny(), phantom_data, tmp_path)

@@ -11,7 +11,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import tiny, train_tiny
 
+import kidneyseg_studies as ks
 import kidneyseg_utils as ku
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,19 +27,19 @@ def _batch(n: int = 6, size: int = 32) -> torch.Tensor:
 @pytest.mark.parametrize("kind", ["gin", "curves", "strong+gin"])
 def test_batch_augmentation_is_seeded_by_seed_epoch_and_step(kind):
     x = _batch()
-    augment = ku.BatchIntensityAugmentation(kind, seed=5)
+    augment = ks.BatchIntensityAugmentation(kind, seed=5)
     first = augment(x, epoch=2, step=3)
     assert first.shape == x.shape and first.dtype == x.dtype
-    assert torch.equal(first, ku.BatchIntensityAugmentation(kind, seed=5)(x, epoch=2, step=3))
+    assert torch.equal(first, ks.BatchIntensityAugmentation(kind, seed=5)(x, epoch=2, step=3))
     assert not torch.equal(first, augment(x, epoch=2, step=4))
     assert not torch.equal(first, augment(x, epoch=3, step=3))
-    assert not torch.equal(first, ku.BatchIntensityAugmentation(kind, seed=6)(x, epoch=2, step=3))
+    assert not torch.equal(first, ks.BatchIntensityAugmentation(kind, seed=6)(x, epoch=2, step=3))
     assert not torch.equal(first, x)
 
 
 def test_random_curves_stay_in_range_and_include_inversions():
     x = _batch(n=64)
-    y = ku.random_intensity_curves(x, torch.Generator().manual_seed(1))
+    y = ks.random_intensity_curves(x, torch.Generator().manual_seed(1))
     low, high = x.flatten(1).amin(1), x.flatten(1).amax(1)
     assert (y.flatten(1).amin(1) >= low - 1e-6).all() and (y.flatten(1).amax(1) <= high + 1e-6).all()
     # Correlation with the input: +1 for a rising curve, -1 for an inverted one, between otherwise.
@@ -51,40 +53,33 @@ def test_random_curves_stay_in_range_and_include_inversions():
 
 def test_gin_keeps_each_images_mean_and_changes_its_contrast():
     x = _batch(n=16)
-    y = ku.gin_augment(x, torch.Generator().manual_seed(2))
+    y = ks.gin_augment(x, torch.Generator().manual_seed(2))
     # Rescaled to the image's mean and spread, then blended with it: the mean is kept exactly.
     torch.testing.assert_close(y.mean((1, 2, 3)), x.mean((1, 2, 3)), atol=1e-5, rtol=0)
     changed = (y - x).abs().flatten(1).mean(1)
     assert (changed > 0.01).sum() >= 12  # a random blend weight near 0 leaves a few close to x
 
 
-def test_augmentation_options_and_their_albumentations_base():
-    for name in ("gin", "curves", "strong+gin"):
-        assert ku.Config(augmentation=name).augmentation == name
-    strong = [type(t).__name__ for t in ku.build_train_transform(64, "strong").transforms]
-    assert [type(t).__name__ for t in ku.build_train_transform(64, "strong+gin").transforms] == strong
-    standard = [type(t).__name__ for t in ku.build_train_transform(64, "standard").transforms]
-    assert [type(t).__name__ for t in ku.build_train_transform(64, "gin").transforms] == standard
-    assert ku.BatchIntensityAugmentation.for_config(ku.Config()) is None
-    with pytest.raises(ValueError, match="AUGMENTATION"):
-        ku.Config(augmentation="gin+curves")
+def test_intensity_variants_are_study_options_not_config_options():
+    for name in ks.INTENSITY_VARIANTS:
+        with pytest.raises(ValueError, match="AUGMENTATION"):
+            ku.Config(augmentation=name)
+        assert ks.BatchIntensityAugmentation(name, 0).augmentation == name
+    with pytest.raises(ValueError, match="choose one of"):
+        ks.BatchIntensityAugmentation("gin+curves", 0)
 
 
 @pytest.mark.slow  # three training runs end to end
-def test_training_with_gin_is_reproducible(tmp_path, phantom_dir, tiny_config):
-    config = tiny_config.with_parameters(AUGMENTATION="gin", NUM_EPOCHS=1)
-    data = ku.prepare_data(config, phantom_dir)
+def test_training_with_gin_through_the_batch_hook_is_reproducible(tmp_path, phantom_data):
+    config = tiny(num_epochs=1)
 
-    def train(cfg: ku.Config, name: str) -> pd.DataFrame:
-        train_ds, val_ds = ku.make_datasets(data.train, data.val, cfg)
-        result = ku.train_model(
-            ku.build_model(cfg), train_ds, val_ds, cfg, tmp_path / name, progress=False, log=False
-        )
+    def train(name: str, transform: ks.BatchIntensityAugmentation | None) -> pd.DataFrame:
+        _, result = train_tiny(config, phantom_data, tmp_path / name, batch_transform=transform)
         return result.history.drop(columns=["seconds"])
 
-    first = train(config, "a")
-    pd.testing.assert_frame_equal(first, train(config, "b"))
-    plain = train(config.with_parameters(AUGMENTATION="standard"), "plain")
+    first = train("a", ks.BatchIntensityAugmentation("gin", config.seed))
+    pd.testing.assert_frame_equal(first, train("b", ks.BatchIntensityAugmentation("gin", config.seed)))
+    plain = train("plain", None)
     assert plain["train_loss"].iloc[0] != first["train_loss"].iloc[0]  # the batches really changed
 
 
@@ -100,61 +95,61 @@ def familiar(shared_data):
         order = rng.permutation(len(pairs))
         train += [pairs[i] for i in order[:40]]
         held += [pairs[i] for i in order[40:43]]
-    reference = ku.familiarity_reference(ku.load_arrays(train, 64).images)
+    reference = ks.familiarity_reference(ku.load_arrays(train, 64).images)
     return reference, ku.load_arrays(held, 64).images
 
 
 def test_slices_of_training_sources_are_familiar(familiar):
     reference, held = familiar
     assert len(held) >= 6
-    flags = ku.familiarity(held, reference)
+    flags = ks.familiarity(held, reference)
     assert list(flags.columns) == ["novelty", "unfamiliar"] and len(flags) == len(held)
     assert not flags["unfamiliar"].any(), flags["novelty"].round(2).tolist()
 
 
 def test_inverted_and_rewindowed_slices_are_flagged(familiar):
     reference, held = familiar
-    assert ku.familiarity(255 - held, reference)["unfamiliar"].all()
+    assert ks.familiarity(255 - held, reference)["unfamiliar"].all()
     # Exported with a wide window: every tissue lands in a narrow band of mid greys.
     wide_window = (96 + 0.25 * held).astype(np.uint8)
-    assert ku.familiarity(wide_window, reference)["unfamiliar"].all()
+    assert ks.familiarity(wide_window, reference)["unfamiliar"].all()
 
 
 def test_familiarity_reference_is_plain_and_checked(familiar):
     reference, held = familiar
     assert set(reference) == {"features", "center", "scale", "reference", "threshold"}
     assert all(isinstance(v, (list, float)) for v in reference.values())  # loads with weights_only
-    assert ku.familiarity(held, None) is None
+    assert ks.familiarity(held, None) is None
     with pytest.raises(ValueError, match="another kidneyseg version"):
-        ku.familiarity(held, {**reference, "features": ["mean"]})
+        ks.familiarity(held, {**reference, "features": ["mean"]})
     with pytest.raises(ValueError, match="two training images"):
-        ku.familiarity_reference(held[:1])
+        ks.familiarity_reference(held[:1])
 
 
 def test_neighbour_distance_by_hand():
     # Three training images on one feature axis at 0, 3 and 4 (the other features 0).
-    reference = np.zeros((3, len(ku.FAMILIARITY_FEATURES)))
+    reference = np.zeros((3, len(ks.FAMILIARITY_FEATURES)))
     reference[:, 0] = [0, 3, 4]
     # Each to the two others (k = n - 1 = 2): (3 + 4) / 2, (3 + 1) / 2, (4 + 1) / 2.
-    own = ku._neighbour_distance(reference, reference, leave_one_out=True)
+    own = ks._neighbour_distance(reference, reference, leave_one_out=True)
     np.testing.assert_allclose(own, [3.5, 2.0, 2.5])
-    query = np.zeros((1, len(ku.FAMILIARITY_FEATURES)))
+    query = np.zeros((1, len(ks.FAMILIARITY_FEATURES)))
     query[0, 0] = 10  # k = min(5, 3) = 3: (10 + 7 + 6) / 3
-    np.testing.assert_allclose(ku._neighbour_distance(query, reference), [23 / 3])
-    twins = np.zeros((3, len(ku.FAMILIARITY_FEATURES)))  # a duplicate is a neighbour, itself is not
+    np.testing.assert_allclose(ks._neighbour_distance(query, reference), [23 / 3])
+    twins = np.zeros((3, len(ks.FAMILIARITY_FEATURES)))  # a duplicate is a neighbour, itself is not
     twins[:, 0] = [1, 1, 5]
-    np.testing.assert_allclose(ku._neighbour_distance(twins, twins, leave_one_out=True), [2.0, 2.0, 4.0])
+    np.testing.assert_allclose(ks._neighbour_distance(twins, twins, leave_one_out=True), [2.0, 2.0, 4.0])
 
 
 @pytest.mark.slow  # a fresh process, 20,000 rows
 def test_familiarity_memory_is_bounded_at_20000_slices():
     """The dense N x M x 13 array took 0.83 GiB at 4,000 slices and about 21 GiB at 20,000."""
     probe = (
-        "import resource, numpy as np, kidneyseg_utils as ku, sklearn.neighbors\n"
-        "z = np.random.default_rng(0).normal(size=(20000, len(ku.FAMILIARITY_FEATURES)))\n"
+        "import resource, numpy as np, kidneyseg_studies as ks, sklearn.neighbors\n"
+        "z = np.random.default_rng(0).normal(size=(20000, len(ks.FAMILIARITY_FEATURES)))\n"
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-        "own = ku._neighbour_distance(z, z, leave_one_out=True)\n"
-        "novelty = ku._neighbour_distance(z[:5000] + 1.0, z)\n"
+        "own = ks._neighbour_distance(z, z, leave_one_out=True)\n"
+        "novelty = ks._neighbour_distance(z[:5000] + 1.0, z)\n"
         "grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024\n"
         "print(grown, own.shape, novelty.shape)\n"
     )
@@ -179,20 +174,20 @@ def test_report_and_note_put_the_flag_beside_the_dice(familiar):
             "fn": [10] * len(held) + [9, 8],
         }
     )
-    table, by_flag = ku.familiarity_report(per_image, images, reference)
+    table, by_flag = ks.familiarity_report(per_image, images, reference)
     assert table["unfamiliar"].tolist() == [False] * len(held) + [True, True]
     flagged = by_flag.set_index("unfamiliar")
     assert flagged.loc[True, "images"] == 2 and flagged.loc[True, "mean_dice"] == pytest.approx(0.15)
     assert flagged.loc[False, "pooled_dice"] == pytest.approx(0.9)  # 2*90 / (2*90 + 10 + 10)
-    note = ku.unfamiliar_note(table)
+    note = ks.unfamiliar_note(table)
     assert note.startswith(f"2 of {len(images)} images") and f"s{len(held)}.png" in note
-    assert ku.familiarity_report(per_image, images, None) is None
-    assert "None of the" in ku.unfamiliar_note(table[~table["unfamiliar"]])
+    assert ks.familiarity_report(per_image, images, None) is None
+    assert "None of the" in ks.unfamiliar_note(table[~table["unfamiliar"]])
 
 
 def test_predict_folder_flags_unfamiliar_images(tmp_path, phantom_dir, tiny_config):
     data = ku.prepare_data(tiny_config, phantom_dir)
-    reference = ku.familiarity_reference(data.train.images)
+    reference = ks.familiarity_reference(data.train.images)
     folder = tmp_path / "new"
     (folder / "images").mkdir(parents=True)
     pair = data.val.pairs[0]
@@ -200,10 +195,14 @@ def test_predict_folder_flags_unfamiliar_images(tmp_path, phantom_dir, tiny_conf
     ku._write_png(folder / "images" / "same.png", image)
     ku._write_png(folder / "images" / "inverted.png", 255 - image)
     table = ku.predict_folder(
-        ku.build_model(tiny_config), tiny_config, folder, tmp_path / "out", reference=reference
+        ku.build_model(tiny_config),
+        tiny_config,
+        folder,
+        tmp_path / "out",
+        annotate=lambda inputs: ks.familiarity(inputs, reference),
     )
     assert table.set_index("name")["unfamiliar"].to_dict() == {"inverted.png": True, "same.png": False}
-    assert "1 of 2 images" in ku.unfamiliar_note(table)
+    assert "1 of 2 images" in ks.unfamiliar_note(table)
     plain = ku.predict_folder(ku.build_model(tiny_config), tiny_config, folder, tmp_path / "out2")
     assert "novelty" not in plain
 
@@ -211,7 +210,7 @@ def test_predict_folder_flags_unfamiliar_images(tmp_path, phantom_dir, tiny_conf
 def test_picture_of_a_dozen_draws(shared_data):
     index = ku.index_dataset(shared_data / "kits19-ct", None)
     image = ku.load_arrays(index.pairs[:1], 64).images[0]
-    fig = ku.plot_intensity_draws(image, "gin", n=12, seed=1)
+    fig = ks.plot_intensity_draws(image, "gin", n=12, seed=1)
     shown = [ax.images[0].get_array() for ax in fig.axes if ax.images]
     assert len(shown) == 12
     assert np.allclose(shown[0], image / 255.0)

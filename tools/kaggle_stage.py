@@ -2,18 +2,17 @@
 
 One folder per kernel, each with its code file and a ``kernel-metadata.json`` made from the
 repository's ``kaggle-metadata.json``, ready for ``kaggle kernels push -p FOLDER``. Every push also
-runs the kernel, so the order matters: the utility script first, then notebooks 01, 02 and 03, and 04
-and 05 only once 03's output exists.
+runs the kernel, so the order matters: the two utility scripts first, then notebooks 01, 02 and 03,
+and 04 and 05 only once 03's output exists.
 
 Usage::
 
     python tools/kaggle_stage.py stage OUT [--owner NAME] [--dataset OWNER/SLUG] [--data LOCAL_COPY]
-    python tools/kaggle_stage.py validate FOLDER [FOLDER ...]
 
-The metadata rules below are the ones the Kaggle CLI applies in ``kaggle kernels push``
-(``kaggle/api/kaggle_api_extended.py``, kaggle 2.2): every field it reads is accepted, and
-what it would reject is an error. This file is tooling for the person who publishes the series; the
-notebooks never import it, and Kaggle never sees it.
+What the Kaggle CLI itself refuses in a ``kernel-metadata.json`` is left to the CLI (the tests push
+the staged folders through its own code); this tool checks the rules of the series that the CLI
+cannot know. It is tooling for the person who publishes the series; the notebooks never import it,
+and Kaggle never sees it.
 """
 
 from __future__ import annotations
@@ -27,52 +26,9 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-MODULE = "kidneyseg_utils.py"
 LOSO_SLUG = "kidneyseg-05-leave-one-source-out"
-
-# Every field `kaggle kernels push` reads from kernel-metadata.json.
-KERNEL_METADATA_FIELDS = (
-    "id",
-    "id_no",
-    "title",
-    "code_file",
-    "language",
-    "kernel_type",
-    "is_private",
-    "enable_gpu",
-    "enable_tpu",
-    "enable_internet",
-    "dataset_sources",
-    "competition_sources",
-    "kernel_sources",
-    "model_sources",
-    "keywords",
-    "docker_image_pinning_type",
-    "docker_image",
-    "machine_shape",
-)
-LANGUAGES = ("python", "r", "rmarkdown")
-KERNEL_TYPES = ("script", "notebook")
-PINNING_TYPES = ("original", "latest")
-BOOLEAN_FIELDS = ("is_private", "enable_gpu", "enable_tpu", "enable_internet")
-# Accelerators listed in the CLI's docs/kernels.md (Feb 2026). The CLI passes machine_shape on
-# unchecked ("the allowed names are in an enum that is not currently included in kagglesdk"), so an
-# unknown name is a warning here, not an error. "NvidiaTeslaT4" is the editor's "GPU T4 x2" (a single
-# T4 is not offered; kaggle-cli PR 1198).
-MACHINE_SHAPES = (
-    "NvidiaTeslaT4",
-    "NvidiaTeslaP100",
-    "NvidiaTeslaT4Highmem",
-    "NvidiaTeslaA100",
-    "NvidiaL4",
-    "NvidiaL4X1",
-    "NvidiaH100",
-    "NvidiaRtxPro6000",
-    "TpuV38",
-    "Tpu1VmV38",
-    "TpuV5E8",
-    "TpuV6E8",
-)
+# Accelerators the CLI passes on unchecked, but that fail for this series. "NvidiaTeslaT4" is the
+# editor's "GPU T4 x2" (a single T4 is not offered; kaggle-cli PR 1198).
 MACHINE_SHAPE_CAVEATS = {
     "NvidiaTeslaP100": "the default image's cu128 PyTorch has no Pascal kernels, so CUDA fails at the "
     "first operation (kaggle-cli PR 1156); use NvidiaTeslaT4",
@@ -84,87 +40,6 @@ _STAGING_MARKER = ".kidneyseg-staging"
 
 def _slugify(title: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-")
-
-
-def _is_bool(value: Any) -> bool:
-    """The CLI's ``get_bool``: a JSON boolean, or the strings "true"/"false" in any case."""
-    return isinstance(value, bool) or (isinstance(value, str) and value.lower() in ("true", "false"))
-
-
-def _ref_problem(value: Any, field: str, min_parts: int, max_parts: int, form: str) -> str | None:
-    parts = str(value).split("/")
-    if not isinstance(value, str) or not min_parts <= len(parts) <= max_parts or not all(parts[:min_parts]):
-        return f"{field} entry {value!r} is not {form}"
-    return None
-
-
-def validate_kernel_metadata(
-    meta: dict[str, Any], folder: str | Path | None = None
-) -> tuple[list[str], list[str]]:
-    """Check one ``kernel-metadata.json`` as ``kaggle kernels push`` would.
-
-    Args:
-        meta: The parsed metadata.
-        folder: The kernel folder, to check that ``code_file`` exists in it.
-
-    Returns:
-        ``(errors, warnings)``: errors are what the CLI refuses; warnings are what it accepts but
-        that does not do what one wants (an ignored field, a title that does not give the slug, an
-        accelerator that fails, internet left on because ``enable_internet`` is missing).
-    """
-    errors: list[str] = []
-    warnings: list[str] = [
-        f"field {k!r} is not read by the Kaggle CLI and is ignored"
-        for k in meta
-        if k not in KERNEL_METADATA_FIELDS
-    ]
-    title = meta.get("title")
-    if title is not None and (not isinstance(title, str) or len(title) < 5):
-        errors.append(f"title {title!r} must be a string of at least five characters")
-    code_file = meta.get("code_file")
-    if not isinstance(code_file, str) or not code_file:
-        errors.append("code_file is required")
-    elif folder is not None and not (Path(folder) / code_file).is_file():
-        errors.append(f"code_file {code_file!r} is not in {folder}")
-    ref, id_no = meta.get("id"), meta.get("id_no")
-    if not ref and not id_no:
-        errors.append("id (owner/slug) or id_no is required")
-    if ref:
-        parts = str(ref).split("/")
-        if len(parts) != 2 or not all(parts):
-            errors.append(f"id {ref!r} must be 'owner/slug' (no version)")
-        elif isinstance(title, str) and _slugify(title) != parts[1].lower():
-            warnings.append(f"title {title!r} gives the slug {_slugify(title)!r}, not {parts[1]!r}")
-    if meta.get("language") not in LANGUAGES:
-        errors.append(f"language {meta.get('language')!r} is not one of {LANGUAGES}")
-    if meta.get("kernel_type") not in KERNEL_TYPES:
-        errors.append(f"kernel_type {meta.get('kernel_type')!r} is not one of {KERNEL_TYPES}")
-    for key in BOOLEAN_FIELDS:
-        if key in meta and not _is_bool(meta[key]):
-            errors.append(f"{key} must be true or false; got {meta[key]!r}")
-    if "enable_internet" not in meta:
-        warnings.append("enable_internet is missing, and the CLI then turns internet ON")
-    rules = {
-        "dataset_sources": (2, 3, "'owner/dataset-slug' (or with '/version')"),
-        "kernel_sources": (2, 3, "'owner/kernel-slug' (or with '/version')"),
-        "model_sources": (5, 5, "'owner/model/framework/variation/version'"),
-    }
-    for key in (*rules, "competition_sources", "keywords"):
-        values = meta.get(key, [])
-        if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
-            errors.append(f"{key} must be a list of strings")
-        elif key in rules:
-            errors += [p for v in values if (p := _ref_problem(v, key, *rules[key])) is not None]
-    pinning = meta.get("docker_image_pinning_type")
-    if pinning is not None and pinning not in PINNING_TYPES:
-        errors.append(f"docker_image_pinning_type {pinning!r} is not one of {PINNING_TYPES}")
-    shape = meta.get("machine_shape")
-    if shape:
-        if shape not in MACHINE_SHAPES:
-            warnings.append(f"machine_shape {shape!r} is not one Kaggle documents: {MACHINE_SHAPES}")
-        elif shape in MACHINE_SHAPE_CAVEATS:
-            warnings.append(f"machine_shape {shape!r}: {MACHINE_SHAPE_CAVEATS[shape]}")
-    return errors, warnings
 
 
 def kernel_metadata(series: dict[str, Any], entry: dict[str, Any]) -> dict[str, Any]:
@@ -197,23 +72,50 @@ def kernel_metadata(series: dict[str, Any], entry: dict[str, Any]) -> dict[str, 
     return meta
 
 
+def _imports_studies(code_file: Path) -> bool:
+    """Whether a notebook's code imports kidneyseg_studies (so it needs that utility script)."""
+    cells = json.loads(code_file.read_text(encoding="utf-8"))["cells"]
+    code = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+    return re.search(r"^\s*import kidneyseg_studies\b", code, flags=re.M) is not None
+
+
 def series_problems(series: dict[str, Any]) -> list[str]:
-    """Rules of the series beyond one kernel: the utility script must be marked as one, and its slug
-    must give the module's file name (Kaggle mounts it as ``<slug with underscores>.py``, which the
-    notebooks import as ``kidneyseg_utils``); every notebook lists it and the dataset."""
-    utility = series["utility_script"]
+    """Rules of the series beyond one kernel: each utility script is marked as one, and its slug gives
+    its file name (Kaggle mounts it as ``<slug with underscores>.py``, the name the notebooks import);
+    every notebook lists the dataset, the pipeline's script and, if it imports the studies, theirs; a
+    title gives its slug (Kaggle makes the slug from the title); no accelerator known to fail."""
     problems = []
-    if UTILITY_KEYWORD not in utility.get("keywords", []):
-        problems.append(f'the utility script needs "keywords": ["{UTILITY_KEYWORD}"] to become one')
-    if utility.get("kernel_type") != "script":
-        problems.append("the utility script must have kernel_type 'script'")
-    if utility["slug"].replace("-", "_") + ".py" != MODULE:
-        problems.append(f"the utility script's slug {utility['slug']!r} must be 'kidneyseg-utils' ({MODULE})")
+    utilities = series["utility_scripts"]
+    for utility in utilities:
+        slug, file_name = utility["slug"], Path(utility["code_file"]).name
+        if UTILITY_KEYWORD not in utility.get("keywords", []):
+            problems.append(
+                f'the utility script {slug} needs "keywords": ["{UTILITY_KEYWORD}"] to become one'
+            )
+        if utility.get("kernel_type") != "script":
+            problems.append(f"the utility script {slug} must have kernel_type 'script'")
+        if slug.replace("-", "_") + ".py" != file_name:
+            problems.append(f"the utility script's slug {slug!r} must give its file name {file_name}")
+    by_file = {Path(u["code_file"]).name: "{owner}/" + u["slug"] for u in utilities}
     for entry in series["notebooks"]:
-        if "{owner}/" + utility["slug"] not in entry.get("kernel_sources", []):
-            problems.append(f"{entry['slug']} does not list the utility script in kernel_sources")
+        needed = ["kidneyseg_utils.py"]
+        if (REPO / entry["code_file"]).is_file() and _imports_studies(REPO / entry["code_file"]):
+            needed.append("kidneyseg_studies.py")
+        for file_name in needed:
+            if by_file.get(file_name) not in entry.get("kernel_sources", []):
+                problems.append(
+                    f"{entry['slug']} does not list the utility script of {file_name} in kernel_sources"
+                )
         if "{dataset}" not in entry.get("dataset_sources", []):
             problems.append(f"{entry['slug']} does not list the dataset in dataset_sources")
+    for entry in [*utilities, *series["notebooks"]]:
+        if _slugify(entry["title"]) != entry["slug"]:
+            problems.append(
+                f"{entry['slug']}: the title {entry['title']!r} gives the slug {_slugify(entry['title'])!r}"
+            )
+        shape = {**series["defaults"], **entry}.get("machine_shape")
+        if {**series["defaults"], **entry}.get("enable_gpu") and shape in MACHINE_SHAPE_CAVEATS:
+            problems.append(f"{entry['slug']}: machine_shape {shape!r}: {MACHINE_SHAPE_CAVEATS[shape]}")
     return problems
 
 
@@ -236,7 +138,7 @@ def stage_kaggle(
 ) -> list[list[Path]]:
     """Stage one folder per kernel and return them in push order, as stages.
 
-    Stage 0 is the utility script; stage 1 the notebooks that need only the data (01, 02, 03);
+    Stage 0 is the utility scripts; stage 1 the notebooks that need only the data (01, 02, 03);
     stage 2 the ones to push once notebook 03 has finished (04 reads its model; 05 would otherwise
     compete with 03 for the GPU quota). ``owner`` and ``dataset`` override ``kaggle-metadata.json``.
     ``data_dir``, a local copy of the dataset, is checked for notebook 05: with fewer than two
@@ -245,8 +147,7 @@ def stage_kaggle(
     Raises:
         FileExistsError: ``out_dir`` exists, is not empty and was not made by this function.
         FileNotFoundError: ``data_dir`` holds no images/ + masks/ folder.
-        ValueError: a generated ``kernel-metadata.json`` breaks a rule of the CLI, or the series is
-            not consistent (see :func:`series_problems`).
+        ValueError: the series is not consistent (see :func:`series_problems`).
     """
     series = json.loads(Path(metadata_path or REPO / "kaggle-metadata.json").read_text())
     series["owner"] = owner or series["owner"]
@@ -257,7 +158,7 @@ def stage_kaggle(
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not (out / _STAGING_MARKER).exists():
         raise FileExistsError(f"{out} is not empty and is not a kidneyseg staging folder; choose another.")
-    entries = [series["utility_script"], *series["notebooks"]]
+    entries = [*series["utility_scripts"], *series["notebooks"]]
     if data_dir is not None:
         sources = count_sources(data_dir)
         if not sources:
@@ -280,18 +181,16 @@ def stage_kaggle(
         folder.mkdir()
         shutil.copy2(REPO / entry["code_file"], folder / meta["code_file"])
         (folder / "kernel-metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
-        errors, warnings = validate_kernel_metadata(meta, folder)
-        if errors or warnings:
-            raise ValueError(f"kernel {entry['slug']}: {'; '.join(errors + warnings)}")
         stages.setdefault(int(entry["push_stage"]), []).append(folder)
     return [stages[k] for k in sorted(stages)]
 
 
 _STAGE_NOTES = (
-    "the utility script first: every notebook imports it (each push also runs the kernel; this one "
-    "copies the module into its output and ends)",
-    "once the utility script has finished ('kaggle kernels status OWNER/kidneyseg-utils' says "
-    "complete; a notebook pushed earlier can attach a version whose run has not finished): the "
+    "the utility scripts first: the notebooks import them (each push also runs the kernel; these "
+    "copy their module into their output and end)",
+    "once both utility scripts have finished ('kaggle kernels status OWNER/kidneyseg-utils' and "
+    "'OWNER/kidneyseg-studies' say complete; a notebook pushed earlier can attach a version whose "
+    "run has not finished): the "
     "notebooks that need only the dataset; they run at the same time, each GPU run on the weekly quota",
     "once notebook 03 has finished ('kaggle kernels status OWNER/kidneyseg-03-train-model' says "
     "complete): 04 evaluates 03's model, and 05 would otherwise share the GPU quota with 03. 05 "
@@ -325,33 +224,14 @@ def main(argv: list[str] | None = None) -> int:
     stage.add_argument(
         "--data", help="a local copy of the dataset: notebook 05 is left out if it has fewer than 2 sources"
     )
-    check = commands.add_parser("validate", help="check kernel folders as 'kaggle kernels push' would")
-    check.add_argument("folders", nargs="+")
     args = parser.parse_args(argv)
-    if args.command == "stage":
-        try:
-            stages = stage_kaggle(args.out, owner=args.owner, dataset=args.dataset, data_dir=args.data)
-        except (ValueError, FileExistsError, FileNotFoundError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
-        print(push_plan(stages))
-        return 0
-    failed = False
-    for folder in args.folders:
-        path = Path(folder) / "kernel-metadata.json"
-        if not path.is_file():
-            print(f"{folder}: error: no kernel-metadata.json (stage the series with the 'stage' command)")
-            failed = True
-            continue
-        meta = json.loads(path.read_text())
-        errors, warnings = validate_kernel_metadata(meta, folder)
-        failed |= bool(errors)
-        for kind, items in (("error", errors), ("warning", warnings)):
-            for item in items:
-                print(f"{folder}: {kind}: {item}")
-        if not errors and not warnings:
-            print(f"{folder}: ok")
-    return 1 if failed else 0
+    try:
+        stages = stage_kaggle(args.out, owner=args.owner, dataset=args.dataset, data_dir=args.data)
+    except (ValueError, FileExistsError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(push_plan(stages))
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1783 @@
+"""kidneyseg_studies: what the kidneyseg notebooks show besides a run.
+
+The second utility script of the series; it imports ``kidneyseg_utils`` (the pipeline), never the
+other way round, and notebook 03 does not need it. Sections, by notebook:
+    1. Exploring a dataset (01)      -- the inventory, data warnings, figures and the slice browser.
+    2. Preprocessing (02)            -- contrast measurements, the normalisation check, the ablation.
+    3. Evaluation figures (04)       -- inference options, the threshold sweep, error overlays.
+    4. Familiarity (04)              -- does a new image look like anything the model trained on?
+    5. Intensity randomisation (05)  -- GIN and random intensity curves, reaching training through
+                                        ``kidneyseg_utils.train_model``'s ``batch_transform``.
+    6. Leave-one-source-out (05)     -- folds by source, the table and its figure.
+
+Importing it checks that ``kidneyseg_utils`` is of the same release (``__version__``) and says what
+to re-attach if not. Running it as a script does nothing, except in a Kaggle session, where it copies
+itself into ``/kaggle/working`` as ``kidneyseg_utils.export_for_kaggle`` does for the pipeline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+if __name__ == "__main__":
+    # Kaggle runs a utility script when it is saved. In a Kaggle session this file copies itself into
+    # /kaggle/working (where a notebook that attaches a script Kaggle did not mark finds it) and
+    # imports nothing else: kidneyseg_utils is not attached to this script's own session.
+    import shutil
+
+    _working = Path(os.environ.get("KIDNEYSEG_KAGGLE_ROOT", "/kaggle")) / "working"
+    _target = _working / "kidneyseg_studies.py"
+    if (
+        os.environ.get("KAGGLE_KERNEL_RUN_TYPE")
+        and _working.is_dir()
+        and _target.resolve() != Path(__file__).resolve()
+    ):
+        shutil.copyfile(__file__, _target)
+    raise SystemExit(0)
+
+import cv2
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import kidneyseg_utils as ku
+
+__version__ = "0.2.0"
+if getattr(ku, "__version__", None) != __version__:
+    raise ImportError(
+        f"kidneyseg_studies {__version__} needs kidneyseg_utils {__version__}, but the kidneyseg_utils "
+        f"found ({getattr(ku, '__file__', '?')}) is {getattr(ku, '__version__', 'older than 0.2.0')}. "
+        "Attach both utility scripts, kidneyseg-utils and kidneyseg-studies, of one version (on "
+        "Kaggle: Add Input > Notebooks, the same version of each), or put both files of one checkout "
+        "on sys.path."
+    )
+
+# fmt: off
+__all__ = [
+    # 1. Exploring a dataset
+    "inventory", "inventory_summary", "write_inventory", "dataset_warnings", "mask_heatmap",
+    "plot_image_statistics", "plot_intensity_histograms", "plot_gallery", "plot_mask_statistics",
+    "show_slice_browser",
+    # 2. Preprocessing
+    "preprocessing_effects", "normalization_consistency", "recommend_preprocessing",
+    "preprocessing_ablation", "sample_slices_with_kidney", "write_preprocessing_results",
+    "plot_preprocessing_gallery", "plot_preprocessing_effects", "show_preprocessing_sliders",
+    "plot_normalization_consistency", "plot_normalization_gallery",
+    # 3. Evaluation figures
+    "inference_options_table", "threshold_sweep", "plot_cases", "plot_dice_distribution",
+    "plot_case_dice", "plot_threshold_sweep", "show_threshold_viewer", "plot_prediction_overlays",
+    # 4. Familiarity
+    "image_features", "familiarity_reference", "familiarity", "training_reference",
+    "familiarity_report", "unfamiliar_note",
+    # 5. Intensity randomisation
+    "INTENSITY_VARIANTS", "BatchIntensityAugmentation", "gin_augment", "random_intensity_curves",
+    "plot_intensity_draws",
+    # 6. Leave-one-source-out
+    "LOSO_CSV_NAME", "source_folds", "fold_examples", "fold_table", "leave_one_source_out",
+    "leave_one_source_out_files", "summarize_leave_one_source_out", "plot_leave_one_source_out",
+]
+# fmt: on
+
+
+# =================================================================================================
+# 1. Exploring a dataset: notebook 01
+# =================================================================================================
+
+
+def _static_then_widget(draw: Callable[..., None], controls: Callable[[Any], dict[str, Any]]) -> None:
+    """Draw once with the defaults (so every run records a static picture), then, only in an
+    interactive front end (:func:`interactive_frontend`), offer ipywidgets controls built by
+    ``controls(ipywidgets)``. Headless runs never create a widget: one can hang them for ever."""
+    draw()
+    if not ku.interactive_frontend():
+        print(
+            "(Sliders appear when this notebook runs in Jupyter or Kaggle's editor; a headless run "
+            f"keeps the static figure. Set {ku.INTERACTIVE_ENV}=1 to force them.)"
+        )
+        return
+    try:
+        import ipywidgets as widgets
+        from IPython.display import display
+    except ImportError:
+        return
+    display(widgets.interactive(draw, **controls(widgets)))
+
+
+def _describe_mask_values(raw: np.ndarray) -> str:
+    colour = raw.ndim == 3 and raw.shape[2] >= 3
+    values = ku._drop_alpha_and_reduce(raw, reduce="max")
+    found = np.unique(values)
+    prefix = "colour " if colour else ""
+    if found.size <= 2:
+        return prefix + "/".join(str(v.item()) for v in found)
+    return f"{prefix}{found.size} values {found.min().item()}..{found.max().item()}"
+
+
+def inventory(
+    data_dir: str | os.PathLike,
+    group_regex: str | Mapping[str, str | None] | None = None,
+    progress: bool = False,
+    mask_labels: str | Sequence[int] | None = None,
+) -> pd.DataFrame:
+    """One row per pair or orphan under ``data_dir``, with what was found before any conversion.
+
+    Columns: source, case, name, status (``ok``, ``orphan_image``, ``orphan_mask``, ``unreadable``,
+    ``bad_mask``, ``size_mismatch``), problem, image, mask, width, height, dtype, channels,
+    mask_values (raw values, e.g. ``0/255``, ``0/1`` or ``37 values 0..255`` for a noisy mask),
+    kidney_fraction, components, pixel_hash and duplicate_of (the first pair with identical pixels).
+    """
+    import hashlib
+
+    index = ku.index_dataset(data_dir, group_regex, mask_labels)
+    rows: list[dict[str, Any]] = []
+    for pair in ku._progress_bar(index.pairs, progress, desc="inventory", unit="pair", leave=False):
+        row: dict[str, Any] = {
+            "source": pair.source,
+            "case": pair.case,
+            "name": pair.name,
+            "status": "ok",
+            "problem": "",
+            "image": str(pair.image),
+            "mask": str(pair.mask),
+            "mask_labels": pair.mask_labels,
+        }
+        try:
+            raw_image = ku._decode(pair.image)
+            raw_mask = ku._decode(pair.mask)
+        except ku.ImageReadError as exc:
+            rows.append({**row, "status": "unreadable", "problem": str(exc)})
+            continue
+        image = ku.to_grayscale_uint8(raw_image)
+        row.update(
+            height=image.shape[0],
+            width=image.shape[1],
+            dtype=str(raw_image.dtype),
+            channels=1 if raw_image.ndim == 2 else raw_image.shape[2],
+            mask_values=_describe_mask_values(raw_mask),
+            pixel_hash=hashlib.sha1(image.tobytes() + str(image.shape).encode()).hexdigest(),
+        )
+        try:
+            mask = ku.binarize_mask(raw_mask, pair.mask, pair.mask_labels)
+        except ValueError as exc:
+            rows.append({**row, "status": "bad_mask", "problem": str(exc)})
+            continue
+        if mask.shape != image.shape:
+            rows.append(
+                {
+                    **row,
+                    "status": "size_mismatch",
+                    "problem": f"mask is {mask.shape[1]}x{mask.shape[0]}, "
+                    f"image {image.shape[1]}x{image.shape[0]}",
+                }
+            )
+            continue
+        count = cv2.connectedComponents(mask, connectivity=8)[0] - 1
+        rows.append({**row, "kidney_fraction": float(mask.mean()), "components": int(count)})
+    for path in index.orphan_images:
+        rows.append(
+            {
+                "source": index._source_of(path),
+                "name": path.stem,
+                "status": "orphan_image",
+                "problem": "image without mask",
+                "image": str(path),
+            }
+        )
+    for path in index.orphan_masks:
+        rows.append(
+            {
+                "source": index._source_of(path),
+                "name": path.stem,
+                "status": "orphan_mask",
+                "problem": "mask without image",
+                "mask": str(path),
+            }
+        )
+    columns = [
+        "source",
+        "case",
+        "name",
+        "status",
+        "problem",
+        "image",
+        "mask",
+        "width",
+        "height",
+        "dtype",
+        "channels",
+        "mask_values",
+        "kidney_fraction",
+        "components",
+        "pixel_hash",
+        "mask_labels",
+    ]
+    table = pd.DataFrame(rows).reindex(columns=columns)
+    first = {}
+    duplicate_of = []
+    for key, digest in zip(table["source"] + "/" + table["name"], table["pixel_hash"]):
+        if isinstance(digest, str) and digest in first:
+            duplicate_of.append(first[digest])
+        else:
+            if isinstance(digest, str):
+                first[digest] = key
+            duplicate_of.append("")
+    table["duplicate_of"] = duplicate_of
+    return table
+
+
+def inventory_summary(table: pd.DataFrame) -> pd.DataFrame:
+    """Per source: pairs, cases, orphans, unreadable and other problems, duplicates, distinct sizes,
+    share of slices with kidney and the median kidney fraction of those."""
+    rows = []
+    for source, part in table.groupby("source", sort=True):
+        ok = part[part["status"] == "ok"]
+        kidney = ok["kidney_fraction"] > 0
+        rows.append(
+            {
+                "source": source,
+                "pairs": len(ok),
+                "cases": ok["case"].nunique(),
+                "orphans": int(part["status"].str.startswith("orphan").sum()),
+                "problems": int((~part["status"].isin(["ok", "orphan_image", "orphan_mask"])).sum()),
+                "duplicates": int((part["duplicate_of"] != "").sum()),
+                "sizes": ok[["width", "height"]].drop_duplicates().shape[0],
+                "with_kidney": f"{kidney.mean():.0%}" if len(ok) else "-",
+                "median_kidney_fraction": float(ok.loc[kidney, "kidney_fraction"].median())
+                if kidney.any()
+                else 0.0,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def write_inventory(
+    table: pd.DataFrame, output_dir: str | os.PathLike, warnings_found: Sequence[str] = ()
+) -> dict[str, Path]:
+    """Write ``data_inventory.csv`` (one row per file) and ``data_report.json`` (summary, warnings)."""
+    out = Path(output_dir)
+    csv_path, json_path = out / "data_inventory.csv", out / "data_report.json"
+    ku._atomic_write(csv_path, table.to_csv(index=False))
+    report = {
+        "summary": inventory_summary(table).to_dict(orient="records"),
+        "warnings": list(warnings_found),
+        "problems": table.loc[table["status"] != "ok", ["source", "name", "status", "problem"]].to_dict(
+            orient="records"
+        ),
+    }
+    ku._atomic_write(json_path, json.dumps(report, indent=2, default=str) + "\n")
+    return {"inventory_csv": csv_path, "report_json": json_path}
+
+
+def dataset_warnings(
+    table: pd.DataFrame, group_regex: str | None = None, val_fraction: float = 0.2
+) -> list[str]:
+    """Plain sentences about what a user should act on before training."""
+    found: list[str] = []
+    ok = table[table["status"] == "ok"]
+    problems = table[table["status"] != "ok"]
+    for status, part in problems.groupby("status"):
+        names = ", ".join(part["name"].astype(str).head(5))
+        found.append(
+            f"{len(part)} files with status '{status}' (e.g. {names}): see the inventory's "
+            "'problem' column; they are left out of training."
+        )
+    duplicates = table[table["duplicate_of"] != ""]
+    if len(duplicates):
+        found.append(
+            f"{len(duplicates)} images repeat the pixels of another (e.g. {duplicates['name'].iloc[0]} = "
+            f"{duplicates['duplicate_of'].iloc[0]}); duplicates on both sides of the split inflate scores."
+        )
+    if group_regex is None and len(ok):
+        prefixes = ok["name"].str.extract(r"^([^_]+)_", expand=False).dropna()
+        if len(prefixes) > 0.9 * len(ok) and prefixes.nunique() < 0.8 * len(ok):
+            found.append(
+                f"File names share {prefixes.nunique()} prefixes before '_' (e.g. {prefixes.iloc[0]!r}); "
+                "if they are patient ids, set GROUP_REGEX='^([^_]+)_' so that one patient's slices "
+                "never sit on both sides of the split."
+            )
+    kidney = ok[ok["kidney_fraction"] > 0]
+    tiny, huge = kidney[kidney["kidney_fraction"] < 0.001], ok[ok["kidney_fraction"] > 0.5]
+    if len(tiny):
+        found.append(
+            f"{len(tiny)} masks cover less than 0.1 % of their image (e.g. {tiny['name'].iloc[0]}); "
+            "at IMAGE_SIZE they may shrink to a few pixels."
+        )
+    if len(huge):
+        found.append(
+            f"{len(huge)} masks cover more than half of their image (e.g. {huge['name'].iloc[0]}): "
+            "check that they are not inverted."
+        )
+    sizes = ok[["width", "height"]].drop_duplicates()
+    if len(sizes) > 1:
+        areas = (sizes["width"] * sizes["height"]).to_numpy()
+        small, large = sizes.iloc[int(areas.argmin())], sizes.iloc[int(areas.argmax())]
+        found.append(
+            f"{len(sizes)} different image sizes, from {small['width']}x{small['height']} to "
+            f"{large['width']}x{large['height']}: all are resized to IMAGE_SIZE (stretched, not cropped)."
+        )
+    n_groups = ok["case"].nunique() if group_regex else len(ok)
+    if n_groups * val_fraction < 2 or len(ok) < 20:
+        found.append(
+            f"Only {len(ok)} pairs in {n_groups} {'cases' if group_regex else 'split units'}: a "
+            f"{val_fraction:.0%} validation split holds about {max(1, round(n_groups * val_fraction))} of "
+            "them, too few for a trustworthy score; the authors recommend at least 1,000 images."
+        )
+    if len(ok) and not (ok["kidney_fraction"] > 0).any():
+        found.append("No mask contains kidney.")
+    elif len(ok) and (ok["kidney_fraction"] > 0).all():
+        found.append(
+            "Every mask contains kidney: the model will not learn what a kidney-free slice looks like."
+        )
+    return found
+
+
+def _labels_of(value: Any) -> str | tuple[int, ...] | None:
+    """An inventory row's ``mask_labels`` (pandas stores a column of None as NaN)."""
+    return value if isinstance(value, (str, tuple, list)) else None
+
+
+def mask_heatmap(table: pd.DataFrame, size: int = 64) -> np.ndarray:
+    """Share of masks covering each position of the normalised (resized) image, ``size`` x ``size``."""
+    ok = table[table["status"] == "ok"]
+    total = np.zeros((size, size), np.float64)
+    for path, labels in zip(ok["mask"], ok["mask_labels"]):
+        mask = ku.read_mask(path, _labels_of(labels)).astype(np.float32)
+        total += cv2.resize(mask, (size, size), interpolation=cv2.INTER_AREA)
+    return total / max(1, len(ok))
+
+
+def plot_image_statistics(table: pd.DataFrame) -> Any:
+    """Image sizes per source (width against height) and the aspect-ratio distribution."""
+    ok = table[table["status"] == "ok"]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
+    for source, part in ok.groupby("source"):
+        counts = part.groupby(["width", "height"]).size().reset_index(name="n")
+        axes[0].scatter(counts["width"], counts["height"], s=20 + 6 * counts["n"], alpha=0.6, label=source)
+    axes[0].set_xlabel("width (px)")
+    axes[0].set_ylabel("height (px)")
+    axes[0].set_title("Image sizes (marker area ~ number of images)")
+    axes[0].legend(fontsize=7)
+    axes[0].grid(alpha=0.3)
+    aspect = ok["width"] / ok["height"]
+    axes[1].hist(
+        [aspect[ok["source"] == s] for s in sorted(ok["source"].unique())],
+        bins=20,
+        stacked=True,
+        label=sorted(ok["source"].unique()),
+    )
+    axes[1].set_xlabel("aspect ratio (width / height)")
+    axes[1].set_ylabel("images")
+    axes[1].set_title("Aspect ratios")
+    fig.tight_layout()
+    return fig
+
+
+def plot_intensity_histograms(table: pd.DataFrame, per_source: int = 12, seed: int = 0) -> Any:
+    """Gray-level histograms (after conversion to uint8): all sources together and one per source,
+    from up to ``per_source`` random images each."""
+    ok = table[table["status"] == "ok"]
+    sources = sorted(ok["source"].unique())
+    rng = np.random.default_rng(seed)
+    hists = {}
+    for source in sources:
+        paths = ok.loc[ok["source"] == source, "image"].to_numpy()
+        picks = rng.choice(paths, size=min(per_source, len(paths)), replace=False)
+        hist = np.zeros(256)
+        for path in picks:
+            hist += np.bincount(ku.read_image(path).ravel(), minlength=256)
+        hists[source] = hist / hist.sum()
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4))
+    axes[0].plot(np.mean(list(hists.values()), axis=0), color="black")
+    axes[0].set_title("All sources (mean of per-source histograms)")
+    for source, hist in hists.items():
+        axes[1].plot(hist, label=source, alpha=0.8)
+    axes[1].set_title("Per source")
+    axes[1].legend(fontsize=7)
+    for ax in axes:
+        ax.set_xlabel("gray level")
+        ax.set_ylabel("share of pixels")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def plot_gallery(
+    table: pd.DataFrame,
+    n: int = 12,
+    seed: int = 0,
+    columns: int = 6,
+    transform: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> Any:
+    """Random slices at their original size with the mask overlaid, titled by source and name."""
+    ok = table[table["status"] == "ok"].reset_index(drop=True)
+    picks = np.random.default_rng(seed).choice(len(ok), size=min(n, len(ok)), replace=False)
+    rows = math.ceil(len(picks) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(2.6 * columns, 2.8 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, i in zip(axes.flat, picks):
+        row = ok.loc[int(i)]
+        image = ku.read_image(row["image"])
+        if transform is not None:
+            image = transform(image)
+        ax.imshow(ku.overlay_mask(image, ku.read_mask(row["mask"], _labels_of(row["mask_labels"]))))
+        ax.set_title(f"{row['source']}\n{row['name'][:26]}", fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def plot_mask_statistics(table: pd.DataFrame, heatmap: np.ndarray) -> Any:
+    """Kidney area distribution, connected components per mask, and where kidneys lie."""
+    ok = table[table["status"] == "ok"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    kidney = ok[ok["kidney_fraction"] > 0]
+    sources = sorted(kidney["source"].unique())
+    axes[0].hist(
+        [100 * kidney.loc[kidney["source"] == s, "kidney_fraction"] for s in sources],
+        bins=25,
+        stacked=True,
+        label=sources,
+    )
+    axes[0].set_xlabel("kidney area (% of image)")
+    axes[0].set_ylabel("masks")
+    empty = (ok["kidney_fraction"] == 0).mean()
+    axes[0].set_title(f"Kidney area ({empty:.0%} of masks are empty)")
+    axes[0].legend(fontsize=7)
+    components = ok["components"].astype(int).value_counts().sort_index()
+    axes[1].bar(components.index.astype(str), components.to_numpy())
+    axes[1].set_xlabel("connected components per mask")
+    axes[1].set_ylabel("masks")
+    axes[1].set_title("Components (two kidneys usually give 2)")
+    shown = axes[2].imshow(heatmap, cmap="magma", vmin=0)
+    axes[2].set_title("Where kidneys lie (share of masks)")
+    axes[2].axis("off")
+    fig.colorbar(shown, ax=axes[2], fraction=0.046)
+    fig.tight_layout()
+    return fig
+
+
+def show_slice_browser(table: pd.DataFrame) -> None:
+    """An ipywidgets browser over the pairs: slice slider, overlay on/off, opacity.
+
+    The first slice is always drawn as a static figure, so headless runs record a picture; the
+    widget follows only in an interactive front end.
+    """
+    ok = table[table["status"] == "ok"].reset_index(drop=True)
+
+    def draw(index: int = 0, overlay: bool = True, opacity: float = 0.45) -> None:
+        row = ok.loc[index]
+        image = ku.read_image(row["image"])
+        mask = ku.read_mask(row["mask"], _labels_of(row["mask_labels"]))
+        shown = ku.overlay_mask(image, mask, alpha=opacity) if overlay else image
+        fig, ax = plt.subplots(figsize=(5, 5))
+        ax.imshow(shown, cmap="gray")
+        ax.set_title(f"{row['source']} / {row['name']}  ({row['width']}x{row['height']})", fontsize=9)
+        ax.axis("off")
+        plt.show()
+
+    _static_then_widget(
+        draw,
+        lambda widgets: dict(
+            index=widgets.IntSlider(0, 0, len(ok) - 1, description="slice"),
+            overlay=widgets.Checkbox(True, description="overlay"),
+            opacity=widgets.FloatSlider(value=0.45, min=0.0, max=1.0, step=0.05, description="opacity"),
+        ),
+    )
+
+
+# =================================================================================================
+# 2. Preprocessing and normalisation: notebook 02
+# =================================================================================================
+
+
+def contrast_metrics(image: np.ndarray, mask: np.ndarray, ring: int = 5) -> tuple[float, float]:
+    """Contrast-to-noise ratio between kidney and a ring of surrounding tissue, and edge strength.
+
+    ``cnr = |mean(kidney) - mean(ring)| / sqrt((var(kidney) + var(ring)) / 2)``, with the ring the
+    ``ring``-pixel band just outside the mask; ``edge`` is the mean Sobel gradient magnitude on the
+    mask's outline (grey levels per pixel). Both are NaN for a mask without kidney.
+    """
+    m = mask.astype(bool)
+    if not m.any():
+        return float("nan"), float("nan")
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * ring + 1, 2 * ring + 1))
+    band = cv2.dilate(m.astype(np.uint8), kernel).astype(bool) & ~m
+    img = image.astype(np.float32)
+    inside, around = img[m], img[band]
+    if around.size == 0:
+        return float("nan"), float("nan")
+    noise = math.sqrt((inside.var() + around.var()) / 2) + 1e-6
+    cnr = abs(float(inside.mean()) - float(around.mean())) / noise
+    gx = cv2.Sobel(img, cv2.CV_32F, 1, 0, ksize=3) / 8
+    gy = cv2.Sobel(img, cv2.CV_32F, 0, 1, ksize=3) / 8
+    edge = float(np.hypot(gx, gy)[ku._boundary(m)].mean())
+    return cnr, edge
+
+
+PREPROCESSING_SWEEP: tuple[tuple[str, dict[str, float]], ...] = (
+    ("none", {}),
+    ("white_balance", {"low_percentile": 1.0, "high_percentile": 99.0}),
+    ("white_balance", {"low_percentile": 5.0, "high_percentile": 95.0}),
+    ("clahe", {"clip_limit": 1.0, "tile_grid": 8}),
+    ("clahe", {"clip_limit": 2.0, "tile_grid": 8}),
+    ("clahe", {"clip_limit": 4.0, "tile_grid": 8}),
+    ("clahe", {"clip_limit": 2.0, "tile_grid": 4}),
+    ("unsharp", {"sigma": 1.0, "amount": 0.5}),
+    ("unsharp", {"sigma": 1.0, "amount": 1.0}),
+    ("unsharp", {"sigma": 2.0, "amount": 1.0}),
+)
+
+
+def partial_preprocessor(method: str, **params: float) -> Callable[[np.ndarray], np.ndarray]:
+    """The base preprocessing ``method`` with ``params`` bound (for sweeps and sliders)."""
+    if method not in ku._PREPROCESSORS:
+        raise ValueError(f"unknown preprocessing method {method!r}; choose from {ku.PREPROCESSING_METHODS}")
+    fn = ku._PREPROCESSORS[method]
+    return lambda image: fn(image, **params)
+
+
+def preprocessing_effects(
+    images: Sequence[np.ndarray],
+    masks: Sequence[np.ndarray],
+    sources: Sequence[str],
+    sweep: Sequence[tuple[str, dict[str, float]]] = PREPROCESSING_SWEEP,
+) -> pd.DataFrame:
+    """Mean CNR and edge strength (:func:`contrast_metrics`) per method, parameters and source, over
+    slices that contain kidney; ``cnr_gain`` and ``edge_gain`` are ratios to no preprocessing."""
+    rows = []
+    for method, params in sweep:
+        fn = (lambda x: x) if method == "none" else partial_preprocessor(method, **params)
+        for image, mask, source in zip(images, masks, sources):
+            if not mask.any():
+                continue
+            cnr, edge = contrast_metrics(fn(image), mask)
+            rows.append(
+                {
+                    "method": method,
+                    "params": ", ".join(f"{k}={v:g}" for k, v in params.items()) or "-",
+                    "source": source,
+                    "cnr": cnr,
+                    "edge": edge,
+                }
+            )
+    table = pd.DataFrame(rows).groupby(["method", "params", "source"], sort=False).mean().reset_index()
+    base = table[table["method"] == "none"].set_index("source")
+    table["cnr_gain"] = table["cnr"] / table["source"].map(base["cnr"])
+    table["edge_gain"] = table["edge"] / table["source"].map(base["edge"])
+    return table
+
+
+def normalization_consistency(
+    data_dir: str | os.PathLike,
+    methods: Sequence[str] = ku.NORMALIZATION_OPTIONS,
+    image_size: int = 128,
+    preprocessing: str = "none",
+    ring: int = 5,
+    mask_labels: str | Sequence[int] | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """How alike kidneys look across sources after each normalisation (no training needed).
+
+    For every slice with kidney, the model input is normalised and the median intensity of the
+    kidney and of a ``ring``-pixel band around it are taken; per source, the medians over its slices.
+    A normalisation that makes sources alike keeps the kidney level steady across sources relative
+    to the kidney-to-surroundings contrast the network has to find.
+
+    Returns:
+        ``(per_source, summary)``: per (method, source), the kidney and surroundings levels and their
+        difference; per method, ``spread`` = standard deviation of the kidney level over sources
+        divided by the mean absolute contrast (lower is more consistent), and the ``preprocessing``
+        the inputs had (pass the run's, so that these are the inputs it trains on).
+    """
+    pairs = ku.index_dataset(data_dir, mask_labels=mask_labels).pairs
+    cache = ku.load_arrays(pairs, image_size, preprocessing)
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * ring + 1, 2 * ring + 1))
+    rows = []
+    for pair, image, mask in zip(cache.pairs, cache.images, cache.masks):
+        if not mask.any():
+            continue
+        band = cv2.dilate(mask, kernel).astype(bool) & ~mask.astype(bool)
+        for method in methods:
+            values = ku.normalize_intensity(image, method)
+            kidney, around = float(np.median(values[mask > 0])), float(np.median(values[band]))
+            rows.append({"method": method, "source": pair.source, "kidney": kidney, "surroundings": around})
+    per_source = pd.DataFrame(rows).groupby(["method", "source"], sort=False).median().reset_index()
+    per_source["contrast"] = per_source["kidney"] - per_source["surroundings"]
+    summary = per_source.groupby("method", sort=False).agg(
+        kidney_sd=("kidney", "std"), mean_abs_contrast=("contrast", lambda c: float(np.abs(c).mean()))
+    )
+    summary["spread"] = summary["kidney_sd"] / summary["mean_abs_contrast"]
+    summary["preprocessing"] = preprocessing
+    return per_source, summary.reset_index()
+
+
+def sample_slices_with_kidney(
+    pairs: Sequence[ku.SamplePair], per_source: int, seed: int
+) -> list[ku.SamplePair]:
+    """Up to ``per_source`` pairs whose mask holds kidney from every source, drawn at random with
+    ``seed`` (the same draw every run), in source and file order."""
+    rng = np.random.default_rng(seed)
+    sample: list[ku.SamplePair] = []
+    for source in sorted({p.source for p in pairs}):
+        candidates = [p for p in pairs if p.source == source and ku.load_pair(p)[1].any()]
+        picks = rng.choice(len(candidates), size=min(per_source, len(candidates)), replace=False)
+        sample += [candidates[i] for i in sorted(picks)]
+    return sample
+
+
+def write_preprocessing_results(
+    ablation: pd.DataFrame, effects: pd.DataFrame, output_dir: str | os.PathLike
+) -> dict[str, Path]:
+    """Write notebook 02's tables: ``preprocessing_results.csv`` (the training ablation) and
+    ``preprocessing_effects.csv`` (the measured effects); returns their paths."""
+    out = Path(output_dir)
+    return {
+        "ablation_csv": ku._atomic_write(out / "preprocessing_results.csv", ablation.to_csv(index=False)),
+        "effects_csv": ku._atomic_write(out / "preprocessing_effects.csv", effects.to_csv(index=False)),
+    }
+
+
+def recommend_preprocessing(ablation: pd.DataFrame, margin: float = 0.01) -> tuple[str, str]:
+    """The option to use and why: the best validation Dice, unless it beats ``"none"`` by less than
+    ``margin`` (then the simpler ``"none"``, since the gain is within run-to-run noise)."""
+    table = ablation.set_index("preprocessing")
+    best = str(table["val_dice"].idxmax())
+    if "none" in table.index and best != "none":
+        gain = table.loc[best, "val_dice"] - table.loc["none", "val_dice"]
+        if gain < margin:
+            return "none", (
+                f"'{best}' beats no preprocessing by only {gain:+.3f} validation Dice (< {margin}); "
+                "keep PREPROCESSING='none'."
+            )
+        return (
+            best,
+            f"'{best}' beats no preprocessing by {gain:+.3f} validation Dice; set PREPROCESSING='{best}'.",
+        )
+    return best, f"'{best}' has the best validation Dice ({table.loc[best, 'val_dice']:.3f})."
+
+
+def preprocessing_ablation(
+    config: ku.Config,
+    data_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    options: Sequence[str] = ("none", "white_balance", "clahe", "unsharp", "white_balance+clahe"),
+    device: torch.device | None = None,
+    progress: bool = False,
+) -> pd.DataFrame:
+    """Train one model per preprocessing option at an equal budget and compare validation Dice.
+
+    Every option uses the same config (seed, split, epochs, augmentation) except ``preprocessing``;
+    each run goes to ``output_dir/<option>`` (replaced if present: these are scratch runs).
+
+    Returns:
+        One row per option: best validation loss and its epoch, pooled validation Dice and IoU at
+        that epoch, the best Dice of any epoch, and the seconds spent.
+    """
+    rows = []
+    for option in options:
+        run_config = ku.Config(**{**config.to_dict(), "preprocessing": option})
+        data = ku.prepare_data(run_config, data_dir)
+        run_config = data.config
+        tic = time.monotonic()
+        result = ku.train_model(
+            ku.build_model(run_config),
+            data.train_dataset,
+            data.val_dataset,
+            run_config,
+            Path(output_dir) / option.replace("+", "_"),
+            device,
+            overwrite=True,
+            progress=progress,
+        )
+        best = result.best_row
+        rows.append(
+            {
+                "preprocessing": option,
+                "best_epoch": result.best_epoch,
+                "val_loss": result.best_val_loss,
+                "val_dice": best["val_dice"],
+                "val_iou": best["val_iou"],
+                "max_val_dice": float(result.history["val_dice"].max()),
+                "epochs": len(result.history),
+                "seconds": time.monotonic() - tic,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def plot_preprocessing_gallery(
+    images: Sequence[np.ndarray],
+    masks: Sequence[np.ndarray],
+    titles: Sequence[str],
+    methods: Sequence[str] = ("none", "white_balance", "clahe", "unsharp"),
+) -> Any:
+    """One row per slice, one column per method, with the kidney outline, and a histogram row."""
+    n = len(images)
+    fig, axes = plt.subplots(
+        2 * n,
+        len(methods),
+        figsize=(3.1 * len(methods), 5.2 * n),
+        squeeze=False,
+        gridspec_kw={"height_ratios": [3, 1.2] * n},
+    )
+    for r, (image, mask, title) in enumerate(zip(images, masks, titles)):
+        for c, method in enumerate(methods):
+            out = ku.apply_preprocessing(image, method)
+            ax = axes[2 * r, c]
+            ax.imshow(ku.overlay_mask(out, mask, alpha=0.0))
+            ax.set_title(f"{title}\n{method}" if c == 0 else method, fontsize=8)
+            ax.axis("off")
+            hist_ax = axes[2 * r + 1, c]
+            hist_ax.hist(out.ravel(), bins=64, range=(0, 255), color="gray")
+            hist_ax.set_yscale("log")  # the dark background would hide everything else
+            hist_ax.set_yticks([])
+            hist_ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def plot_preprocessing_effects(effects: pd.DataFrame) -> Any:
+    """CNR gain and edge-strength gain per method and parameters, averaged over sources."""
+    mean = effects.groupby(["method", "params"], sort=False)[["cnr_gain", "edge_gain"]].mean().reset_index()
+    labels = [f"{m}\n{p}" for m, p in zip(mean["method"], mean["params"])]
+    x = np.arange(len(mean))
+    fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(mean)), 4.5))
+    ax.bar(x - 0.2, mean["cnr_gain"], width=0.4, label="CNR kidney vs surrounding ring")
+    ax.bar(x + 0.2, mean["edge_gain"], width=0.4, label="edge strength on the kidney outline")
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks(x, labels, fontsize=7)
+    ax.set_ylabel("ratio to no preprocessing")
+    ax.set_title("Measured effect (mean over sources, slices with kidney)")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def show_preprocessing_sliders(image: np.ndarray, mask: np.ndarray) -> None:
+    """ipywidgets sliders to tune CLAHE, the percentile stretch and unsharp masking on one slice.
+
+    A static figure with the default settings is drawn first (headless runs keep it)."""
+
+    def draw(
+        clip_limit: float = 2.0,
+        tile_grid: int = 8,
+        low: float = 1.0,
+        high: float = 99.0,
+        sigma: float = 1.0,
+        amount: float = 1.0,
+    ) -> None:
+        outs = {
+            "original": image,
+            "white balance": ku.white_balance(image, low, high),
+            "CLAHE": ku.clahe(image, clip_limit, tile_grid),
+            "unsharp": ku.unsharp_mask(image, sigma, amount),
+        }
+        fig, axes = plt.subplots(1, 4, figsize=(14, 3.8))
+        for ax, (name, out) in zip(axes, outs.items()):
+            cnr, edge = contrast_metrics(out, mask)
+            ax.imshow(out, cmap="gray", vmin=0, vmax=255)
+            ax.set_title(f"{name}\nCNR {cnr:.2f}  edge {edge:.1f}", fontsize=9)
+            ax.axis("off")
+        plt.show()
+
+    _static_then_widget(
+        draw,
+        lambda widgets: dict(
+            clip_limit=widgets.FloatSlider(value=2.0, min=0.5, max=8.0, step=0.5),
+            tile_grid=widgets.IntSlider(value=8, min=2, max=16),
+            low=widgets.FloatSlider(value=1.0, min=0, max=20),
+            high=widgets.FloatSlider(value=99.0, min=80, max=100),
+            sigma=widgets.FloatSlider(value=1.0, min=0.5, max=5),
+            amount=widgets.FloatSlider(value=1.0, min=0.0, max=3.0, step=0.1),
+        ),
+    )
+
+
+def plot_normalization_consistency(per_source: pd.DataFrame) -> Any:
+    """Kidney and surroundings level per source under each normalisation (from
+    :func:`normalization_consistency`): a consistent normalisation keeps each source's kidney level
+    close to the others' on the scale of the contrast the network has to find."""
+    methods = list(dict.fromkeys(per_source["method"]))
+    fig, axes = plt.subplots(1, len(methods), figsize=(3.6 * len(methods), 4), squeeze=False)
+    for ax, method in zip(axes[0], methods):
+        part = per_source[per_source["method"] == method]
+        y = np.arange(len(part))
+        for yi, (_, row) in zip(y, part.iterrows()):
+            ax.plot([row["surroundings"], row["kidney"]], [yi, yi], color="0.6", linewidth=1)
+        ax.scatter(part["surroundings"], y, color="0.3", s=20, label="surroundings (5 px ring)")
+        ax.scatter(part["kidney"], y, color="tab:red", s=28, label="kidney")
+        ax.set_yticks(y, part["source"] if ax is axes[0, 0] else [""] * len(part), fontsize=8)
+        ax.set_title(method, fontsize=10)
+        ax.set_xlabel("normalised intensity (median)", fontsize=8)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0, 0].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def plot_normalization_gallery(
+    images: Sequence[np.ndarray], titles: Sequence[str], methods: Sequence[str] = ku.NORMALIZATION_OPTIONS
+) -> Any:
+    """One row per slice (e.g. one per source), one column per normalisation, all on one grey scale
+    per column so that differences between sources stay visible."""
+    outs = {m: [ku.normalize_intensity(image, m) for image in images] for m in methods}
+    fig, axes = plt.subplots(
+        len(images), len(methods), figsize=(2.6 * len(methods), 2.6 * len(images)), squeeze=False
+    )
+    for c, method in enumerate(methods):
+        low, high = np.percentile(np.concatenate([o.ravel() for o in outs[method]]), [0.5, 99.5])
+        for r, (out, title) in enumerate(zip(outs[method], titles)):
+            ax = axes[r, c]
+            ax.imshow(out, cmap="gray", vmin=low, vmax=high)
+            ax.set_title(f"{title}\n{method}" if c == 0 else method, fontsize=8)
+            ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+# =================================================================================================
+# 3. Evaluation figures: notebook 04
+# =================================================================================================
+
+
+def _out_of_fold_probabilities(
+    models: Sequence[nn.Module], val: ku.SplitEvaluation, device: torch.device | str, tta: bool
+) -> tuple[list[np.ndarray], float]:
+    """Each out-of-fold image's probabilities from its own fold's model (in ``val``'s order)."""
+    probs: list[np.ndarray] = [np.empty(0)] * len(val.data)
+    total_ms = 0.0
+    for model, fold in zip(models, dict.fromkeys(val.scores["fold"])):  # folds in models order
+        rows = np.flatnonzero(val.scores["fold"].to_numpy() == fold)
+        part = dataclasses.replace(
+            val.data,
+            pairs=[val.data.pairs[i] for i in rows],
+            images=val.data.images[rows],
+            masks=[val.data.masks[i] for i in rows],
+            originals=[val.data.originals[i] for i in rows],
+        )
+        fold_probs, ms = ku._timed_probabilities(model, part, device, tta)
+        for i, prob in zip(rows, fold_probs):
+            probs[i] = prob
+        total_ms += ms * len(rows)
+    return probs, total_ms / max(1, len(val.data))
+
+
+def inference_options_table(
+    model: nn.Module | Sequence[nn.Module],
+    data: ku.EvaluationSet | ku.SplitEvaluation,
+    device: torch.device | str = "cpu",
+    threshold: float = 0.5,
+) -> pd.DataFrame:
+    """Pooled and mean Dice, mean HD95 and milliseconds per slice with and without TTA and
+    postprocessing, so what each option buys and costs is visible side by side. Given the fold
+    models and the out-of-fold evaluation (:func:`evaluate_validation`), each image is predicted by
+    its own fold's model, never by one that trained on it."""
+    folds = isinstance(data, ku.SplitEvaluation) and data.part == "oof"
+    images = data.data if isinstance(data, ku.SplitEvaluation) else data
+    rows = []
+    for tta in (False, True):
+        if folds:
+            probs, ms = _out_of_fold_probabilities(model, data, device, tta)
+        else:
+            single = model if isinstance(model, nn.Module) else model[0]
+            probs, ms = ku._timed_probabilities(single, images, device, tta)
+        for post in (False, True):
+            tic = time.perf_counter()
+            summary = ku.summarize_scores(ku.score_predictions(images, probs, threshold, post))
+            post_ms = (time.perf_counter() - tic) * 1000 / max(1, len(images)) if post else 0.0
+            rows.append(
+                {
+                    "tta": tta,
+                    "postprocess": post,
+                    "pooled_dice": summary["pooled_dice"],
+                    "mean_dice": summary["mean_dice"],
+                    "mean_hd95": summary["mean_hd95"],
+                    "ms_per_slice": ms + post_ms,
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def threshold_sweep(
+    data: ku.EvaluationSet,
+    probs: Sequence[np.ndarray],
+    thresholds: Sequence[float] = tuple(np.round(np.arange(0.05, 0.96, 0.05), 2)),
+) -> pd.DataFrame:
+    """Pooled Dice and mean Dice against the threshold (no postprocessing); the best row is marked.
+
+    Run it on the validation split only: a threshold chosen on the test images would flatter them.
+    """
+    rows = []
+    for threshold in thresholds:
+        total = ku.ConfusionCounts()
+        dices = []
+        for prob, mask in zip(probs, data.masks):
+            counts = ku.confusion_counts(prob > threshold, mask)
+            total = total + counts
+            dices.append(counts.metrics()["dice"])
+        rows.append(
+            {
+                "threshold": float(threshold),
+                "pooled_dice": total.metrics()["dice"],
+                "mean_dice": float(np.mean(dices)),
+            }
+        )
+    table = pd.DataFrame(rows)
+    table["best"] = table["pooled_dice"] == table["pooled_dice"].max()
+    return table
+
+
+ERROR_COLORS = {"tp": (40, 200, 60), "fp": (230, 40, 40), "fn": (40, 110, 255)}
+
+
+def error_overlay(image: np.ndarray, pred: np.ndarray, target: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """RGB picture of a gray image with true positives green, false positives red, false negatives
+    blue (:data:`ERROR_COLORS`)."""
+    p, t = pred.astype(bool), target.astype(bool)
+    out = image
+    for region, key in ((p & t, "tp"), (p & ~t, "fp"), (~p & t, "fn")):  # disjoint: one blend each
+        out = ku.overlay_mask(out, region, ERROR_COLORS[key], alpha, contour=False)
+    return out
+
+
+def plot_cases(
+    data: ku.EvaluationSet,
+    probs: Sequence[np.ndarray],
+    per_image: pd.DataFrame,
+    threshold: float = 0.5,
+    postprocess: bool = False,
+    per_group: int = 3,
+) -> Any:
+    """The worst cases by Dice, and the median and best among slices with kidney (``per_group`` of
+    each), with TP/FP/FN colours."""
+    from matplotlib.patches import Patch
+
+    order = per_image.sort_values("dice", kind="stable").index.to_numpy()
+    # median and best among slices with kidney (an empty slice predicted empty is trivially perfect)
+    with_kidney = per_image[per_image["true_area"] > 0]
+    ranked = with_kidney.sort_values("dice", kind="stable").index.to_numpy() if len(with_kidney) else order
+    mid = len(ranked) // 2
+    groups = {
+        "worst": order[:per_group],
+        "median": ranked[max(0, mid - per_group // 2) :][:per_group],
+        "best": ranked[::-1][:per_group],
+    }
+    fig, axes = plt.subplots(3, per_group, figsize=(3.4 * per_group, 10.5), squeeze=False)
+    for row, (label, picks) in enumerate(groups.items()):
+        for col in range(per_group):
+            ax = axes[row, col]
+            ax.axis("off")
+            if col >= len(picks):
+                continue
+            i = int(picks[col])
+            pred = ku.binarize_prediction(probs[i], threshold, postprocess)
+            ax.imshow(error_overlay(data.originals[i], pred, data.masks[i]))
+            r = per_image.loc[i]
+            ax.set_title(
+                f"{label}: {r['name'][:28]}\nDice {r['dice']:.3f}  HD95 {r['hd95']:.1f}px", fontsize=8
+            )
+    handles = [Patch(color=np.asarray(c) / 255, label=k.upper()) for k, c in ERROR_COLORS.items()]
+    fig.legend(handles=handles, loc="lower center", ncol=3)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    return fig
+
+
+def plot_prediction_overlays(folder: str | os.PathLike, n: int = 4) -> Any:
+    """The first ``n`` overlays that :func:`predict_folder` wrote to ``folder/overlays``, in a row."""
+    overlays = sorted((Path(folder) / "overlays").glob("*.png"))[:n]
+    if not overlays:
+        raise FileNotFoundError(f"No overlays in {Path(folder) / 'overlays'}; run predict_folder first.")
+    fig, axes = plt.subplots(1, len(overlays), figsize=(4 * len(overlays), 4), squeeze=False)
+    for ax, path in zip(axes.flat, overlays):
+        ax.imshow(cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB))
+        ax.set_title(path.name, fontsize=8)
+        ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def plot_dice_distribution(per_image: pd.DataFrame, by: str = "source") -> Any:
+    """Histogram of per-image Dice and, when the data has several groups, Dice per ``by`` group."""
+    groups = per_image[by].nunique() if by in per_image else 1
+    fig, axes = plt.subplots(1, 2 if groups > 1 else 1, figsize=(13 if groups > 1 else 6, 4), squeeze=False)
+    ax = axes[0, 0]
+    ax.hist(per_image["dice"], bins=np.linspace(0, 1, 21), color="tab:blue", edgecolor="white")
+    ax.set_xlabel("Dice per image")
+    ax.set_ylabel("images")
+    ax.set_title(f"Dice distribution (n={len(per_image)}, mean {per_image['dice'].mean():.3f})")
+    if groups > 1:
+        ax = axes[0, 1]
+        names = sorted(per_image[by].unique())
+        ax.boxplot([per_image.loc[per_image[by] == n, "dice"] for n in names], showmeans=True)
+        ax.set_xticks(range(1, len(names) + 1), names, rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel("Dice per image")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title(f"Dice per {by}")
+    fig.tight_layout()
+    return fig
+
+
+def plot_case_dice(per_image: pd.DataFrame, title: str = "") -> Any:
+    """Dice per patient (pooled over the patient's slices), sorted, coloured by source."""
+    cases = ku.case_scores(per_image).sort_values("dice").reset_index(drop=True)
+    sources = sorted(cases["source"].unique())
+    colors = {s: plt.cm.tab10(i % 10) for i, s in enumerate(sources)}
+    fig, ax = plt.subplots(figsize=(max(6, 0.28 * len(cases) + 2), 4))
+    ax.bar(range(len(cases)), cases["dice"], color=[colors[s] for s in cases["source"]])
+    ax.axhline(cases["dice"].mean(), color="black", lw=1, ls="--", label=f"mean {cases['dice'].mean():.3f}")
+    ax.set_xticks(range(len(cases)), cases["patient"].str.split("/").str[-1], rotation=90, fontsize=7)
+    ax.set_ylim(0, 1.02)
+    ax.set_ylabel("Dice pooled over the patient's slices")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colors[s]) for s in sources]
+    ax.legend(
+        [*handles, ax.lines[0]],
+        [*sources, ax.lines[0].get_label()],
+        fontsize=7,
+        loc="upper left",
+        bbox_to_anchor=(1.0, 1.0),
+    )
+    ax.set_title(title or f"Dice per patient (n={len(cases)})")
+    fig.tight_layout()
+    return fig
+
+
+def plot_threshold_sweep(sweep: pd.DataFrame, chosen: float | None = None) -> Any:
+    """Pooled and mean Dice against the threshold, the best threshold marked."""
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    ax.plot(sweep["threshold"], sweep["pooled_dice"], marker=".", label="pooled Dice")
+    ax.plot(sweep["threshold"], sweep["mean_dice"], marker=".", label="mean Dice per image")
+    best = sweep.loc[sweep["pooled_dice"].idxmax()]
+    ax.axvline(
+        best["threshold"],
+        color="tab:green",
+        linestyle="--",
+        label=f"best {best['threshold']:.2f} (pooled {best['pooled_dice']:.3f})",
+    )
+    if chosen is not None:
+        ax.axvline(chosen, color="gray", linestyle=":", label=f"used {chosen:.2f}")
+    ax.set_xlabel("threshold")
+    ax.set_ylabel("Dice")
+    ax.set_title("Threshold sweep on the validation split")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def show_threshold_viewer(
+    data: ku.EvaluationSet, probs: Sequence[np.ndarray], threshold: float = 0.5, label: str = ""
+) -> None:
+    """An ipywidgets viewer (slice and threshold sliders) over TP/FP/FN overlays; ``label`` names the
+    split in every title (thresholds are chosen on validation, never on test).
+
+    A static figure of the first slice at ``threshold`` is always drawn first, so a headless run
+    (papermill, nbval) records a picture; the widget follows only in an interactive front end.
+    """
+
+    def draw(index: int = 0, thr: float = threshold) -> None:
+        pred = ku.binarize_prediction(probs[index], thr)
+        counts = ku.confusion_counts(pred, data.masks[index])
+        fig, ax = plt.subplots(figsize=(5, 5))
+        ax.imshow(error_overlay(data.originals[index], pred, data.masks[index]))
+        ax.set_title(
+            f"{label + ': ' if label else ''}{data.pairs[index].name}  threshold {thr:.2f}  "
+            f"Dice {counts.metrics()['dice']:.3f}",
+            fontsize=9,
+        )
+        ax.axis("off")
+        plt.show()
+
+    _static_then_widget(
+        draw,
+        lambda widgets: dict(
+            index=widgets.IntSlider(0, 0, len(data) - 1, description="slice"),
+            thr=widgets.FloatSlider(value=threshold, min=0.05, max=0.95, step=0.05, description="threshold"),
+        ),
+    )
+
+
+# =================================================================================================
+# 4. Familiarity: does a new image look like anything the model was trained on? (notebook 04)
+# =================================================================================================
+
+FAMILIARITY_FEATURES = (
+    *(f"p{q:02d}" for q in (1, 5, 25, 50, 75, 95, 99)),
+    *("mean", "std", "dark_share", "bright_share", "gradient", "laplacian_std"),
+)
+FAMILIARITY_NEIGHBOURS = 5
+FAMILIARITY_MARGIN = 1.0  # x the 99th percentile: about 1 in 100 images like the training ones is flagged
+
+
+def image_features(image: np.ndarray) -> np.ndarray:
+    """Intensity and texture statistics of one uint8 model input (:data:`FAMILIARITY_FEATURES`):
+    grey-level percentiles, mean and spread, the shares of near-black and near-white pixels, the mean
+    gradient magnitude (edges) and the spread of the Laplacian (fine texture and noise)."""
+    x = np.asarray(image, np.float32)
+    gx, gy = cv2.Sobel(x, cv2.CV_32F, 1, 0), cv2.Sobel(x, cv2.CV_32F, 0, 1)
+    return np.array(
+        [
+            *np.percentile(x, (1, 5, 25, 50, 75, 95, 99)),
+            x.mean(),
+            x.std(),
+            (x < 10).mean() * 100,
+            (x > 245).mean() * 100,
+            np.hypot(gx, gy).mean(),
+            cv2.Laplacian(x, cv2.CV_32F).std(),
+        ],
+        np.float32,
+    )
+
+
+FAMILIARITY_WORKING_MB = 64  # scikit-learn's working memory for the neighbour search (chunks)
+
+
+def _neighbour_distance(z: np.ndarray, reference: np.ndarray, leave_one_out: bool = False) -> np.ndarray:
+    """Mean Euclidean distance of each row of ``z`` to its nearest rows of ``reference``, searched in
+    chunks of :data:`FAMILIARITY_WORKING_MB` (memory linear in the rows, not quadratic). With
+    ``leave_one_out``, ``z`` is ``reference`` and no row is its own neighbour."""
+    import sklearn
+    from sklearn.neighbors import NearestNeighbors
+
+    k = min(FAMILIARITY_NEIGHBOURS, reference.shape[0] - int(leave_one_out))
+    with sklearn.config_context(working_memory=FAMILIARITY_WORKING_MB):
+        search = NearestNeighbors(n_neighbors=k, algorithm="brute").fit(np.asarray(reference, np.float64))
+        distances, _ = search.kneighbors(None if leave_one_out else np.asarray(z, np.float64))
+    return distances.mean(1)
+
+
+def familiarity_reference(images: np.ndarray) -> dict[str, Any]:
+    """What :func:`familiarity` compares new images with: the training images' statistics.
+
+    Each feature is standardised over the training images (spread at least one unit); an image's
+    distance is its mean distance to its five nearest training images in that space, so a training
+    set of several scanners is several clusters, not one average. The threshold is
+    :data:`FAMILIARITY_MARGIN` times the 99th percentile of the training images' own distances (each
+    to the others). Plain types (JSON-ready).
+
+    Args:
+        images: ``(N, S, S)`` uint8 training inputs (``PreparedData.train.images``); N >= 2.
+    """
+    if len(images) < 2:
+        raise ValueError("familiarity_reference needs at least two training images.")
+    features = np.stack([image_features(im) for im in images])
+    # Floor of one unit (a grey level, a percentage point): a feature that barely varies in training
+    # must not turn a one-level difference into a large distance.
+    center, scale = features.mean(0), np.maximum(features.std(0), 1.0)
+    z = (features - center) / scale
+    own = _neighbour_distance(z, z, leave_one_out=True)
+    return {
+        "features": list(FAMILIARITY_FEATURES),
+        "center": center.tolist(),
+        "scale": scale.tolist(),
+        "reference": z.round(4).tolist(),
+        "threshold": float(FAMILIARITY_MARGIN * np.percentile(own, 99)),
+    }
+
+
+def familiarity(images: np.ndarray, reference: Mapping[str, Any] | None) -> pd.DataFrame | None:
+    """Flag images unlike anything the model was trained on, before trusting their predictions.
+
+    Args:
+        images: ``(N, S, S)`` uint8 model inputs (resized and preprocessed as in training).
+        reference: :func:`familiarity_reference` (or :func:`training_reference`) of the training
+            images; None returns None.
+
+    Returns:
+        One row per image: ``novelty`` (its distance over the threshold: above 1 is farther from
+        the training images than almost any training image is from the others) and ``unfamiliar``.
+    """
+    if not reference:
+        return None
+    if list(reference["features"]) != list(FAMILIARITY_FEATURES):
+        raise ValueError("This familiarity reference comes from another kidneyseg version; compute it again.")
+    z = (np.stack([image_features(im) for im in images]) - np.asarray(reference["center"])) / np.asarray(
+        reference["scale"]
+    )
+    novelty = _neighbour_distance(z, np.asarray(reference["reference"], np.float32)) / reference["threshold"]
+    return pd.DataFrame({"novelty": novelty, "unfamiliar": novelty > 1.0})
+
+
+def training_reference(
+    checkpoints: Sequence[Mapping[str, Any]], config: ku.Config, data_dir: str | os.PathLike | None = None
+) -> dict[str, Any] | None:
+    """:func:`familiarity_reference` of the images the model (or the fold models) trained on, read
+    again from the data root the checkpoints record (or ``data_dir``): the union of their training
+    splits, as model inputs. None, with the reason printed, when those files are not readable here.
+
+    Args:
+        checkpoints: As returned by ``kidneyseg_utils.load_model`` / ``load_models``.
+        config: The run's config (image size, preprocessing, the patient-id rule).
+        data_dir: The data root; by default the one recorded at training time.
+    """
+    pairs: dict[str, ku.SamplePair] = {}
+    try:
+        for checkpoint in checkpoints:
+            pairs.update((p.key, p) for p in ku.checkpoint_split(dict(checkpoint), config, "train", data_dir))
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"No familiarity check: the training images are not readable here. {exc}")
+        return None
+    if len(pairs) < 2:
+        print("No familiarity check: the checkpoints record fewer than two training images.")
+        return None
+    cache = ku.load_arrays(list(pairs.values()), config.image_size, config.preprocessing, progress=False)
+    return familiarity_reference(cache.images)
+
+
+def familiarity_report(
+    per_image: pd.DataFrame, images: np.ndarray, reference: Mapping[str, Any] | None
+) -> tuple[pd.DataFrame, pd.DataFrame] | None:
+    """Per-image scores with the familiarity flag beside them, and Dice by flag, so a user sees
+    whether the flag predicts failure. None (with a printed reason) without a reference.
+
+    Args:
+        per_image: :func:`score_predictions` of ``images``, in the same order.
+        images: The model inputs that were scored (``EvaluationSet.images``).
+        reference: :func:`training_reference` of the model.
+    """
+    flags = familiarity(images, reference)
+    if flags is None:
+        print("No familiarity check: there are no training images to compare with.")
+        return None
+    table = pd.concat([per_image.reset_index(drop=True), flags], axis=1)
+    by_flag = table.groupby("unfamiliar").agg(
+        images=("dice", "size"), mean_dice=("dice", "mean"), median_novelty=("novelty", "median")
+    )
+    for flag, part in table.groupby("unfamiliar"):
+        by_flag.loc[flag, "pooled_dice"] = ku.metrics_from_counts(
+            part.tp.sum(), part.fp.sum(), part.fn.sum()
+        )["dice"]
+    return table, by_flag.reset_index()
+
+
+def unfamiliar_note(table: pd.DataFrame, name_column: str = "name") -> str:
+    """One sentence on how many images :func:`familiarity` flagged, naming the first few."""
+    if "unfamiliar" not in table:
+        return "No familiarity check: there are no training images to compare with."
+    checked = table[table["unfamiliar"].notna()]
+    flagged = checked.loc[checked["unfamiliar"].eq(True), name_column].astype(str).tolist()
+    if not flagged:
+        return f"None of the {len(checked)} images looks unlike the training images."
+    names = ", ".join(flagged[:5]) + (", ..." if len(flagged) > 5 else "")
+    return (
+        f"{len(flagged)} of {len(checked)} images look unlike anything the model was trained on "
+        f"(novelty > 1): {names}. Check their masks before using them."
+    )
+
+
+# =================================================================================================
+# 5. Intensity randomisation for unseen scanners: notebook 05
+# =================================================================================================
+
+# AUGMENTATION values of notebook 05's variants that add a batch intensity randomisation to the
+# pipeline's "standard" augmentation ("strong" for "strong+gin"); measured no better than "standard"
+# on unseen sources (docs/generalisation.md), so they are study options, not Config options.
+INTENSITY_VARIANTS = ("gin", "curves", "strong+gin")
+
+
+def random_intensity_curves(
+    images: torch.Tensor, generator: torch.Generator, points: int = 6
+) -> torch.Tensor:
+    """Pass each image through its own random look-up table, drawn as ``points`` control values
+    joined linearly over the image's own intensity range: increasing (a new window or gamma),
+    decreasing (an inverted contrast) or neither (a non-monotone mapping), a third each.
+
+    Shape: ``(B, 1, H, W) -> (B, 1, H, W)``; values stay within each image's own minimum and maximum.
+    """
+    b = images.shape[0]
+    flat = images.flatten(1).float()
+    low, high = flat.amin(1, keepdim=True), flat.amax(1, keepdim=True)
+    span = (high - low).clamp_min(1e-6)
+    control = torch.rand(b, points, generator=generator)
+    kind = torch.randint(0, 3, (b, 1), generator=generator)
+    rising = control.sort(1).values
+    control = torch.where(kind == 0, rising, torch.where(kind == 1, rising.flip(1), control))
+    control = control.to(images.device)
+    position = (flat - low) / span * (points - 1)
+    index = position.floor().long().clamp(0, points - 2)
+    weight = position - index
+    mapped = control.gather(1, index) * (1 - weight) + control.gather(1, index + 1) * weight
+    return (low + mapped * span).view_as(images).to(images.dtype)
+
+
+def gin_augment(
+    images: torch.Tensor, generator: torch.Generator, channels: int = 2, layers: int = 4
+) -> torch.Tensor:
+    """Global intensity non-linear augmentation (GIN; Ouyang et al., IEEE TMI 2022).
+
+    Every image passes through its own shallow network with freshly drawn weights (per layer a 1x1
+    or 3x3 convolution, standard-normal weights and biases, leaky ReLU 0.2 between layers; a grouped
+    convolution runs the whole batch at once), is rescaled to the image's own mean and standard
+    deviation, and is blended with the image by a uniform random weight. Texture and shape survive;
+    the mapping from tissue to grey level is new each time.
+
+    Shape: ``(B, 1, H, W) -> (B, 1, H, W)``.
+    """
+    b, _, h, w = images.shape
+    x = images.float().reshape(1, b, h, w)
+    c_in = 1
+    for layer in range(layers):
+        c_out = 1 if layer == layers - 1 else channels
+        k = int(torch.randint(0, 2, (1,), generator=generator)) * 2 + 1
+        weight = torch.randn(b * c_out, c_in, k, k, generator=generator).to(x.device)
+        bias = torch.randn(b * c_out, generator=generator).to(x.device)
+        x = F.conv2d(x, weight, bias, padding=k // 2, groups=b)
+        if layer < layers - 1:
+            x = F.leaky_relu(x, 0.2)
+        c_in = c_out
+    out = x.reshape(b, 1, h, w)
+    ref = images.float()
+    dims = (1, 2, 3)
+    out = (out - out.mean(dims, keepdim=True)) / out.std(dims, keepdim=True).clamp_min(1e-6)
+    out = out * ref.std(dims, keepdim=True) + ref.mean(dims, keepdim=True)
+    alpha = torch.rand(b, 1, 1, 1, generator=generator).to(x.device)
+    return (alpha * out + (1 - alpha) * ref).to(images.dtype)
+
+
+class BatchIntensityAugmentation:
+    """The batch intensity randomisation of the variants ``"gin"``, ``"curves"`` and ``"strong+gin"``
+    (:data:`INTENSITY_VARIANTS`), a ``batch_transform`` for ``kidneyseg_utils.train_model``: applied
+    in torch to normalised training batches on the training device.
+
+    ``"gin"``: :func:`gin_augment` on every image (its random blend weight keeps some close to the
+    original). ``"curves"``: :func:`random_intensity_curves` on each image with probability 0.5.
+    ``"strong+gin"``: each image gets one of the two, at random. Draws come from ``(seed, epoch,
+    step)`` alone, so a run (and a resumed run) is reproducible on any device and worker count.
+    """
+
+    def __init__(self, augmentation: str, seed: int) -> None:
+        if augmentation not in INTENSITY_VARIANTS:
+            raise ValueError(
+                f"no batch intensity augmentation {augmentation!r}; choose one of {INTENSITY_VARIANTS}"
+            )
+        self.augmentation, self.seed = augmentation, seed
+
+    def __call__(self, images: torch.Tensor, epoch: int, step: int) -> torch.Tensor:
+        """Randomise the intensities of a ``(B, 1, H, W)`` batch (step ``step`` of ``epoch``)."""
+        state = np.random.SeedSequence([self.seed, epoch, step, 0x61E]).generate_state(1)[0]
+        generator = torch.Generator().manual_seed(int(state))
+        b = images.shape[0]
+        if self.augmentation == "gin":
+            return gin_augment(images, generator)
+        curves = random_intensity_curves(images, generator)
+        if self.augmentation == "curves":
+            keep = (torch.rand(b, generator=generator) < 0.5).to(images.device)
+            return torch.where(keep.view(b, 1, 1, 1), images, curves)
+        gin = gin_augment(images, generator)
+        use_gin = (torch.rand(b, generator=generator) < 0.5).to(images.device)
+        return torch.where(use_gin.view(b, 1, 1, 1), gin, curves)
+
+
+# =================================================================================================
+# 6. Leave-one-source-out: notebook 05
+# =================================================================================================
+
+LOSO_CSV_NAME = "leave_one_source_out.csv"
+LOSO_FOLD_RESULT_NAME = "fold_result.json"
+
+
+@dataclass
+class SourceFold:
+    """One fold of leave-one-source-out validation.
+
+    Attributes:
+        held_out: The source (folder under ``DATA_DIR``) that is tested and never trained on.
+        train: Every pair of the other sources (split again into training and validation).
+        test: Every pair of the held-out source.
+    """
+
+    held_out: str
+    train: list[ku.SamplePair]
+    test: list[ku.SamplePair]
+
+
+def source_folds(
+    pairs: Sequence[ku.SamplePair], sources: Sequence[str] | None = None, strict: bool = True
+) -> list[SourceFold]:
+    """One fold per source (or per listed source): train on all other sources, test on it.
+
+    Args:
+        pairs: Every pair of the data root.
+        sources: The sources to hold out in turn (None: all).
+        strict: With fewer than two sources, raise; if False, print why and return no fold, so that
+            notebook 05 ends with that message instead of a traceback.
+
+    Raises:
+        ValueError: fewer than two sources (when ``strict``), or ``sources`` names one that is not
+            there (the message lists the sources found) or names one twice.
+    """
+    pairs = list(pairs)
+    available = sorted({p.source for p in pairs})
+    if len(available) < 2:
+        message = (
+            f"Leave-one-source-out needs at least 2 sources (folders with images/ and masks/ under "
+            f"DATA_DIR); found {available or 'none'}. Put each scanner or dataset in its own folder."
+        )
+        if strict:
+            raise ValueError(message)
+        print(message + " Nothing is trained.")
+        return []
+    chosen = available if sources is None else [str(s) for s in sources]
+    unknown = [s for s in chosen if s not in available]
+    if unknown:
+        raise ValueError(f"SOURCES names {unknown}, which are not sources of DATA_DIR; found {available}.")
+    if len(set(chosen)) != len(chosen) or not chosen:
+        raise ValueError(f"SOURCES must list distinct sources (or be None for all); got {chosen}.")
+    return [
+        SourceFold(s, [p for p in pairs if p.source != s], [p for p in pairs if p.source == s])
+        for s in chosen
+    ]
+
+
+def _fold_settings(config: ku.Config, fold: SourceFold, intensity: str | None = None) -> dict[str, Any]:
+    return {
+        "config": config.to_dict(),
+        "intensity": intensity,
+        "train": [p.key for p in fold.train],
+        "test": [p.key for p in fold.test],
+    }
+
+
+def _extendable_fold(stored: Mapping[str, Any], settings: Mapping[str, Any], out: Path) -> bool:
+    """Whether a finished fold differs from ``settings`` only by a larger ``num_epochs``, with an
+    epoch budget alone (no time limit, which would make the stopping epoch depend on the machine)
+    and its resumable last checkpoint at hand, short of the new budget (an interrupted longer run may
+    have gone past it): training it on reproduces the longer run exactly."""
+    old = stored.get("settings") or {}
+    if not old or not (out / ku.LAST_CHECKPOINT_NAME).is_file():
+        return False
+    a, b = dict(old["config"]), dict(settings["config"])
+    if a.get("max_train_minutes") is not None or b.get("max_train_minutes") is not None:
+        return False
+    budget = int(b.pop("num_epochs", 0))
+    if int(a.pop("num_epochs", 0)) >= budget:
+        return False
+    if not (a == b and old["train"] == settings["train"] and old["test"] == settings["test"]):
+        return False
+    try:
+        return int(ku.load_checkpoint(out / ku.LAST_CHECKPOINT_NAME, map_location="cpu")["epoch"]) < budget
+    except ValueError:  # damaged: the fold is trained anew
+        return False
+
+
+def _subset(cache: ku.CachedArrays, pairs: Sequence[ku.SamplePair]) -> ku.CachedArrays:
+    position = {p.key: i for i, p in enumerate(cache.pairs)}
+    keep = [position[p.key] for p in pairs if p.key in position]
+    return ku.CachedArrays(
+        cache.images[keep],
+        cache.masks[keep],
+        [cache.pairs[i] for i in keep],
+        [cache.original_sizes[i] for i in keep],
+    )
+
+
+def run_source_fold(
+    config: ku.Config,
+    fold: SourceFold,
+    cache: ku.CachedArrays,
+    output_dir: str | os.PathLike,
+    device: torch.device | None = None,
+    progress: bool = False,
+    data_dir: str | os.PathLike | None = None,
+    intensity: str | None = None,
+) -> dict[str, Any]:
+    """Train one fold on ``fold.train`` (patient-split again for early stopping) and score the best
+    model on the held-out source at each image's original size (no TTA, no postprocessing).
+
+    A fold whose ``fold_result.json`` in ``output_dir`` records the same settings and files is not
+    retrained: its stored result is returned (``"reused": True``), so an interrupted notebook goes on
+    where it stopped. A fold that differs only by a larger ``num_epochs`` (and has no time limit)
+    is trained on from its last checkpoint, which gives exactly the longer run, or, if it had
+    stopped early, is kept as it is. Anything else in ``output_dir`` is a scratch run of this fold
+    and is replaced.
+
+    Args:
+        config: The fold's settings (``max_train_minutes`` and ``num_epochs`` are its budget).
+        fold: The fold.
+        cache: Decoded arrays of (at least) every training pair, at ``config.image_size`` with
+            ``config.preprocessing``.
+        output_dir: The fold's folder.
+        device: Compute device; chosen by :func:`get_device` when ``None``.
+        progress: Show progress bars.
+        data_dir: The data root, recorded in the checkpoints (so notebook 04 can reopen a fold).
+        intensity: One of :data:`INTENSITY_VARIANTS` (:class:`BatchIntensityAugmentation` on the
+            training batches), or None.
+
+    Returns:
+        The fold's row: sizes, pooled and mean test metrics, epochs and minutes.
+    """
+    out = Path(output_dir)
+    settings = _fold_settings(config, fold, intensity)
+    result_path = out / LOSO_FOLD_RESULT_NAME
+    stored = json.loads(result_path.read_text()) if result_path.is_file() else {}
+    if stored.get("settings") == settings:
+        return {**stored["row"], "reused": True}
+    extend = _extendable_fold(stored, settings, out)
+    if extend and stored["row"]["stop_reason"] == "early_stopping":
+        # A longer budget would have stopped at the same epoch: the stored result is the answer.
+        ku._atomic_write(
+            result_path, json.dumps({"settings": settings, "row": stored["row"]}, indent=1) + "\n"
+        )
+        return {**stored["row"], "reused": True}
+    train_pairs, val_pairs = ku.split_pairs(
+        fold.train, config.val_fraction, config.seed, grouped=config.group_regex is not None
+    )
+    train, val = _subset(cache, train_pairs), _subset(cache, val_pairs)
+    train_ds, val_ds = ku.make_datasets(train, val, config)
+    device = device or ku.get_device()
+    tic = time.monotonic()
+    result = ku.train_model(
+        ku.build_model(config),
+        train_ds,
+        val_ds,
+        config,
+        out,
+        device,
+        overwrite=True,
+        resume=extend,
+        extra_state={
+            "split": {"train": [p.key for p in train.pairs], "val": [p.key for p in val.pairs]},
+            "data_dir": "" if data_dir is None else str(data_dir),
+            "held_out": fold.held_out,
+            "test": settings["test"],
+        },
+        progress=progress,
+        batch_transform=BatchIntensityAugmentation(intensity, config.seed) if intensity else None,
+    )
+    minutes = (time.monotonic() - tic) / 60 + (stored["row"]["train_minutes"] if extend else 0.0)
+    model, _, _ = ku.load_model(out / ku.BEST_MODEL_NAME, device)
+    test = ku.load_evaluation_set(fold.test, config)
+    per_image, summary, _ = ku.evaluate_model(model, test, device, config.inference_threshold)
+    ku.write_evaluation(per_image, summary, out)
+    row = {
+        "held_out": fold.held_out,
+        "normalization": config.normalization,
+        "augmentation": intensity or config.augmentation,
+        "n_train": len(train),
+        "n_val": len(val),
+        "n_test": len(test),
+        "n_test_cases": len({p.case for p in fold.test}),
+        "n_with_kidney": summary["n_with_kidney"],
+        "pooled_dice": summary["pooled_dice"],
+        "pooled_iou": summary["pooled_iou"],
+        "mean_dice": summary["mean_dice"],
+        "mean_dice_with_kidney": summary["mean_dice_with_kidney"],
+        "mean_hd95": summary["mean_hd95"],
+        "median_hd95": summary["median_hd95"],
+        "val_dice": float(result.best_row["val_dice"]),
+        "best_epoch": result.best_epoch,
+        "epochs": len(result.history),
+        "stop_reason": result.stop_reason,
+        "train_minutes": minutes,
+    }
+    plain = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in row.items()}
+    ku._atomic_write(result_path, json.dumps({"settings": settings, "row": plain}, indent=1) + "\n")
+    return {**plain, "reused": False}
+
+
+def leave_one_source_out(
+    config: ku.Config,
+    data_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    sources: Sequence[str] | None = None,
+    variants: Mapping[str, Mapping[str, Any]] | None = None,
+    device: torch.device | None = None,
+    progress: bool = False,
+) -> pd.DataFrame:
+    """Leave-one-source-out validation: for each variant and each source, train on all other sources
+    and test on that one, at the same budget per fold.
+
+    Args:
+        config: Settings shared by every fold (``num_epochs`` and ``max_train_minutes`` are the
+            budget per fold).
+        data_dir: Data root with one folder per source.
+        output_dir: Each fold runs in ``output_dir/<variant>/<source>``; the table is written to
+            ``output_dir/leave_one_source_out.csv`` after every fold, so nothing is lost when a
+            long run is interrupted (finished folds are reused on the next call, see
+            :func:`run_source_fold`).
+        sources: The sources to hold out, in order; ``None`` holds out each source in turn.
+        variants: Name -> notebook parameters that differ from ``config``, e.g.
+            ``{"standard": {}, "zscore+strong": {"NORMALIZATION": "zscore", "AUGMENTATION": "strong"}}``;
+            ``"AUGMENTATION"`` may also be one of :data:`INTENSITY_VARIANTS`.
+            ``None`` runs ``config`` alone as ``"config"``.
+        device: Compute device; chosen by :func:`get_device` when ``None``.
+        progress: Show progress bars.
+
+    Returns:
+        One row per (variant, held-out source): see :func:`run_source_fold`.
+
+    Raises:
+        ValueError: fewer than two sources, an unknown source or parameter (the message names it).
+    """
+    variants = {"config": {}} if variants is None else dict(variants)
+    if not variants:
+        raise ValueError("VARIANTS is empty; give at least one, e.g. {'spec': {}}.")
+    configs, intensities = {}, {}
+    for name, overrides in variants.items():
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.+-]+", name):
+            raise ValueError(f"Variant name {name!r} must be a plain folder name (letters, digits, _ . + -).")
+        overrides = dict(overrides)
+        intensities[name] = (
+            overrides.get("AUGMENTATION") if overrides.get("AUGMENTATION") in INTENSITY_VARIANTS else None
+        )
+        if intensities[name]:
+            overrides["AUGMENTATION"] = "strong" if intensities[name] == "strong+gin" else "standard"
+        try:
+            configs[name] = config.with_parameters(**overrides)
+        except ValueError as exc:
+            raise ValueError(f"VARIANTS[{name!r}]: {exc}") from None
+    index = ku.index_dataset(data_dir, config.group_regex, config.mask_labels)
+    configs = {name: c.with_parameters(GROUP_REGEX=index.group_regex) for name, c in configs.items()}
+    folds = source_folds(index.pairs, sources)
+    out = Path(output_dir)
+    device = device or ku.get_device()
+    caches: dict[tuple[int, str], ku.CachedArrays] = {}
+    rows = []
+    for name, run_config in configs.items():
+        key = (run_config.image_size, run_config.preprocessing)
+        if key not in caches:
+            caches[key] = ku.load_arrays(index.pairs, *key, progress=progress)
+        for fold in folds:
+            row = run_source_fold(
+                run_config,
+                fold,
+                caches[key],
+                out / name / fold.held_out,
+                device=device,
+                progress=progress,
+                data_dir=data_dir,
+                intensity=intensities[name],
+            )
+            rows.append({"variant": name, **row})
+            ku._atomic_write(out / LOSO_CSV_NAME, pd.DataFrame(rows).to_csv(index=False))
+    return pd.DataFrame(rows)
+
+
+def plot_intensity_draws(image: np.ndarray, augmentation: str = "gin", n: int = 12, seed: int = 0) -> Any:
+    """One uint8 slice under ``n`` draws of a batch intensity augmentation (``"gin"``, ``"curves"``
+    or ``"strong+gin"``), as the network sees it after ``"minmax"`` scaling; the first panel is the
+    slice itself. Returns the matplotlib Figure."""
+    batch = torch.from_numpy(ku.normalize_intensity(image, "minmax"))[None, None].repeat(n, 1, 1, 1)
+    augment = BatchIntensityAugmentation(augmentation, seed)
+    draws = [batch[0, 0].numpy()] + [augment(batch[i : i + 1], 1, i)[0, 0].numpy() for i in range(n - 1)]
+    columns = min(6, n)
+    rows = math.ceil(n / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 2.3 * rows), squeeze=False)
+    for k, (ax, x) in enumerate(zip(axes.flat, draws)):
+        ax.imshow(x, cmap="gray")
+        ax.set_title("original" if k == 0 else f"draw {k}", fontsize=8)
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.suptitle(f"AUGMENTATION={augmentation!r}: one slice, {n - 1} draws")
+    fig.tight_layout()
+    return fig
+
+
+def fold_examples(folds: Sequence[SourceFold]) -> list[ku.SamplePair]:
+    """One slice per held-out source for pictures: its first slice with kidney, or its first slice
+    when none has kidney (named in a printed note)."""
+    examples, without = [], []
+    for fold in folds:
+        with_kidney = next((p for p in fold.test if ku.load_pair(p)[1].any()), None)
+        if with_kidney is None:
+            without.append(fold.held_out)
+        examples.append(with_kidney or fold.test[0])
+    if without:
+        print(f"No slice with kidney in {', '.join(without)}: its first slice is shown instead.")
+    return examples
+
+
+def fold_table(folds: Sequence[SourceFold]) -> pd.DataFrame:
+    """One row per fold: the held-out source, its test images and patients, and what trains."""
+    return pd.DataFrame(
+        [
+            {
+                "held_out": f.held_out,
+                "train_images": len(f.train),
+                "train_sources": len({p.source for p in f.train}),
+                "test_images": len(f.test),
+                "test_cases": len({p.case for p in f.test}),
+            }
+            for f in folds
+        ]
+    )
+
+
+def leave_one_source_out_files(
+    output_dir: str | os.PathLike, folds: Sequence[SourceFold], variants: Mapping[str, Any]
+) -> list[Path]:
+    """What :func:`leave_one_source_out` wrote under ``output_dir``: the table, and per fold and
+    variant the best model, its curves and the per-image test scores.
+
+    Raises:
+        FileNotFoundError: one of them is missing (the message names it).
+    """
+    out = Path(output_dir)
+    files = [out / LOSO_CSV_NAME]
+    for fold in folds:
+        for variant in variants:
+            fold_dir = out / variant / fold.held_out
+            files += [
+                fold_dir / n for n in (ku.BEST_MODEL_NAME, ku.METRICS_PNG_NAME, "evaluation_per_image.csv")
+            ]
+    missing = [p for p in files if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} expected files are missing, first {missing[0]}.")
+    return files
+
+
+def summarize_leave_one_source_out(
+    table: pd.DataFrame, groups: Mapping[str, Sequence[str]] | None = None
+) -> pd.DataFrame:
+    """Per variant: the mean over held-out sources of pooled Dice, mean Dice and mean HD95, and the
+    mean pooled Dice over each named group of sources (e.g. ``{"CT": [...]}``), best first."""
+    summary = table.groupby("variant", sort=False).agg(
+        folds=("held_out", "count"),
+        pooled_dice=("pooled_dice", "mean"),
+        mean_dice=("mean_dice", "mean"),
+        mean_hd95=("mean_hd95", "mean"),
+        worst_pooled_dice=("pooled_dice", "min"),
+        train_minutes=("train_minutes", "sum"),
+    )
+    for group, members in (groups or {}).items():
+        part = table[table["held_out"].isin(list(members))]
+        summary[f"pooled_dice_{group}"] = part.groupby("variant", sort=False)["pooled_dice"].mean()
+    return summary.sort_values("pooled_dice", ascending=False).reset_index()
+
+
+def plot_leave_one_source_out(table: pd.DataFrame) -> Any:
+    """Pooled Dice, mean Dice and mean HD95 per held-out source, one bar per variant."""
+    sources = list(dict.fromkeys(table["held_out"]))
+    variants = list(dict.fromkeys(table["variant"]))
+    width = 0.8 / len(variants)
+    fig, axes = plt.subplots(1, 3, figsize=(max(12, 1.6 * len(sources) * 3), 4.2))
+    panels = (("pooled_dice", "pooled Dice", (0, 1)), ("mean_dice", "mean Dice per slice", (0, 1)))
+    panels += (("mean_hd95", "mean HD95 (px, lower is better)", None),)
+    x = np.arange(len(sources))
+    for ax, (column, label, limits) in zip(axes, panels):
+        for k, variant in enumerate(variants):
+            part = table[table["variant"] == variant].set_index("held_out").reindex(sources)
+            bars = ax.bar(x + (k - (len(variants) - 1) / 2) * width, part[column], width, label=variant)
+            if column != "mean_hd95":
+                ax.bar_label(bars, fmt="%.2f", fontsize=6, padding=1)
+        ax.set_xticks(x, sources, rotation=20, fontsize=8)
+        ax.set_title(label, fontsize=10)
+        if limits:
+            ax.set_ylim(*limits)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=7, title="variant", title_fontsize=7)
+    fig.suptitle("Leave-one-source-out: trained on the other sources, tested on this one", fontsize=11)
+    fig.tight_layout()
+    return fig
