@@ -1623,7 +1623,7 @@ def leave_one_source_out(
     """
     variants = {"config": {}} if variants is None else dict(variants)
     if not variants:
-        raise ValueError("VARIANTS is empty; give at least one, e.g. {'spec': {}}.")
+        raise ValueError("VARIANTS is empty; give at least one, e.g. {'standard': {}}.")
     configs, intensities = {}, {}
     for name, overrides in variants.items():
         if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.+-]+", name):

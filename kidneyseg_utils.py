@@ -1643,8 +1643,8 @@ class AttentionUNet(nn.Module):
 
     Returns logits; ``torch.sigmoid`` of them is the kidney probability map. Input height and width
     must be multiples of ``2**depth``. On a CPU the input is put in channels-last memory format
-    (:attr:`cpu_channels_last`): the same numbers, about 1.3x faster per training step there
-    (``benchmarks/bench_speed.py``); on CUDA the layout is left as it is until measured there.
+    (:attr:`cpu_channels_last`): the same numbers, 1.27x faster per training step there
+    (``benchmarks/bench_memory_format.py``, docs/performance.md); on CUDA the layout is left as it is.
     """
 
     cpu_channels_last: bool = True

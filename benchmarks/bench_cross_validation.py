@@ -17,9 +17,13 @@ trains some folds and stops, so that two processes can share a machine's cores. 
 reason, precision) and ``fold_k_model.pth`` per fold, then ``oof_per_image.csv``,
 ``oof_per_patient.csv``, ``test_per_image.csv`` (ensemble), ``test_per_patient.csv``,
 ``test_folds.csv`` (each fold, their mean and the ensemble) and ``cv_summary.json``.
+``--score-finished`` trains nothing and writes the same tables for the folds finished so far under
+``--out/partial/``, with ``partial_summary.json`` (its ``folds`` says how many; the out-of-fold
+figures then cover those folds' validation patients only).
 
     python benchmarks/bench_cross_validation.py --help
     python benchmarks/bench_cross_validation.py --threads 1                      # docs/cross_validation.md
+    python benchmarks/bench_cross_validation.py --score-finished                 # the folds so far
     python benchmarks/bench_cross_validation.py --quick                          # tests
 """
 
@@ -97,12 +101,14 @@ def train_fold(config: ku.Config, data_dir: Path, runs: Path, out: Path, deadlin
     return record
 
 
-def score(out: Path, records: list[dict]) -> dict:
-    """Out-of-fold and test-split figures of the finished folds; writes the tables and the summary."""
+def score(out: Path, records: list[dict], dest: Path | None = None) -> dict:
+    """Out-of-fold and test-split figures of the finished folds (checkpoints in ``out``); writes the
+    tables and the summary to ``dest`` (``out`` itself when every fold is there)."""
+    dest = out if dest is None else dest
     paths = [out / fold_model_name(r["fold"]) for r in records]
     models, config, checkpoints = ku.load_models(paths)
-    oof = ku.evaluate_out_of_fold(models, checkpoints, config, out / "evaluation")
-    test = ku.evaluate_split(ku.FoldEnsemble(models), checkpoints[0], config, "test", out / "evaluation")
+    oof = ku.evaluate_out_of_fold(models, checkpoints, config, dest / "evaluation")
+    test = ku.evaluate_split(ku.FoldEnsemble(models), checkpoints[0], config, "test", dest / "evaluation")
     folds = ku.fold_comparison(models, test.data, fold_ids=[r["fold"] for r in records])
     for name, table in (
         ("oof_per_image.csv", oof.scores),
@@ -111,7 +117,7 @@ def score(out: Path, records: list[dict]) -> dict:
         ("test_per_patient.csv", ku.case_scores(test.scores)),
         ("test_folds.csv", folds),
     ):
-        ku._atomic_write(out / name, table.to_csv(index=False))
+        ku._atomic_write(dest / name, table.to_csv(index=False))
     single = folds[folds["model"].str.startswith("fold ")]
     summary = {
         "oof_pooled_dice": oof.summary["pooled_dice"],
@@ -144,7 +150,8 @@ def score(out: Path, records: list[dict]) -> dict:
         "torch": str(torch.__version__),
         "date": time.strftime("%Y-%m-%d"),
     }
-    ku._atomic_write(out / "cv_summary.json", json.dumps(summary, indent=2) + "\n")
+    name = "cv_summary.json" if dest == out else "partial_summary.json"
+    ku._atomic_write(dest / name, json.dumps(summary, indent=2) + "\n")
     return summary
 
 
@@ -161,6 +168,11 @@ def main(argv=None) -> int:
         default=None,
         metavar="FOLD",
         help="train only these folds and stop before scoring (run folds side by side)",
+    )
+    parser.add_argument(
+        "--score-finished",
+        action="store_true",
+        help="train nothing; score the folds finished so far into --out/partial (partial_summary.json)",
     )
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--base-channels", type=int, default=16)
@@ -201,6 +213,16 @@ def main(argv=None) -> int:
     print(
         f"# {args.image_size}px, width {args.base_channels}, AMP={amp!r}, {torch.get_num_threads()} thread(s)"
     )
+    if args.score_finished:
+        finished = [
+            json.loads((out / f"fold_{k}.json").read_text())
+            for k in range(args.folds)
+            if (out / f"fold_{k}.json").is_file() and (out / fold_model_name(k)).is_file()
+        ]
+        if not finished:
+            parser.error(f"--score-finished: no finished fold in {out} yet")
+        print(json.dumps(score(out, finished, out / "partial"), indent=2))
+        return 0
     records = []
     for fold in args.only if args.only is not None else range(args.folds):
         if not 0 <= fold < args.folds:

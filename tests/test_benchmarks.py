@@ -210,6 +210,10 @@ def test_cross_validation_benchmark_writes_its_summary_and_keeps_finished_folds(
     shutil.rmtree(tmp_path / "runs")  # a later session on another machine: only git's files remain
     run_script("bench_cross_validation.py", *args)  # finished folds are kept, not trained again
     assert kept.stat().st_mtime_ns == stamp and not (tmp_path / "runs").exists()
+    (tmp_path / "cv" / "fold_1.json").unlink()  # as if fold 1 were still training
+    run_script("bench_cross_validation.py", *args, "--score-finished")
+    partial = json.loads((tmp_path / "cv" / "partial" / "partial_summary.json").read_text())
+    assert partial["folds"] == 1 and partial["n_test_images"] == summary["n_test_images"]
     assert pd.read_csv(tmp_path / "cv" / "test_folds.csv")["model"].tolist()[-2:] == [
         "mean single fold",
         "ensemble",
