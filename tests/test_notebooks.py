@@ -16,7 +16,7 @@ from unittest import mock
 import pandas as pd
 import papermill
 import pytest
-import torch
+from conftest import train_tiny
 
 import kidneyseg_studies as ks
 import kidneyseg_utils as ku
@@ -82,18 +82,8 @@ def trained_run(tmp_path_factory, shared_data):
     _, config, _ = ku.load_model(out / "fold_0" / ku.BEST_MODEL_NAME)
     config = config.with_parameters(FOLD=1)
     data = ku.prepare_data(config, shared_data)
-    torch.manual_seed(config.seed)
-    ku.train_model(
-        ku.build_model(config),
-        data.train_dataset,
-        data.val_dataset,
-        config,
-        ku.run_output_dir(out, config),
-        torch.device("cpu"),
-        extra_state={"split": data.split_record(), "data_dir": str(shared_data)},
-        progress=False,
-        log=False,
-    )
+    extra = {"split": data.split_record(), "data_dir": str(shared_data)}
+    train_tiny(config, data, ku.run_output_dir(out, config), extra_state=extra)
     return out
 
 
