@@ -19,12 +19,17 @@ reason, precision) and ``fold_k_model.pth`` per fold, then ``oof_per_image.csv``
 ``test_folds.csv`` (each fold, their mean and the ensemble) and ``cv_summary.json``.
 ``--score-finished`` trains nothing and writes the same tables for the folds finished so far under
 ``--out/partial/``, with ``partial_summary.json`` (its ``folds`` says how many; the out-of-fold
-figures then cover those folds' validation patients only).
+figures then cover those folds' validation patients only). ``--set NAME=VALUE`` changes one notebook
+parameter (a JSON value, e.g. ``--set FOCAL_ALPHA=0.75``) for a variant trained on the same folds;
+give it its own ``--out`` and ``--runs``. The change is recorded in every ``fold_k.json`` and the
+summary (``changes``).
 
     python benchmarks/bench_cross_validation.py --help
     python benchmarks/bench_cross_validation.py --threads 1                      # docs/cross_validation.md
     python benchmarks/bench_cross_validation.py --score-finished                 # the folds so far
     python benchmarks/bench_cross_validation.py --quick                          # tests
+    python benchmarks/bench_cross_validation.py --threads 1 --only 0 --set FOCAL_ALPHA=0.75 \
+        --out benchmarks/results/cross_validation_alpha075 --runs benchmarks/results/cross_validation_runs_alpha075
 """
 
 from __future__ import annotations
@@ -51,8 +56,11 @@ def fold_model_name(fold: int) -> str:
     return f"fold_{fold}_model.pth"
 
 
-def train_fold(config: ku.Config, data_dir: Path, runs: Path, out: Path, deadline: float) -> dict | None:
-    """Train (or continue) one fold; return its record once finished, None if the clock stopped it."""
+def train_fold(
+    config: ku.Config, data_dir: Path, runs: Path, out: Path, deadline: float, changes: dict | None = None
+) -> dict | None:
+    """Train (or continue) one fold; return its record once finished, None if the clock stopped it.
+    ``changes`` (notebook parameters that differ from the benchmark's defaults) is recorded."""
     record_path = out / f"fold_{config.fold}.json"
     model_path = out / fold_model_name(config.fold)
     if record_path.exists() and model_path.exists():
@@ -96,6 +104,7 @@ def train_fold(config: ku.Config, data_dir: Path, runs: Path, out: Path, deadlin
         "train_images": len(data.train),
         "val_images": len(data.val),
         "val_dice_best_epoch": float(result.best_row["val_dice"]),
+        "changes": changes or {},
     }
     ku._atomic_write(record_path, json.dumps(record, indent=2) + "\n")
     return record
@@ -145,6 +154,7 @@ def score(out: Path, records: list[dict], dest: Path | None = None) -> dict:
         "image_size": config.image_size,
         "base_channels": config.base_channels,
         "precision": sorted({r["precision"] for r in records}),
+        "changes": records[0].get("changes") or {},
         "patience": config.patience,
         "threshold": config.inference_threshold,
         "torch": str(torch.__version__),
@@ -183,6 +193,13 @@ def main(argv=None) -> int:
     parser.add_argument("--max-minutes", type=float, default=None, help="stop this invocation after this")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--max-images", type=int, default=None)
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="change a notebook parameter for a variant (JSON value), e.g. --set FOCAL_ALPHA=0.75",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny settings for the tests")
     parser.add_argument("--runs", default=str(REPO / "benchmarks" / "results" / "cross_validation_runs"))
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "cross_validation"))
@@ -204,6 +221,19 @@ def main(argv=None) -> int:
         max_train_minutes=None,
         amp=amp,
     )
+    changes = {}
+    for item in args.set:
+        name, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--set {item!r}: write NAME=VALUE, e.g. --set FOCAL_ALPHA=0.75")
+        try:
+            changes[name] = json.loads(value)
+        except json.JSONDecodeError:
+            changes[name] = value
+    try:
+        config = config.with_parameters(**changes)
+    except ValueError as exc:
+        parser.error(f"--set: {exc}")
     out, runs = Path(args.out), Path(args.runs)
     out.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + 60 * (args.max_minutes if args.max_minutes else 1e9)
@@ -212,6 +242,7 @@ def main(argv=None) -> int:
     print(f"# cross-validation, {args.folds} folds, {time.strftime('%Y-%m-%d')}, {machine()}")
     print(
         f"# {args.image_size}px, width {args.base_channels}, AMP={amp!r}, {torch.get_num_threads()} thread(s)"
+        + (f", changed: {changes}" if changes else "")
     )
     if args.score_finished:
         finished = [
@@ -227,7 +258,7 @@ def main(argv=None) -> int:
     for fold in args.only if args.only is not None else range(args.folds):
         if not 0 <= fold < args.folds:
             parser.error(f"--only {fold}: a fold is 0 to {args.folds - 1} (--folds {args.folds})")
-        record = train_fold(config.with_parameters(FOLD=fold), Path(args.data), runs, out, deadline)
+        record = train_fold(config.with_parameters(FOLD=fold), Path(args.data), runs, out, deadline, changes)
         if record is None:
             return 0
         records.append(record)

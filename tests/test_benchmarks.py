@@ -220,6 +220,21 @@ def test_cross_validation_benchmark_writes_its_summary_and_keeps_finished_folds(
     ]
 
 
+def test_cross_validation_variant_records_its_change(tmp_path, shared_data):
+    out = tmp_path / "alpha"
+    common = ["--quick", "--data", str(shared_data), "--runs", str(tmp_path / "runs"), "--out", str(out)]
+    run_script("bench_cross_validation.py", *common, "--only", "0", "--set", "FOCAL_ALPHA=0.75")
+    assert json.loads((out / "fold_0.json").read_text())["changes"] == {"FOCAL_ALPHA": 0.75}
+    checkpoint = ku.load_checkpoint(out / "fold_0_model.pth")
+    assert checkpoint["config"]["focal_alpha"] == 0.75
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_cross_validation.py"), *common, "--set", "ALPHA=1"],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2 and "Unknown parameters ['ALPHA']" in proc.stderr
+
+
 def test_bf16_benchmark_tables(tmp_path, shared_data):
     run_script("bench_bf16.py", "--quick", "--data", str(shared_data), "--out", str(tmp_path))
     speed = pd.read_csv(tmp_path / "speed.csv")
