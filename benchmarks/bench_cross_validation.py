@@ -29,7 +29,8 @@ summary (``changes``).
     python benchmarks/bench_cross_validation.py --score-finished                 # the folds so far
     python benchmarks/bench_cross_validation.py --quick                          # tests
     python benchmarks/bench_cross_validation.py --threads 1 --only 0 --set FOCAL_ALPHA=0.75 \
-        --out benchmarks/results/cross_validation_alpha075 --runs benchmarks/results/cross_validation_runs_alpha075
+        --out benchmarks/results/cross_validation_alpha075 \
+        --runs benchmarks/results/cross_validation_runs_alpha075
 """
 
 from __future__ import annotations
