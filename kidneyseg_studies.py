@@ -2,13 +2,15 @@
 
 The second utility script of the series; it imports ``kidneyseg_utils`` (the pipeline), never the
 other way round, and notebook 03 does not need it. Sections, by notebook:
-    1. Exploring a dataset (01)      -- the inventory, data warnings, figures and the slice browser.
+    1. Exploring a dataset (01)      -- the inventory, data warnings, the mask heat map, the browser.
     2. Preprocessing (02)            -- contrast measurements, the normalisation check, the ablation.
     3. Evaluation figures (04)       -- inference options, the threshold sweep, error overlays.
     4. Familiarity (04)              -- does a new image look like anything the model trained on?
     5. Intensity randomisation (05)  -- GIN and random intensity curves, reaching training through
                                         ``kidneyseg_utils.train_model``'s ``batch_transform``.
-    6. Leave-one-source-out (05)     -- folds by source, the table and its figure.
+    6. Leave-one-source-out (05)     -- folds by source and the table.
+
+Figures drawn once live in the cell of the notebook that draws them.
 
 Importing it checks that ``kidneyseg_utils`` is of the same release (``__version__``) and says what
 to re-attach if not. Running it as a script does nothing, except in a Kaggle session, where it copies
@@ -68,16 +70,13 @@ if getattr(ku, "__version__", None) != __version__:
 __all__ = [
     # 1. Exploring a dataset
     "inventory", "inventory_summary", "write_inventory", "dataset_warnings", "mask_heatmap",
-    "plot_image_statistics", "plot_intensity_histograms", "plot_gallery", "plot_mask_statistics",
-    "show_slice_browser",
+    "read_inventory_pair", "intensity_histograms", "show_slice_browser",
     # 2. Preprocessing
     "preprocessing_effects", "normalization_consistency", "recommend_preprocessing",
     "preprocessing_ablation", "sample_slices_with_kidney", "write_preprocessing_results",
-    "plot_preprocessing_gallery", "plot_preprocessing_effects", "show_preprocessing_sliders",
-    "plot_normalization_consistency", "plot_normalization_gallery",
+    "show_preprocessing_sliders",
     # 3. Evaluation figures
-    "inference_options_table", "threshold_sweep", "plot_cases", "plot_dice_distribution",
-    "plot_case_dice", "plot_threshold_sweep", "show_threshold_viewer", "plot_prediction_overlays",
+    "inference_options_table", "threshold_sweep", "plot_cases", "show_threshold_viewer",
     # 4. Familiarity
     "image_features", "familiarity_reference", "familiarity", "training_reference",
     "familiarity_report", "unfamiliar_note",
@@ -86,7 +85,7 @@ __all__ = [
     "plot_intensity_draws",
     # 6. Leave-one-source-out
     "LOSO_CSV_NAME", "source_folds", "fold_examples", "fold_table", "leave_one_source_out",
-    "leave_one_source_out_files", "summarize_leave_one_source_out", "plot_leave_one_source_out",
+    "leave_one_source_out_files", "summarize_leave_one_source_out",
 ]
 # fmt: on
 
@@ -348,6 +347,11 @@ def _labels_of(value: Any) -> str | tuple[int, ...] | None:
     return value if isinstance(value, (str, tuple, list)) else None
 
 
+def read_inventory_pair(row: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """The image and the 0/1 mask of one inventory row, read as training reads them."""
+    return ku.read_image(row["image"]), ku.read_mask(row["mask"], _labels_of(row["mask_labels"]))
+
+
 def mask_heatmap(table: pd.DataFrame, size: int = 64) -> np.ndarray:
     """Share of masks covering each position of the normalised (resized) image, ``size`` x ``size``."""
     ok = table[table["status"] == "ok"]
@@ -358,115 +362,19 @@ def mask_heatmap(table: pd.DataFrame, size: int = 64) -> np.ndarray:
     return total / max(1, len(ok))
 
 
-def plot_image_statistics(table: pd.DataFrame) -> Any:
-    """Image sizes per source (width against height) and the aspect-ratio distribution."""
+def intensity_histograms(table: pd.DataFrame, per_source: int = 12, seed: int = 0) -> pd.DataFrame:
+    """Gray-level histograms after conversion to uint8, from up to ``per_source`` random images of
+    each source: one column per source, one row per gray level, each column summing to 1."""
     ok = table[table["status"] == "ok"]
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
-    for source, part in ok.groupby("source"):
-        counts = part.groupby(["width", "height"]).size().reset_index(name="n")
-        axes[0].scatter(counts["width"], counts["height"], s=20 + 6 * counts["n"], alpha=0.6, label=source)
-    axes[0].set_xlabel("width (px)")
-    axes[0].set_ylabel("height (px)")
-    axes[0].set_title("Image sizes (marker area ~ number of images)")
-    axes[0].legend(fontsize=7)
-    axes[0].grid(alpha=0.3)
-    aspect = ok["width"] / ok["height"]
-    axes[1].hist(
-        [aspect[ok["source"] == s] for s in sorted(ok["source"].unique())],
-        bins=20,
-        stacked=True,
-        label=sorted(ok["source"].unique()),
-    )
-    axes[1].set_xlabel("aspect ratio (width / height)")
-    axes[1].set_ylabel("images")
-    axes[1].set_title("Aspect ratios")
-    fig.tight_layout()
-    return fig
-
-
-def plot_intensity_histograms(table: pd.DataFrame, per_source: int = 12, seed: int = 0) -> Any:
-    """Gray-level histograms (after conversion to uint8): all sources together and one per source,
-    from up to ``per_source`` random images each."""
-    ok = table[table["status"] == "ok"]
-    sources = sorted(ok["source"].unique())
     rng = np.random.default_rng(seed)
     hists = {}
-    for source in sources:
-        paths = ok.loc[ok["source"] == source, "image"].to_numpy()
-        picks = rng.choice(paths, size=min(per_source, len(paths)), replace=False)
-        hist = np.zeros(256)
-        for path in picks:
-            hist += np.bincount(ku.read_image(path).ravel(), minlength=256)
-        hists[source] = hist / hist.sum()
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4))
-    axes[0].plot(np.mean(list(hists.values()), axis=0), color="black")
-    axes[0].set_title("All sources (mean of per-source histograms)")
-    for source, hist in hists.items():
-        axes[1].plot(hist, label=source, alpha=0.8)
-    axes[1].set_title("Per source")
-    axes[1].legend(fontsize=7)
-    for ax in axes:
-        ax.set_xlabel("gray level")
-        ax.set_ylabel("share of pixels")
-        ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return fig
-
-
-def plot_gallery(
-    table: pd.DataFrame,
-    n: int = 12,
-    seed: int = 0,
-    columns: int = 6,
-    transform: Callable[[np.ndarray], np.ndarray] | None = None,
-) -> Any:
-    """Random slices at their original size with the mask overlaid, titled by source and name."""
-    ok = table[table["status"] == "ok"].reset_index(drop=True)
-    picks = np.random.default_rng(seed).choice(len(ok), size=min(n, len(ok)), replace=False)
-    rows = math.ceil(len(picks) / columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(2.6 * columns, 2.8 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, i in zip(axes.flat, picks):
-        row = ok.loc[int(i)]
-        image = ku.read_image(row["image"])
-        if transform is not None:
-            image = transform(image)
-        ax.imshow(ku.overlay_mask(image, ku.read_mask(row["mask"], _labels_of(row["mask_labels"]))))
-        ax.set_title(f"{row['source']}\n{row['name'][:26]}", fontsize=7)
-    fig.tight_layout()
-    return fig
-
-
-def plot_mask_statistics(table: pd.DataFrame, heatmap: np.ndarray) -> Any:
-    """Kidney area distribution, connected components per mask, and where kidneys lie."""
-    ok = table[table["status"] == "ok"]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    kidney = ok[ok["kidney_fraction"] > 0]
-    sources = sorted(kidney["source"].unique())
-    axes[0].hist(
-        [100 * kidney.loc[kidney["source"] == s, "kidney_fraction"] for s in sources],
-        bins=25,
-        stacked=True,
-        label=sources,
-    )
-    axes[0].set_xlabel("kidney area (% of image)")
-    axes[0].set_ylabel("masks")
-    empty = (ok["kidney_fraction"] == 0).mean()
-    axes[0].set_title(f"Kidney area ({empty:.0%} of masks are empty)")
-    axes[0].legend(fontsize=7)
-    components = ok["components"].astype(int).value_counts().sort_index()
-    axes[1].bar(components.index.astype(str), components.to_numpy())
-    axes[1].set_xlabel("connected components per mask")
-    axes[1].set_ylabel("masks")
-    axes[1].set_title("Components (two kidneys usually give 2)")
-    shown = axes[2].imshow(heatmap, cmap="magma", vmin=0)
-    axes[2].set_title("Where kidneys lie (share of masks)")
-    axes[2].axis("off")
-    fig.colorbar(shown, ax=axes[2], fraction=0.046)
-    fig.tight_layout()
-    return fig
+    for source, part in ok.groupby("source"):
+        paths = part["image"].to_numpy()
+        counts = np.zeros(256)
+        for path in rng.choice(paths, size=min(per_source, len(paths)), replace=False):
+            counts += np.bincount(ku.read_image(path).ravel(), minlength=256)
+        hists[source] = counts / counts.sum()
+    return pd.DataFrame(hists)
 
 
 def show_slice_browser(table: pd.DataFrame) -> None:
@@ -479,8 +387,7 @@ def show_slice_browser(table: pd.DataFrame) -> None:
 
     def draw(index: int = 0, overlay: bool = True, opacity: float = 0.45) -> None:
         row = ok.loc[index]
-        image = ku.read_image(row["image"])
-        mask = ku.read_mask(row["mask"], _labels_of(row["mask_labels"]))
+        image, mask = read_inventory_pair(row)
         shown = ku.overlay_mask(image, mask, alpha=opacity) if overlay else image
         fig, ax = plt.subplots(figsize=(5, 5))
         ax.imshow(shown, cmap="gray")
@@ -717,55 +624,6 @@ def preprocessing_ablation(
     return pd.DataFrame(rows)
 
 
-def plot_preprocessing_gallery(
-    images: Sequence[np.ndarray],
-    masks: Sequence[np.ndarray],
-    titles: Sequence[str],
-    methods: Sequence[str] = ("none", "white_balance", "clahe", "unsharp"),
-) -> Any:
-    """One row per slice, one column per method, with the kidney outline, and a histogram row."""
-    n = len(images)
-    fig, axes = plt.subplots(
-        2 * n,
-        len(methods),
-        figsize=(3.1 * len(methods), 5.2 * n),
-        squeeze=False,
-        gridspec_kw={"height_ratios": [3, 1.2] * n},
-    )
-    for r, (image, mask, title) in enumerate(zip(images, masks, titles)):
-        for c, method in enumerate(methods):
-            out = ku.apply_preprocessing(image, method)
-            ax = axes[2 * r, c]
-            ax.imshow(ku.overlay_mask(out, mask, alpha=0.0))
-            ax.set_title(f"{title}\n{method}" if c == 0 else method, fontsize=8)
-            ax.axis("off")
-            hist_ax = axes[2 * r + 1, c]
-            hist_ax.hist(out.ravel(), bins=64, range=(0, 255), color="gray")
-            hist_ax.set_yscale("log")  # the dark background would hide everything else
-            hist_ax.set_yticks([])
-            hist_ax.tick_params(labelsize=7)
-    fig.tight_layout()
-    return fig
-
-
-def plot_preprocessing_effects(effects: pd.DataFrame) -> Any:
-    """CNR gain and edge-strength gain per method and parameters, averaged over sources."""
-    mean = effects.groupby(["method", "params"], sort=False)[["cnr_gain", "edge_gain"]].mean().reset_index()
-    labels = [f"{m}\n{p}" for m, p in zip(mean["method"], mean["params"])]
-    x = np.arange(len(mean))
-    fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(mean)), 4.5))
-    ax.bar(x - 0.2, mean["cnr_gain"], width=0.4, label="CNR kidney vs surrounding ring")
-    ax.bar(x + 0.2, mean["edge_gain"], width=0.4, label="edge strength on the kidney outline")
-    ax.axhline(1.0, color="black", linewidth=0.8)
-    ax.set_xticks(x, labels, fontsize=7)
-    ax.set_ylabel("ratio to no preprocessing")
-    ax.set_title("Measured effect (mean over sources, slices with kidney)")
-    ax.legend(fontsize=8)
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    return fig
-
-
 def show_preprocessing_sliders(image: np.ndarray, mask: np.ndarray) -> None:
     """ipywidgets sliders to tune CLAHE, the percentile stretch and unsharp masking on one slice.
 
@@ -804,48 +662,6 @@ def show_preprocessing_sliders(image: np.ndarray, mask: np.ndarray) -> None:
             amount=widgets.FloatSlider(value=1.0, min=0.0, max=3.0, step=0.1),
         ),
     )
-
-
-def plot_normalization_consistency(per_source: pd.DataFrame) -> Any:
-    """Kidney and surroundings level per source under each normalisation (from
-    :func:`normalization_consistency`): a consistent normalisation keeps each source's kidney level
-    close to the others' on the scale of the contrast the network has to find."""
-    methods = list(dict.fromkeys(per_source["method"]))
-    fig, axes = plt.subplots(1, len(methods), figsize=(3.6 * len(methods), 4), squeeze=False)
-    for ax, method in zip(axes[0], methods):
-        part = per_source[per_source["method"] == method]
-        y = np.arange(len(part))
-        for yi, (_, row) in zip(y, part.iterrows()):
-            ax.plot([row["surroundings"], row["kidney"]], [yi, yi], color="0.6", linewidth=1)
-        ax.scatter(part["surroundings"], y, color="0.3", s=20, label="surroundings (5 px ring)")
-        ax.scatter(part["kidney"], y, color="tab:red", s=28, label="kidney")
-        ax.set_yticks(y, part["source"] if ax is axes[0, 0] else [""] * len(part), fontsize=8)
-        ax.set_title(method, fontsize=10)
-        ax.set_xlabel("normalised intensity (median)", fontsize=8)
-        ax.grid(axis="x", alpha=0.3)
-    axes[0, 0].legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    return fig
-
-
-def plot_normalization_gallery(
-    images: Sequence[np.ndarray], titles: Sequence[str], methods: Sequence[str] = ku.NORMALIZATION_OPTIONS
-) -> Any:
-    """One row per slice (e.g. one per source), one column per normalisation, all on one grey scale
-    per column so that differences between sources stay visible."""
-    outs = {m: [ku.normalize_intensity(image, m) for image in images] for m in methods}
-    fig, axes = plt.subplots(
-        len(images), len(methods), figsize=(2.6 * len(methods), 2.6 * len(images)), squeeze=False
-    )
-    for c, method in enumerate(methods):
-        low, high = np.percentile(np.concatenate([o.ravel() for o in outs[method]]), [0.5, 99.5])
-        for r, (out, title) in enumerate(zip(outs[method], titles)):
-            ax = axes[r, c]
-            ax.imshow(out, cmap="gray", vmin=low, vmax=high)
-            ax.set_title(f"{title}\n{method}" if c == 0 else method, fontsize=8)
-            ax.axis("off")
-    fig.tight_layout()
-    return fig
 
 
 # =================================================================================================
@@ -992,88 +808,6 @@ def plot_cases(
     handles = [Patch(color=np.asarray(c) / 255, label=k.upper()) for k, c in ERROR_COLORS.items()]
     fig.legend(handles=handles, loc="lower center", ncol=3)
     fig.tight_layout(rect=(0, 0.03, 1, 1))
-    return fig
-
-
-def plot_prediction_overlays(folder: str | os.PathLike, n: int = 4) -> Any:
-    """The first ``n`` overlays that :func:`predict_folder` wrote to ``folder/overlays``, in a row."""
-    overlays = sorted((Path(folder) / "overlays").glob("*.png"))[:n]
-    if not overlays:
-        raise FileNotFoundError(f"No overlays in {Path(folder) / 'overlays'}; run predict_folder first.")
-    fig, axes = plt.subplots(1, len(overlays), figsize=(4 * len(overlays), 4), squeeze=False)
-    for ax, path in zip(axes.flat, overlays):
-        ax.imshow(cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB))
-        ax.set_title(path.name, fontsize=8)
-        ax.axis("off")
-    fig.tight_layout()
-    return fig
-
-
-def plot_dice_distribution(per_image: pd.DataFrame, by: str = "source") -> Any:
-    """Histogram of per-image Dice and, when the data has several groups, Dice per ``by`` group."""
-    groups = per_image[by].nunique() if by in per_image else 1
-    fig, axes = plt.subplots(1, 2 if groups > 1 else 1, figsize=(13 if groups > 1 else 6, 4), squeeze=False)
-    ax = axes[0, 0]
-    ax.hist(per_image["dice"], bins=np.linspace(0, 1, 21), color="tab:blue", edgecolor="white")
-    ax.set_xlabel("Dice per image")
-    ax.set_ylabel("images")
-    ax.set_title(f"Dice distribution (n={len(per_image)}, mean {per_image['dice'].mean():.3f})")
-    if groups > 1:
-        ax = axes[0, 1]
-        names = sorted(per_image[by].unique())
-        ax.boxplot([per_image.loc[per_image[by] == n, "dice"] for n in names], showmeans=True)
-        ax.set_xticks(range(1, len(names) + 1), names, rotation=30, ha="right", fontsize=8)
-        ax.set_ylabel("Dice per image")
-        ax.set_ylim(-0.02, 1.02)
-        ax.set_title(f"Dice per {by}")
-    fig.tight_layout()
-    return fig
-
-
-def plot_case_dice(per_image: pd.DataFrame, title: str = "") -> Any:
-    """Dice per patient (pooled over the patient's slices), sorted, coloured by source."""
-    cases = ku.case_scores(per_image).sort_values("dice").reset_index(drop=True)
-    sources = sorted(cases["source"].unique())
-    colors = {s: plt.cm.tab10(i % 10) for i, s in enumerate(sources)}
-    fig, ax = plt.subplots(figsize=(max(6, 0.28 * len(cases) + 2), 4))
-    ax.bar(range(len(cases)), cases["dice"], color=[colors[s] for s in cases["source"]])
-    ax.axhline(cases["dice"].mean(), color="black", lw=1, ls="--", label=f"mean {cases['dice'].mean():.3f}")
-    ax.set_xticks(range(len(cases)), cases["patient"].str.split("/").str[-1], rotation=90, fontsize=7)
-    ax.set_ylim(0, 1.02)
-    ax.set_ylabel("Dice pooled over the patient's slices")
-    handles = [plt.Rectangle((0, 0), 1, 1, color=colors[s]) for s in sources]
-    ax.legend(
-        [*handles, ax.lines[0]],
-        [*sources, ax.lines[0].get_label()],
-        fontsize=7,
-        loc="upper left",
-        bbox_to_anchor=(1.0, 1.0),
-    )
-    ax.set_title(title or f"Dice per patient (n={len(cases)})")
-    fig.tight_layout()
-    return fig
-
-
-def plot_threshold_sweep(sweep: pd.DataFrame, chosen: float | None = None) -> Any:
-    """Pooled and mean Dice against the threshold, the best threshold marked."""
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    ax.plot(sweep["threshold"], sweep["pooled_dice"], marker=".", label="pooled Dice")
-    ax.plot(sweep["threshold"], sweep["mean_dice"], marker=".", label="mean Dice per image")
-    best = sweep.loc[sweep["pooled_dice"].idxmax()]
-    ax.axvline(
-        best["threshold"],
-        color="tab:green",
-        linestyle="--",
-        label=f"best {best['threshold']:.2f} (pooled {best['pooled_dice']:.3f})",
-    )
-    if chosen is not None:
-        ax.axvline(chosen, color="gray", linestyle=":", label=f"used {chosen:.2f}")
-    ax.set_xlabel("threshold")
-    ax.set_ylabel("Dice")
-    ax.set_title("Threshold sweep on the validation split")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
     return fig
 
 
@@ -1450,28 +1184,6 @@ def _fold_settings(config: ku.Config, fold: SourceFold, intensity: str | None = 
     }
 
 
-def _extendable_fold(stored: Mapping[str, Any], settings: Mapping[str, Any], out: Path) -> bool:
-    """Whether a finished fold differs from ``settings`` only by a larger ``num_epochs``, with an
-    epoch budget alone (no time limit, which would make the stopping epoch depend on the machine)
-    and its resumable last checkpoint at hand, short of the new budget (an interrupted longer run may
-    have gone past it): training it on reproduces the longer run exactly."""
-    old = stored.get("settings") or {}
-    if not old or not (out / ku.LAST_CHECKPOINT_NAME).is_file():
-        return False
-    a, b = dict(old["config"]), dict(settings["config"])
-    if a.get("max_train_minutes") is not None or b.get("max_train_minutes") is not None:
-        return False
-    budget = int(b.pop("num_epochs", 0))
-    if int(a.pop("num_epochs", 0)) >= budget:
-        return False
-    if not (a == b and old["train"] == settings["train"] and old["test"] == settings["test"]):
-        return False
-    try:
-        return int(ku.load_checkpoint(out / ku.LAST_CHECKPOINT_NAME, map_location="cpu")["epoch"]) < budget
-    except ValueError:  # damaged: the fold is trained anew
-        return False
-
-
 def _subset(cache: ku.CachedArrays, pairs: Sequence[ku.SamplePair]) -> ku.CachedArrays:
     position = {p.key: i for i, p in enumerate(cache.pairs)}
     keep = [position[p.key] for p in pairs if p.key in position]
@@ -1492,16 +1204,16 @@ def run_source_fold(
     progress: bool = False,
     data_dir: str | os.PathLike | None = None,
     intensity: str | None = None,
+    extendable: Callable[[Mapping[str, Any], Mapping[str, Any], Path], bool] | None = None,
 ) -> dict[str, Any]:
     """Train one fold on ``fold.train`` (patient-split again for early stopping) and score the best
     model on the held-out source at each image's original size (no TTA, no postprocessing).
 
     A fold whose ``fold_result.json`` in ``output_dir`` records the same settings and files is not
     retrained: its stored result is returned (``"reused": True``), so an interrupted notebook goes on
-    where it stopped. A fold that differs only by a larger ``num_epochs`` (and has no time limit)
-    is trained on from its last checkpoint, which gives exactly the longer run, or, if it had
-    stopped early, is kept as it is. Anything else in ``output_dir`` is a scratch run of this fold
-    and is replaced.
+    where it stopped. Anything else in ``output_dir`` is a scratch run of this fold and is replaced,
+    unless ``extendable(stored, settings, output_dir)`` says that the stored run is a shorter run of
+    the same fold: then it is trained on from its last checkpoint, or kept if it stopped early.
 
     Args:
         config: The fold's settings (``max_train_minutes`` and ``num_epochs`` are its budget).
@@ -1514,6 +1226,8 @@ def run_source_fold(
         data_dir: The data root, recorded in the checkpoints (so notebook 04 can reopen a fold).
         intensity: One of :data:`INTENSITY_VARIANTS` (:class:`BatchIntensityAugmentation` on the
             training batches), or None.
+        extendable: The test above, given the stored ``fold_result.json``, the fold's settings and
+            ``output_dir`` (``benchmarks/bench_unseen.py`` has one); None never trains a run on.
 
     Returns:
         The fold's row: sizes, pooled and mean test metrics, epochs and minutes.
@@ -1524,7 +1238,7 @@ def run_source_fold(
     stored = json.loads(result_path.read_text()) if result_path.is_file() else {}
     if stored.get("settings") == settings:
         return {**stored["row"], "reused": True}
-    extend = _extendable_fold(stored, settings, out)
+    extend = bool(stored.get("settings")) and extendable is not None and extendable(stored, settings, out)
     if extend and stored["row"]["stop_reason"] == "early_stopping":
         # A longer budget would have stopped at the same epoch: the stored result is the answer.
         ku._atomic_write(
@@ -1595,6 +1309,7 @@ def leave_one_source_out(
     variants: Mapping[str, Mapping[str, Any]] | None = None,
     device: torch.device | None = None,
     progress: bool = False,
+    extendable: Callable[[Mapping[str, Any], Mapping[str, Any], Path], bool] | None = None,
 ) -> pd.DataFrame:
     """Leave-one-source-out validation: for each variant and each source, train on all other sources
     and test on that one, at the same budget per fold.
@@ -1614,6 +1329,7 @@ def leave_one_source_out(
             ``None`` runs ``config`` alone as ``"config"``.
         device: Compute device; chosen by :func:`get_device` when ``None``.
         progress: Show progress bars.
+        extendable: Passed to :func:`run_source_fold`.
 
     Returns:
         One row per (variant, held-out source): see :func:`run_source_fold`.
@@ -1659,6 +1375,7 @@ def leave_one_source_out(
                 progress=progress,
                 data_dir=data_dir,
                 intensity=intensities[name],
+                extendable=extendable,
             )
             rows.append({"variant": name, **row})
             ku._atomic_write(out / LOSO_CSV_NAME, pd.DataFrame(rows).to_csv(index=False))
@@ -1755,29 +1472,3 @@ def summarize_leave_one_source_out(
         part = table[table["held_out"].isin(list(members))]
         summary[f"pooled_dice_{group}"] = part.groupby("variant", sort=False)["pooled_dice"].mean()
     return summary.sort_values("pooled_dice", ascending=False).reset_index()
-
-
-def plot_leave_one_source_out(table: pd.DataFrame) -> Any:
-    """Pooled Dice, mean Dice and mean HD95 per held-out source, one bar per variant."""
-    sources = list(dict.fromkeys(table["held_out"]))
-    variants = list(dict.fromkeys(table["variant"]))
-    width = 0.8 / len(variants)
-    fig, axes = plt.subplots(1, 3, figsize=(max(12, 1.6 * len(sources) * 3), 4.2))
-    panels = (("pooled_dice", "pooled Dice", (0, 1)), ("mean_dice", "mean Dice per slice", (0, 1)))
-    panels += (("mean_hd95", "mean HD95 (px, lower is better)", None),)
-    x = np.arange(len(sources))
-    for ax, (column, label, limits) in zip(axes, panels):
-        for k, variant in enumerate(variants):
-            part = table[table["variant"] == variant].set_index("held_out").reindex(sources)
-            bars = ax.bar(x + (k - (len(variants) - 1) / 2) * width, part[column], width, label=variant)
-            if column != "mean_hd95":
-                ax.bar_label(bars, fmt="%.2f", fontsize=6, padding=1)
-        ax.set_xticks(x, sources, rotation=20, fontsize=8)
-        ax.set_title(label, fontsize=10)
-        if limits:
-            ax.set_ylim(*limits)
-        ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(fontsize=7, title="variant", title_fontsize=7)
-    fig.suptitle("Leave-one-source-out: trained on the other sources, tested on this one", fontsize=11)
-    fig.tight_layout()
-    return fig

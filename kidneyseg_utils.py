@@ -144,7 +144,6 @@ _INT_FROM_1 = _rule(lambda v: _is_int(v) and v >= 1, "an integer >= 1")
 _POSITIVE = _rule(lambda v: _is_num(v) and v > 0, "a number > 0")
 _NON_NEGATIVE = _rule(lambda v: _is_num(v) and v >= 0, "a number >= 0")
 _UNIT_INTERVAL = _rule(lambda v: _is_num(v) and 0 <= v <= 1, "a number in [0, 1]")
-_BOOLEAN = _rule(lambda v: isinstance(v, bool), "True or False")
 
 
 def _one_of(options: Sequence[str]) -> tuple:
@@ -251,16 +250,24 @@ class Config:
             is kidney (e.g. KiTS kidney + tumour + cyst). A list of values, e.g. ``[1]``: exactly
             those values are kidney, the rest background.
         preprocessing: Intensity preprocessing, one of :data:`PREPROCESSING_OPTIONS`.
-        normalization: How each model input is scaled, one of :data:`NORMALIZATION_OPTIONS`:
-            ``"minmax"`` (0..255 to [0, 1]), ``"percentile"`` (per image, clip
-            to the 0.5-99.5th percentiles and stretch to [0, 1]), ``"zscore"`` (the same clip,
-            then zero mean and unit variance; nnU-Net z-scores non-CT images without a clip) or ``"histeq"``
-            (global histogram equalisation, blind to another window or gamma). Stored in the
-            checkpoint and applied identically in training, evaluation and inference.
-        augmentation: Training augmentation, one of :data:`AUGMENTATION_OPTIONS`: ``"standard"``
-            (flips, small shifts, scales and rotations, brightness and contrast) or ``"strong"``
-            (nnU-Net-like 2D: wider scale and rotation, gamma, noise, blur, low-resolution
-            simulation). See :func:`build_train_transform`.
+        normalization: How each model input is scaled, one of :data:`NORMALIZATION_OPTIONS`, each
+            from the image's own intensities (:func:`normalization_stats`): ``"minmax"`` (8-bit
+            0..255 to [0, 1]; other depths from their own minimum and maximum), ``"percentile"``
+            (clip to the image's 0.5th-99.5th percentiles, stretch to [0, 1]), ``"zscore"`` (the
+            same clip, then zero mean and unit variance; nnU-Net z-scores non-CT images without the
+            clip) or ``"histeq"`` (global histogram equalisation, each value to the share of pixels
+            at or below it: unchanged by another CT window or gamma). A constant image gives zeros
+            (an 8-bit one keeps the fixed ``"minmax"`` scale). Stored in the checkpoint and applied
+            identically in training, evaluation and inference.
+        augmentation: Training augmentation (:func:`build_train_transform`), one of
+            :data:`AUGMENTATION_OPTIONS`. ``"standard"``: horizontal and vertical flips (p 0.7
+            each); shift up to 6.25 %, scale 0.9-1.1, rotation up to 45 degrees (p 0.5); brightness
+            and contrast +-0.2 (p 0.5). ``"strong"``, in the spirit of nnU-Net's 2D defaults: flips
+            (p 0.5 each); scale 0.7-1.4, rotation up to 180 degrees, shift up to 10 % (p 0.6);
+            Gaussian noise (std up to 8 % of the range, p 0.15); blur (sigma 0.5-1, p 0.2);
+            brightness and contrast +-0.25 (p 0.3); low resolution (down to 0.5x and back, p 0.25);
+            gamma 0.7-1.5 (p 0.3). Geometry moves image and mask together (zero padding,
+            nearest-neighbour masks); intensity changes touch the image only.
         lr_factor: ReduceLROnPlateau factor.
         lr_patience: ReduceLROnPlateau patience in epochs.
         min_lr: ReduceLROnPlateau floor.
@@ -698,11 +705,8 @@ def index_dataset(
 
     Args:
         data_dir: One folder with images/ and masks/, or a root holding several at any depth.
-        group_regex: Optional patient-id pattern (see :class:`Config`); ``"auto"`` infers one from
-            the file names (:func:`infer_group_regex`) and says what it found; a mapping gives each
-            source its own pattern (a source it does not name is split by image). The rule used is
-            :attr:`DatasetIndex.group_regex`.
-        mask_labels: How masks with several labels are read (``Config.mask_labels``).
+        group_regex: ``Config.group_regex``; the rule used is :attr:`DatasetIndex.group_regex`.
+        mask_labels: ``Config.mask_labels``.
 
     Raises:
         FileNotFoundError: ``data_dir`` is missing or holds no images/ + masks/ folder.
@@ -856,8 +860,7 @@ def binarize_mask(
     * several labels (0/1/2, 0/100/200, KiTS's 0/1/2/3): an error naming the file and its values,
       never a silent choice.
 
-    ``labels="nonzero"`` reads every non-zero value as kidney; a list of values reads exactly those
-    as kidney. Label values are matched exactly: keep label maps in a lossless format (PNG, TIFF).
+    Other ``labels`` as ``Config.mask_labels`` says, matched exactly: keep label maps lossless (PNG).
 
     Raises:
         ValueError: a mask with several labels and no ``labels``, naming the file, the values and
@@ -1431,27 +1434,9 @@ def _linear_map(low: float, high: float, offset: float, scale: float) -> Intensi
 
 
 def normalization_stats(image: np.ndarray, method: str = "minmax") -> IntensityMap:
-    """The normalisation of one image, as an :class:`IntensityMap` computed from its intensities.
-
-    Training computes it from each cached (un-augmented) image and applies it after augmentation,
-    so brightness, contrast and gamma augmentation survive the normalisation; evaluation and
-    inference compute it from the image itself (:func:`normalize_intensity`).
-
-    Rules:
-        * ``"minmax"``: 8-bit images map 0..255 to [0, 1]; any other depth is
-          stretched from its own minimum and maximum (the reader's rule for 16-bit files).
-        * ``"percentile"``: clip to the image's 0.5th and 99.5th percentiles, stretch to [0, 1].
-        * ``"zscore"``: the same clip, then subtract the clipped image's mean and divide by its
-          standard deviation (nnU-Net z-scores non-CT images the same way, without the clip).
-        * ``"histeq"``: global histogram equalisation to [0, 1]: each value maps to the share of
-          pixels at or below it (as OpenCV's ``equalizeHist``). It is unchanged by any increasing
-          remapping of the intensities, such as another CT window or gamma.
-
-    A constant image normalises to zeros (never a division by zero), except that an 8-bit one under
-    ``"minmax"`` keeps the fixed scale; non-finite values are ignored.
-
-    Raises:
-        ValueError: an unknown method (the message lists the options).
+    """The normalisation ``method`` of one image (the rules of ``Config.normalization``) as an
+    :class:`IntensityMap`; non-finite values are ignored. Training computes it from each cached,
+    un-augmented image and applies it after augmentation, so that intensity augmentation survives it.
     """
     if method not in NORMALIZATION_OPTIONS:
         raise ValueError(
@@ -1509,23 +1494,9 @@ def _albumentations() -> Any:
 
 
 def build_train_transform(image_size: int = 256, augmentation: str = "standard") -> A.Compose:
-    """The training augmentation (Albumentations 2.x API), on uint8 images and 0/1 masks.
-
-    ``"standard"``: resize to ``image_size``; horizontal and vertical flips (p 0.7 each); shift up to
-    6.25 %, scale 0.9-1.1 and rotation up to 45 degrees (p 0.5, zero padding,
-    nearest-neighbour masks so they stay binary); random brightness and contrast (+-0.2, p 0.5).
-
-    ``"strong"``, in the spirit of nnU-Net's 2D defaults: flips (p 0.5 each); scale 0.7-1.4, rotation
-    up to 180 degrees and shift up to 10 % (p 0.6); Gaussian noise (std up to 8 % of the range, p 0.15);
-    Gaussian blur (sigma 0.5-1, p 0.2); brightness and contrast (+-0.25, p 0.3); low-resolution
-    simulation (down to 0.5x and back, p 0.25); gamma 0.7-1.5 (p 0.3). Geometry is applied to image
-    and mask together; intensity changes touch the image only.
-
-    Intensities are normalised afterwards, by :class:`KidneyDataset`; a transform of whole training
-    batches can follow on the device (``batch_transform`` of :func:`train_model`).
-
-    Raises:
-        ValueError: an unknown ``augmentation`` (the message lists the options).
+    """The training augmentation ``augmentation`` of ``Config.augmentation`` (Albumentations 2.x), on
+    uint8 images and 0/1 masks. Intensities are normalised afterwards, by :class:`KidneyDataset`; a
+    transform of whole batches can follow on the device (``batch_transform`` of :func:`train_model`).
     """
     if augmentation not in AUGMENTATION_OPTIONS:
         raise ValueError(
@@ -2117,11 +2088,10 @@ def train_model(
 ) -> TrainingResult:
     """Train ``model`` and write the run's artefacts to ``output_dir``.
 
-    AdamW; ReduceLROnPlateau on the validation loss; early stopping after ``patience`` epochs
-    without a lower validation loss; gradient clipping; on CUDA, mixed precision (fp16 with a
-    GradScaler on a T4, bf16 from compute capability 8.0), optionally on several GPUs.
-    After each epoch: the best model (by validation loss) as ``best_kidney_segmentation_model.pth``,
-    a resumable ``last_checkpoint.pth``, ``training_metrics.csv``; at the end the six-panel
+    AdamW; ReduceLROnPlateau on the validation loss; early stopping; gradient clipping; mixed
+    precision and several GPUs as ``Config.amp`` and ``Config.multi_gpu`` say. After each epoch, the
+    best model (by validation loss) as ``best_kidney_segmentation_model.pth``, a resumable
+    ``last_checkpoint.pth`` and ``training_metrics.csv``; at the end the six-panel
     ``training_metrics.png``. Every write is atomic.
 
     Args:
@@ -3352,22 +3322,14 @@ def kaggle_dataset_candidates() -> list[Path]:
     return [m for m in mounts if find_dataset_folders(m)]
 
 
-def resolve_output_dir(
-    output_dir: str | os.PathLike | None = "auto",
-    *,
-    kaggle_working: str | os.PathLike | None = None,
-    default: str | os.PathLike = "outputs",
-) -> Path:
-    """Return the output folder: the parameter, else ``/kaggle/working/kidneyseg`` on Kaggle, else
-    ``default`` (relative to the working directory). The folder is created."""
+def resolve_output_dir(output_dir: str | os.PathLike | None = "auto") -> Path:
+    """Return the output folder, created: the parameter, else ``/kaggle/working/kidneyseg`` where a
+    Kaggle working folder exists, else ``outputs`` in the working directory."""
+    working = kaggle_root() / "working"
     if output_dir not in (None, "", "auto"):
         path = Path(output_dir).expanduser()
-    elif (
-        working := Path(kaggle_working) if kaggle_working is not None else kaggle_root() / "working"
-    ).is_dir():
-        path = working / "kidneyseg"
     else:
-        path = Path(default)
+        path = working / "kidneyseg" if working.is_dir() else Path("outputs")
     path.mkdir(parents=True, exist_ok=True)
     return path
 

@@ -38,6 +38,28 @@ import kidneyseg_utils as ku  # noqa: E402
 CT_SOURCES = ["curvas-ct", "kidneycyst-ct", "kits19-ct"]
 
 
+def extendable(stored: dict, settings: dict, out: Path) -> bool:
+    """Whether a finished fold differs from ``settings`` only by a smaller ``num_epochs``, with an
+    epoch budget alone (no time limit, which would make the stopping epoch depend on the machine)
+    and its resumable last checkpoint at hand, short of the new budget (an interrupted longer run may
+    have gone past it): training it on reproduces the longer run exactly."""
+    old = stored.get("settings") or {}
+    if not old or not (out / ku.LAST_CHECKPOINT_NAME).is_file():
+        return False
+    a, b = dict(old["config"]), dict(settings["config"])
+    if a.get("max_train_minutes") is not None or b.get("max_train_minutes") is not None:
+        return False
+    budget = int(b.pop("num_epochs", 0))
+    if int(a.pop("num_epochs", 0)) >= budget:
+        return False
+    if not (a == b and old["train"] == settings["train"] and old["test"] == settings["test"]):
+        return False
+    try:
+        return int(ku.load_checkpoint(out / ku.LAST_CHECKPOINT_NAME, map_location="cpu")["epoch"]) < budget
+    except ValueError:  # damaged: the fold is trained anew
+        return False
+
+
 def parse_variants(items: list[str]) -> dict[str, dict[str, str]]:
     """``name`` or ``name=PARAM:value,PARAM:value``; a bare name is an AUGMENTATION value."""
     variants = {}
@@ -167,7 +189,13 @@ def main(argv=None) -> int:
         )
         tic = time.monotonic()
         table = ks.leave_one_source_out(
-            config, args.data, Path(args.runs) / f"seed{seed}", args.sources, variants, device
+            config,
+            args.data,
+            Path(args.runs) / f"seed{seed}",
+            args.sources,
+            variants,
+            device,
+            extendable=extendable,
         )
         tables.append(table.assign(seed=seed))
         print(f"seed {seed}: {(time.monotonic() - tic) / 60:.1f} min", flush=True)

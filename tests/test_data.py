@@ -372,9 +372,10 @@ def test_resolve_data_dir_order(tmp_path, monkeypatch):
 
 def test_resolve_output_dir(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert ku.resolve_output_dir("auto", kaggle_working=tmp_path / "no") == Path("outputs")
-    (tmp_path / "kw").mkdir()
-    assert ku.resolve_output_dir("auto", kaggle_working=tmp_path / "kw") == tmp_path / "kw" / "kidneyseg"
+    monkeypatch.setenv("KIDNEYSEG_KAGGLE_ROOT", str(tmp_path / "kaggle"))
+    assert ku.resolve_output_dir("auto") == Path("outputs") and Path("outputs").is_dir()
+    (tmp_path / "kaggle" / "working").mkdir(parents=True)
+    assert ku.resolve_output_dir("auto") == tmp_path / "kaggle" / "working" / "kidneyseg"
     assert ku.resolve_output_dir(tmp_path / "x").is_dir()
 
 

@@ -67,6 +67,18 @@ def test_mask_heatmap_locates_kidneys(messy):
     assert heat[7, 7] == 0.0
 
 
+def test_intensity_histograms_and_pairs_of_inventory_rows(messy):
+    table = ks.inventory(messy)
+    hist = ks.intensity_histograms(table, per_source=12, seed=0)
+    # one source; the readable images are 60, 60 and 61 everywhere
+    assert list(hist.columns) == ["d"] and len(hist) == 256
+    assert hist.loc[60, "d"] == pytest.approx(2 / 3) and hist.loc[61, "d"] == pytest.approx(1 / 3)
+    assert hist["d"].sum() == pytest.approx(1.0)
+    row = table[table["name"] == "p1_b"].iloc[0]
+    image, mask = ks.read_inventory_pair(row)
+    assert image.shape == mask.shape == (40, 40) and int(mask.sum()) == 200 and mask.max() == 1
+
+
 @pytest.mark.slow  # reads every real slice
 def test_inventory_of_the_real_slices(shared_data, manifest):
     table = ks.inventory(shared_data, "^([^_]+)_")
