@@ -42,7 +42,7 @@ import random
 import re
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -466,23 +466,14 @@ class ImageReadError(ValueError):
 
 @dataclass(frozen=True)
 class SamplePair:
-    """One image and its mask.
+    """One image and its mask."""
 
-    Attributes:
-        image: Path of the image file.
-        mask: Path of the mask file.
-        source: The dataset folder (holding images/ and masks/) relative to the data root.
-        name: The shared file stem.
-        case: Patient id from ``group_regex`` (the stem when no regex is given).
-        mask_labels: How the mask is read (``Config.mask_labels``).
-    """
-
-    image: Path
-    mask: Path
-    source: str
-    name: str
-    case: str
-    mask_labels: tuple[int, ...] | str | None = None
+    image: Path  # the image file
+    mask: Path  # the mask file
+    source: str  # the dataset folder (holding images/ and masks/) relative to the data root
+    name: str  # the shared file stem
+    case: str  # patient id from ``group_regex`` (the stem when no regex is given)
+    mask_labels: tuple[int, ...] | str | None = None  # how the mask is read (``Config.mask_labels``)
 
     @property
     def key(self) -> str:
@@ -497,34 +488,19 @@ class SamplePair:
 
 @dataclass
 class DatasetIndex:
-    """The pairs found under a data root, and what could not be paired.
+    """The pairs found under a data root, and what could not be paired."""
 
-    Attributes:
-        root: The data root that was searched.
-        pairs: Matched pairs, sorted by source and name.
-        orphan_images: Images without a mask.
-        orphan_masks: Masks without an image.
-        group_regex: The patient-id pattern the cases come from (``None``: each image its own case;
-            a dict: one pattern or ``None`` per source).
-    """
-
-    root: Path
-    pairs: list[SamplePair]
-    orphan_images: list[Path] = field(default_factory=list)
-    orphan_masks: list[Path] = field(default_factory=list)
+    root: Path  # the data root that was searched
+    pairs: list[SamplePair]  # matched pairs, sorted by source and name
+    orphan_images: list[Path] = field(default_factory=list)  # images without a mask
+    orphan_masks: list[Path] = field(default_factory=list)  # masks without an image
+    # the patient-id pattern of the cases (None: each image its own case; a dict: one per source)
     group_regex: str | dict[str, str | None] | None = None
 
     def summary(self) -> pd.DataFrame:
         """One row per source: pairs, cases and orphans."""
-        rows: dict[str, dict[str, Any]] = {}
-        for pair in self.pairs:
-            row = rows.setdefault(pair.source, {"pairs": 0, "cases": set()})
-            row["pairs"] += 1
-            row["cases"].add(pair.case)
-        table = pd.DataFrame(
-            [{"source": s, "pairs": r["pairs"], "cases": len(r["cases"])} for s, r in sorted(rows.items())],
-            columns=["source", "pairs", "cases"],
-        )
+        pairs = pd.DataFrame([(p.source, p.case) for p in self.pairs], columns=["source", "case"])
+        table = pairs.groupby("source").agg(pairs=("case", "size"), cases=("case", "nunique")).reset_index()
         orphans = [self._source_of(p) for p in self.orphan_images + self.orphan_masks]
         table["orphans"] = [orphans.count(s) for s in table["source"]]
         return table
@@ -547,18 +523,29 @@ def _relative_source(folder: Path, root: Path) -> str:
     return rel.as_posix() if str(rel) != "." else root.name
 
 
-def find_dataset_folders(root: str | os.PathLike) -> list[Path]:
-    """Return every folder under ``root`` (itself included) that has images/ and masks/ subfolders.
-
-    Hidden folders and the images/ and masks/ folders themselves are not searched. Sorted by path.
-    """
+def find_below(root: str | os.PathLike, name: str, max_depth: int | None = 6) -> list[Path]:
+    """Every file or folder called ``name`` at most ``max_depth`` folders below ``root`` (None: any
+    depth), sorted. Hidden folders and the insides of ``images/`` and ``masks/`` are not searched, so
+    that a large attached dataset cannot make a search slow."""
     root = Path(root)
-    found = []
-    for current, dirnames, _ in os.walk(root, followlinks=True):
-        if "images" in dirnames and "masks" in dirnames:
-            found.append(Path(current))
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in ("images", "masks"))
-    return sorted(found)
+    if not root.is_dir():
+        return []
+    hits = []
+    for current, dirnames, filenames in os.walk(root, followlinks=True):
+        here = Path(current)
+        if name in filenames or name in dirnames:
+            hits.append(here / name)
+        deep = max_depth is not None and len(here.relative_to(root).parts) >= max_depth
+        keep = [] if deep else dirnames
+        dirnames[:] = sorted(d for d in keep if not d.startswith(".") and d not in ("images", "masks"))
+    return sorted(hits)
+
+
+def find_dataset_folders(root: str | os.PathLike) -> list[Path]:
+    """Every folder under ``root`` (itself included, at any depth) that has images/ and masks/
+    subfolders, sorted by path."""
+    found = find_below(root, "images", max_depth=None)
+    return [hit.parent for hit in found if hit.is_dir() and (hit.parent / "masks").is_dir()]
 
 
 def _image_files(folder: Path) -> dict[str, Path]:
@@ -938,24 +925,32 @@ def _resize_gray(image: np.ndarray, size: int) -> np.ndarray:
 
 @dataclass
 class CachedArrays:
-    """Decoded, resized pairs held in memory.
+    """Decoded, resized pairs held in memory."""
 
-    Attributes:
-        images: ``(N, S, S)`` uint8 images (after the configured preprocessing).
-        masks: ``(N, S, S)`` uint8 masks of 0 and 1.
-        pairs: The pairs in the same order.
-        original_sizes: ``(height, width)`` of each original image.
-        skipped: ``(path, reason)`` of files skipped because they could not be read.
-    """
-
-    images: np.ndarray
-    masks: np.ndarray
-    pairs: list[SamplePair]
-    original_sizes: list[tuple[int, int]]
-    skipped: list[tuple[str, str]] = field(default_factory=list)
+    images: np.ndarray  # ``(N, S, S)`` uint8 images (after the configured preprocessing)
+    masks: np.ndarray  # ``(N, S, S)`` uint8 masks of 0 and 1
+    pairs: list[SamplePair]  # the pairs in the same order
+    original_sizes: list[tuple[int, int]]  # ``(height, width)`` of each original image
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # ``(path, reason)`` of unreadable files
 
     def __len__(self) -> int:
         return len(self.pairs)
+
+
+def _readable_pairs(
+    pairs: Iterable[SamplePair], skip_bad_files: bool, skipped: list[tuple[str, str]]
+) -> Iterator[tuple[SamplePair, np.ndarray, np.ndarray]]:
+    """``(pair, image, mask)`` of each readable pair; with ``skip_bad_files`` an unreadable one is
+    added to ``skipped`` as ``(path, reason)`` instead of raising :class:`ImageReadError`."""
+    for pair in pairs:
+        try:
+            image, mask = load_pair(pair)
+        except ImageReadError as exc:
+            if not skip_bad_files:
+                raise
+            skipped.append((str(pair.image), str(exc)))
+            continue
+        yield pair, image, mask
 
 
 def load_arrays(
@@ -975,14 +970,8 @@ def load_arrays(
         progress: Show a progress bar.
     """
     images, masks, kept, sizes, skipped = [], [], [], [], []
-    for pair in _progress_bar(pairs, progress, desc="loading", unit="img", leave=False):
-        try:
-            image, mask = load_pair(pair)
-        except ImageReadError as exc:
-            if not skip_bad_files:
-                raise
-            skipped.append((str(pair.image), str(exc)))
-            continue
+    shown = _progress_bar(pairs, progress, desc="loading", unit="img", leave=False)
+    for pair, image, mask in _readable_pairs(shown, skip_bad_files, skipped):
         sizes.append(image.shape[:2])
         images.append(model_input(image, image_size, preprocessing))
         masks.append(_resize_mask(mask, image_size))
@@ -1177,27 +1166,16 @@ class KidneyDataset(Dataset):
 
 @dataclass
 class PreparedData:
-    """Everything notebook 03 needs about the data of a run.
+    """Everything notebook 03 needs about the data of a run."""
 
-    Attributes:
-        data_dir: The data root.
-        index: All pairs found, with orphans.
-        train: Cached training arrays.
-        val: Cached validation arrays.
-        train_dataset: Augmented training dataset.
-        val_dataset: Validation dataset (resize only).
-        test: The held-out test pairs (never loaded for training; notebook 04 scores them).
-        config: The run's config with ``GROUP_REGEX="auto"`` made concrete (train with this one).
-    """
-
-    data_dir: Path
-    index: DatasetIndex
-    train: CachedArrays
-    val: CachedArrays
-    train_dataset: KidneyDataset
-    val_dataset: KidneyDataset
-    test: list[SamplePair] = field(default_factory=list)
-    config: Config | None = None
+    data_dir: Path  # the data root
+    index: DatasetIndex  # all pairs found, with orphans
+    train: CachedArrays  # cached training arrays
+    val: CachedArrays  # cached validation arrays
+    train_dataset: KidneyDataset  # augmented training dataset
+    val_dataset: KidneyDataset  # validation dataset (resize only)
+    test: list[SamplePair] = field(default_factory=list)  # held out, never loaded here (04 scores it)
+    config: Config | None = None  # the run's config, ``GROUP_REGEX="auto"`` made concrete: train with it
 
     def summary(self) -> pd.DataFrame:
         """Per source: pairs, cases, orphans, and how many images went to each side of the split."""
@@ -1810,23 +1788,14 @@ class TrainingDivergedError(RuntimeError):
 
 @dataclass
 class TrainingResult:
-    """What :func:`train_model` did and wrote.
+    """What :func:`train_model` did and wrote."""
 
-    Attributes:
-        history: One row per epoch (epoch, lr, seconds, train_* and val_* metrics).
-        best_epoch: Epoch (1-based) with the lowest validation loss.
-        best_val_loss: That loss.
-        stop_reason: ``"early_stopping"``, ``"num_epochs"`` or ``"time_budget"``.
-        output_dir: Where the files below were written.
-        precision: ``"fp32"``, ``"fp16"`` or ``"bf16"`` (see :func:`autocast_dtype`).
-    """
-
-    history: pd.DataFrame
-    best_epoch: int
-    best_val_loss: float
-    stop_reason: str
-    output_dir: Path
-    precision: str = "fp32"
+    history: pd.DataFrame  # one row per epoch (epoch, lr, seconds, train_* and val_* metrics)
+    best_epoch: int  # epoch (1-based) with the lowest validation loss
+    best_val_loss: float  # that loss
+    stop_reason: str  # ``"early_stopping"``, ``"num_epochs"`` or ``"time_budget"``
+    output_dir: Path  # where the run's files (:attr:`files`) are
+    precision: str = "fp32"  # ``"fp32"``, ``"fp16"`` or ``"bf16"`` (see :func:`autocast_dtype`)
 
     @property
     def best_row(self) -> pd.Series:
@@ -2573,23 +2542,14 @@ def hausdorff95(pred: np.ndarray, target: np.ndarray) -> float:
 
 @dataclass
 class EvaluationSet:
-    """Images at the model's size and masks at their original size, for honest scoring.
+    """Images at the model's size and masks at their original size, for honest scoring."""
 
-    Attributes:
-        pairs: The pairs, in order.
-        images: ``(N, S, S)`` uint8 model inputs (resized and preprocessed as in training).
-        masks: Original-size 0/1 masks (``None`` entries when predicting a folder without masks).
-        originals: Original-size uint8 images (for pictures).
-        normalization: The model's normalisation, applied to ``images`` at prediction time.
-        amp: The model's ``Config.amp``, the precision of its forward passes.
-    """
-
-    pairs: list[SamplePair]
-    images: np.ndarray
-    masks: list[np.ndarray | None]
-    originals: list[np.ndarray]
-    normalization: str = "minmax"
-    amp: bool | str = "cuda"
+    pairs: list[SamplePair]  # the pairs, in order
+    images: np.ndarray  # ``(N, S, S)`` uint8 model inputs (resized and preprocessed as in training)
+    masks: list[np.ndarray | None]  # original-size 0/1 masks (None: a folder predicted without masks)
+    originals: list[np.ndarray]  # original-size uint8 images (for pictures)
+    normalization: str = "minmax"  # the model's normalisation, applied to ``images`` at prediction time
+    amp: bool | str = "cuda"  # the model's ``Config.amp``, the precision of its forward passes
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -2600,13 +2560,7 @@ def load_evaluation_set(
 ) -> EvaluationSet:
     """Read pairs for evaluation: model inputs as in training, masks kept at their original size."""
     kept, images, masks, originals = [], [], [], []
-    for pair in pairs:
-        try:
-            image, mask = load_pair(pair)
-        except ImageReadError:
-            if skip_bad_files:
-                continue
-            raise
+    for pair, image, mask in _readable_pairs(pairs, skip_bad_files, []):
         kept.append(pair)
         originals.append(image)
         masks.append(mask)
@@ -2817,25 +2771,15 @@ SPLIT_TITLES = {
 
 @dataclass
 class SplitEvaluation:
-    """One part of a run's split, scored: what :func:`evaluate_split` returns.
+    """One part of a run's split, scored: what :func:`evaluate_split` returns."""
 
-    Attributes:
-        part: ``"test"`` or ``"val"``.
-        label: What the numbers mean (:data:`SPLIT_LABELS`).
-        data: The images and masks.
-        scores: Per-image metrics (:func:`score_predictions`).
-        summary: Pooled, per-image and per-patient summary, with the settings.
-        probs: Probability maps at each image's original size.
-        files: The CSV and JSON written.
-    """
-
-    part: str
-    label: str
-    data: EvaluationSet
-    scores: pd.DataFrame
-    summary: dict[str, Any]
-    probs: list[np.ndarray]
-    files: dict[str, Path]
+    part: str  # ``"test"``, ``"val"`` or ``"oof"`` (out of fold)
+    label: str  # what the numbers mean (:data:`SPLIT_LABELS`)
+    data: EvaluationSet  # the images and masks
+    scores: pd.DataFrame  # per-image metrics (:func:`score_predictions`)
+    summary: dict[str, Any]  # pooled, per-image and per-patient summary, with the settings
+    probs: list[np.ndarray]  # probability maps at each image's original size
+    files: dict[str, Path]  # the CSV and JSON written
 
     @property
     def title(self) -> str:
@@ -3212,26 +3156,6 @@ def _progress_bar(iterable: Any = None, enabled: bool = True, **options: Any) ->
 
         options["disable"] = True
     return tqdm(iterable, **options)
-
-
-def find_below(root: str | os.PathLike, name: str, max_depth: int = 6) -> list[Path]:
-    """Every file or folder called ``name`` at most ``max_depth`` folders below ``root``, sorted.
-
-    The search is bounded so that a large attached dataset cannot make it slow: hidden folders and
-    the insides of ``images/`` and ``masks/`` folders are skipped.
-    """
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    hits = []
-    for current, dirnames, filenames in os.walk(root, followlinks=True):
-        here = Path(current)
-        if name in filenames or name in dirnames:
-            hits.append(here / name)
-        depth = len(here.relative_to(root).parts)
-        keep = [] if depth >= max_depth else dirnames
-        dirnames[:] = sorted(d for d in keep if not d.startswith(".") and d not in ("images", "masks"))
-    return sorted(hits)
 
 
 # Where Kaggle mounts things under /kaggle/input: the current layout first, the old flat one last.
