@@ -2021,13 +2021,10 @@ def amp_dtype(capability: tuple[int, int] | None) -> torch.dtype | None:
     return torch.bfloat16 if tuple(capability) >= (8, 0) else torch.float16
 
 
-def wrap_for_devices(
-    model: nn.Module, device: torch.device, multi_gpu: bool, device_count: int | None = None
-) -> nn.Module:
-    """Wrap ``model`` in ``nn.DataParallel`` when ``multi_gpu`` is set and more than one CUDA device is
-    visible (``device_count`` overrides the count, for tests); otherwise return it unchanged.
-    Checkpoints always store the unwrapped model, so they load anywhere."""
-    count = torch.cuda.device_count() if device_count is None else device_count
+def wrap_for_devices(model: nn.Module, device: torch.device, multi_gpu: bool) -> nn.Module:
+    """``model`` in ``nn.DataParallel`` when ``multi_gpu`` is set and more than one CUDA device is
+    visible, else unchanged. Checkpoints always store the unwrapped model, so they load anywhere."""
+    count = torch.cuda.device_count()
     if multi_gpu and device.type == "cuda" and count > 1:
         return nn.DataParallel(model, device_ids=list(range(count)))
     return model
@@ -2330,15 +2327,15 @@ def plot_training_history(history: pd.DataFrame, best_epoch: int | None = None) 
 
 
 def plot_samples(
-    dataset: Dataset, n: int = 8, seed: int = 0, epoch: int = 0, title: str | None = None, columns: int = 4
+    dataset: Dataset, n: int = 8, seed: int = 0, epoch: int = 0, title: str | None = None
 ) -> Any:
     """A grid of ``n`` dataset items (as the model sees them, augmentation included) with the mask
     overlaid. Returns the matplotlib Figure."""
     count = min(n, len(dataset))
     rng = np.random.default_rng(seed)
     picks = rng.choice(len(dataset), size=count, replace=False)
-    rows = math.ceil(count / columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3 * rows), squeeze=False)
+    rows = math.ceil(count / 4)
+    fig, axes = plt.subplots(rows, 4, figsize=(12, 3 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, i in zip(axes.flat, picks):
@@ -2619,18 +2616,12 @@ def checkpoint_split(
 
 
 def _timed_probabilities(
-    model: nn.Module, data: EvaluationSet, device: torch.device | str, tta: bool, batch_size: int = 16
+    model: nn.Module, data: EvaluationSet, device: torch.device | str, tta: bool
 ) -> tuple[list[np.ndarray], float]:
     """Probabilities resized back to each original size, and milliseconds per slice."""
     tic = time.perf_counter()
     probs = predict_probabilities(
-        model,
-        data.images,
-        device,
-        batch_size=batch_size,
-        tta=tta,
-        normalization=data.normalization,
-        amp=data.amp,
+        model, data.images, device, tta=tta, normalization=data.normalization, amp=data.amp
     )
     if isinstance(device, torch.device) and device.type == "cuda":
         torch.cuda.synchronize()

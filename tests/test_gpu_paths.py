@@ -115,13 +115,16 @@ def test_inference_under_autocast_matches_fp32(phantom_data):
         assert fast.dtype == np.float32 and np.abs(fast - reference).max() < 0.05
 
 
-def test_two_gpu_wrapper_and_unwrapped_checkpoint(tmp_path, phantom_data):
+def test_two_gpu_wrapper_and_unwrapped_checkpoint(tmp_path, phantom_data, monkeypatch):
     model = ku.AttentionUNet(base_channels=4, depth=2)
     cuda = torch.device("cuda")
-    assert isinstance(ku.wrap_for_devices(model, cuda, True, device_count=2), nn.DataParallel)
-    assert ku.wrap_for_devices(model, cuda, False, device_count=2) is model
-    assert ku.wrap_for_devices(model, cuda, True, device_count=1) is model
-    assert ku.wrap_for_devices(model, torch.device("cpu"), True, device_count=2) is model
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)  # "GPU T4 x2"
+    assert isinstance(ku.wrap_for_devices(model, cuda, True), nn.DataParallel)
+    assert ku.wrap_for_devices(model, cuda, False) is model
+    assert ku.wrap_for_devices(model, torch.device("cpu"), True) is model
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert ku.wrap_for_devices(model, cuda, True) is model
+    monkeypatch.undo()
     config = tiny(num_epochs=1)
     wrapped = nn.DataParallel(ku.build_model(config))
     result = ku.train_model(
