@@ -22,7 +22,9 @@ reason, precision) and ``fold_k_model.pth`` per fold, then ``oof_per_image.csv``
 figures then cover those folds' validation patients only). ``--set NAME=VALUE`` changes one notebook
 parameter (a JSON value, e.g. ``--set FOCAL_ALPHA=0.75``) for a variant trained on the same folds;
 give it its own ``--out`` and ``--runs``. The change is recorded in every ``fold_k.json`` and the
-summary (``changes``).
+summary (``changes``). ``--compare BASELINE_OUT`` trains nothing: it pairs the variant's scored folds
+with the baseline's, fold by fold, into ``paired_folds.csv`` and ``paired_summary.json`` (the mean
+and spread of the gains, and the baseline's spread over folds to weigh them against).
 
     python benchmarks/bench_cross_validation.py --help
     python benchmarks/bench_cross_validation.py --threads 1                      # docs/cross_validation.md
@@ -31,6 +33,8 @@ summary (``changes``).
     python benchmarks/bench_cross_validation.py --threads 1 --only 0 --set FOCAL_ALPHA=0.75 \
         --out benchmarks/results/cross_validation_alpha075 \
         --runs benchmarks/results/cross_validation_runs_alpha075
+    python benchmarks/bench_cross_validation.py --compare benchmarks/results/cross_validation \
+        --out benchmarks/results/cross_validation_alpha075
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -166,6 +171,68 @@ def score(out: Path, records: list[dict], dest: Path | None = None) -> dict:
     return summary
 
 
+def _scored(out: Path) -> Path:
+    """The folder holding ``out``'s scored tables: ``out`` once all folds are scored, else ``partial/``."""
+    for folder in (out, out / "partial"):
+        if (folder / "test_folds.csv").is_file() and (folder / "oof_per_image.csv").is_file():
+            return folder
+    raise FileNotFoundError(f"{out} holds no scored folds; run with --score-finished (or to the end) first.")
+
+
+def fold_figures(out: Path) -> pd.DataFrame:
+    """Per scored fold: its model alone on the test split (pooled Dice and IoU) and on its own
+    validation patients (out of fold: pooled Dice, precision, recall), with epochs and precision."""
+    folder = _scored(out)
+    test = pd.read_csv(folder / "test_folds.csv")
+    test = test[test["model"].str.startswith("fold ")].assign(fold=lambda t: t["model"].str[5:].astype(int))
+    oof = pd.read_csv(folder / "oof_per_image.csv")
+    rows = []
+    for fold, part in oof.groupby("fold"):
+        counts = ku.metrics_from_counts(*(int(part[c].sum()) for c in ("tp", "fp", "fn")))
+        record = json.loads((out / f"fold_{fold}.json").read_text())
+        single = test.set_index("fold").loc[fold]
+        rows.append(
+            {
+                "fold": int(fold),
+                "test_pooled_dice": single["pooled_dice"],
+                "test_pooled_iou": single["pooled_iou"],
+                "oof_pooled_dice": counts["dice"],
+                "oof_precision": counts["precision"],
+                "oof_recall": counts["recall"],
+                "epochs": record["epochs"],
+                "precision": record["precision"],
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def compare(baseline: Path, variant: Path) -> dict:
+    """The variant against the baseline on the folds both have scored, fold by fold (paired: same
+    split, same initial weights); writes ``paired_folds.csv`` and ``paired_summary.json`` to the
+    variant's folder. The fold spread is the baseline's standard deviation over all its folds."""
+    base, var = fold_figures(baseline), fold_figures(variant)
+    paired = base.merge(var, on="fold", suffixes=("_baseline", "_variant"))
+    if paired.empty:
+        raise ValueError(f"{baseline} and {variant} have no scored fold in common.")
+    figures = ("test_pooled_dice", "test_pooled_iou", "oof_pooled_dice", "oof_precision", "oof_recall")
+    for name in figures:
+        paired[f"{name}_gain"] = paired[f"{name}_variant"] - paired[f"{name}_baseline"]
+    summary = {"baseline": str(baseline), "variant": str(variant), "folds": paired["fold"].tolist()}
+    for name in figures:
+        gain = paired[f"{name}_gain"]
+        summary[f"{name}_gain_mean"] = float(gain.mean())
+        summary[f"{name}_gain_std"] = float(gain.std(ddof=1)) if len(gain) > 1 else None
+        summary[f"{name}_folds_improved"] = int((gain > 0).sum())
+    for name in ("test_pooled_dice", "oof_pooled_dice"):
+        summary[f"{name}_baseline_fold_std"] = float(base[name].std(ddof=1))
+    summary["changes"] = json.loads((variant / f"fold_{int(paired['fold'].iloc[0])}.json").read_text())[
+        "changes"
+    ]
+    ku._atomic_write(variant / "paired_folds.csv", paired.to_csv(index=False))
+    ku._atomic_write(variant / "paired_summary.json", json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -200,6 +267,12 @@ def main(argv=None) -> int:
         default=[],
         metavar="NAME=VALUE",
         help="change a notebook parameter for a variant (JSON value), e.g. --set FOCAL_ALPHA=0.75",
+    )
+    parser.add_argument(
+        "--compare",
+        default=None,
+        metavar="BASELINE_OUT",
+        help="train nothing; compare --out's scored folds with the baseline's, fold by fold",
     )
     parser.add_argument("--quick", action="store_true", help="tiny settings for the tests")
     parser.add_argument("--runs", default=str(REPO / "benchmarks" / "results" / "cross_validation_runs"))
@@ -245,6 +318,12 @@ def main(argv=None) -> int:
         f"# {args.image_size}px, width {args.base_channels}, AMP={amp!r}, {torch.get_num_threads()} thread(s)"
         + (f", changed: {changes}" if changes else "")
     )
+    if args.compare:
+        try:
+            print(json.dumps(compare(Path(args.compare), out), indent=2))
+        except (FileNotFoundError, ValueError) as exc:
+            parser.error(f"--compare: {exc}")
+        return 0
     if args.score_finished:
         finished = [
             json.loads((out / f"fold_{k}.json").read_text())

@@ -233,6 +233,21 @@ def test_cross_validation_variant_records_its_change(tmp_path, shared_data):
         text=True,
     )
     assert proc.returncode == 2 and "Unknown parameters ['ALPHA']" in proc.stderr
+    # Paired with a baseline on the same fold: a baseline 0.1 lower on the test split gains 0.1.
+    run_script("bench_cross_validation.py", *common, "--score-finished")
+    baseline = tmp_path / "baseline"
+    shutil.copytree(out, baseline)
+    folds = pd.read_csv(baseline / "partial" / "test_folds.csv")
+    folds.loc[folds["model"] == "fold 0", "pooled_dice"] -= 0.1
+    folds.to_csv(baseline / "partial" / "test_folds.csv", index=False)
+    run_script("bench_cross_validation.py", *common, "--compare", str(baseline))
+    paired = json.loads((out / "paired_summary.json").read_text())
+    assert paired["folds"] == [0] and paired["changes"] == {"FOCAL_ALPHA": 0.75}
+    assert (
+        paired["test_pooled_dice_gain_mean"] == pytest.approx(0.1)
+        and paired["oof_pooled_dice_gain_mean"] == 0
+    )
+    assert len(pd.read_csv(out / "paired_folds.csv")) == 1
 
 
 def test_bf16_benchmark_tables(tmp_path, shared_data):
