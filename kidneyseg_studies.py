@@ -1238,7 +1238,7 @@ def run_source_fold(
     stored = json.loads(result_path.read_text()) if result_path.is_file() else {}
     if stored.get("settings") == settings:
         return {**stored["row"], "reused": True}
-    extend = bool(stored.get("settings")) and extendable is not None and extendable(stored, settings, out)
+    extend = extendable is not None and extendable(stored, settings, out)
     if extend and stored["row"]["stop_reason"] == "early_stopping":
         # A longer budget would have stopped at the same epoch: the stored result is the answer.
         ku._atomic_write(

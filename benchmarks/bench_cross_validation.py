@@ -184,13 +184,14 @@ def fold_figures(out: Path) -> pd.DataFrame:
     validation patients (out of fold: pooled Dice, precision, recall), with epochs and precision."""
     folder = _scored(out)
     test = pd.read_csv(folder / "test_folds.csv")
-    test = test[test["model"].str.startswith("fold ")].assign(fold=lambda t: t["model"].str[5:].astype(int))
+    test = test[test["model"].str.startswith("fold ")]
+    test = test.assign(fold=test["model"].str[5:].astype(int)).set_index("fold")
     oof = pd.read_csv(folder / "oof_per_image.csv")
     rows = []
     for fold, part in oof.groupby("fold"):
         counts = ku.metrics_from_counts(*(int(part[c].sum()) for c in ("tp", "fp", "fn")))
         record = json.loads((out / f"fold_{fold}.json").read_text())
-        single = test.set_index("fold").loc[fold]
+        single = test.loc[fold]
         rows.append(
             {
                 "fold": int(fold),

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import albumentations as A
@@ -265,7 +264,7 @@ def test_synthetic_sources_differ_in_window(two_sites):
 
 
 @pytest.mark.slow  # trains four small models end to end
-def test_leave_one_source_out_table_and_reuse(two_sites, tmp_path):
+def test_leave_one_source_out_table_and_reuse(two_sites, tmp_path, monkeypatch):
     config = ku.Config(
         image_size=32, base_channels=4, depth=2, batch_size=4, num_epochs=1, group_regex="^([^_]+)_", seed=1
     )
@@ -287,7 +286,7 @@ def test_leave_one_source_out_table_and_reuse(two_sites, tmp_path):
     fold_b = out / "spec" / "phantom-site-b"
     best, result_path = fold_b / ku.BEST_MODEL_NAME, fold_b / "fold_result.json"
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import bench_unseen  # its 20/40/60-epoch steps train finished folds on
 
     def fold_b_run(epochs: int, folder=out) -> pd.DataFrame:
