@@ -1,35 +1,20 @@
-"""kidneyseg_utils: the pipeline shared by the kidneyseg notebooks.
-
-Kidney segmentation in grayscale 2D medical images (CT, MRI, ultrasound) with an attention U-Net.
-Every notebook cell calls a named function and shows the result; the logic lives here, where it is
-unit-tested. Sections, in the order data flows:
-    1. Config             -- one dataclass holding every setting, validated before any work.
-    2. Reading data       -- finding image/mask pairs, reading any PNG/JPEG/TIFF/BMP by documented
-                             rules, the patient id in file names, patient-grouped splits and folds.
-    3. Datasets           -- decoded arrays in memory, torch Datasets, the prepared three-way split.
-    4. Intensity          -- optional preprocessing (CLAHE, white balance, unsharp mask) and the
-                             scaling of model inputs, identical in training and inference.
-    5. Augmentation       -- the Albumentations 2.x pipelines.
-    6. Model              -- the attention U-Net (residual blocks, spatial attention on the bridge).
-    7. Losses and metrics -- focal + Dice loss on logits; metrics from tp/fp/fn counts.
-    8. Training           -- AdamW, ReduceLROnPlateau, early stopping, AMP, atomic checkpoints,
-                             exact resume, the training curves.
-    9. Inference and evaluation -- loading checkpoints safely, probabilities (with TTA), scores per
-                             image, per patient and pooled, evaluation of a split, folder prediction.
-   10. Runtime            -- Kaggle or not, a person watching or not; bounded searches for attached
-                             data, models and interrupted runs.
+"""kidneyseg_utils: the pipeline shared by the kidneyseg notebooks (attention U-Net segmentation of
+kidneys in grayscale 2D CT, MRI and ultrasound slices), in the order data flows:
+    1. Config             -- every setting of a run, validated before any work.
+    2. Reading data       -- image/mask pairs, the reading rules, patient ids, splits and folds.
+    3. Datasets           -- decoded arrays in memory and the torch Datasets of a run.
+    4. Intensity          -- optional preprocessing and the scaling of model inputs.
+    5. Augmentation       -- the Albumentations 2.x training pipelines.
+    6. Model              -- the attention U-Net.
+    7. Losses and metrics -- focal + Dice loss; metrics from tp/fp/fn counts.
+    8. Training           -- AdamW, early stopping, AMP, atomic checkpoints, exact resume.
+    9. Inference and evaluation -- checkpoints, TTA, per-image/patient/pooled scores, folder prediction.
+   10. Runtime            -- Kaggle or not, headless or not; finding attached data, models and runs.
    11. The default dataset -- synthetic kidney phantoms and ``DATA_DIR`` resolution.
 
-What notebooks 01, 02, 04 and 05 show besides a run (the inventory, the preprocessing study, the
-evaluation figures, the familiarity check, leave-one-source-out) lives in ``kidneyseg_studies.py``,
-which imports this module; nothing here imports it. Staging for Kaggle lives in
-``tools/kaggle_stage.py``. Running this file as a script (as Kaggle does when it saves the utility
-script) does nothing, except in a Kaggle session, where it copies itself into ``/kaggle/working``
-(:func:`export_for_kaggle`).
-
-Importing the module has no side effects: no seeding, no plotting settings, no device probing.
-Albumentations is imported on first use, with its network update check switched off
-(``NO_ALBUMENTATIONS_UPDATE=1`` unless already set): Kaggle sessions run without internet.
+The studies of notebooks 01, 02, 04 and 05 live in ``kidneyseg_studies.py``, which imports this module.
+Importing has no side effects; run as a script in a Kaggle session it copies itself into
+``/kaggle/working`` (:func:`export_for_kaggle`).
 """
 
 from __future__ import annotations
@@ -125,6 +110,16 @@ AUGMENTATION_OPTIONS = ("standard", "strong")
 # Settings a checkpoint fixes: the network's shape and how its inputs are made. A checkpoint only
 # loads (or resumes) with equal values.
 CHECKPOINT_FIELDS = ("base_channels", "depth", "dropout", "image_size", "preprocessing", "normalization")
+# ... and a run resumes only with equal values of these too.
+RESUME_FIELDS = CHECKPOINT_FIELDS + (
+    "augmentation",
+    "seed",
+    "group_regex",
+    "val_fraction",
+    "test_fraction",
+    "folds",
+    "fold",
+)
 
 
 def _is_int(value: Any) -> bool:
@@ -331,8 +326,7 @@ class Config:
         self.validate()
 
     def validate(self) -> None:
-        """Check every field against :data:`_FIELD_RULES`; raise ``ValueError`` naming the parameter
-        and the allowed values."""
+        """Raise ``ValueError`` naming the parameter and the allowed values for any invalid field."""
 
         def fail(name: str, allowed: str) -> None:
             value = getattr(self, name)
@@ -375,19 +369,11 @@ class Config:
 
     @classmethod
     def from_parameters(cls, **parameters: Any) -> Config:
-        """Build a config from notebook parameters (``IMAGE_SIZE=128, ...``).
-
-        Raises:
-            ValueError: for a name that is not a config parameter.
-        """
+        """Build a config from notebook parameters (``IMAGE_SIZE=128, ...``); unknown names are an error."""
         return cls().with_parameters(**parameters)
 
     def with_parameters(self, **parameters: Any) -> Config:
-        """A copy with some notebook parameters changed (``NORMALIZATION="zscore"``, ...).
-
-        Raises:
-            ValueError: for a name that is not a config parameter, or an invalid value.
-        """
+        """A copy with some notebook parameters changed; unknown names or invalid values are an error."""
         known = {f.name.upper(): f.name for f in dataclasses.fields(self)}
         unknown = sorted(set(parameters) - set(known))
         if unknown:
@@ -417,11 +403,8 @@ def seed_everything(seed: int) -> None:
 
 
 def get_device(device: str | torch.device | None = "auto") -> torch.device:
-    """Choose the compute device once: CUDA when available, else CPU.
-
-    Args:
-        device: ``"auto"`` (or ``None``) to pick, or an explicit name such as ``"cpu"``, ``"cuda:0"``.
-    """
+    """Choose the compute device once: ``"auto"``/None picks CUDA when available, else CPU; or
+    an explicit name such as ``"cpu"`` or ``"cuda:0"``."""
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     chosen = torch.device(device)
@@ -431,9 +414,8 @@ def get_device(device: str | torch.device | None = "auto") -> torch.device:
 
 
 def _atomic_write(path: str | os.PathLike, data: str | bytes | Callable[[Any], None]) -> Path:
-    """Write ``data`` (text as UTF-8, bytes, or a function that writes to a binary file handle) to
-    ``path`` through a temporary file, fsync, then rename over ``path``: a kill at any moment leaves
-    either the old or the new file, never a broken one. Every file this module writes goes here."""
+    """Write text, bytes or ``data(handle)`` to ``path`` through a temporary file, fsync and rename,
+    so a kill leaves the old or the new file, never a broken one. Every file this module writes goes here."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -525,8 +507,7 @@ def _relative_source(folder: Path, root: Path) -> str:
 
 def find_below(root: str | os.PathLike, name: str, max_depth: int | None = 6) -> list[Path]:
     """Every file or folder called ``name`` at most ``max_depth`` folders below ``root`` (None: any
-    depth), sorted. Hidden folders and the insides of ``images/`` and ``masks/`` are not searched, so
-    that a large attached dataset cannot make a search slow."""
+    depth), sorted; hidden folders and the insides of images/ and masks/ are not searched."""
     root = Path(root)
     if not root.is_dir():
         return []
@@ -542,8 +523,7 @@ def find_below(root: str | os.PathLike, name: str, max_depth: int | None = 6) ->
 
 
 def find_dataset_folders(root: str | os.PathLike) -> list[Path]:
-    """Every folder under ``root`` (itself included, at any depth) that has images/ and masks/
-    subfolders, sorted by path."""
+    """Every folder under ``root`` (itself included) with images/ and masks/ subfolders, sorted."""
     found = find_below(root, "images", max_depth=None)
     return [hit.parent for hit in found if hit.is_dir() and (hit.parent / "masks").is_dir()]
 
@@ -552,9 +532,7 @@ def _image_files(folder: Path) -> dict[str, Path]:
     """Map stem -> file for the image files in ``folder``; two files with one stem is an error."""
     files: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
-        if path.name.startswith(".") or path.suffix.lower() not in IMAGE_EXTENSIONS:
-            continue
-        if not path.is_file():
+        if path.name.startswith(".") or path.suffix.lower() not in IMAGE_EXTENSIONS or not path.is_file():
             continue
         if path.stem in files:
             raise ValueError(
@@ -591,8 +569,8 @@ def _shape(text: str) -> str:
 
 
 def _source_rule(names: Sequence[str]) -> tuple[str | None, str]:
-    """The first rule of :data:`GROUP_RULES` that yields patient ids for every name of one source:
-    ``(pattern, meaning)``, or ``(None, why none does)``."""
+    """The first :data:`GROUP_RULES` rule that yields patient ids for every name of one source, as
+    ``(pattern, meaning)``, or ``(None, why none does)``; see :func:`infer_group_regex`."""
     reasons = []
     for pattern, meaning in GROUP_RULES:
         regex = re.compile(pattern)
@@ -623,24 +601,14 @@ def _source_rule(names: Sequence[str]) -> tuple[str | None, str]:
 def infer_group_regex(
     stems_by_source: Mapping[str, Sequence[str]],
 ) -> tuple[str | dict[str, str | None] | None, str]:
-    """Infer the patient id of file names, source by source, or refuse to invent one.
+    """Infer the patient id of file names source by source, or refuse to invent one.
 
-    For each source (folder) the first rule of :data:`GROUP_RULES` is taken that, for every file of
-    the source: matches, and leaves a slice number after the patient id; gives patient ids of one
-    shape (``case7`` and ``case12`` do, ``case7`` and ``scan`` do not: mixed naming schemes are not
-    trusted); gives more than one id, unless the one id holds a digit (``case7``: a one-patient
-    source; ``img`` in ``img_0001`` is a name prefix); and does not make every image its own patient
-    (then the rule would only rename images). A source where no rule holds is split by image. At
-    least :data:`MIN_AUTO_GROUPS` patients are needed in all.
-
-    Args:
-        stems_by_source: File stems (names without extension) per source folder.
-
-    Returns:
-        ``(rule, sentence)``: one pattern when every source follows it; ``{source: pattern or None}``
-        when sources differ (``None``: split by image), with the sentence naming the sources without
-        patient ids; ``(None, reason)`` when no source has them, so that the caller splits by image
-        and says why.
+    For each source the first rule of :data:`GROUP_RULES` is taken that matches every file and leaves a
+    slice number after the id, gives ids of one shape (``case7``, ``case12``; not ``case7``, ``scan``),
+    gives more than one id unless that id holds a digit (a one-patient source), and does not make every
+    image its own patient. A source where no rule holds is split by image; :data:`MIN_AUTO_GROUPS`
+    patients are needed in all. Returns ``(rule, sentence)``: one pattern, ``{source: pattern or None}``
+    when sources differ, or ``(None, reason)`` to split by image.
     """
     found = {source: _source_rule(list(names)) for source, names in stems_by_source.items() if names}
     rules = {source: pattern for source, (pattern, _) in found.items()}
@@ -690,14 +658,10 @@ def index_dataset(
 ) -> DatasetIndex:
     """Find all image/mask pairs under ``data_dir``, matched by file stem within each folder.
 
-    Args:
-        data_dir: One folder with images/ and masks/, or a root holding several at any depth.
-        group_regex: ``Config.group_regex``; the rule used is :attr:`DatasetIndex.group_regex`.
-        mask_labels: ``Config.mask_labels``.
-
-    Raises:
-        FileNotFoundError: ``data_dir`` is missing or holds no images/ + masks/ folder.
-        ValueError: no pair at all (the message lists the orphans), or an ambiguous file name.
+    ``data_dir`` is one folder with images/ and masks/ or a root holding several at any depth;
+    ``group_regex`` and ``mask_labels`` as in :class:`Config` (the rule used is stored in the index).
+    Raises ``FileNotFoundError`` for a missing or empty root, ``ValueError`` for no pair at all (listing
+    the orphans) or an ambiguous file name.
     """
     root = Path(data_dir).expanduser()
     if not root.exists():
@@ -766,29 +730,20 @@ def _drop_alpha_and_reduce(image: np.ndarray, reduce: str) -> np.ndarray:
         return image
     if image.ndim != 3:
         raise ValueError(f"unsupported array shape {image.shape}")
-    channels = image.shape[2]
-    if channels == 1:
-        return image[:, :, 0]
-    if channels == 2:  # gray + alpha
+    if image.shape[2] <= 2:  # gray, or gray + alpha
         return image[:, :, 0]
     color = image[:, :, :3]
     if reduce == "max":
         return color.max(axis=2)
-    if color.dtype == np.uint8 or color.dtype == np.uint16 or color.dtype == np.float32:
+    if color.dtype in (np.uint8, np.uint16, np.float32):
         return cv2.cvtColor(np.ascontiguousarray(color), cv2.COLOR_BGR2GRAY)
     weights = np.array([0.114, 0.587, 0.299])  # B, G, R (ITU-R BT.601)
     return (color.astype(np.float64) * weights).sum(axis=2)
 
 
 def to_grayscale_uint8(image: np.ndarray) -> np.ndarray:
-    """Convert a decoded image to a 2D uint8 array by the documented rule.
-
-    Rule: an alpha channel is dropped; colour (BGR, as OpenCV decodes) becomes luma with the ITU-R
-    BT.601 weights; gray+alpha keeps the gray channel. 8-bit values are kept as they are. Any other
-    depth (16-bit, signed, float) is stretched linearly from the image's own minimum and maximum to
-    0..255, because medical 16-bit files rarely use the full 0..65535 range; a constant image
-    becomes all zeros. Booleans become 0/255.
-    """
+    """A decoded image as 2D uint8: alpha dropped, colour (BGR) to BT.601 luma, gray+alpha to gray;
+    8-bit kept as it is; other depths stretched from their own min..max to 0..255 (constant: zeros)."""
     gray = _drop_alpha_and_reduce(np.asarray(image), reduce="luma")
     if gray.dtype == np.uint8:
         return np.ascontiguousarray(gray)
@@ -812,12 +767,9 @@ NOISY_LABEL_SHARE = 0.2  # the same within a band, in a noisy mask (noise spread
 
 
 def _several_labels(found: np.ndarray, counts: np.ndarray, noisy: bool) -> bool:
-    """Whether a mask holds a label besides background and its largest value, from its distinct
-    values ``found`` (sorted) and their pixel ``counts``: a value more than 1/16 of the range from
-    both ends holding a plateau of pixels (:data:`LABEL_SHARE` of the labelled ones); in a ``noisy``
-    mask (a JPEG, or more than :data:`NOISY_VALUES` values), a band of 1/16 of the range holding
-    :data:`NOISY_LABEL_SHARE` of them. Soft edges and compression noise sit next to the two levels
-    or spread over many values, and hold no such plateau."""
+    """Whether a mask holds a label besides background and its top value: an intermediate value
+    (1/16 of the range from both ends) with :data:`LABEL_SHARE` of the labelled pixels, or, in a ``noisy``
+    mask, a band of 1/16 of the range with :data:`NOISY_LABEL_SHARE` of them."""
     found = found.astype(np.float64)
     top = found[-1]
     middle = (found > top / 16) & (found < top - top / 16)
@@ -835,23 +787,11 @@ def binarize_mask(
 ) -> np.ndarray:
     """Turn a decoded mask into a 2D uint8 array of 0 (background) and 1 (kidney).
 
-    Rule: an alpha channel is dropped and colour channels are reduced by their maximum (so white and
-    coloured annotations both count); NaN is background. Then, with ``labels`` None (the default):
-
-    * one non-zero value at most (0/1, 0/255, 0/65535, booleans, any single label): every non-zero
-      pixel is kidney;
-    * float masks with values in [0, 1] (probability maps): pixels ``>= 0.5`` are kidney;
-    * several non-zero values around one level, from soft edges or JPEG noise (no intermediate
-      value holds a plateau of pixels, see :func:`_several_labels`): pixels ``>= max / 2`` are
-      kidney;
-    * several labels (0/1/2, 0/100/200, KiTS's 0/1/2/3): an error naming the file and its values,
-      never a silent choice.
-
-    Other ``labels`` as ``Config.mask_labels`` says, matched exactly: keep label maps lossless (PNG).
-
-    Raises:
-        ValueError: a mask with several labels and no ``labels``, naming the file, the values and
-            the fix.
+    Alpha is dropped, colour channels reduced by their maximum, NaN is background. With ``labels`` None:
+    at most one non-zero value, every non-zero pixel is kidney; float masks in [0, 1], ``>= 0.5``; values
+    around one level (soft edges, JPEG noise; see :func:`_several_labels`), ``>= max / 2``; several
+    labels (0/1/2, KiTS's 0/1/2/3) raise a ``ValueError`` naming the file, its values and the fix.
+    ``labels`` ``"nonzero"`` or a list of values: as ``Config.mask_labels`` says.
     """
     values = _drop_alpha_and_reduce(np.asarray(mask), reduce="max")
     if values.dtype == np.bool_:
@@ -892,12 +832,7 @@ def read_mask(path: str | os.PathLike, labels: str | Sequence[int] | None = None
 
 
 def load_pair(pair: SamplePair) -> tuple[np.ndarray, np.ndarray]:
-    """Read one pair at its original size.
-
-    Raises:
-        ImageReadError: a file cannot be decoded (the message names it).
-        ValueError: image and mask differ in size (the message names both files).
-    """
+    """Read one pair at its original size; a decoding error or a size mismatch names the files."""
     image = read_image(pair.image)
     mask = read_mask(pair.mask, pair.mask_labels)
     if image.shape != mask.shape:
@@ -918,9 +853,9 @@ def _resize_gray(image: np.ndarray, size: int) -> np.ndarray:
     h, w = image.shape[:2]
     if (h, w) == (size, size):
         return image.copy()
-    shrink = size < h or size < w
-    mode = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
-    return cv2.resize(image, (size, size), interpolation=mode)
+    return cv2.resize(
+        image, (size, size), interpolation=cv2.INTER_AREA if size < max(h, w) else cv2.INTER_LINEAR
+    )
 
 
 @dataclass
@@ -941,7 +876,7 @@ def _readable_pairs(
     pairs: Iterable[SamplePair], skip_bad_files: bool, skipped: list[tuple[str, str]]
 ) -> Iterator[tuple[SamplePair, np.ndarray, np.ndarray]]:
     """``(pair, image, mask)`` of each readable pair; with ``skip_bad_files`` an unreadable one is
-    added to ``skipped`` as ``(path, reason)`` instead of raising :class:`ImageReadError`."""
+    listed in ``skipped`` as ``(path, reason)`` instead of raising."""
     for pair in pairs:
         try:
             image, mask = load_pair(pair)
@@ -960,15 +895,8 @@ def load_arrays(
     skip_bad_files: bool = False,
     progress: bool = False,
 ) -> CachedArrays:
-    """Decode, preprocess and resize every pair once.
-
-    Args:
-        pairs: The pairs to load.
-        image_size: Side of the square arrays.
-        preprocessing: One of :data:`PREPROCESSING_OPTIONS`, applied after resizing.
-        skip_bad_files: Skip (and list in ``skipped``) unreadable files instead of raising.
-        progress: Show a progress bar.
-    """
+    """Decode, resize and preprocess every pair once (:func:`model_input`); with ``skip_bad_files``
+    unreadable files are listed in ``skipped`` instead of raising."""
     images, masks, kept, sizes, skipped = [], [], [], [], []
     shown = _progress_bar(pairs, progress, desc="loading", unit="img", leave=False)
     for pair, image, mask in _readable_pairs(shown, skip_bad_files, skipped):
@@ -984,15 +912,8 @@ def load_arrays(
 def split_pairs(
     pairs: Sequence[SamplePair], val_fraction: float = 0.2, seed: int = 42, grouped: bool = True
 ) -> tuple[list[SamplePair], list[SamplePair]]:
-    """Split pairs into training and validation, reproducibly.
-
-    With ``grouped`` and more than one case, scikit-learn's ``GroupShuffleSplit`` keeps every slice of
-    a case (see :attr:`SamplePair.group`) on one side, and ``val_fraction`` is the share of cases.
-    Otherwise ``ShuffleSplit`` splits images. Both sides are sorted as the input was.
-
-    Raises:
-        ValueError: fewer than two images, or fewer than two groups when grouping.
-    """
+    """Split pairs into training and validation reproducibly: by patient (``GroupShuffleSplit`` on
+    :attr:`SamplePair.group`, ``val_fraction`` of the patients) when ``grouped``, else by image."""
     from sklearn.model_selection import GroupShuffleSplit, ShuffleSplit
 
     pairs = list(pairs)
@@ -1017,16 +938,9 @@ def split_pairs(
 def cross_validation_folds(
     pairs: Sequence[SamplePair], folds: int = 5, seed: int = 42, grouped: bool = True
 ) -> list[list[SamplePair]]:
-    """Divide pairs into ``folds`` patient-disjoint folds, seeded and balanced by source.
-
-    Source by source, the patients (or images, without grouping) are shuffled with ``seed`` and each
-    goes to the fold that holds the fewest images of that source so far (ties: the fewest images in
-    all, then the lowest fold), so every fold gets a share of every source as far as its patients
-    allow. Each fold keeps the input order.
-
-    Raises:
-        ValueError: fewer patients (images) than folds.
-    """
+    """Divide pairs into ``folds`` patient-disjoint folds, seeded and balanced by source: source by
+    source, shuffled patients each go to the fold with the fewest images of that source (ties: fewest in
+    all, then the lowest fold). Each fold keeps the input order."""
     pairs = list(pairs)
     unit = (lambda p: p.group) if grouped else (lambda p: p.key)
     units: dict[str, list[int]] = {}
@@ -1060,15 +974,9 @@ def split_train_val_test(
     folds: int = 5,
     fold: int | None = None,
 ) -> tuple[list[SamplePair], list[SamplePair], list[SamplePair]]:
-    """Hold out a test split first, then split the rest into training and validation.
-
-    ``test_fraction`` of the patients (or images, without grouping) go to the test split, drawn with
-    seed ``seed + 1`` so that it does not mirror the validation draw; the rest is split by
-    :func:`split_pairs` with ``seed`` (``val_fraction`` of what is left), or, with ``fold`` set, by
-    :func:`cross_validation_folds` into ``folds`` folds of which ``fold`` validates. With
-    ``test_fraction`` 0, or fewer than three patients (images), there is no test split, and the
-    second case says so with a warning.
-    """
+    """Hold out ``test_fraction`` of the patients first (seed ``seed + 1``), then split the rest by
+    :func:`split_pairs`, or with ``fold`` set by :func:`cross_validation_folds`. Fewer than three
+    patients: no test split, with a warning."""
     pairs = list(pairs)
     units = len({p.group for p in pairs}) if grouped else len(pairs)
     if test_fraction > 0 and units < 3:
@@ -1101,12 +1009,8 @@ def _worker_init(_: int) -> None:
 
 
 class EpochShuffleSampler(Sampler[int]):
-    """Shuffles ``n`` indices anew each epoch from ``(seed, epoch)`` alone.
-
-    It yields ``epoch * n + i`` so that the dataset, even inside persistent workers, knows the epoch
-    and can seed each sample's augmentation from ``(seed, epoch, i)``: a run is reproducible whatever
-    the number of workers, and a resumed run repeats the epochs it would have run.
-    """
+    """Shuffles ``n`` indices anew each epoch from ``(seed, epoch)`` and yields ``epoch * n + i``, so
+    each item's augmentation is seeded from ``(seed, epoch, i)`` whatever the workers, and resume is exact."""
 
     def __init__(self, n: int, seed: int = 0) -> None:
         self.n, self.seed, self.epoch = n, seed, 0
@@ -1126,13 +1030,8 @@ class EpochShuffleSampler(Sampler[int]):
 
 
 class KidneyDataset(Dataset):
-    """A torch Dataset over cached uint8 arrays, with a seeded Albumentations pipeline.
-
-    Items are ``(image, mask)`` float tensors of shape ``(1, S, S)``: the image normalised by
-    :func:`normalize_intensity` (with the constants of the un-augmented image, applied after
-    augmentation), the mask of 0 and 1. Index ``epoch * n + i`` (from :class:`EpochShuffleSampler`)
-    means sample ``i``; its augmentation is seeded from ``(seed, epoch, i)``.
-    """
+    """``(image, mask)`` float tensors ``(1, S, S)`` over cached uint8 arrays: the seeded augmentation,
+    then :func:`normalize_intensity` with the constants of the un-augmented image."""
 
     def __init__(
         self,
@@ -1183,25 +1082,15 @@ class PreparedData:
         for name, part in (("train", self.train.pairs), ("val", self.val.pairs), ("test", self.test)):
             counts = pd.Series([p.source for p in part]).value_counts()
             table[name] = [int(counts.get(s, 0)) for s in table["source"]]
-        with_kidney = pd.Series(
-            [
-                p.source
-                for p, m in zip(
-                    self.train.pairs + self.val.pairs, list(self.train.masks) + list(self.val.masks)
-                )
-                if m.any()
-            ]
-        ).value_counts()
+        loaded = zip(self.train.pairs + self.val.pairs, [*self.train.masks, *self.val.masks])
+        with_kidney = pd.Series([p.source for p, m in loaded if m.any()]).value_counts()
         table["with_kidney"] = [int(with_kidney.get(s, 0)) for s in table["source"]]
         return table
 
     def split_record(self) -> dict[str, list[str]]:
         """The split as plain lists of ``source/name`` keys (stored in checkpoints)."""
-        return {
-            "train": [p.key for p in self.train.pairs],
-            "val": [p.key for p in self.val.pairs],
-            "test": [p.key for p in self.test],
-        }
+        parts = {"train": self.train.pairs, "val": self.val.pairs, "test": self.test}
+        return {name: [p.key for p in part] for name, part in parts.items()}
 
 
 def prepare_data(
@@ -1209,8 +1098,8 @@ def prepare_data(
 ) -> PreparedData:
     """Index, subsample, split, decode and wrap the data of a run, as the config says.
 
-    Orphans are reported with a warning and left out; training goes on with the pairs. The test
-    split (``config.test_fraction`` of the patients) is held out first and never loaded here.
+    Orphans are left out with a warning; the test split is held out first and never loaded here. The
+    returned ``config`` has ``GROUP_REGEX="auto"`` made concrete: train with it.
     """
     index = index_dataset(data_dir, config.group_regex, config.mask_labels)
     config = config.with_parameters(GROUP_REGEX=index.group_regex)
@@ -1233,14 +1122,10 @@ def prepare_data(
         folds=config.folds,
         fold=config.fold,
     )
-    load = dict(
-        image_size=config.image_size,
-        preprocessing=config.preprocessing,
-        skip_bad_files=skip_bad_files,
-        progress=progress,
+    train, val = (
+        load_arrays(part, config.image_size, config.preprocessing, skip_bad_files, progress)
+        for part in (train_pairs, val_pairs)
     )
-    train = load_arrays(train_pairs, **load)
-    val = load_arrays(val_pairs, **load)
     has_kidney = np.concatenate([train.masks.any(axis=(1, 2)), val.masks.any(axis=(1, 2))])
     if not has_kidney.any():
         warnings.warn(
@@ -1258,37 +1143,18 @@ def prepare_data(
             stacklevel=2,
         )
     train_ds, val_ds = make_datasets(train, val, config)
-    return PreparedData(
-        data_dir=Path(data_dir),
-        index=index,
-        train=train,
-        val=val,
-        train_dataset=train_ds,
-        val_dataset=val_ds,
-        test=test_pairs,
-        config=config,
-    )
+    return PreparedData(Path(data_dir), index, train, val, train_ds, val_ds, test_pairs, config)
 
 
 def make_datasets(
     train: CachedArrays, val: CachedArrays, config: Config
 ) -> tuple[KidneyDataset, KidneyDataset]:
     """The augmented training dataset and the plain validation dataset of a run, as configured."""
-    train_ds = KidneyDataset(
-        train.images,
-        train.masks,
-        build_train_transform(config.image_size, config.augmentation),
-        seed=config.seed,
-        normalization=config.normalization,
+    augment = build_train_transform(config.image_size, config.augmentation)
+    return (
+        KidneyDataset(train.images, train.masks, augment, config.seed, config.normalization),
+        KidneyDataset(val.images, val.masks, None, config.seed, config.normalization),
     )
-    val_ds = KidneyDataset(
-        val.images,
-        val.masks,
-        None,  # the cached arrays are at image_size already
-        seed=config.seed,
-        normalization=config.normalization,
-    )
-    return train_ds, val_ds
 
 
 # =================================================================================================
@@ -1305,13 +1171,8 @@ def _is_preprocessing(method: Any) -> bool:
 def white_balance(
     image: np.ndarray, low_percentile: float = 1.0, high_percentile: float = 99.0
 ) -> np.ndarray:
-    """Percentile intensity stretch: the one-channel meaning of white balance.
-
-    Colour white balance equalises the channels' gains; a grayscale slice has one channel, so the
-    meaningful version is to map the ``low_percentile`` value to 0 and the ``high_percentile`` value
-    to 255, clipping outside (the "auto levels" of photo editors). Shape and dtype are kept; an
-    image whose two percentiles are equal (e.g. constant) is returned unchanged.
-    """
+    """Percentile stretch, the one-channel meaning of white balance ("auto levels"): the
+    ``low_percentile`` value to 0, the ``high_percentile`` value to 255, clipped; a flat image is kept."""
     if not 0 <= low_percentile < high_percentile <= 100:
         raise ValueError(
             f"white_balance needs 0 <= low < high <= 100; got {low_percentile}, {high_percentile}"
@@ -1324,13 +1185,7 @@ def white_balance(
 
 
 def clahe(image: np.ndarray, clip_limit: float = 2.0, tile_grid: int = 8) -> np.ndarray:
-    """Contrast-limited adaptive histogram equalisation (OpenCV) on a 2D uint8 image.
-
-    Args:
-        image: 2D uint8 image.
-        clip_limit: Contrast limit per tile (higher equalises more strongly).
-        tile_grid: Tiles per side.
-    """
+    """Contrast-limited adaptive histogram equalisation (OpenCV) of a 2D uint8 image."""
     if clip_limit <= 0 or tile_grid < 1:
         raise ValueError(f"clahe needs clip_limit > 0 and tile_grid >= 1; got {clip_limit}, {tile_grid}")
     return cv2.createCLAHE(clipLimit=float(clip_limit), tileGridSize=(int(tile_grid),) * 2).apply(image)
@@ -1353,16 +1208,8 @@ _PREPROCESSORS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 
 
 def apply_preprocessing(image: np.ndarray, method: str = "none") -> np.ndarray:
-    """Apply the named intensity preprocessing to a 2D uint8 image (shape and dtype kept).
-
-    The same call runs in training, evaluation and inference, after resizing, with each method's
-    default parameters.
-
-    Args:
-        image: 2D uint8 image.
-        method: ``"none"``, a method of :data:`PREPROCESSING_METHODS`, or several joined by ``"+"``
-            (applied left to right), e.g. ``"white_balance+clahe"``.
-    """
+    """Apply ``"none"``, a method of :data:`PREPROCESSING_METHODS` or several joined by ``"+"`` (left
+    to right) to a 2D uint8 image, with each method's defaults."""
     if not _is_preprocessing(method):
         raise ValueError(
             f"PREPROCESSING must be one of {', '.join(map(repr, PREPROCESSING_OPTIONS))} (or methods "
@@ -1376,10 +1223,7 @@ def apply_preprocessing(image: np.ndarray, method: str = "none") -> np.ndarray:
 
 
 def model_input(image: np.ndarray, image_size: int, preprocessing: str = "none") -> np.ndarray:
-    """The uint8 array a model sees before normalisation: resized whole, then preprocessed.
-
-    Training (:func:`load_arrays`), evaluation and folder prediction all call this one function.
-    """
+    """The uint8 array a model sees before normalisation: resized whole, then preprocessed."""
     return apply_preprocessing(_resize_gray(image, image_size), preprocessing)
 
 
@@ -1389,11 +1233,7 @@ NORMALIZATION_PERCENTILES = (0.5, 99.5)
 
 @dataclass(frozen=True)
 class IntensityMap:
-    """A monotone piecewise-linear intensity map: ``np.interp(x, xp, fp)``, constant beyond the ends.
-
-    Every normalisation is one (see :func:`normalization_stats`): two points for the linear rules
-    (the ends clip), one point per grey level for histogram equalisation.
-    """
+    """A monotone piecewise-linear intensity map, ``np.interp(x, xp, fp)``: every normalisation is one."""
 
     xp: np.ndarray
     fp: np.ndarray
@@ -1413,9 +1253,7 @@ def _linear_map(low: float, high: float, offset: float, scale: float) -> Intensi
 
 def normalization_stats(image: np.ndarray, method: str = "minmax") -> IntensityMap:
     """The normalisation ``method`` of one image (the rules of ``Config.normalization``) as an
-    :class:`IntensityMap`; non-finite values are ignored. Training computes it from each cached,
-    un-augmented image and applies it after augmentation, so that intensity augmentation survives it.
-    """
+    :class:`IntensityMap`; non-finite values are ignored."""
     if method not in NORMALIZATION_OPTIONS:
         raise ValueError(
             f"NORMALIZATION must be one of {', '.join(map(repr, NORMALIZATION_OPTIONS))}; got {method!r}."
@@ -1446,14 +1284,8 @@ def normalization_stats(image: np.ndarray, method: str = "minmax") -> IntensityM
 def normalize_intensity(
     image: np.ndarray, method: str = "minmax", stats: IntensityMap | None = None
 ) -> np.ndarray:
-    """Scale an image (any depth, any shape) to float32 model input by :func:`normalization_stats`.
-
-    Args:
-        image: The image, e.g. a uint8 model input or a 16-bit slice.
-        method: One of :data:`NORMALIZATION_OPTIONS`.
-        stats: The map computed elsewhere (training passes that of the un-augmented image); by
-            default it is computed from ``image``.
-    """
+    """Scale an image (any depth, any shape) to float32 model input by ``method``, with ``stats``
+    computed elsewhere (training passes those of the un-augmented image) or from ``image``."""
     return (normalization_stats(image, method) if stats is None else stats)(image)
 
 
@@ -1463,8 +1295,7 @@ def normalize_intensity(
 
 
 def _albumentations() -> Any:
-    """Import Albumentations without its update check: 2.0.x asks the internet for a newer version on
-    import unless ``NO_ALBUMENTATIONS_UPDATE`` is set, and Kaggle sessions run offline."""
+    """Import Albumentations without its online update check (Kaggle sessions run offline)."""
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     import albumentations
 
@@ -1472,10 +1303,8 @@ def _albumentations() -> Any:
 
 
 def build_train_transform(image_size: int = 256, augmentation: str = "standard") -> A.Compose:
-    """The training augmentation ``augmentation`` of ``Config.augmentation`` (Albumentations 2.x), on
-    uint8 images and 0/1 masks. Intensities are normalised afterwards, by :class:`KidneyDataset`; a
-    transform of whole batches can follow on the device (``batch_transform`` of :func:`train_model`).
-    """
+    """The training augmentation of ``Config.augmentation`` (Albumentations 2.x) on uint8 images
+    and 0/1 masks; :class:`KidneyDataset` normalises afterwards."""
     if augmentation not in AUGMENTATION_OPTIONS:
         raise ValueError(
             f"AUGMENTATION must be one of {', '.join(map(repr, AUGMENTATION_OPTIONS))}; got {augmentation!r}."
@@ -1505,7 +1334,7 @@ def build_train_transform(image_size: int = 256, augmentation: str = "standard")
 def _geometry(
     image_size: int, flip_p: float, shift: float, scale: tuple[float, float], rotate: float, p: float
 ) -> list[Any]:
-    """Resize, both flips and an affine (zero padding, nearest-neighbour masks so they stay binary)."""
+    """Resize, both flips and an affine (zero padding, nearest-neighbour masks)."""
     A = _albumentations()
     return [
         A.Resize(image_size, image_size, interpolation=cv2.INTER_AREA),
@@ -1526,12 +1355,8 @@ def _geometry(
 
 
 def seed_transform(transform: A.Compose, seed: int) -> A.Compose:
-    """Seed a pipeline so that its transforms draw one after another from a single generator.
-
-    Albumentations' own ``Compose.set_random_seed`` gives every transform a generator with the same
-    seed, so their draws coincide: with equal probabilities, horizontal and vertical flips always
-    come together and never alone. One shared generator keeps them independent and reproducible.
-    """
+    """Seed a pipeline from one shared generator: Albumentations' ``set_random_seed`` gives every
+    transform the same seed, so equal-probability flips would always coincide."""
     transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
     return transform
 
@@ -1582,18 +1407,13 @@ class SpatialAttention(nn.Module):
 
 
 class AttentionUNet(nn.Module):
-    """The enhanced U-Net: residual blocks and spatial attention on the bridge.
+    """The enhanced U-Net: residual blocks, and spatial attention on the bridge.
 
-    Encoder of ``depth`` residual blocks (``base``, ``2 base``, ... channels) with max-pooling between
-    them; a bridge of ``base * 2**depth`` channels followed by spatial attention; a decoder of
-    ``depth`` blocks, each a 2x2 transposed-convolution upsampling, concatenation with the skip
-    connection and a residual block; a 1x1 convolution to one channel. The defaults (64, depth 4)
-    give 64-128-256-512 and a 1024-channel bridge.
-
-    Returns logits; ``torch.sigmoid`` of them is the kidney probability map. Input height and width
-    must be multiples of ``2**depth``. On a CPU the input is put in channels-last memory format
-    (:attr:`cpu_channels_last`): the same numbers, 1.27x faster per training step there
-    (``benchmarks/bench_memory_format.py``, docs/performance.md); on CUDA the layout is left as it is.
+    ``depth`` encoder blocks (``base``, ``2 base``, ... channels) with max-pooling, a bridge of
+    ``base * 2**depth`` channels followed by spatial attention, ``depth`` decoder blocks (2x2 transposed
+    convolution, concatenation with the skip connection, residual block) and a 1x1 head. Returns logits;
+    height and width must be multiples of ``2**depth``. On a CPU the input goes to channels-last
+    (:attr:`cpu_channels_last`: the same numbers, faster; docs/performance.md).
     """
 
     cpu_channels_last: bool = True
@@ -1646,11 +1466,7 @@ class AttentionUNet(nn.Module):
 
 
 def build_model(config: Config) -> AttentionUNet:
-    """The model a config describes (one input channel, one output channel).
-
-    The initial weights come from ``config.seed`` alone (the global generators are left as they
-    were), so one seed always gives one model.
-    """
+    """The model a config describes; its initial weights come from ``config.seed`` alone."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         return AttentionUNet(1, 1, config.base_channels, config.depth, config.dropout)
@@ -1669,14 +1485,8 @@ def count_parameters(model: nn.Module) -> int:
 def focal_loss_with_logits(
     logits: torch.Tensor, targets: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0
 ) -> torch.Tensor:
-    """Binary focal loss (Lin et al. 2017), mean over all pixels.
-
-    ``FL = -alpha_t (1 - p_t)**gamma log(p_t)``, with ``alpha_t = alpha`` on kidney pixels and
-    ``1 - alpha`` elsewhere. Computed in float32 from logits through
-    ``binary_cross_entropy_with_logits``, so it stays finite for any fp16 logit.
-
-    Shape: logits and targets ``(B, 1, H, W)``; targets 0/1.
-    """
+    """Binary focal loss (Lin et al. 2017), mean over pixels: ``-alpha_t (1 - p_t)**gamma log p_t``,
+    ``alpha_t = alpha`` on kidney, computed in float32 from logits."""
     logits, targets = logits.float(), targets.float()
     bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
     p_t = torch.exp(-bce)
@@ -1685,11 +1495,7 @@ def focal_loss_with_logits(
 
 
 def soft_dice_loss(logits: torch.Tensor, targets: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
-    """``1 - (2 sum(p t) + s) / (sum(p) + sum(t) + s)`` over the whole batch, ``p = sigmoid(logits)``.
-
-    Pooling over the batch keeps the loss defined for slices without kidney: an empty target and an
-    all-background prediction give a loss near 0.
-    """
+    """``1 - (2 sum(p t) + s) / (sum(p) + sum(t) + s)`` pooled over the batch, ``p = sigmoid(logits)``."""
     probs = torch.sigmoid(logits.float())
     targets = targets.float()
     intersection = (probs * targets).sum()
@@ -1736,8 +1542,7 @@ class ConfusionCounts:
 
 
 def confusion_counts(pred: torch.Tensor | np.ndarray, target: torch.Tensor | np.ndarray) -> ConfusionCounts:
-    """Count tp/fp/fn/tn between two binary masks (bool or 0/1) of equal shape, summed over all
-    pixels (and over the batch, so an epoch's counts pool all its images)."""
+    """tp/fp/fn/tn between two binary masks of equal shape, summed over all pixels (and the batch)."""
     if isinstance(pred, torch.Tensor):
         p, t = pred.bool(), torch.as_tensor(target, device=pred.device).bool()
         tp = int((p & t).sum())
@@ -1756,14 +1561,8 @@ def confusion_counts(pred: torch.Tensor | np.ndarray, target: torch.Tensor | np.
 def metrics_from_counts(tp: int, fp: int, fn: int) -> dict[str, float]:
     """Dice, IoU, precision, recall and F1 from pixel counts; the one definition used everywhere.
 
-    ``dice = 2tp / (2tp + fp + fn)``, ``iou = tp / (tp + fp + fn)``, ``precision = tp / (tp + fp)``,
-    ``recall = tp / (tp + fn)``, ``f1 = 2 P R / (P + R)`` (for pixel counts it equals Dice).
-
-    Empty-mask rule: a ratio whose denominator is 0 means there was nothing to find and nothing was
-    found, and scores 1.0 (an empty prediction of an empty mask is perfect). Precision with nothing
-    predicted is 1.0 only when nothing was missed (``fn == 0``), else 0.0; recall with no kidney
-    present is 1.0 only when nothing was falsely predicted (``fp == 0``), else 0.0. So every value
-    lies in [0, 1] and none is NaN.
+    Empty-mask rule: a ratio with denominator 0 scores 1.0 (nothing to find, nothing found); precision
+    with nothing predicted is 1.0 only if ``fn == 0``, recall with no kidney only if ``fp == 0``.
     """
     if min(tp, fp, fn) < 0:
         raise ValueError(f"counts must be >= 0; got tp={tp}, fp={fp}, fn={fn}")
@@ -1821,13 +1620,8 @@ def save_checkpoint(payload: dict[str, Any], path: str | os.PathLike) -> Path:
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a kidneyseg checkpoint with ``weights_only=True`` (no pickled code ever runs).
-
-    Raises:
-        FileNotFoundError: no such file.
-        ValueError: the file holds pickled objects or code, is damaged, or is not a kidneyseg
-            checkpoint.
-    """
+    """Load a kidneyseg checkpoint with ``weights_only=True`` (no pickled code ever runs); a missing,
+    unsafe, damaged, foreign or newer file is an error that says so."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"No checkpoint at {path}. Train one with notebook 03 or set MODEL_PATH.")
@@ -1858,8 +1652,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def _rng_state() -> dict[str, Any]:
-    """The torch generators (CPU, and CUDA where present): the only global generators the pipeline
-    draws from (augmentation and shuffling are seeded from the seed, the epoch and the index)."""
+    """The torch generators (CPU, and CUDA where present), the only global ones the pipeline draws from."""
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -1867,19 +1660,13 @@ def _rng_state() -> dict[str, Any]:
 
 
 def _cpu_bytes(state: torch.Tensor) -> torch.Tensor:
-    """A generator state as the CPU ``uint8`` tensor that ``set_rng_state`` accepts, wherever it was
-    loaded to (a checkpoint loaded with ``map_location="cuda"`` puts it on the GPU)."""
+    """A generator state as the CPU uint8 tensor ``set_rng_state`` accepts, wherever it was loaded."""
     return state.detach().to(device="cpu", dtype=torch.uint8)
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
-    """Restore the generators saved by :func:`_rng_state`, on any device.
-
-    The CPU generator always comes back. The CUDA generators come back only when
-    this machine has exactly as many GPUs as the one that saved them; otherwise (a CPU run resumed
-    on a GPU, or the reverse) the GPUs keep their seeded state, and only GPU-side randomness (none in
-    this pipeline: augmentation and shuffling draw on the CPU) differs from an uninterrupted run.
-    """
+    """Restore :func:`_rng_state`: the CPU generator always, the CUDA ones when this machine has as many
+    GPUs as the one that saved them (nothing in the pipeline draws on the GPU)."""
     torch.set_rng_state(_cpu_bytes(state["torch"]))
     saved = state.get("cuda") or []
     if saved and torch.cuda.is_available() and torch.cuda.device_count() == len(saved):
@@ -1889,12 +1676,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 def _grad_scaler(
     device_type: str, enabled: bool, state: dict[str, Any] | None = None
 ) -> torch.amp.GradScaler:
-    """A GradScaler for fp16 training, with a saved state restored when there is one to restore.
-
-    A checkpoint written where the scaler was off (on a CPU, or with bf16) holds an empty state, which
-    starts the scaler afresh instead of failing in ``load_state_dict``. A saved state is ignored when
-    the scaler is off here.
-    """
+    """A GradScaler for fp16 training, with a saved (non-empty) state restored when it is enabled."""
     scaler = torch.amp.GradScaler(device_type, enabled=enabled)
     if enabled and state:
         scaler.load_state_dict(state)
@@ -1932,14 +1714,7 @@ def _run_epoch(
     bar: Any = None,
     batch_transform: BatchTransform | None = None,
 ) -> dict[str, float]:
-    """One pass over ``loader``: trains when an optimizer is given, else evaluates.
-
-    Args:
-        amp: Autocast dtype (float16 or bfloat16), or None for full precision.
-        batch_transform: Applied to each training batch, see :func:`train_model`.
-
-    Returns the mean loss and the pooled metrics of the epoch.
-    """
+    """One pass over ``loader``, training when an optimizer is given: mean loss and pooled metrics."""
     training = optimizer is not None
     model.train(training)
     counts = ConfusionCounts()
@@ -1982,8 +1757,7 @@ def _run_epoch(
 
 
 def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX tiles); bf16 autocast on a CPU
-    without it is emulated and slower than fp32."""
+    """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX); elsewhere bf16 is slower than fp32."""
     checks = [
         getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     ]
@@ -1991,11 +1765,8 @@ def cpu_has_native_bf16() -> bool:
 
 
 def autocast_dtype(device: torch.device, amp: bool | str) -> torch.dtype | None:
-    """The autocast dtype a run uses on ``device`` for ``Config.amp`` (None: full precision).
-
-    CUDA: :func:`amp_dtype` of the device unless ``amp`` is False. CPU: bf16 when ``amp`` is True and
-    :func:`cpu_has_native_bf16`, else None.
-    """
+    """The autocast dtype for ``Config.amp`` on ``device`` (None: full precision): on CUDA
+    :func:`amp_dtype` unless ``amp`` is False; on a CPU bf16 when ``amp`` is True and native, else None."""
     if amp is False:
         return None
     if device.type == "cuda":
@@ -2011,19 +1782,14 @@ def precision_name(dtype: torch.dtype | None) -> str:
 
 
 def amp_dtype(capability: tuple[int, int] | None) -> torch.dtype | None:
-    """The autocast dtype for a CUDA device of compute ``capability`` (None: no CUDA, no autocast).
-
-    bf16 needs compute capability 8.0 (Ampere) or newer; a T4 (7.5) gets fp16, which needs a
-    GradScaler; never bf16 below 8.0.
-    """
+    """bf16 from compute capability 8.0, fp16 below (a T4: with a GradScaler); None without CUDA."""
     if capability is None:
         return None
     return torch.bfloat16 if tuple(capability) >= (8, 0) else torch.float16
 
 
 def wrap_for_devices(model: nn.Module, device: torch.device, multi_gpu: bool) -> nn.Module:
-    """``model`` in ``nn.DataParallel`` when ``multi_gpu`` is set and more than one CUDA device is
-    visible, else unchanged. Checkpoints always store the unwrapped model, so they load anywhere."""
+    """``model`` in ``nn.DataParallel`` when ``multi_gpu`` and several CUDA devices, else unchanged."""
     count = torch.cuda.device_count()
     if multi_gpu and device.type == "cuda" and count > 1:
         return nn.DataParallel(model, device_ids=list(range(count)))
@@ -2052,36 +1818,25 @@ def train_model(
     log: bool = True,
     batch_transform: BatchTransform | None = None,
 ) -> TrainingResult:
-    """Train ``model`` and write the run's artefacts to ``output_dir``.
+    """Train ``model`` (in place) and write the run's artefacts to ``output_dir``.
 
-    AdamW; ReduceLROnPlateau on the validation loss; early stopping; gradient clipping; mixed
-    precision and several GPUs as ``Config.amp`` and ``Config.multi_gpu`` say. After each epoch, the
-    best model (by validation loss) as ``best_kidney_segmentation_model.pth``, a resumable
-    ``last_checkpoint.pth`` and ``training_metrics.csv``; at the end the six-panel
-    ``training_metrics.png``. Every write is atomic.
+    AdamW, ReduceLROnPlateau on the validation loss, early stopping, gradient clipping, AMP and
+    several GPUs as the config says. After each epoch the best model (by validation loss), a
+    resumable last checkpoint and ``training_metrics.csv``; at the end ``training_metrics.png``.
 
     Args:
-        model: The network (its weights are trained in place).
-        train_dataset: Training items (a :class:`KidneyDataset`).
-        val_dataset: Validation items.
-        config: The run's settings.
-        output_dir: Folder for the artefacts.
-        device: Compute device; chosen by :func:`get_device` when ``None``.
+        device: Compute device; :func:`get_device` when None.
         resume: Continue from ``last_checkpoint.pth`` in ``output_dir``.
         overwrite: Allow replacing an earlier run's best model in ``output_dir``.
         extra_state: Plain-typed extras stored in both checkpoints (e.g. the split).
-        progress: Show live progress bars (loss and Dice) in an interactive front end; headless
-            runs never get widget bars (see :func:`interactive_frontend`).
-        log: Print one plain line per epoch, which headless runs ("Save & Run All", papermill)
-            record while widget bars stay blank there.
-        batch_transform: ``f(images, epoch, step) -> images``, applied to every normalised
-            ``(B, 1, H, W)`` training batch on the training device after the per-image
-            augmentation (the studies' intensity randomisation uses it). It should draw its
-            randomness from ``(epoch, step)`` alone, so that a resumed run repeats an uninterrupted
-            one. None: no batch transform.
+        progress: Live progress bars in an interactive front end (never in headless runs).
+        log: One plain line per epoch, which headless runs record.
+        batch_transform: ``f(images, epoch, step) -> images`` on every normalised training batch on
+            the device, after the per-image augmentation (the studies' intensity randomisation); it
+            should draw from ``(epoch, step)`` alone, so that a resumed run repeats an uninterrupted one.
 
     Raises:
-        FileExistsError: ``output_dir`` holds a best model and neither ``resume`` nor ``overwrite``.
+        FileExistsError: a best model exists and neither ``resume`` nor ``overwrite``.
         ValueError: ``batch_size`` exceeds the training set, or the resume checkpoint does not match.
         TrainingDivergedError: the loss became NaN or infinite.
         RuntimeError: CUDA ran out of memory (the message names the levers).
@@ -2122,21 +1877,13 @@ def train_model(
     best_loss, best_epoch, stale, start_epoch = math.inf, 0, 0, 1
     state = None
     if resume:
-        # Loaded to the CPU whatever the device: the optimizer moves its tensors to the parameters'
-        # device itself, and generator states must stay CPU byte tensors.
-        state = load_checkpoint(last_path, map_location="cpu") if last_path.exists() else None
-        if state is None:
+        if not last_path.exists():
             raise FileNotFoundError(
                 f"RESUME=True but there is no {LAST_CHECKPOINT_NAME} in {out}; set RESUME=False to "
                 "start a new run."
             )
-        diffs = _config_differences(
-            state["config"],
-            config.to_dict(),
-            CHECKPOINT_FIELDS
-            + ("augmentation", "seed", "group_regex", "val_fraction", "test_fraction", "folds", "fold"),
-        )
-        if diffs:
+        state = load_checkpoint(last_path, map_location="cpu")  # the optimizer moves its own tensors
+        if diffs := _config_differences(state["config"], config.to_dict(), RESUME_FIELDS):
             raise ValueError(f"Cannot resume {last_path}: the settings differ ({'; '.join(diffs)}).")
         base.load_state_dict(state["model_state"])
         optimizer.load_state_dict(state["optimizer_state"])
@@ -2150,60 +1897,32 @@ def train_model(
     config.to_json(out / CONFIG_JSON_NAME)
 
     workers = _auto_workers(config, device)
-    pin = device.type == "cuda"
-    loader_kw: dict[str, Any] = dict(
-        batch_size=config.batch_size,
-        num_workers=workers,
-        pin_memory=pin,
-        worker_init_fn=_worker_init if workers else None,
-        persistent_workers=workers > 0,
-    )
+    loader_kw: dict[str, Any] = dict(batch_size=config.batch_size, num_workers=workers)
+    loader_kw.update(pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+    loader_kw.update(worker_init_fn=_worker_init if workers else None)
     sampler = EpochShuffleSampler(len(train_dataset), config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
     train_loader = DataLoader(
-        train_dataset,
-        sampler=sampler,
-        drop_last=True,
-        generator=torch.Generator().manual_seed(config.seed),
-        **loader_kw,
+        train_dataset, sampler=sampler, drop_last=True, generator=generator, **loader_kw
     )
     val_loader = DataLoader(val_dataset, shuffle=False, **loader_kw)
 
-    started = time.monotonic()
-    stop_reason = "num_epochs"
-    epoch_bar = _progress_bar(
-        range(start_epoch, config.num_epochs + 1),
-        progress,
-        desc="epochs",
-        unit="epoch",
-        initial=start_epoch - 1,
-        total=config.num_epochs,
-    )
-    extra = extra_state or {}
+    started, stop_reason, extra = time.monotonic(), "num_epochs", extra_state or {}
+    epochs = range(start_epoch, config.num_epochs + 1)
+    shown = dict(desc="epochs", unit="epoch", initial=start_epoch - 1, total=config.num_epochs)
+    epoch_bar = _progress_bar(epochs, progress, **shown)
+    run = dict(loss_fn=loss_fn, device=device, threshold=config.inference_threshold, amp=amp)
+    fit = dict(optimizer=optimizer, scaler=scaler, grad_clip_norm=config.grad_clip_norm)
+    budget = math.inf if config.max_train_minutes is None else config.max_train_minutes * 60
     try:
         for epoch in epoch_bar:
             tic = time.monotonic()
             sampler.set_epoch(epoch)
-            bar = _progress_bar(
-                None, progress, total=len(train_loader) + len(val_loader), desc=f"epoch {epoch}", leave=False
-            )
-            common = dict(
-                loss_fn=loss_fn,
-                device=device,
-                threshold=config.inference_threshold,
-                amp=amp,
-                epoch=epoch,
-                bar=bar,
-            )
-            train_m = _run_epoch(
-                runner,
-                train_loader,
-                batch_transform=batch_transform,
-                optimizer=optimizer,
-                scaler=scaler,
-                grad_clip_norm=config.grad_clip_norm,
-                **common,
-            )
-            val_m = _run_epoch(runner, val_loader, **common)
+            steps = len(train_loader) + len(val_loader)
+            bar = _progress_bar(None, progress, total=steps, desc=f"epoch {epoch}", leave=False)
+            now = dict(epoch=epoch, bar=bar, **run)
+            train_m = _run_epoch(runner, train_loader, batch_transform=batch_transform, **fit, **now)
+            val_m = _run_epoch(runner, val_loader, **now)
             bar.close()
             lr = optimizer.param_groups[0]["lr"]
             scheduler.step(val_m["loss"])
@@ -2212,26 +1931,17 @@ def train_model(
             row.update({f"val_{k}": v for k, v in val_m.items()})
             history.append(row)
             improved = val_m["loss"] < best_loss
-            payload = dict(
-                model=base, config=config, epoch=epoch, history=history, extra=extra, precision=amp
-            )
+            payload = dict(model=base, config=config, epoch=epoch, history=history, extra=extra)
             if improved:
                 best_loss, best_epoch, stale = val_m["loss"], epoch, 0
-                save_checkpoint(_checkpoint_payload("best", **payload), best_path)
+                save_checkpoint(_checkpoint_payload("best", precision=amp, **payload), best_path)
             else:
                 stale += 1
-            last = _checkpoint_payload("last", **payload)
-            last.update(
-                optimizer_state=optimizer.state_dict(),
-                scheduler_state=scheduler.state_dict(),
-                scaler_state=scaler.state_dict(),
-                best_val_loss=best_loss,
-                best_epoch=best_epoch,
-                stale_epochs=stale,
-                rng_state=_rng_state(),
-            )
-            save_checkpoint(last, last_path)
-            _write_history_csv(history, out / METRICS_CSV_NAME)
+            last = _checkpoint_payload("last", precision=amp, **payload)
+            last.update(optimizer_state=optimizer.state_dict(), scheduler_state=scheduler.state_dict())
+            last.update(scaler_state=scaler.state_dict(), best_val_loss=best_loss, best_epoch=best_epoch)
+            save_checkpoint({**last, "stale_epochs": stale, "rng_state": _rng_state()}, last_path)
+            _atomic_write(out / METRICS_CSV_NAME, pd.DataFrame(history).to_csv(index=False))
             epoch_bar.set_postfix(
                 val_loss=f"{val_m['loss']:.4f}", val_dice=f"{val_m['dice']:.3f}", best=best_epoch
             )
@@ -2240,12 +1950,11 @@ def train_model(
             if stale >= config.patience:
                 stop_reason = "early_stopping"
                 break
-            if config.max_train_minutes is not None:
-                elapsed = time.monotonic() - started
-                per_epoch = elapsed / (epoch - start_epoch + 1)
-                if elapsed + per_epoch > config.max_train_minutes * 60 and epoch < config.num_epochs:
-                    stop_reason = "time_budget"
-                    break
+            elapsed = time.monotonic() - started
+            next_end = elapsed + elapsed / (epoch - start_epoch + 1)  # at the mean epoch time so far
+            if next_end > budget and epoch < config.num_epochs:
+                stop_reason = "time_budget"
+                break
     except torch.cuda.OutOfMemoryError:
         raise RuntimeError(_oom_message(config)) from None
     finally:
@@ -2268,11 +1977,9 @@ def _checkpoint_payload(
     epoch: int,
     history: list[dict[str, float]],
     extra: dict[str, Any],
-    precision: torch.dtype | None = None,
+    precision: torch.dtype | None,
 ) -> dict[str, Any]:
-    """What both checkpoints hold: format marker, config, CPU weights, epoch, history, the precision
-    the run computed in and ``extra`` (the split); ``kind`` is "best" or "last", and the last one adds
-    the optimizer and RNG states."""
+    """What both checkpoints hold: format, config, CPU weights, epoch, history, precision and ``extra``."""
     return {
         "format": CHECKPOINT_FORMAT,
         "format_version": CHECKPOINT_VERSION,
@@ -2288,7 +1995,7 @@ def _checkpoint_payload(
 
 
 def _epoch_line(row: dict[str, float], num_epochs: int, best_epoch: int, improved: bool) -> str:
-    """One plain log line for an epoch: losses, Dice, learning rate, seconds, and the best epoch."""
+    """One plain log line for an epoch."""
     return (
         f"epoch {int(row['epoch']):>3}/{num_epochs}  train loss {row['train_loss']:.4f} dice "
         f"{row['train_dice']:.3f} | val loss {row['val_loss']:.4f} dice {row['val_dice']:.3f} | "
@@ -2296,17 +2003,8 @@ def _epoch_line(row: dict[str, float], num_epochs: int, best_epoch: int, improve
     )
 
 
-def _write_history_csv(history: list[dict[str, float]], path: Path) -> None:
-    _atomic_write(path, pd.DataFrame(history).to_csv(index=False))
-
-
 def plot_training_history(history: pd.DataFrame, best_epoch: int | None = None) -> Any:
-    """The six-panel figure: loss, Dice, IoU, precision, recall, F1, train and validation per panel.
-
-    Args:
-        history: Rows as written to ``training_metrics.csv``.
-        best_epoch: Marked with a dashed line when given.
-    """
+    """The six-panel figure (loss, Dice, IoU, precision, recall, F1; train and validation)."""
     fig, axes = plt.subplots(2, 3, figsize=(15, 8))
     for ax, name in zip(axes.flat, METRIC_NAMES):
         ax.plot(history["epoch"], history[f"train_{name}"], label="train", marker=".")
@@ -2329,8 +2027,8 @@ def plot_training_history(history: pd.DataFrame, best_epoch: int | None = None) 
 def plot_samples(
     dataset: Dataset, n: int = 8, seed: int = 0, epoch: int = 0, title: str | None = None
 ) -> Any:
-    """A grid of ``n`` dataset items (as the model sees them, augmentation included) with the mask
-    overlaid. Returns the matplotlib Figure."""
+    """A grid of ``n`` dataset items as the model sees them (augmentation included) with the mask
+    overlaid; returns the Figure."""
     count = min(n, len(dataset))
     rng = np.random.default_rng(seed)
     picks = rng.choice(len(dataset), size=count, replace=False)
@@ -2361,19 +2059,8 @@ def plot_samples(
 def load_model(
     path: str | os.PathLike, device: torch.device | str = "cpu", expected: Config | None = None
 ) -> tuple[AttentionUNet, Config, dict[str, Any]]:
-    """Rebuild the model stored in a checkpoint, in eval mode.
-
-    Args:
-        path: A checkpoint written by :func:`train_model`.
-        device: Where to put the model.
-        expected: If given, a config whose architecture fields must equal the stored ones.
-
-    Returns:
-        ``(model, config, checkpoint)``.
-
-    Raises:
-        ValueError: unsafe or foreign file, or a config that differs (the message says which field).
-    """
+    """Rebuild the model of a checkpoint, in eval mode: ``(model, config, checkpoint)``. With
+    ``expected``, its architecture fields must equal the stored ones (the error names the field)."""
     checkpoint = load_checkpoint(path, map_location="cpu")
     config = Config.from_dict(checkpoint["config"])
     if expected is not None:
@@ -2389,9 +2076,8 @@ def load_model(
 
 
 class FoldEnsemble(nn.Module):
-    """The cross-validation fold models as one network: its logits are those of the mean of the
-    models' probabilities, so every function that takes a model (TTA, evaluation, folder prediction)
-    averages the folds' probabilities."""
+    """The fold models as one network whose logits are those of the mean of their probabilities, so
+    TTA, evaluation and folder prediction average the folds."""
 
     def __init__(self, models: Sequence[nn.Module]) -> None:
         super().__init__()
@@ -2408,17 +2094,9 @@ MODEL_SET_FIELDS = CHECKPOINT_FIELDS + ("seed", "group_regex", "test_fraction", 
 def load_models(
     paths: Sequence[str | os.PathLike], device: torch.device | str = "cpu"
 ) -> tuple[list[AttentionUNet], Config, list[dict[str, Any]]]:
-    """Load one checkpoint, or the fold runs of one cross-validation, in eval mode.
-
-    Several checkpoints must be folds of one run: the same architecture, preprocessing, split seed,
-    test split and number of folds, and each fold once.
-
-    Returns:
-        ``(models, config of the first, checkpoints)``, folds in order.
-
-    Raises:
-        ValueError: checkpoints that are not folds of one run, naming the file and what differs.
-    """
+    """Load one checkpoint, or the fold runs of one cross-validation, in eval mode, folds in order:
+    ``(models, config of the first, checkpoints)``. Several checkpoints must share architecture,
+    preprocessing, split seed, test split and fold count, each fold once; else the error says what differs."""
     loaded = sorted(
         ((Path(path), *load_model(path, device)) for path in paths),
         key=lambda item: -1 if item[2].fold is None else item[2].fold,
@@ -2456,23 +2134,10 @@ def predict_probabilities(
     normalization: str = "minmax",
     amp: torch.dtype | None | bool | str = "cuda",
 ) -> np.ndarray:
-    """Kidney probability maps for ``(N, S, S)`` uint8 images already at the model's size.
+    """Kidney probability maps ``(N, S, S)`` float32 for uint8 model inputs (:func:`model_input`).
 
-    Args:
-        model: The network (put in eval mode here).
-        images: Preprocessed uint8 images at the model's input size (see :func:`model_input`).
-        device: Where the model is.
-        batch_size: Images per forward pass.
-        tta: Test-time augmentation: average the probabilities of the image and of its horizontal,
-            vertical and double flips, each flipped back.
-        normalization: The model's ``Config.normalization``; each image is normalised by
-            :func:`normalize_intensity` with its own constants, as in training.
-        amp: Autocast dtype for the forward passes (TTA included), None for full precision, or a
-            ``Config.amp`` value (True, False, ``"cuda"``) resolved by :func:`autocast_dtype` as in
-            training. Probabilities are always returned in fp32.
-
-    Returns:
-        ``(N, S, S)`` float32 probabilities in [0, 1].
+    ``tta`` averages the image and its three flips, each flipped back; ``normalization`` is the model's,
+    per image as in training; ``amp`` an autocast dtype, None, or a ``Config.amp`` value.
     """
     model.eval()
     device = torch.device(device)
@@ -2496,8 +2161,8 @@ def predict_probabilities(
 
 
 def postprocess_mask(mask: np.ndarray, min_fraction: float = 0.0005, max_components: int = 2) -> np.ndarray:
-    """Drop connected components smaller than ``min_fraction`` of the image, then keep at most the
-    ``max_components`` largest (two kidneys). 8-connectivity; returns uint8 0/1."""
+    """Drop components smaller than ``min_fraction`` of the image, keep at most the ``max_components``
+    largest (two kidneys); 8-connectivity, uint8 0/1."""
     binary = (np.asarray(mask) > 0).astype(np.uint8)
     count, labels, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=8)
     if count <= 1:
@@ -2517,13 +2182,8 @@ def _boundary(mask: np.ndarray) -> np.ndarray:
 
 
 def hausdorff95(pred: np.ndarray, target: np.ndarray) -> float:
-    """95th-percentile symmetric Hausdorff distance between mask outlines, in pixels.
-
-    The larger of the two directed 95th percentiles (prediction outline to target outline and
-    back), with exact Euclidean distance transforms. Empty-mask rule: both empty gives 0.0; exactly
-    one empty (a missed or a false kidney) gives the worst distance, the image diagonal, so the
-    value is never NaN and never drops out of a mean.
-    """
+    """95th-percentile symmetric Hausdorff distance between mask outlines, in pixels. Both empty: 0;
+    one empty: the image diagonal, so it is never NaN."""
     p, t = np.asarray(pred).astype(bool), np.asarray(target).astype(bool)
     if p.shape != t.shape:
         raise ValueError(f"prediction shape {p.shape} differs from target {t.shape}")
@@ -2555,7 +2215,7 @@ class EvaluationSet:
 def load_evaluation_set(
     pairs: Sequence[SamplePair], config: Config, skip_bad_files: bool = False
 ) -> EvaluationSet:
-    """Read pairs for evaluation: model inputs as in training, masks kept at their original size."""
+    """Read pairs for evaluation: model inputs as in training, masks at their original size."""
     kept, images, masks, originals = [], [], [], []
     for pair, image, mask in _readable_pairs(pairs, skip_bad_files, []):
         kept.append(pair)
@@ -2573,22 +2233,8 @@ SPLIT_PARTS = ("train", "val", "test")
 def checkpoint_split(
     checkpoint: dict[str, Any], config: Config, part: str = "test", data_dir: str | os.PathLike | None = None
 ) -> list[SamplePair]:
-    """Reproduce one part of a training run's split exactly, from the keys stored in its checkpoint.
-
-    Args:
-        checkpoint: As returned by :func:`load_model`.
-        config: The run's config (for ``group_regex``).
-        part: ``"test"`` (held out, never used to choose anything), ``"val"`` (chose the learning-rate
-            steps, the stopping epoch and the best checkpoint: scores on it are optimistic) or
-            ``"train"``.
-        data_dir: The data root; by default the one recorded at training time.
-
-    Returns:
-        The pairs, in the stored order; empty for a test split the run did not hold out.
-
-    Raises:
-        ValueError: the checkpoint has no split, or files of the split are missing under the root.
-    """
+    """The pairs of one part (``"test"``, ``"val"``: optimistic, ``"train"``) of a run's split, from
+    the keys in its checkpoint, under ``data_dir`` or the recorded root; empty for no test split."""
     if part not in SPLIT_PARTS:
         raise ValueError(f"part must be one of {SPLIT_PARTS}; got {part!r}.")
     split = checkpoint.get("split")
@@ -2642,63 +2288,36 @@ def binarize_prediction(prob: np.ndarray, threshold: float, postprocess: bool = 
 def score_predictions(
     data: EvaluationSet, probs: Sequence[np.ndarray], threshold: float = 0.5, postprocess: bool = False
 ) -> pd.DataFrame:
-    """Per-image metrics at the original size: Dice, IoU, precision, recall, F1, HD95 and areas.
-
-    Metrics follow :func:`metrics_from_counts` and :func:`hausdorff95` (their empty-mask rules).
-    """
+    """Per-image metrics at the original size: Dice, IoU, precision, recall, F1, HD95, areas, counts."""
     rows = []
     for pair, prob, mask in zip(data.pairs, probs, data.masks):
         pred = binarize_prediction(prob, threshold, postprocess)
         counts = confusion_counts(pred, mask)
-        rows.append(
-            {
-                "source": pair.source,
-                "case": pair.case,
-                "name": pair.name,
-                "height": mask.shape[0],
-                "width": mask.shape[1],
-                **counts.metrics(),
-                "hd95": hausdorff95(pred, mask),
-                "pred_area": int(pred.sum()),
-                "true_area": int(mask.sum()),
-                "tp": counts.tp,
-                "fp": counts.fp,
-                "fn": counts.fn,
-            }
+        row = dict(
+            source=pair.source, case=pair.case, name=pair.name, height=mask.shape[0], width=mask.shape[1]
         )
+        row.update(counts.metrics(), hd95=hausdorff95(pred, mask), pred_area=int(pred.sum()))
+        rows.append({**row, "true_area": int(mask.sum()), "tp": counts.tp, "fp": counts.fp, "fn": counts.fn})
     return pd.DataFrame(rows)
 
 
 def case_scores(per_image: pd.DataFrame) -> pd.DataFrame:
-    """One row per patient: Dice pooled over the patient's slices, with slice and kidney counts.
-
-    A patient is ``source/case`` (two sources never share a patient). Pooling follows
-    :func:`metrics_from_counts`, so a patient without kidney and without any predicted kidney scores
-    1.0, and one without kidney but with a false kidney 0.0.
-    """
+    """One row per patient (``source/case``): Dice pooled over its slices, with slice and kidney
+    counts; empty-mask rule as in :func:`metrics_from_counts`."""
     keys = per_image["source"].astype(str) + "/" + per_image["case"].astype(str)
     rows = []
     for key, part in per_image.groupby(keys, sort=True):
         tp, fp, fn = (int(part[c].sum()) for c in ("tp", "fp", "fn"))
+        with_kidney = int((part["true_area"] > 0).sum())
         rows.append(
-            {
-                "patient": key,
-                "source": part["source"].iloc[0],
-                "slices": len(part),
-                "slices_with_kidney": int((part["true_area"] > 0).sum()),
-                "dice": metrics_from_counts(tp, fp, fn)["dice"],
-            }
+            (key, part["source"].iloc[0], len(part), with_kidney, metrics_from_counts(tp, fp, fn)["dice"])
         )
     return pd.DataFrame(rows, columns=["patient", "source", "slices", "slices_with_kidney", "dice"])
 
 
 def summarize_scores(per_image: pd.DataFrame) -> dict[str, float]:
-    """Pooled (global counts), mean-per-image and mean-per-patient metrics.
-
-    ``mean_case_dice`` (with ``std_case_dice`` over ``n_cases`` patients) averages each patient's
-    Dice pooled over its slices (:func:`case_scores`): the figure that 2D-on-volume tables report
-    (Synapse multi-organ, CHAOS).
-    """
+    """Pooled, mean-per-image and mean-per-patient metrics (``mean_case_dice`` over ``n_cases``:
+    what 2D-on-volume tables report)."""
     tp, fp, fn = (int(per_image[c].sum()) for c in ("tp", "fp", "fn"))
     summary: dict[str, float] = {
         "n_images": len(per_image),
@@ -2708,13 +2327,15 @@ def summarize_scores(per_image: pd.DataFrame) -> dict[str, float]:
     for name in ("dice", "iou", "precision", "recall", "f1", "hd95"):
         summary[f"mean_{name}"] = float(per_image[name].mean())
     with_kidney = per_image[per_image["true_area"] > 0]
-    summary["mean_dice_with_kidney"] = float(with_kidney["dice"].mean()) if len(with_kidney) else float("nan")
-    summary["mean_hd95_with_kidney"] = float(with_kidney["hd95"].mean()) if len(with_kidney) else float("nan")
+    for name in ("dice", "hd95"):
+        summary[f"mean_{name}_with_kidney"] = (
+            float(with_kidney[name].mean()) if len(with_kidney) else math.nan
+        )
     summary["median_hd95"] = float(per_image["hd95"].median())
-    cases = case_scores(per_image)
-    summary["n_cases"] = len(cases)
-    summary["mean_case_dice"] = float(cases["dice"].mean())
-    summary["std_case_dice"] = float(cases["dice"].std(ddof=0))
+    cases = case_scores(per_image)["dice"]
+    summary.update(
+        n_cases=len(cases), mean_case_dice=float(cases.mean()), std_case_dice=float(cases.std(ddof=0))
+    )
     return summary
 
 
@@ -2792,12 +2413,8 @@ def evaluate_split(
     settings: Mapping[str, Any] | None = None,
 ) -> SplitEvaluation | None:
     """Score one part of the training run's split and write it to ``output_dir/evaluation_<part>``
-    (``evaluation_test_split`` for the test part). Returns None when the run held out no such part.
-
-    The summary says what the numbers are (``evaluated_on``): the test split chose nothing; the
-    validation split chose the learning-rate steps, the stopping epoch and the best checkpoint, so
-    its scores are optimistic.
-    """
+    (``evaluation_test_split`` for the test part); None when the run held out no such part. The summary
+    says in ``evaluated_on`` what the numbers are (the validation split chose the model: optimistic)."""
     pairs = checkpoint_split(checkpoint, config, part, data_dir)
     if not pairs:
         return None
@@ -2806,15 +2423,7 @@ def evaluate_split(
     summary.update(dict(settings or {}), evaluated_on=SPLIT_LABELS[part])
     folder = "evaluation_test_split" if part == "test" else f"evaluation_{part}"
     files = write_evaluation(scores, summary, Path(output_dir) / folder)
-    return SplitEvaluation(
-        part=part,
-        label=SPLIT_LABELS[part],
-        data=data,
-        scores=scores,
-        summary=summary,
-        probs=probs,
-        files=files,
-    )
+    return SplitEvaluation(part, SPLIT_LABELS[part], data, scores, summary, probs, files)
 
 
 def evaluate_out_of_fold(
@@ -2829,21 +2438,13 @@ def evaluate_out_of_fold(
     data_dir: str | os.PathLike | None = None,
     settings: Mapping[str, Any] | None = None,
 ) -> SplitEvaluation:
-    """Score every fold's validation patients with that fold's model: out-of-fold predictions,
-    every patient outside the test split scored once by a model that did not train on it. Writes
-    ``output_dir/evaluation_out_of_fold``; per-image scores carry their ``fold``.
-
-    The summary holds the pooled figures over all folds, the mean and spread over patients
-    (``mean_case_dice``, ``std_case_dice``) and over folds (``fold_pooled_dice_mean`` and ``_std``),
-    and ``folds`` (how many of ``config.folds`` were there).
-    """
+    """Score every fold's validation patients with that fold's model and write
+    ``output_dir/evaluation_out_of_fold``: pooled figures, the spread over patients and over folds."""
     parts, per_fold = [], []
     for model, checkpoint in zip(models, checkpoints):
         fold = Config.from_dict(checkpoint["config"]).fold
         data = load_evaluation_set(checkpoint_split(checkpoint, config, "val", data_dir), config)
-        scores, summary, probs = evaluate_model(
-            model, data, device, threshold, tta=tta, postprocess=postprocess
-        )
+        scores, summary, probs = evaluate_model(model, data, device, threshold, tta, postprocess)
         parts.append((data, scores.assign(fold=fold), probs))
         per_fold.append(summary["pooled_dice"])
     keys = [p.key for data, _, _ in parts for p in data.pairs]
@@ -2851,27 +2452,19 @@ def evaluate_out_of_fold(
         raise ValueError(
             "The folds' validation splits overlap: these are not the folds of one cross-validation."
         )
-    data = EvaluationSet(
-        [p for d, _, _ in parts for p in d.pairs],
-        np.concatenate([d.images for d, _, _ in parts]),
-        [m for d, _, _ in parts for m in d.masks],
-        [o for d, _, _ in parts for o in d.originals],
-        config.normalization,
-        config.amp,
+    sets = [d for d, _, _ in parts]
+    pairs, masks, originals = (
+        [x for d in sets for x in getattr(d, a)] for a in ("pairs", "masks", "originals")
     )
+    images = np.concatenate([d.images for d in sets])
+    data = EvaluationSet(pairs, images, masks, originals, config.normalization, config.amp)
     scores = pd.concat([s for _, s, _ in parts], ignore_index=True)
     probs = [p for _, _, pr in parts for p in pr]
     summary = summarize_scores(scores)
-    summary.update(
-        threshold=threshold,
-        tta=tta,
-        postprocess=postprocess,
-        models=1,
-        folds=len(models),
-        folds_planned=config.folds,
-        fold_pooled_dice_mean=float(np.mean(per_fold)),
-        fold_pooled_dice_std=float(np.std(per_fold, ddof=1)) if len(per_fold) > 1 else 0.0,
-    )
+    summary.update(threshold=threshold, tta=tta, postprocess=postprocess, models=1, folds=len(models))
+    spread = float(np.std(per_fold, ddof=1)) if len(per_fold) > 1 else 0.0
+    summary.update(folds_planned=config.folds, fold_pooled_dice_mean=float(np.mean(per_fold)))
+    summary["fold_pooled_dice_std"] = spread
     summary.update(dict(settings or {}), evaluated_on=SPLIT_LABELS["oof"])
     files = write_evaluation(scores, summary, Path(output_dir) / "evaluation_out_of_fold")
     return SplitEvaluation("oof", SPLIT_LABELS["oof"], data, scores, summary, probs, files)
@@ -2880,9 +2473,8 @@ def evaluate_out_of_fold(
 def evaluate_validation(
     models: Sequence[nn.Module], checkpoints: Sequence[dict[str, Any]], config: Config, **evaluate: Any
 ) -> SplitEvaluation | None:
-    """The validation figures of one run (:func:`evaluate_split` on ``"val"``) or, for the fold
-    models of a cross-validation, the out-of-fold ones (:func:`evaluate_out_of_fold`). ``evaluate``:
-    the keyword arguments of those two."""
+    """The validation figures of one run (:func:`evaluate_split` on ``"val"``), or out of fold for
+    several fold models (:func:`evaluate_out_of_fold`)."""
     if len(models) == 1:
         return evaluate_split(models[0], checkpoints[0], config, "val", **evaluate)
     return evaluate_out_of_fold(models, checkpoints, config, **evaluate)
@@ -2897,9 +2489,8 @@ def fold_comparison(
     postprocess: bool = False,
     fold_ids: Sequence[int] | None = None,
 ) -> pd.DataFrame:
-    """Each fold model alone on ``data`` (the test split), their mean, and their ensemble
-    (:class:`FoldEnsemble`): pooled Dice and IoU and the mean Dice per patient. ``fold_ids`` names
-    the folds (default 0, 1, ...)."""
+    """Each fold model alone on ``data``, their mean and their ensemble: pooled Dice and IoU and the
+    mean Dice per patient."""
     keys = ("pooled_dice", "pooled_iou", "mean_case_dice")
     rows = []
     for k, model in enumerate([*models, FoldEnsemble(models)]):
@@ -2911,17 +2502,9 @@ def fold_comparison(
     return pd.concat([table.iloc[:-1], pd.DataFrame([mean]), table.iloc[-1:]], ignore_index=True)
 
 
-REPORTED_KEYS = (
-    "n_images",
-    "n_cases",
-    "pooled_dice",
-    "mean_dice",
-    "mean_case_dice",
-    "std_case_dice",
-    "pooled_iou",
-    "mean_hd95",
-    "median_hd95",
-    "ms_per_slice",
+REPORTED_KEYS = tuple(
+    "n_images n_cases pooled_dice mean_dice mean_case_dice std_case_dice pooled_iou mean_hd95 median_hd95 "
+    "ms_per_slice".split()
 )
 
 
@@ -2940,8 +2523,7 @@ def overlay_mask(
     alpha: float = 0.45,
     contour: bool = True,
 ) -> np.ndarray:
-    """An RGB uint8 picture of a gray (or RGB) image with the mask blended in ``color`` (and its
-    outline)."""
+    """An RGB uint8 picture of an image with the mask blended in ``color``, outlined."""
     rgb = (image if image.ndim == 3 else np.repeat(image[..., None], 3, axis=2)).astype(np.float32)
     m = mask.astype(bool)
     rgb[m] = (1 - alpha) * rgb[m] + alpha * np.asarray(color, np.float32)
@@ -2968,19 +2550,10 @@ def predict_folder(
 ) -> pd.DataFrame:
     """Predict every image in a folder (or its images/ subfolder) and write the results.
 
-    Writes ``output_dir/masks/<stem>.png`` (0/255, each input's original size),
-    ``output_dir/overlays/<stem>.png`` and ``output_dir/predictions.csv``, the table it returns: one
-    row per image with its size and kidney area, and the columns that ``annotate`` returns for each
-    batch of model inputs (``(N, H, W)`` uint8; one row per image, or None), such as
-    ``kidneyseg_studies.familiarity``'s novelty. Images are listed as training lists them: two files
-    of one name (``a.png`` and ``a.jpg``) are an error, since both would write ``masks/a.png``. With
-    ``skip_bad_files`` an unreadable image is skipped and listed in the table (``problem``).
-
-    Raises:
-        ValueError: ``output_dir`` is the input folder or inside it, or two images share a name.
-        FileExistsError: a result file exists and ``overwrite`` is False.
-        FileNotFoundError: no images in ``input_dir``.
-        ImageReadError: an unreadable image, unless ``skip_bad_files``.
+    Writes ``masks/<stem>.png`` (0/255, original size), ``overlays/<stem>.png`` and ``predictions.csv``
+    (returned: size, kidney area, and the columns ``annotate`` returns for each batch of model inputs).
+    Refuses to write into the input folder, to overwrite without ``overwrite``, and two images of one
+    name; with ``skip_bad_files`` unreadable images are listed (``problem``) instead of raising.
     """
     src, out = Path(input_dir).resolve(), Path(output_dir).resolve()
     if not src.is_dir():
@@ -2993,63 +2566,47 @@ def predict_folder(
     if not files:
         raise FileNotFoundError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) in {src}.")
     threshold = config.inference_threshold if threshold is None else threshold
-    targets = [(out / "masks" / f"{f.stem}.png", out / "overlays" / f"{f.stem}.png") for f in files]
     table_path = out / "predictions.csv"
-    existing = [str(p) for pair in targets for p in pair if p.exists()] + [
-        str(p) for p in [table_path] if p.exists()
-    ]
+    targets = [out / kind / f"{f.stem}.png" for f in files for kind in ("masks", "overlays")] + [table_path]
+    existing = [str(p) for p in targets if p.exists()]
     if existing and not overwrite:
         raise FileExistsError(
             f"{len(existing)} result files exist already (first: {existing[0]}); "
             "set OVERWRITE=True or choose another OUTPUT_DIR."
         )
-    (out / "masks").mkdir(parents=True, exist_ok=True)
-    (out / "overlays").mkdir(parents=True, exist_ok=True)
     rows, skipped = [], []
     for start in range(0, len(files), batch_size):
         chunk, originals = [], []
         for f in files[start : start + batch_size]:
             try:
                 originals.append(read_image(f))
+                chunk.append(f)
             except ImageReadError as exc:
                 if not skip_bad_files:
                     raise
                 skipped.append({"name": f.name, "problem": str(exc)})
-                continue
-            chunk.append(f)
         if not chunk:
             continue
         inputs = np.stack([model_input(o, config.image_size, config.preprocessing) for o in originals])
         probs = predict_probabilities(
-            model,
-            inputs,
-            device,
-            batch_size=batch_size,
-            tta=tta,
-            normalization=config.normalization,
-            amp=config.amp,
+            model, inputs, device, batch_size, tta, config.normalization, config.amp
         )
         flags = annotate(inputs) if annotate is not None else None
         for i, (f, original, prob) in enumerate(zip(chunk, originals, probs)):
-            mask_path, overlay_path = out / "masks" / f"{f.stem}.png", out / "overlays" / f"{f.stem}.png"
             h, w = original.shape
             mask = binarize_prediction(
                 cv2.resize(prob, (w, h), interpolation=cv2.INTER_LINEAR), threshold, postprocess
             )
-            _write_png(mask_path, mask * 255)
-            _write_png(overlay_path, cv2.cvtColor(overlay_mask(original, mask), cv2.COLOR_RGB2BGR))
-            rows.append(
-                {
-                    "name": f.name,
-                    "height": h,
-                    "width": w,
-                    "kidney_pixels": int(mask.sum()),
-                    "kidney_fraction": float(mask.mean()),
-                    **(flags.iloc[i].to_dict() if flags is not None else {}),
-                    "mask": str(mask_path),
-                    "problem": "",
-                }
+            mask_path = _write_png(out / "masks" / f"{f.stem}.png", mask * 255)
+            _write_png(
+                out / "overlays" / f"{f.stem}.png",
+                cv2.cvtColor(overlay_mask(original, mask), cv2.COLOR_RGB2BGR),
             )
+            row = dict(
+                name=f.name, height=h, width=w, kidney_pixels=int(mask.sum()), kidney_fraction=mask.mean()
+            )
+            extra = flags.iloc[i].to_dict() if flags is not None else {}
+            rows.append({**row, **extra, "mask": str(mask_path), "problem": ""})
     if skipped:
         print(f"{len(skipped)} unreadable images skipped: " + ", ".join(row["name"] for row in skipped))
     if not rows:
@@ -3059,12 +2616,12 @@ def predict_folder(
     return table
 
 
-def _write_png(path: Path, array: np.ndarray) -> None:
-    """Encode ``array`` (gray, or BGR as OpenCV orders colours) as PNG and write it atomically."""
+def _write_png(path: Path, array: np.ndarray) -> Path:
+    """Encode ``array`` (gray or BGR) as PNG and write it atomically."""
     ok, data = cv2.imencode(".png", array)
     if not ok:
         raise OSError(f"Could not encode {path}")
-    _atomic_write(path, data.tobytes())
+    return _atomic_write(path, data.tobytes())
 
 
 # =================================================================================================
@@ -3080,7 +2637,7 @@ KAGGLE_TRAIN_MINUTES = 660
 
 
 def kaggle_root() -> Path:
-    """Kaggle's root folder: ``/kaggle``, or ``$KIDNEYSEG_KAGGLE_ROOT`` (tests point it elsewhere)."""
+    """Kaggle's root folder: ``/kaggle``, or ``$KIDNEYSEG_KAGGLE_ROOT``."""
     return Path(os.environ.get(KAGGLE_ROOT_ENV, "/kaggle"))
 
 
@@ -3088,13 +2645,8 @@ MODULE_FILE_NAME = "kidneyseg_utils.py"
 
 
 def export_for_kaggle() -> Path | None:
-    """In a Kaggle session, write a copy of this module to ``/kaggle/working/kidneyseg_utils.py``.
-
-    Kaggle runs a script kernel when it is saved; an attached *utility script* is mounted under
-    ``/kaggle/usr/lib``, but an attached kernel that Kaggle did not mark as one brings only its output
-    (``/kaggle/input/.../<slug>/``), which the notebooks' finder also searches. Off Kaggle, or
-    without a ``working`` folder, nothing is written. Returns the copy's path, or None.
-    """
+    """In a Kaggle session, copy this module to ``/kaggle/working`` (an attached kernel not marked as a
+    utility script brings only its output, which the notebooks' finder searches); else None."""
     working = kaggle_root() / "working"
     if not on_kaggle() or not working.is_dir():
         return None
@@ -3111,15 +2663,10 @@ def on_kaggle() -> bool:
 
 
 def interactive_frontend() -> bool:
-    """True when a person works in a notebook front end that can show widgets; False in headless runs.
-
-    Headless runs (papermill, nbclient, nbval, Kaggle's "Save & Run All") must never create a widget:
-    a known race between ipywidgets and nbclient can leave the run waiting for ever
-    (jupyter/nbclient#312, nteract/papermill#723). The rule, in order: ``$KIDNEYSEG_INTERACTIVE``
-    (``1`` or ``0``) decides when set; Kaggle's batch runs (``KAGGLE_KERNEL_RUN_TYPE=Batch``) are
-    headless; otherwise a front end counts as interactive when it accepts ``input()`` for the running
-    cell. JupyterLab, Notebook, VS Code and Kaggle's editor do; papermill, nbclient and nbval send every
-    cell with ``allow_stdin=False``, and plain Python has no kernel at all.
+    """True when a person works in a front end that can show widgets; False in headless runs
+    (papermill, nbclient, Kaggle's "Save & Run All"), where a widget can hang the run (jupyter/nbclient#312).
+    ``$KIDNEYSEG_INTERACTIVE`` decides when set; Kaggle batch runs are headless; else a front end that
+    accepts ``input()`` counts as interactive.
     """
     forced = os.environ.get(INTERACTIVE_ENV, "").strip().lower()
     if forced in ("1", "true", "yes"):
@@ -3138,8 +2685,7 @@ def interactive_frontend() -> bool:
 
 
 def _progress_bar(iterable: Any = None, enabled: bool = True, **options: Any) -> Any:
-    """A tqdm bar: a live widget in an interactive front end, nothing in a headless run (whose
-    record gets plain log lines instead) or when ``enabled`` is False."""
+    """A tqdm bar: a widget in an interactive front end, disabled in headless runs or when not ``enabled``."""
     if enabled and interactive_frontend():
         from tqdm.auto import tqdm
     else:
@@ -3165,12 +2711,8 @@ def _kaggle_layout(path: Path, input_root: Path) -> tuple[int, str]:
 def choose_candidate(
     candidates: Sequence[Path], what: str, parameter: str, prefer: str = "notebooks"
 ) -> Path:
-    """Pick one of several found paths and say which and why.
-
-    The rule: under Kaggle's input, the kind of mount named by ``prefer`` first (``datasets`` for
-    data, ``notebooks`` for the outputs of another notebook), then the rest of the current layout,
-    then the older flat layout; within a rank, the shortest path, then alphabetical order.
-    """
+    """Pick one of several found paths and print which and why: outside Kaggle's input first, then
+    ``input/<prefer>``, the current layout, the older one; then the shortest path, then by name."""
     if not candidates:
         raise ValueError(f"no {what} to choose from")
     input_root = kaggle_root() / "input"
@@ -3184,26 +2726,19 @@ def choose_candidate(
             order = -2  # outside Kaggle's input: given or local, always first
         return order, len(path.parts), str(path)
 
-    ordered = sorted(candidates, key=rank)
-    chosen = ordered[0]
-    if len(ordered) > 1:
-        try:
-            reason = _kaggle_layout(chosen, input_root)[1]
-        except ValueError:
-            reason = "outside Kaggle's input"
-        others = ", ".join(str(p) for p in ordered[1:])
+    chosen, *others = sorted(candidates, key=rank)
+    if others:
+        reason = "outside Kaggle's input" if rank(chosen)[0] == -2 else _kaggle_layout(chosen, input_root)[1]
         print(
-            f"Found {len(ordered)} {what}; using {chosen} ({reason}; rule: input/{prefer} first, then "
-            f"the current layout, then the older one, then the shortest path). Others: {others}. "
-            f"Set {parameter} to choose another."
+            f"Found {len(others) + 1} {what}; using {chosen} ({reason}; rule: input/{prefer} first, then "
+            f"the current layout, then the older one, then the shortest path). Others: "
+            f"{', '.join(map(str, others))}. Set {parameter} to choose another."
         )
     return chosen
 
 
 def kaggle_output_candidates(filename: str) -> list[Path]:
-    """Files called ``filename`` in the outputs of notebooks attached to this one: under Kaggle's
-    input at most six folders deep (``input/notebooks/<owner>/<slug>/kidneyseg/<file>`` today,
-    ``input/<slug>/kidneyseg/<file>`` in older notebooks)."""
+    """Files called ``filename`` in attached notebooks' outputs, at most six folders below Kaggle's input."""
     return [p for p in find_below(kaggle_root() / "input", filename) if p.is_file()]
 
 
@@ -3215,12 +2750,8 @@ def resolve_auto(value: Any, kaggle: Any, elsewhere: Any) -> Any:
 
 
 def kaggle_dataset_candidates() -> list[Path]:
-    """The attached datasets under Kaggle's input that hold images/ and masks/ folders.
-
-    One candidate per mount: ``input/datasets/<owner>/<slug>`` and ``input/competitions/<slug>``
-    (Kaggle's current layout) and ``input/<slug>`` (the older one). The outputs of other notebooks
-    (``input/notebooks/...``) are never data: notebook 03's output can hold synthetic phantoms.
-    """
+    """Attached datasets with images/ and masks/: ``input/datasets/<owner>/<slug>``,
+    ``input/competitions/<slug>`` and ``input/<slug>``; never the outputs of notebooks."""
     root = kaggle_root() / "input"
     if not root.is_dir():
         return []
@@ -3238,8 +2769,8 @@ def kaggle_dataset_candidates() -> list[Path]:
 
 
 def resolve_output_dir(output_dir: str | os.PathLike | None = "auto") -> Path:
-    """Return the output folder, created: the parameter, else ``/kaggle/working/kidneyseg`` where a
-    Kaggle working folder exists, else ``outputs`` in the working directory."""
+    """The output folder, created: the parameter, else ``/kaggle/working/kidneyseg`` on Kaggle,
+    else ``outputs``."""
     working = kaggle_root() / "working"
     if output_dir not in (None, "", "auto"):
         path = Path(output_dir).expanduser()
@@ -3263,15 +2794,11 @@ def _fold_models(folder: Path) -> list[Path]:
 
 
 def resolve_model_paths(model_path: str | os.PathLike | None, output_dir: str | os.PathLike) -> list[Path]:
-    """The model (or the fold models of a cross-validation) to evaluate.
+    """The model, or the fold models, to evaluate.
 
-    ``MODEL_PATH`` may be a checkpoint, or a folder holding one or the ``fold_k`` runs of notebook
-    03 (a Kaggle input too). ``"auto"``: the best model in ``output_dir``, else its ``fold_k`` runs,
-    else one in the output of a notebook attached to this one (notebook 03's output attached to
-    notebook 04, found by :func:`kaggle_output_candidates`), else that output's ``fold_k`` runs.
-
-    Raises:
-        FileNotFoundError: naming every place searched.
+    ``MODEL_PATH`` is a checkpoint, or a folder with one or with the ``fold_k`` runs of notebook 03.
+    ``"auto"``: the best model in ``output_dir``, else its ``fold_k`` runs, else those in the output of
+    an attached notebook. Raises ``FileNotFoundError`` naming every place searched.
     """
     if model_path not in (None, "", "auto"):
         path = Path(model_path).expanduser()
@@ -3305,13 +2832,9 @@ def resolve_model_paths(model_path: str | os.PathLike | None, output_dir: str | 
 
 
 def restore_run_for_resume(output_dir: str | os.PathLike) -> Path | None:
-    """Before ``RESUME=True`` in a new Kaggle session: copy the previous run's checkpoints, metrics and
-    config from an attached notebook output into ``output_dir`` (nothing is overwritten).
-
-    Returns:
-        The folder copied from, or None when ``output_dir`` already holds a last checkpoint or no
-        previous run is attached.
-    """
+    """Before ``RESUME=True`` in a new Kaggle session, copy the previous run's checkpoints, metrics
+    and config from an attached notebook output into ``output_dir`` (never overwriting). Returns the
+    folder copied from, or None."""
     import shutil
 
     out = Path(output_dir)
@@ -3399,30 +2922,16 @@ def make_synthetic_dataset(
     seed: int = 0,
     window: tuple[float, float] = (0.0, 1.0),
 ) -> Path:
-    """Write seeded CT-like kidney phantoms in the images/ + masks/ layout and return ``out_dir``.
+    """Write seeded CT-like kidney phantoms in the images/ + masks/ layout; return ``out_dir``.
 
-    Each case is one synthetic patient: a body with fat and soft tissue, liver, bowel loops, the spine,
-    and two bean-shaped kidneys (bright cortex, darker medulla, hilum notch facing the spine) whose
-    cross-section grows and shrinks along the slices, so a slice holds zero, one or two kidneys. Files
-    are named ``phantom-CCC_SSS.png`` so ``GROUP_REGEX='^([^_]+)_'`` groups them by case.
-
-    ``window`` is the display window of the stored 8-bit values, in units of the phantom's intensity
-    scale: ``(0, 1)`` stores the whole scale, ``(0.3, 0.9)`` a narrower, brighter window, as CT
-    series exported with different windows are.
-
-    A folder written earlier with the same arguments is reused as it is. A non-empty folder that is
-    not such a phantom set is never touched.
-
-    Raises:
-        FileExistsError: ``out_dir`` holds other files, or phantoms made with other arguments.
+    Each case is a synthetic patient (body, liver, bowel, spine, two bean-shaped kidneys whose section
+    grows and shrinks along the slices), named ``phantom-CCC_SSS.png``. ``window`` is the display window
+    of the stored values, as CT series exported with other windows. A folder written with the same
+    arguments is reused; any other non-empty folder is refused (``FileExistsError``).
     """
     out = Path(out_dir)
-    settings = {
-        "n_cases": n_cases,
-        "slices_per_case": slices_per_case,
-        "image_size": image_size,
-        "seed": seed,
-    }
+    settings: dict[str, Any] = dict(n_cases=n_cases, slices_per_case=slices_per_case, image_size=image_size)
+    settings["seed"] = seed
     if tuple(window) != (0.0, 1.0):
         settings["window"] = [float(window[0]), float(window[1])]
     marker = out / _PHANTOM_MARKER
@@ -3441,32 +2950,21 @@ def make_synthetic_dataset(
         raise ValueError(
             f"make_synthetic_dataset needs a window (low, high) with 0 <= low < high; got {window}."
         )
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    (out / "masks").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
+    # Each kidney: centre, radii, tilt, centre and half-height along the slices, cortex and medulla levels.
+    kidney_ranges = dict(cy=(0.18, 0.3), cx=(0.3, 0.4), ry=(0.13, 0.17), rx=(0.09, 0.12), angle=(0.2, 0.5))
+    kidney_ranges.update(zc=(0.4, 0.6), zr=(0.3, 0.45), cortex=(0.72, 0.82), medulla=(0.58, 0.66))
     for case in range(n_cases):
-        anatomy = {
-            "body_ry": rng.uniform(0.62, 0.72),
-            "body_rx": rng.uniform(0.82, 0.92),
-            "bowel": [
-                (rng.uniform(-0.4, 0.0), rng.uniform(-0.3, 0.4), rng.uniform(0.05, 0.1))
-                for _ in range(rng.integers(2, 5))
-            ],
-            "kidneys": [
-                {
-                    "cy": rng.uniform(0.18, 0.3),
-                    "cx": side * rng.uniform(0.3, 0.4),
-                    "ry": rng.uniform(0.13, 0.17),
-                    "rx": rng.uniform(0.09, 0.12),
-                    "angle": side * rng.uniform(0.2, 0.5),
-                    "zc": rng.uniform(0.4, 0.6),
-                    "zr": rng.uniform(0.3, 0.45),
-                    "cortex": rng.uniform(0.72, 0.82),
-                    "medulla": rng.uniform(0.58, 0.66),
-                }
-                for side in (-1.0, 1.0)
-            ],
-        }
+        anatomy: dict[str, Any] = dict(body_ry=rng.uniform(0.62, 0.72), body_rx=rng.uniform(0.82, 0.92))
+        loops = range(rng.integers(2, 5))
+        anatomy["bowel"] = [
+            (rng.uniform(-0.4, 0.0), rng.uniform(-0.3, 0.4), rng.uniform(0.05, 0.1)) for _ in loops
+        ]
+        anatomy["kidneys"] = []
+        for side in (-1.0, 1.0):
+            kidney = {key: rng.uniform(*bounds) for key, bounds in kidney_ranges.items()}
+            kidney["cx"], kidney["angle"] = side * kidney["cx"], side * kidney["angle"]
+            anatomy["kidneys"].append(kidney)
         for s in range(slices_per_case):
             z = (s + 0.5) / slices_per_case
             image, mask = _render_phantom_slice(rng, anatomy, z, image_size)
@@ -3485,8 +2983,7 @@ SYNTHETIC_SOURCES = {"phantom-site-a": (0.0, 1.0), "phantom-site-b": (0.3, 0.9)}
 
 
 def make_synthetic_sources(out_dir: str | os.PathLike, n_cases: int = 8, slices_per_case: int = 8) -> Path:
-    """Write one phantom set per :data:`SYNTHETIC_SOURCES` entry under ``out_dir`` (other seeds and
-    intensity windows) and return ``out_dir``: a multi-source layout for notebook 05 without data."""
+    """One phantom set per :data:`SYNTHETIC_SOURCES` entry under ``out_dir``: sources for notebook 05."""
     out = Path(out_dir)
     for seed, (name, window) in enumerate(SYNTHETIC_SOURCES.items(), start=1):
         make_synthetic_dataset(out / name, n_cases, slices_per_case, seed=seed, window=window)
@@ -3502,30 +2999,17 @@ def resolve_data_dir(
     synthetic_dir: str | os.PathLike | None = None,
     synthetic_sources: bool = False,
 ) -> Path:
-    """Find the data root: the explicit parameter, then Kaggle's input (``kaggle_root()/input``), then
-    ``$KIDNEYSEG_DATA_DIR``.
+    """Find the data root: the parameter, else Kaggle's input, else ``$KIDNEYSEG_DATA_DIR``.
 
-    Args:
-        data_dir: A path; ``"auto"``/``None`` to search; ``"synthetic"`` for phantoms on purpose.
-        synthetic_dir: Where phantoms are written. Off Kaggle, finding nothing writes synthetic
-            phantoms here and uses them, with a warning; on Kaggle it is an error that says how to
-            attach a dataset (a GPU session spent on phantoms wastes quota). ``None`` makes "nothing
-            found" an error everywhere.
-        synthetic_sources: Write several phantom sources (:func:`make_synthetic_sources`) instead
-            of one set, for leave-one-source-out validation.
-
-    Raises:
-        FileNotFoundError: an explicit path that does not exist, or nothing found (see above); the
-            message names every place searched.
+    ``data_dir`` ``"synthetic"`` writes phantoms to ``synthetic_dir`` on purpose (several sources with
+    ``synthetic_sources``). Finding nothing writes and uses them off Kaggle, with a warning; on Kaggle,
+    or with no ``synthetic_dir``, it is a ``FileNotFoundError`` naming every place searched.
     """
+    make_phantoms = make_synthetic_sources if synthetic_sources else make_synthetic_dataset
     if data_dir == SYNTHETIC:
         if synthetic_dir is None:
             raise ValueError('DATA_DIR="synthetic" needs a folder for the phantoms (synthetic_dir).')
-        return (
-            make_synthetic_sources(synthetic_dir)
-            if synthetic_sources
-            else make_synthetic_dataset(synthetic_dir)
-        )
+        return make_phantoms(synthetic_dir)
     if data_dir not in (None, "", "auto"):
         path = Path(data_dir).expanduser()
         if not path.exists():
@@ -3533,8 +3017,7 @@ def resolve_data_dir(
         return path
     kaggle_input = kaggle_root() / "input"
     searched = [f"{kaggle_input}/datasets/*/*, {kaggle_input}/competitions/*, {kaggle_input}/*"]
-    candidates = kaggle_dataset_candidates()
-    if candidates:
+    if candidates := kaggle_dataset_candidates():
         return choose_candidate(
             candidates, "attached datasets with images/ and masks/", "DATA_DIR", "datasets"
         )
@@ -3562,9 +3045,7 @@ def resolve_data_dir(
         UserWarning,
         stacklevel=2,
     )
-    return (
-        make_synthetic_sources(synthetic_dir) if synthetic_sources else make_synthetic_dataset(synthetic_dir)
-    )
+    return make_phantoms(synthetic_dir)
 
 
 if __name__ == "__main__":
