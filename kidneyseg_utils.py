@@ -1963,9 +1963,7 @@ def train_model(
         raise ValueError(f"Nothing to train: the checkpoint already reached NUM_EPOCHS={config.num_epochs}.")
     frame = pd.DataFrame(history)
     fig = plot_training_history(frame, best_epoch=best_epoch)
-    _atomic_write(
-        out / METRICS_PNG_NAME, lambda h: fig.savefig(h, format="png", dpi=110, bbox_inches="tight")
-    )
+    _atomic_write(out / METRICS_PNG_NAME, lambda h: fig.savefig(h, format="png", dpi=110))
     plt.close(fig)
     return TrainingResult(frame, best_epoch, best_loss, stop_reason, out, precision_name(amp))
 

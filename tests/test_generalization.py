@@ -350,6 +350,7 @@ def test_leave_one_source_out_rejects_bad_variants(two_sites, tmp_path, tiny_con
         ks.leave_one_source_out(tiny_config, two_sites, tmp_path, variants={"x": {"NORMALIZATION": "robust"}})
 
 
+@pytest.mark.slow  # decodes every real slice
 def test_normalization_consistency_reports_every_source(shared_data, manifest):
     per_source, summary = ks.normalization_consistency(shared_data, image_size=64)
     assert set(per_source["source"]) == set(manifest["source"])

@@ -1,5 +1,6 @@
 """Kaggle: staging checked by the Kaggle CLI itself, the runtime rules (paths, defaults, headless
-runs), and a simulated Kaggle session in the current and the older folder layout."""
+runs), the notebooks' finder in the current and the older folder layout, and simulated Kaggle
+sessions in the current one."""
 
 from __future__ import annotations
 
@@ -419,14 +420,43 @@ def _kaggle_session(kaggle: Path, folder: Path, parameters: dict, previous_outpu
     return snapshot
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["current", "old"])
-def test_simulated_kaggle_sessions(tmp_path, phantom_dir, layout):
+@pytest.mark.parametrize("marked", [True, False])
+def test_the_notebooks_find_both_utility_scripts_in_either_layout(tmp_path, layout, marked):
+    """Every notebook's first code cell puts the attached scripts on ``sys.path``: mounted as utility
+    scripts under /kaggle/usr/lib, or (a script Kaggle did not mark) as the output of its run."""
+    kaggle = tmp_path / layout
+    mounts = {}
+    for name, role in (("kidneyseg_utils", "utility"), ("kidneyseg_studies", "studies")):
+        mounts[name] = kaggle / LAYOUTS[layout][role if marked else f"output_of_{role}"]
+        mounts[name].mkdir(parents=True)
+        shutil.copy(REPO / f"{name}.py", mounts[name])
+    (kaggle / "working").mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(KIDNEYSEG_KAGGLE_ROOT=str(kaggle))
+    finders = {}  # one run per distinct finder cell
+    for notebook in sorted((REPO / "notebooks").glob("*.ipynb")):
+        cells = json.loads(notebook.read_text(encoding="utf-8"))["cells"]
+        finders.setdefault("".join(next(c for c in cells if c["cell_type"] == "code")["source"]), notebook)
+    assert len(finders) >= 2  # 03's finder looks for the pipeline alone
+    for finder, notebook in finders.items():
+        wanted = [name for name in mounts if name in finder]  # 03 needs only the pipeline
+        probe = f"\nimport importlib.util as u\nprint(*[u.find_spec(n).origin for n in {wanted}])"
+        run = dict(cwd=kaggle / "working", env=env, capture_output=True, text=True, timeout=60)
+        proc = subprocess.run([sys.executable, "-I", "-c", finder + probe], **run)
+        assert proc.returncode == 0, notebook.name + proc.stderr[-2000:]
+        assert [Path(p).parent for p in proc.stdout.split()] == [mounts[n] for n in wanted], notebook.name
+        assert wanted[0] == "kidneyseg_utils"
+
+
+@pytest.mark.slow
+def test_simulated_kaggle_sessions(tmp_path, phantom_dir):
     """Notebook 03 trains with only the pipeline's utility script attached; 04 (both scripts)
     evaluates 03's attached output with MODEL_PATH="auto"; 03 runs again in a new session with
     RESUME=True and its previous output attached, continuing the history."""
     stage = stage_tool.stage_kaggle(tmp_path / "stage", owner="alice", dataset="alice/kidneys")
     folders = {f.name: f for group in stage for f in group}
+    layout = "current"
     kaggle = tmp_path / layout
     (kaggle / "outputs").mkdir(parents=True)
     shutil.copytree(folders["kidneyseg-utils"], kaggle / LAYOUTS[layout]["utility"])
@@ -456,13 +486,13 @@ def test_simulated_kaggle_sessions(tmp_path, phantom_dir, layout):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["current", "old"])
-def test_simulated_kaggle_session_with_an_unmarked_utility_script(tmp_path, phantom_dir, layout):
+def test_simulated_kaggle_session_with_an_unmarked_utility_script(tmp_path, phantom_dir):
     """Kaggle did not mark the script as a utility script: nothing under /kaggle/usr/lib, only the
     scripts' outputs attached as inputs. Their runs wrote the modules there, and notebook 01 finds
     both."""
     stage = stage_tool.stage_kaggle(tmp_path / "stage", owner="alice", dataset="alice/kidneys")
     folders = {f.name: f for group in stage for f in group}
+    layout = "current"
     kaggle = tmp_path / layout
     (kaggle / "outputs").mkdir(parents=True)
     (kaggle / "working").mkdir()

@@ -1,6 +1,5 @@
 """The layout: the pipeline (kidneyseg_utils) never imports the studies (kidneyseg_studies), notebook
-03 needs only the pipeline, each module's table of contents lists its sections in order, and the
-notebooks use public names only."""
+03 needs only the pipeline, and the notebooks use public names only."""
 
 from __future__ import annotations
 
@@ -12,6 +11,8 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 import kidneyseg_studies as ks
 import kidneyseg_utils as ku
@@ -44,15 +45,6 @@ def test_the_pipeline_never_imports_the_studies_and_03_needs_only_the_pipeline()
     assert "ks." not in train and "kidneyseg_studies" not in _imported_modules(train)
 
 
-def test_tables_of_contents_list_the_sections_in_order():
-    for module in MODULES.values():
-        source = Path(module.__file__).read_text(encoding="utf-8")
-        headers = re.findall(r"^# (\d+)\. (.+)$", source, flags=re.M)
-        assert [int(n) for n, _ in headers] == list(range(1, len(headers) + 1)), module.__name__
-        listed = re.findall(r"^\s+(\d+)\. (.+?)\s+--", module.__doc__, flags=re.M)
-        assert [n for n, _ in listed] == [n for n, _ in headers], module.__name__
-
-
 def test_every_public_name_exists_and_the_notebooks_need_no_private_one():
     notebooks = "\n".join(_notebook_code(p) for p in sorted((REPO / "notebooks").glob("*.ipynb")))
     for alias, module in MODULES.items():
@@ -68,6 +60,7 @@ def test_one_release_number_for_both_modules_and_the_project():
     assert ks.__version__ == ku.__version__
 
 
+@pytest.mark.slow  # a fresh Python process imports torch
 def test_the_studies_refuse_a_pipeline_of_another_release(tmp_path):
     """Beside a kidneyseg_utils.py of another release, importing the studies names both scripts."""
     (tmp_path / "kidneyseg_utils.py").write_text('__version__ = "0.0.0"\n')
