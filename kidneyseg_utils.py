@@ -1931,16 +1931,25 @@ def train_model(
             row.update({f"val_{k}": v for k, v in val_m.items()})
             history.append(row)
             improved = val_m["loss"] < best_loss
-            payload = dict(model=base, config=config, epoch=epoch, history=history, extra=extra)
+            payload = dict(
+                model=base, config=config, epoch=epoch, history=history, extra=extra, precision=amp
+            )
             if improved:
                 best_loss, best_epoch, stale = val_m["loss"], epoch, 0
-                save_checkpoint(_checkpoint_payload("best", precision=amp, **payload), best_path)
+                save_checkpoint(_checkpoint_payload("best", **payload), best_path)
             else:
                 stale += 1
-            last = _checkpoint_payload("last", precision=amp, **payload)
-            last.update(optimizer_state=optimizer.state_dict(), scheduler_state=scheduler.state_dict())
-            last.update(scaler_state=scaler.state_dict(), best_val_loss=best_loss, best_epoch=best_epoch)
-            save_checkpoint({**last, "stale_epochs": stale, "rng_state": _rng_state()}, last_path)
+            last = _checkpoint_payload("last", **payload)
+            last.update(
+                optimizer_state=optimizer.state_dict(),
+                scheduler_state=scheduler.state_dict(),
+                scaler_state=scaler.state_dict(),
+                best_val_loss=best_loss,
+                best_epoch=best_epoch,
+                stale_epochs=stale,
+                rng_state=_rng_state(),
+            )
+            save_checkpoint(last, last_path)
             _atomic_write(out / METRICS_CSV_NAME, pd.DataFrame(history).to_csv(index=False))
             epoch_bar.set_postfix(
                 val_loss=f"{val_m['loss']:.4f}", val_dice=f"{val_m['dice']:.3f}", best=best_epoch

@@ -440,7 +440,7 @@ def test_the_notebooks_find_both_utility_scripts_in_either_layout(tmp_path, layo
         finders.setdefault("".join(next(c for c in cells if c["cell_type"] == "code")["source"]), notebook)
     assert len(finders) >= 2  # 03's finder looks for the pipeline alone
     for finder, notebook in finders.items():
-        wanted = [name for name in mounts if name in finder]  # 03 needs only the pipeline
+        wanted = [name for name in mounts if name in finder]
         probe = f"\nimport importlib.util as u\nprint(*[u.find_spec(n).origin for n in {wanted}])"
         run = dict(cwd=kaggle / "working", env=env, capture_output=True, text=True, timeout=60)
         proc = subprocess.run([sys.executable, "-I", "-c", finder + probe], **run)
