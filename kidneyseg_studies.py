@@ -76,7 +76,7 @@ __all__ = [
     "preprocessing_ablation", "sample_slices_with_kidney", "write_preprocessing_results",
     "show_preprocessing_sliders",
     # 3. Evaluation figures
-    "inference_options_table", "threshold_sweep", "plot_cases", "show_threshold_viewer",
+    "summary_table", "inference_options_table", "threshold_sweep", "plot_cases", "show_threshold_viewer",
     # 4. Familiarity
     "image_features", "familiarity_reference", "familiarity", "training_reference",
     "familiarity_report", "unfamiliar_note",
@@ -725,6 +725,20 @@ def inference_options_table(
                 }
             )
     return pd.DataFrame(rows)
+
+
+REPORTED_KEYS = tuple(
+    "n_images n_cases pooled_dice mean_dice mean_case_dice std_case_dice pooled_iou mean_hd95 median_hd95 "
+    "ms_per_slice".split()
+)
+
+
+def summary_table(evaluations: Mapping[str, dict[str, Any] | None]) -> pd.DataFrame:
+    """The key figures of several summaries side by side, one column per labelled summary."""
+    columns = {
+        name: {k: summary.get(k) for k in REPORTED_KEYS} for name, summary in evaluations.items() if summary
+    }
+    return pd.DataFrame(columns)
 
 
 def threshold_sweep(

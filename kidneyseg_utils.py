@@ -74,7 +74,7 @@ __all__ = [
     # 9. Inference and evaluation
     "load_model", "load_models", "FoldEnsemble", "predict_probabilities", "hausdorff95", "EvaluationSet",
     "load_evaluation_set", "evaluate_model", "evaluate_validation", "evaluate_out_of_fold",
-    "fold_comparison", "case_scores", "write_evaluation", "evaluate_split", "summary_table",
+    "fold_comparison", "case_scores", "write_evaluation", "evaluate_split",
     "overlay_mask", "predict_folder",
     # 10. Runtime
     "on_kaggle", "interactive_frontend", "resolve_output_dir", "resolve_model_paths", "run_output_dir",
@@ -1150,7 +1150,7 @@ def make_datasets(
     train: CachedArrays, val: CachedArrays, config: Config
 ) -> tuple[KidneyDataset, KidneyDataset]:
     """The augmented training dataset and the plain validation dataset of a run, as configured."""
-    augment = build_train_transform(config.image_size, config.augmentation)
+    augment = build_train_transform(config.augmentation)
     return (
         KidneyDataset(train.images, train.masks, augment, config.seed, config.normalization),
         KidneyDataset(val.images, val.masks, None, config.seed, config.normalization),
@@ -1302,9 +1302,10 @@ def _albumentations() -> Any:
     return albumentations
 
 
-def build_train_transform(image_size: int = 256, augmentation: str = "standard") -> A.Compose:
+def build_train_transform(augmentation: str = "standard") -> A.Compose:
     """The training augmentation of ``Config.augmentation`` (Albumentations 2.x) on uint8 images
-    and 0/1 masks; :class:`KidneyDataset` normalises afterwards."""
+    and 0/1 masks, which are at the model's size already (:func:`load_arrays`); :class:`KidneyDataset`
+    normalises afterwards."""
     if augmentation not in AUGMENTATION_OPTIONS:
         raise ValueError(
             f"AUGMENTATION must be one of {', '.join(map(repr, AUGMENTATION_OPTIONS))}; got {augmentation!r}."
@@ -1312,7 +1313,7 @@ def build_train_transform(image_size: int = 256, augmentation: str = "standard")
     A = _albumentations()
     if augmentation == "strong":
         return A.Compose(
-            _geometry(image_size, flip_p=0.5, shift=0.1, scale=(0.7, 1.4), rotate=180, p=0.6)
+            _geometry(flip_p=0.5, shift=0.1, scale=(0.7, 1.4), rotate=180, p=0.6)
             + [
                 A.GaussNoise(std_range=(0.0, 0.08), p=0.15),
                 A.GaussianBlur(blur_limit=0, sigma_limit=(0.5, 1.0), p=0.2),
@@ -1326,18 +1327,15 @@ def build_train_transform(image_size: int = 256, augmentation: str = "standard")
             ]
         )
     return A.Compose(
-        _geometry(image_size, flip_p=0.7, shift=0.0625, scale=(0.9, 1.1), rotate=45, p=0.5)
+        _geometry(flip_p=0.7, shift=0.0625, scale=(0.9, 1.1), rotate=45, p=0.5)
         + [A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=0.5)]
     )
 
 
-def _geometry(
-    image_size: int, flip_p: float, shift: float, scale: tuple[float, float], rotate: float, p: float
-) -> list[Any]:
-    """Resize, both flips and an affine (zero padding, nearest-neighbour masks)."""
+def _geometry(flip_p: float, shift: float, scale: tuple[float, float], rotate: float, p: float) -> list[Any]:
+    """Both flips and an affine (zero padding, nearest-neighbour masks)."""
     A = _albumentations()
     return [
-        A.Resize(image_size, image_size, interpolation=cv2.INTER_AREA),
         A.HorizontalFlip(p=flip_p),
         A.VerticalFlip(p=flip_p),
         A.Affine(
@@ -2507,20 +2505,6 @@ def fold_comparison(
     table = pd.DataFrame(rows)
     mean = {"model": "mean single fold", **table.iloc[: len(models)][list(keys)].mean().to_dict()}
     return pd.concat([table.iloc[:-1], pd.DataFrame([mean]), table.iloc[-1:]], ignore_index=True)
-
-
-REPORTED_KEYS = tuple(
-    "n_images n_cases pooled_dice mean_dice mean_case_dice std_case_dice pooled_iou mean_hd95 median_hd95 "
-    "ms_per_slice".split()
-)
-
-
-def summary_table(evaluations: Mapping[str, dict[str, Any] | None]) -> pd.DataFrame:
-    """The key figures of several summaries side by side, one column per labelled summary."""
-    columns = {
-        name: {k: summary.get(k) for k in REPORTED_KEYS} for name, summary in evaluations.items() if summary
-    }
-    return pd.DataFrame(columns)
 
 
 def overlay_mask(

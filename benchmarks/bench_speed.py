@@ -73,11 +73,11 @@ def data_pipeline(data_dir: str, images: int, epochs: int, image_size: int) -> p
         for name, dataset in (
             (
                 "cached (ours)",
-                ku.KidneyDataset(cached.images, cached.masks, ku.build_train_transform(image_size)),
+                ku.KidneyDataset(cached.images, cached.masks, ku.build_train_transform()),
             ),
             (
                 "naive: decode every step",
-                NaiveDataset(pairs, image_size, ku.build_train_transform(image_size)),
+                NaiveDataset(pairs, image_size, ku.build_train_transform()),
             ),
         ):
             loader = DataLoader(

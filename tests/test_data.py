@@ -389,7 +389,7 @@ def test_augmentation_keeps_masks_binary_and_aligned():
         y, x = rng.integers(10, 40, size=2)
         masks[k, y : y + 16, x : x + 20] = 1
     images = np.where(masks > 0, 220, 60).astype(np.uint8)
-    ds = ku.KidneyDataset(images, masks, ku.build_train_transform(64), seed=0)
+    ds = ku.KidneyDataset(images, masks, ku.build_train_transform(), seed=0)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for index in range(5 * len(ds)):  # five epochs of different augmentations
@@ -406,8 +406,8 @@ def test_augmentation_keeps_masks_binary_and_aligned():
 def test_augmentation_is_seeded_per_epoch_and_sample():
     images = np.random.default_rng(1).integers(0, 255, (3, 32, 32), dtype=np.uint8)
     masks = (images > 128).astype(np.uint8)
-    a = ku.KidneyDataset(images, masks, ku.build_train_transform(32), seed=5)
-    b = ku.KidneyDataset(images, masks, ku.build_train_transform(32), seed=5)
+    a = ku.KidneyDataset(images, masks, ku.build_train_transform(), seed=5)
+    b = ku.KidneyDataset(images, masks, ku.build_train_transform(), seed=5)
     assert all(np.array_equal(a[i][0], b[i][0]) for i in range(9))
     differs = [not np.array_equal(a[i][0], a[i + 3][0]) for i in range(3)]
     assert any(differs)  # epoch 1 differs from epoch 0

@@ -58,7 +58,7 @@ def test_running_the_modules_as_scripts_does_nothing(tmp_path):
     probe = (
         "import os, sys, kidneyseg_utils as ku\n"
         "assert 'albumentations' not in sys.modules\n"
-        "ku.build_train_transform(32)\n"
+        "ku.build_train_transform()\n"
         "print(os.environ['NO_ALBUMENTATIONS_UPDATE'])\n"
     )
     proc = subprocess.run(
