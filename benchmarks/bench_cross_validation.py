@@ -207,10 +207,21 @@ def fold_figures(out: Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+# Compared once both runs have every fold (cv_summary.json): one figure each, not a spread.
+ENSEMBLE_FIGURES = (
+    "test_ensemble_pooled_dice",
+    "test_ensemble_pooled_iou",
+    "oof_pooled_dice",
+    "oof_pooled_iou",
+)
+
+
 def compare(baseline: Path, variant: Path) -> dict:
     """The variant against the baseline on the folds both have scored, fold by fold (paired: same
     split, same initial weights); writes ``paired_folds.csv`` and ``paired_summary.json`` to the
-    variant's folder. The fold spread is the baseline's standard deviation over all its folds."""
+    variant's folder. The fold spread is the baseline's standard deviation over all its folds. Once
+    both have every fold, the summary also holds both ensembles and pooled out-of-fold figures
+    (:data:`ENSEMBLE_FIGURES`, ``_baseline``, ``_variant`` and ``_gain``)."""
     base, var = fold_figures(baseline), fold_figures(variant)
     paired = base.merge(var, on="fold", suffixes=("_baseline", "_variant"))
     if paired.empty:
@@ -226,6 +237,12 @@ def compare(baseline: Path, variant: Path) -> dict:
         summary[f"{name}_folds_improved"] = int((gain > 0).sum())
     for name in ("test_pooled_dice", "oof_pooled_dice"):
         summary[f"{name}_baseline_fold_std"] = float(base[name].std(ddof=1))
+    whole = [folder / "cv_summary.json" for folder in (baseline, variant)]
+    if all(path.is_file() for path in whole):  # every fold of both: the ensembles and the pooled OOF
+        cv_base, cv_var = (json.loads(path.read_text()) for path in whole)
+        for name in ENSEMBLE_FIGURES:
+            summary[f"{name}_baseline"], summary[f"{name}_variant"] = cv_base[name], cv_var[name]
+            summary[f"{name}_gain"] = cv_var[name] - cv_base[name]
     summary["changes"] = json.loads((variant / f"fold_{int(paired['fold'].iloc[0])}.json").read_text())[
         "changes"
     ]

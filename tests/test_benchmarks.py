@@ -233,6 +233,17 @@ def test_cross_validation_variant_records_its_change(tmp_path, shared_data):
         and paired["oof_pooled_dice_gain_mean"] == 0
     )
     assert len(pd.read_csv(out / "paired_folds.csv")) == 1
+    assert "test_ensemble_pooled_dice_gain" not in paired  # not every fold of both yet
+    for folder, dice in ((baseline, 0.80), (out, 0.85)):  # as if every fold were scored
+        figures = {"test_ensemble_pooled_dice": dice, "test_ensemble_pooled_iou": dice - 0.1}
+        figures.update(oof_pooled_dice=0.7, oof_pooled_iou=0.6)
+        (folder / "cv_summary.json").write_text(json.dumps(figures))
+    run_script("bench_cross_validation.py", *common, "--compare", str(baseline))
+    paired = json.loads((out / "paired_summary.json").read_text())
+    assert paired["test_ensemble_pooled_dice_baseline"] == 0.80
+    assert paired["test_ensemble_pooled_dice_gain"] == pytest.approx(0.05)
+    assert paired["test_ensemble_pooled_iou_gain"] == pytest.approx(0.05)
+    assert paired["oof_pooled_iou_gain"] == 0
 
 
 def test_bf16_benchmark_tables(tmp_path, shared_data):
