@@ -24,7 +24,9 @@ parameter (a JSON value, e.g. ``--set FOCAL_ALPHA=0.75``) for a variant trained 
 give it its own ``--out`` and ``--runs``. The change is recorded in every ``fold_k.json`` and the
 summary (``changes``). ``--compare BASELINE_OUT`` trains nothing: it pairs the variant's scored folds
 with the baseline's, fold by fold, into ``paired_folds.csv`` and ``paired_summary.json`` (the mean
-and spread of the gains, and the baseline's spread over folds to weigh them against).
+and spread of the gains, and the baseline's spread over folds to weigh them against);
+``--paired-name`` names those two files for a second baseline (``NAME_folds.csv``,
+``NAME_summary.json``).
 
     python benchmarks/bench_cross_validation.py --help
     python benchmarks/bench_cross_validation.py --threads 1                      # docs/cross_validation.md
@@ -35,6 +37,8 @@ and spread of the gains, and the baseline's spread over folds to weigh them agai
         --runs benchmarks/results/cross_validation_runs_alpha075
     python benchmarks/bench_cross_validation.py --compare benchmarks/results/cross_validation \
         --out benchmarks/results/cross_validation_alpha075
+    python benchmarks/bench_cross_validation.py --compare benchmarks/results/cross_validation_alpha075 \
+        --out benchmarks/results/cross_validation_dice08 --paired-name paired_with_alpha075
 """
 
 from __future__ import annotations
@@ -216,9 +220,9 @@ ENSEMBLE_FIGURES = (
 )
 
 
-def compare(baseline: Path, variant: Path) -> dict:
+def compare(baseline: Path, variant: Path, prefix: str = "paired") -> dict:
     """The variant against the baseline on the folds both have scored, fold by fold (paired: same
-    split, same initial weights); writes ``paired_folds.csv`` and ``paired_summary.json`` to the
+    split, same initial weights); writes ``{prefix}_folds.csv`` and ``{prefix}_summary.json`` to the
     variant's folder. The fold spread is the baseline's standard deviation over all its folds. Once
     both have every fold, the summary also holds both ensembles and pooled out-of-fold figures
     (:data:`ENSEMBLE_FIGURES`, ``_baseline``, ``_variant`` and ``_gain``)."""
@@ -246,8 +250,8 @@ def compare(baseline: Path, variant: Path) -> dict:
     summary["changes"] = json.loads((variant / f"fold_{int(paired['fold'].iloc[0])}.json").read_text())[
         "changes"
     ]
-    ku._atomic_write(variant / "paired_folds.csv", paired.to_csv(index=False))
-    ku._atomic_write(variant / "paired_summary.json", json.dumps(summary, indent=2) + "\n")
+    ku._atomic_write(variant / f"{prefix}_folds.csv", paired.to_csv(index=False))
+    ku._atomic_write(variant / f"{prefix}_summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 
@@ -291,6 +295,12 @@ def main(argv=None) -> int:
         default=None,
         metavar="BASELINE_OUT",
         help="train nothing; compare --out's scored folds with the baseline's, fold by fold",
+    )
+    parser.add_argument(
+        "--paired-name",
+        default="paired",
+        metavar="NAME",
+        help="with --compare: write NAME_folds.csv and NAME_summary.json (default: paired)",
     )
     parser.add_argument("--quick", action="store_true", help="tiny settings for the tests")
     parser.add_argument("--runs", default=str(REPO / "benchmarks" / "results" / "cross_validation_runs"))
@@ -337,8 +347,12 @@ def main(argv=None) -> int:
         + (f", changed: {changes}" if changes else "")
     )
     if args.compare:
+        if not args.paired_name or Path(args.paired_name).name != args.paired_name:
+            parser.error(
+                f"--paired-name {args.paired_name!r}: give a file name stem, e.g. paired_with_alpha075"
+            )
         try:
-            print(json.dumps(compare(Path(args.compare), out), indent=2))
+            print(json.dumps(compare(Path(args.compare), out, args.paired_name), indent=2))
         except (FileNotFoundError, ValueError) as exc:
             parser.error(f"--compare: {exc}")
         return 0

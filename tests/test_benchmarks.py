@@ -244,6 +244,21 @@ def test_cross_validation_variant_records_its_change(tmp_path, shared_data):
     assert paired["test_ensemble_pooled_dice_gain"] == pytest.approx(0.05)
     assert paired["test_ensemble_pooled_iou_gain"] == pytest.approx(0.05)
     assert paired["oof_pooled_iou_gain"] == 0
+    # A second baseline writes its own pair of files and leaves the first pair as it was.
+    run_script(
+        "bench_cross_validation.py", *common, "--compare", str(out), "--paired-name", "paired_with_self"
+    )
+    itself = json.loads((out / "paired_with_self_summary.json").read_text())
+    assert itself["test_pooled_dice_gain_mean"] == 0 and itself["test_ensemble_pooled_dice_gain"] == 0
+    assert len(pd.read_csv(out / "paired_with_self_folds.csv")) == 1
+    assert json.loads((out / "paired_summary.json").read_text()) == paired
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_cross_validation.py"), *common]
+        + ["--compare", str(baseline), "--paired-name", "../elsewhere"],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2 and "--paired-name '../elsewhere'" in proc.stderr
 
 
 def test_bf16_benchmark_tables(tmp_path, shared_data):
