@@ -6,8 +6,9 @@ other way round, and notebook 03 does not need it. Sections, by notebook:
     2. Preprocessing (02)            -- contrast measurements, the normalisation check, the ablation.
     3. Evaluation figures (04)       -- inference options, the threshold sweep, error overlays.
     4. Familiarity (04)              -- does a new image look like anything the model trained on?
-    5. Intensity randomisation (05)  -- GIN and random intensity curves, reaching training through
-                                        ``kidneyseg_utils.train_model``'s ``batch_transform``.
+    5. Training hooks (05, benchmarks) -- GIN and random intensity curves, reaching training through
+                                        ``kidneyseg_utils.train_model``'s ``batch_transform``; a
+                                        sampler that favours small kidneys (its ``sampler``).
     6. Leave-one-source-out (05)     -- folds by source and the table.
 
 Figures drawn once live in the cell of the notebook that draws them.
@@ -80,9 +81,9 @@ __all__ = [
     # 4. Familiarity
     "image_features", "familiarity_reference", "familiarity", "training_reference",
     "familiarity_report", "unfamiliar_note",
-    # 5. Intensity randomisation
+    # 5. Training hooks
     "INTENSITY_VARIANTS", "BatchIntensityAugmentation", "gin_augment", "random_intensity_curves",
-    "plot_intensity_draws",
+    "plot_intensity_draws", "KidneySizeSampler",
     # 6. Leave-one-source-out
     "LOSO_CSV_NAME", "source_folds", "fold_examples", "fold_table", "leave_one_source_out",
     "leave_one_source_out_files", "summarize_leave_one_source_out",
@@ -1026,7 +1027,7 @@ def unfamiliar_note(table: pd.DataFrame, name_column: str = "name") -> str:
 
 
 # =================================================================================================
-# 5. Intensity randomisation for unseen scanners: notebook 05
+# 5. Training hooks: intensity randomisation (notebook 05) and sampling (benchmarks)
 # =================================================================================================
 
 # AUGMENTATION values of notebook 05's variants that add a batch intensity randomisation to the
@@ -1126,6 +1127,49 @@ class BatchIntensityAugmentation:
         gin = gin_augment(images, generator)
         use_gin = (torch.rand(b, generator=generator) < 0.5).to(images.device)
         return torch.where(use_gin.view(b, 1, 1, 1), gin, curves)
+
+
+class KidneySizeSampler(torch.utils.data.Sampler[int]):
+    """A ``sampler`` for ``kidneyseg_utils.train_model`` that shows the small kidney cross-sections
+    (the poles, where the model fails most) more often; a candidate of the cross-validation study.
+
+    Each epoch draws ``len(masks)`` training items with replacement: a slice whose kidney area is at or
+    below the ``small_quantile`` quantile of the areas of the slices with kidney weighs
+    ``small_weight``, every other slice (kidney-free ones included) 1. Like
+    ``kidneyseg_utils.EpochShuffleSampler`` it yields ``epoch * n + i`` and draws from ``(seed,
+    epoch)`` alone, so each item's augmentation stays seeded and a resumed run repeats an
+    uninterrupted one.
+
+    Args:
+        masks: The training masks as cached, ``(N, H, W)``.
+    """
+
+    def __init__(
+        self, masks: np.ndarray, seed: int, small_weight: float = 3.0, small_quantile: float = 0.25
+    ) -> None:
+        if not small_weight > 0 or not 0 < small_quantile <= 1:
+            raise ValueError(
+                f"small_weight must be > 0 and small_quantile in (0, 1]; got {small_weight}, {small_quantile}"
+            )
+        areas = np.asarray(masks).reshape(len(masks), -1).astype(bool).sum(axis=1)
+        weights = np.ones(len(areas))
+        kidney = areas > 0
+        if kidney.any():
+            weights[kidney & (areas <= np.quantile(areas[kidney], small_quantile))] = small_weight
+        self.weights = torch.as_tensor(weights, dtype=torch.float64)
+        self.n, self.seed, self.epoch = len(areas), seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose draw :meth:`__iter__` yields."""
+        self.epoch = epoch
+
+    def __iter__(self):
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        picks = torch.multinomial(self.weights, self.n, replacement=True, generator=gen)
+        return iter((self.epoch * self.n + picks).tolist())
+
+    def __len__(self) -> int:
+        return self.n
 
 
 # =================================================================================================

@@ -1815,6 +1815,7 @@ def train_model(
     progress: bool = True,
     log: bool = True,
     batch_transform: BatchTransform | None = None,
+    sampler: Sampler[int] | None = None,
 ) -> TrainingResult:
     """Train ``model`` (in place) and write the run's artefacts to ``output_dir``.
 
@@ -1832,6 +1833,9 @@ def train_model(
         batch_transform: ``f(images, epoch, step) -> images`` on every normalised training batch on
             the device, after the per-image augmentation (the studies' intensity randomisation); it
             should draw from ``(epoch, step)`` alone, so that a resumed run repeats an uninterrupted one.
+        sampler: The order of training items each epoch, with a ``set_epoch(epoch)`` method and
+            yielding ``epoch * len(train_dataset) + i`` (see :class:`EpochShuffleSampler`, the
+            default); drawing from ``(seed, epoch)`` alone keeps resume exact.
 
     Raises:
         FileExistsError: a best model exists and neither ``resume`` nor ``overwrite``.
@@ -1898,7 +1902,8 @@ def train_model(
     loader_kw: dict[str, Any] = dict(batch_size=config.batch_size, num_workers=workers)
     loader_kw.update(pin_memory=device.type == "cuda", persistent_workers=workers > 0)
     loader_kw.update(worker_init_fn=_worker_init if workers else None)
-    sampler = EpochShuffleSampler(len(train_dataset), config.seed)
+    if sampler is None:
+        sampler = EpochShuffleSampler(len(train_dataset), config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     train_loader = DataLoader(
         train_dataset, sampler=sampler, drop_last=True, generator=generator, **loader_kw

@@ -26,7 +26,9 @@ summary (``changes``). ``--compare BASELINE_OUT`` trains nothing: it pairs the v
 with the baseline's, fold by fold, into ``paired_folds.csv`` and ``paired_summary.json`` (the mean
 and spread of the gains, and the baseline's spread over folds to weigh them against);
 ``--paired-name`` names those two files for a second baseline (``NAME_folds.csv``,
-``NAME_summary.json``).
+``NAME_summary.json``). ``--small-kidney-weight W`` trains with the studies' ``KidneySizeSampler``
+(slices in the smallest quarter of kidney area drawn W times as often), through ``train_model``'s
+``sampler`` hook; it is recorded in ``changes`` as ``sampler``.
 
     python benchmarks/bench_cross_validation.py --help
     python benchmarks/bench_cross_validation.py --threads 1                      # docs/cross_validation.md
@@ -39,6 +41,9 @@ and spread of the gains, and the baseline's spread over folds to weigh them agai
         --out benchmarks/results/cross_validation_alpha075
     python benchmarks/bench_cross_validation.py --compare benchmarks/results/cross_validation_alpha075 \
         --out benchmarks/results/cross_validation_dice08 --paired-name paired_with_alpha075
+    python benchmarks/bench_cross_validation.py --threads 1 --set FOCAL_ALPHA=0.75 --small-kidney-weight 3 \
+        --out benchmarks/results/cross_validation_alpha075_small3 \
+        --runs benchmarks/results/cross_validation_runs_alpha075_small3
 """
 
 from __future__ import annotations
@@ -67,10 +72,17 @@ def fold_model_name(fold: int) -> str:
 
 
 def train_fold(
-    config: ku.Config, data_dir: Path, runs: Path, out: Path, deadline: float, changes: dict | None = None
+    config: ku.Config,
+    data_dir: Path,
+    runs: Path,
+    out: Path,
+    deadline: float,
+    changes: dict | None = None,
+    small_kidney_weight: float | None = None,
 ) -> dict | None:
     """Train (or continue) one fold; return its record once finished, None if the clock stopped it.
-    ``changes`` (notebook parameters that differ from the benchmark's defaults) is recorded."""
+    ``changes`` (notebook parameters that differ from the benchmark's defaults, and the sampling
+    candidate) is recorded. ``small_kidney_weight``: train with the studies' ``KidneySizeSampler``."""
     record_path = out / f"fold_{config.fold}.json"
     model_path = out / fold_model_name(config.fold)
     if record_path.exists() and model_path.exists():
@@ -84,6 +96,11 @@ def train_fold(
     resume = (run_dir / ku.LAST_CHECKPOINT_NAME).exists()
     data = ku.prepare_data(config, data_dir)
     config = data.config  # GROUP_REGEX="auto" made concrete, as notebook 03 stores it
+    sampler = None
+    if small_kidney_weight is not None:
+        import kidneyseg_studies as ks
+
+        sampler = ks.KidneySizeSampler(data.train.masks, config.seed, small_weight=small_kidney_weight)
     torch.manual_seed(config.seed)
     result = ku.train_model(
         ku.build_model(config),
@@ -96,6 +113,7 @@ def train_fold(
         overwrite=not resume,
         extra_state={"split": data.split_record(), "data_dir": str(data_dir)},
         progress=False,
+        sampler=sampler,
     )
     shutil.copy2(run_dir / ku.METRICS_CSV_NAME, out / f"fold_{config.fold}_training_metrics.csv")
     if result.stop_reason not in FINISHED:
@@ -302,6 +320,13 @@ def main(argv=None) -> int:
         metavar="NAME",
         help="with --compare: write NAME_folds.csv and NAME_summary.json (default: paired)",
     )
+    parser.add_argument(
+        "--small-kidney-weight",
+        type=float,
+        default=None,
+        metavar="W",
+        help="sample slices in the smallest quarter of kidney area W times as often (KidneySizeSampler)",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny settings for the tests")
     parser.add_argument("--runs", default=str(REPO / "benchmarks" / "results" / "cross_validation_runs"))
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "cross_validation"))
@@ -336,6 +361,10 @@ def main(argv=None) -> int:
         config = config.with_parameters(**changes)
     except ValueError as exc:
         parser.error(f"--set: {exc}")
+    if args.small_kidney_weight is not None:
+        if not args.small_kidney_weight > 0:
+            parser.error(f"--small-kidney-weight must be > 0; got {args.small_kidney_weight}")
+        changes["sampler"] = f"KidneySizeSampler(small_weight={args.small_kidney_weight:g})"
     out, runs = Path(args.out), Path(args.runs)
     out.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + 60 * (args.max_minutes if args.max_minutes else 1e9)
@@ -370,7 +399,15 @@ def main(argv=None) -> int:
     for fold in args.only if args.only is not None else range(args.folds):
         if not 0 <= fold < args.folds:
             parser.error(f"--only {fold}: a fold is 0 to {args.folds - 1} (--folds {args.folds})")
-        record = train_fold(config.with_parameters(FOLD=fold), Path(args.data), runs, out, deadline, changes)
+        record = train_fold(
+            config.with_parameters(FOLD=fold),
+            Path(args.data),
+            runs,
+            out,
+            deadline,
+            changes,
+            args.small_kidney_weight,
+        )
         if record is None:
             return 0
         records.append(record)

@@ -147,3 +147,28 @@ def test_mismatched_folds_are_refused(fold_runs, tmp_path, phantom_dir):
     (tmp_path / "empty-dir").mkdir()
     with pytest.raises(FileNotFoundError, match="neither"):
         ku.resolve_model_paths(str(tmp_path / "empty-dir"), tmp_path)
+
+
+def test_kidney_size_sampler_favours_small_kidneys_and_is_seeded_by_epoch():
+    """Eight slices: two kidney-free, six with kidney areas 1..6 px. The quarter quantile of the
+    areas is 2.25, so the slices of 1 and 2 px weigh 3 and the other six 1: out of 12 weight units,
+    6 are small kidneys, so half the draws are expected to be those two slices."""
+    masks = np.zeros((8, 4, 4), np.uint8)
+    for i, area in enumerate(range(1, 7), start=2):
+        masks[i].flat[:area] = 1
+    sampler = ks.KidneySizeSampler(masks, seed=5)
+    assert sampler.weights.tolist() == [1, 1, 3, 3, 1, 1, 1, 1]
+    sampler.set_epoch(3)
+    first = list(sampler)
+    assert len(first) == len(sampler) == 8 and all(24 <= i < 32 for i in first)  # epoch * n + i
+    assert list(sampler) == first  # drawn from (seed, epoch) alone: a resume repeats it
+    sampler.set_epoch(4)
+    assert list(sampler) != first
+    draws = []
+    for epoch in range(400):
+        sampler.set_epoch(epoch)
+        draws += [i % 8 for i in sampler]
+    share = np.isin(draws, [2, 3]).mean()
+    assert share == pytest.approx(0.5, abs=0.03)
+    with pytest.raises(ValueError, match="small_weight"):
+        ks.KidneySizeSampler(masks, seed=0, small_weight=0)
