@@ -54,7 +54,7 @@ __all__ = [
     # 1. Config
     "Config", "NOTEBOOK_PARAMETERS", "PREPROCESSING_OPTIONS", "NORMALIZATION_OPTIONS",
     "AUGMENTATION_OPTIONS", "BEST_MODEL_NAME", "LAST_CHECKPOINT_NAME", "METRICS_CSV_NAME",
-    "METRICS_PNG_NAME", "CONFIG_JSON_NAME", "seed_everything", "get_device",
+    "METRICS_PNG_NAME", "CONFIG_JSON_NAME", "parse_flags", "seed_everything", "get_device",
     # 2. Reading data
     "ImageReadError", "SamplePair", "DatasetIndex", "index_dataset", "infer_group_regex", "read_image",
     "read_mask", "load_pair", "load_arrays", "split_train_val_test",
@@ -73,8 +73,8 @@ __all__ = [
     "load_checkpoint", "plot_training_history", "plot_samples",
     # 9. Inference and evaluation
     "load_model", "load_models", "FoldEnsemble", "predict_probabilities", "hausdorff95", "EvaluationSet",
-    "load_evaluation_set", "evaluate_model", "evaluate_validation", "evaluate_out_of_fold",
-    "fold_comparison", "case_scores", "write_evaluation", "evaluate_split",
+    "load_evaluation_set", "training_data_problem", "evaluate_model", "evaluate_validation",
+    "evaluate_out_of_fold", "fold_comparison", "case_scores", "write_evaluation", "evaluate_split",
     "overlay_mask", "predict_folder",
     # 10. Runtime
     "on_kaggle", "interactive_frontend", "resolve_output_dir", "resolve_model_paths", "run_output_dir",
@@ -110,16 +110,42 @@ AUGMENTATION_OPTIONS = ("standard", "strong")
 # Settings a checkpoint fixes: the network's shape and how its inputs are made. A checkpoint only
 # loads (or resumes) with equal values.
 CHECKPOINT_FIELDS = ("base_channels", "depth", "dropout", "image_size", "preprocessing", "normalization")
-# ... and a run resumes only with equal values of these too.
-RESUME_FIELDS = CHECKPOINT_FIELDS + (
-    "augmentation",
-    "seed",
-    "group_regex",
-    "val_fraction",
-    "test_fraction",
-    "folds",
-    "fold",
-)
+# Settings a resumed run may change: how long it trains and on what hardware. Every other setting
+# changes what the run computes, so a run resumes only with equal values (see train_model).
+RESUME_FREE_FIELDS = ("num_epochs", "patience", "max_train_minutes", "num_workers", "multi_gpu")
+
+
+# The spellings of a yes/no parameter (papermill's -p passes "false", "no" or "0" as strings).
+FLAG_WORDS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+
+
+def _as_flag(value: Any) -> Any:
+    """``value`` as a bool when it is a spelling of one (:data:`FLAG_WORDS`, 1, 0), else unchanged."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str):
+        return FLAG_WORDS.get(value.strip().lower(), value)
+    return value
+
+
+def parse_flags(**flags: Any) -> list[bool]:
+    """The yes/no notebook parameters given, in order, as bools: ``True``/``False``, ``1``/``0`` or
+    (any case) ``"true"``/``"false"``, ``"yes"``/``"no"``, ``"1"``/``"0"``. Anything else, such as
+    ``"maybe"`` or ``""``, is a ``ValueError`` naming the parameter: a string is never taken as true.
+
+    Example: ``RESUME, OVERWRITE = ku.parse_flags(RESUME=RESUME, OVERWRITE=OVERWRITE)``.
+    """
+    parsed = []
+    for name, value in flags.items():
+        flag = _as_flag(value)
+        if not isinstance(flag, bool):
+            raise ValueError(
+                f"{name} must be True or False (or true/false, yes/no, 1/0 in any case); got {value!r}."
+            )
+        parsed.append(flag)
+    return parsed
 
 
 def _is_int(value: Any) -> bool:
@@ -320,7 +346,8 @@ class Config:
 
     def __post_init__(self) -> None:
         self.max_train_minutes = resolve_auto(self.max_train_minutes, KAGGLE_TRAIN_MINUTES, None)
-        self.multi_gpu = resolve_auto(self.multi_gpu, True, False)
+        self.multi_gpu = _as_flag(resolve_auto(self.multi_gpu, True, False))
+        self.amp = "cuda" if isinstance(self.amp, str) and self.amp.lower() == "cuda" else _as_flag(self.amp)
         if isinstance(self.mask_labels, tuple):
             self.mask_labels = list(self.mask_labels)
         self.validate()
@@ -655,22 +682,26 @@ def index_dataset(
     data_dir: str | os.PathLike,
     group_regex: str | Mapping[str, str | None] | None = None,
     mask_labels: str | Sequence[int] | None = None,
+    parameter: str = "DATA_DIR",
 ) -> DatasetIndex:
     """Find all image/mask pairs under ``data_dir``, matched by file stem within each folder.
 
     ``data_dir`` is one folder with images/ and masks/ or a root holding several at any depth;
-    ``group_regex`` and ``mask_labels`` as in :class:`Config` (the rule used is stored in the index).
+    ``group_regex`` and ``mask_labels`` as in :class:`Config` (the rule used is stored in the index);
+    ``parameter`` is the notebook parameter that gave ``data_dir``, named in the errors.
     Raises ``FileNotFoundError`` for a missing or empty root, ``ValueError`` for no pair at all (listing
     the orphans) or an ambiguous file name.
     """
     root = Path(data_dir).expanduser()
+    name = f"{parameter} {str(root)!r}"
     if not root.exists():
-        raise FileNotFoundError(f"DATA_DIR {str(root)!r} does not exist. {_LAYOUT_HELP}")
+        raise FileNotFoundError(f"{name} does not exist. {_LAYOUT_HELP}")
     if not root.is_dir():
-        raise NotADirectoryError(f"DATA_DIR {str(root)!r} is a file, not a folder. {_LAYOUT_HELP}")
+        raise NotADirectoryError(f"{name} is a file, not a folder. {_LAYOUT_HELP}")
     folders = find_dataset_folders(root)
     if not folders:
-        raise FileNotFoundError(f"No images/ + masks/ folders under DATA_DIR {str(root)!r}. {_LAYOUT_HELP}")
+        hint = " Images without masks belong in PREDICT_DIR." if parameter != "DATA_DIR" else ""
+        raise FileNotFoundError(f"No images/ + masks/ folders under {name}. {_LAYOUT_HELP}{hint}")
     labels = tuple(mask_labels) if isinstance(mask_labels, (list, tuple)) else mask_labels
     if group_regex == AUTO:
         stems = {
@@ -701,7 +732,7 @@ def index_dataset(
     index = DatasetIndex(root, pairs, orphan_images, orphan_masks, group_regex)
     if not pairs:
         raise ValueError(
-            f"No image/mask pairs under DATA_DIR {str(root)!r}: {len(orphan_images)} images and "
+            f"No image/mask pairs under {name}: {len(orphan_images)} images and "
             f"{len(orphan_masks)} masks have no partner of the same name. {_LAYOUT_HELP}\n"
             + index.orphan_report()[:2000]
         )
@@ -1687,6 +1718,33 @@ def _config_differences(a: dict[str, Any], b: dict[str, Any], fields: Sequence[s
     ]
 
 
+def _check_resume(state: dict[str, Any], config: Config, extra: dict[str, Any], path: Path) -> None:
+    """Refuse to resume ``path`` with settings that change what the run computes (every field but
+    :data:`RESUME_FREE_FIELDS`) or with another split than the one it started with."""
+    fields = [f.name for f in dataclasses.fields(Config) if f.name not in RESUME_FREE_FIELDS]
+    if diffs := _config_differences(state["config"], config.to_dict(), fields):
+        raise ValueError(
+            f"Cannot resume {path}: the settings differ ({'; '.join(diffs)}). Resume with the settings "
+            "the run started with (they are in its run_config.json), or start a new run with "
+            "OVERWRITE=True or another OUTPUT_DIR."
+        )
+    stored, now = state.get("split"), extra.get("split")
+    if stored is None or now is None or stored == now:
+        return
+    moved = []
+    for part in sorted(set(stored) | set(now)):
+        before, after = set(stored.get(part, [])), set(now.get(part, []))
+        if before != after:
+            moved.append(f"{part}: {len(after - before)} images added, {len(before - after)} gone")
+    moved = moved or ["the same images in another order"]
+    raise ValueError(
+        f"Cannot resume {path}: the data split differs from the one the run started with "
+        f"({'; '.join(moved)}), so held-out test images could land in training. Resume with the "
+        "DATA_DIR contents and MAX_IMAGES the run started with, or start a new run with "
+        "OVERWRITE=True or another OUTPUT_DIR."
+    )
+
+
 def _auto_workers(config: Config, device: torch.device) -> int:
     if config.num_workers is not None:
         return config.num_workers
@@ -1885,8 +1943,7 @@ def train_model(
                 "start a new run."
             )
         state = load_checkpoint(last_path, map_location="cpu")  # the optimizer moves its own tensors
-        if diffs := _config_differences(state["config"], config.to_dict(), RESUME_FIELDS):
-            raise ValueError(f"Cannot resume {last_path}: the settings differ ({'; '.join(diffs)}).")
+        _check_resume(state, config, extra_state or {}, last_path)
         base.load_state_dict(state["model_state"])
         optimizer.load_state_dict(state["optimizer_state"])
         scheduler.load_state_dict(state["scheduler_state"])
@@ -2271,6 +2328,26 @@ def checkpoint_split(
     return [by_key[k] for k in keys]
 
 
+def training_data_problem(
+    checkpoint: dict[str, Any], config: Config, data_dir: str | os.PathLike | None = None
+) -> str | None:
+    """Why the training run's split cannot be read here, or None when it can be tried: the checkpoint
+    records no split, or the data folder recorded at training time is missing and ``data_dir`` is
+    ``"auto"``/None. An explicit ``data_dir`` is never skipped: its problems are errors
+    (:func:`checkpoint_split`)."""
+    if data_dir not in (None, "", AUTO):
+        return None
+    root = checkpoint.get("data_dir")
+    if not checkpoint.get("split"):
+        return "The checkpoint records no split."
+    if not root or not Path(root).exists():
+        return (
+            f"The data folder recorded at training time, {root}, does not exist here; set DATA_DIR to "
+            "where the same data is now (on Kaggle: attach the dataset the model was trained on)."
+        )
+    return None
+
+
 def _timed_probabilities(
     model: nn.Module, data: EvaluationSet, device: torch.device | str, tta: bool
 ) -> tuple[list[np.ndarray], float]:
@@ -2544,12 +2621,16 @@ def predict_folder(
     annotate: Callable[[np.ndarray], pd.DataFrame | None] | None = None,
     skip_bad_files: bool = False,
 ) -> pd.DataFrame:
-    """Predict every image in a folder (or its images/ subfolder) and write the results.
+    """Predict every image in a folder (or its images/ subfolder), subfolders included, and write the
+    results.
 
-    Writes ``masks/<stem>.png`` (0/255, original size), ``overlays/<stem>.png`` and ``predictions.csv``
-    (returned: size, kidney area, and the columns ``annotate`` returns for each batch of model inputs).
-    Refuses to write into the input folder, to overwrite without ``overwrite``, and two images of one
-    name; with ``skip_bad_files`` unreadable images are listed (``problem``) instead of raising.
+    Writes ``masks/<stem>.png`` (0/255, original size) and ``overlays/<stem>.png``, keeping the
+    subfolder layout (``a/b.jpg`` gives ``masks/a/b.png``), and ``predictions.csv`` (returned: name
+    relative to the input folder, size, kidney area, and the columns ``annotate`` returns for each
+    batch of model inputs). A ``masks/`` folder beside an ``images/`` folder holds masks, not images:
+    it is left out and named. Refuses to write into the input folder, to overwrite without
+    ``overwrite``, and two images of one name in one folder; with ``skip_bad_files`` unreadable images
+    are listed (``problem``) instead of raising.
     """
     src, out = Path(input_dir).resolve(), Path(output_dir).resolve()
     if not src.is_dir():
@@ -2558,12 +2639,16 @@ def predict_folder(
         raise ValueError(
             f"Refusing to write predictions into the input folder {src}; choose an OUTPUT_DIR outside it."
         )
-    files = list(_image_files(src / "images" if (src / "images").is_dir() else src).values())
-    if not files:
-        raise FileNotFoundError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) in {src}.")
+    found, left_out = _prediction_inputs(src)
+    if left_out:
+        print(f"left out, as masks rather than images: {', '.join(left_out)}")
+    if not found:
+        raise FileNotFoundError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) in {src} or its subfolders.")
+    files = [path for _, path in found]
+    stems = {path: stem for stem, path in found}
     threshold = config.inference_threshold if threshold is None else threshold
     table_path = out / "predictions.csv"
-    targets = [out / kind / f"{f.stem}.png" for f in files for kind in ("masks", "overlays")] + [table_path]
+    targets = [out / kind / f"{stems[f]}.png" for f in files for kind in ("masks", "overlays")] + [table_path]
     existing = [str(p) for p in targets if p.exists()]
     if existing and not overwrite:
         raise FileExistsError(
@@ -2580,7 +2665,7 @@ def predict_folder(
             except ImageReadError as exc:
                 if not skip_bad_files:
                     raise
-                skipped.append({"name": f.name, "problem": str(exc)})
+                skipped.append({"name": _shown_name(stems[f], f), "problem": str(exc)})
         if not chunk:
             continue
         inputs = np.stack([model_input(o, config.image_size, config.preprocessing) for o in originals])
@@ -2593,13 +2678,17 @@ def predict_folder(
             mask = binarize_prediction(
                 cv2.resize(prob, (w, h), interpolation=cv2.INTER_LINEAR), threshold, postprocess
             )
-            mask_path = _write_png(out / "masks" / f"{f.stem}.png", mask * 255)
+            mask_path = _write_png(out / "masks" / f"{stems[f]}.png", mask * 255)
             _write_png(
-                out / "overlays" / f"{f.stem}.png",
+                out / "overlays" / f"{stems[f]}.png",
                 cv2.cvtColor(overlay_mask(original, mask), cv2.COLOR_RGB2BGR),
             )
             row = dict(
-                name=f.name, height=h, width=w, kidney_pixels=int(mask.sum()), kidney_fraction=mask.mean()
+                name=_shown_name(stems[f], f),
+                height=h,
+                width=w,
+                kidney_pixels=int(mask.sum()),
+                kidney_fraction=mask.mean(),
             )
             extra = flags.iloc[i].to_dict() if flags is not None else {}
             rows.append({**row, **extra, "mask": str(mask_path), "problem": ""})
@@ -2610,6 +2699,31 @@ def predict_folder(
     table = pd.DataFrame(rows + skipped)
     _atomic_write(table_path, table.to_csv(index=False))
     return table
+
+
+def _prediction_inputs(src: Path) -> tuple[list[tuple[str, Path]], list[str]]:
+    """The images below ``src`` (its images/ folder when it has one) at any depth, as ``(stem relative
+    to that folder, path)`` in a stable order, and the ``masks/`` folders left out beside ``images/``."""
+    base = src / "images" if (src / "images").is_dir() else src
+    found, left_out, seen = [], [], set()
+    for top, dirs, _ in os.walk(base, followlinks=True):
+        folder = Path(top)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        if folder.resolve() in seen:  # a symbolic link back up the tree
+            dirs[:] = []
+            continue
+        seen.add(folder.resolve())
+        if "images" in dirs and "masks" in dirs:
+            dirs.remove("masks")
+            left_out.append(str(folder / "masks"))
+        for stem, path in _image_files(folder).items():
+            found.append(((folder / stem).relative_to(base).as_posix(), path))
+    return found, left_out
+
+
+def _shown_name(stem: str, path: Path) -> str:
+    """An input's name relative to the prediction folder (``a/b.jpg``; ``b.jpg`` at the top)."""
+    return str(Path(stem).parent / path.name) if "/" in stem else path.name
 
 
 def _write_png(path: Path, array: np.ndarray) -> Path:
@@ -2772,6 +2886,11 @@ def resolve_output_dir(output_dir: str | os.PathLike | None = "auto") -> Path:
         path = Path(output_dir).expanduser()
     else:
         path = working / "kidneyseg" if working.is_dir() else Path("outputs")
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(
+            f"OUTPUT_DIR {str(path)!r} is a file, not a folder: set OUTPUT_DIR to a folder (it is created "
+            "if missing), or move the file away."
+        )
     path.mkdir(parents=True, exist_ok=True)
     return path
 

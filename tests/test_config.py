@@ -68,7 +68,8 @@ def test_notebook_parameter_names():
         ({"patience": 0}, "PATIENCE"),
         ({"max_train_minutes": 0}, "MAX_TRAIN_MINUTES"),
         ({"focal_weight": 0, "dice_weight": 0}, "DICE_WEIGHT"),
-        ({"amp": "yes"}, "AMP"),
+        ({"amp": "sometimes"}, "AMP"),
+        ({"multi_gpu": "both"}, "MULTI_GPU"),
     ],
 )
 def test_invalid_values_name_the_parameter(values, name):
@@ -89,3 +90,23 @@ def test_stored_config_round_trips_and_unknown_keys_are_named():
     assert ku.Config.from_dict(config.to_dict()) == config
     with pytest.raises(ValueError, match=r"Unknown config keys \['chanels_last'\]"):
         ku.Config.from_dict({**ku.Config().to_dict(), "chanels_last": False})
+
+
+@pytest.mark.parametrize(
+    ("spelling", "expected"),
+    [(True, True), (False, False), (1, True), (0, False), ("true", True), ("FALSE", False)]
+    + [("Yes", True), ("no", False), ("1", True), ("0", False), (" false ", False)],
+)
+def test_yes_no_parameters_accept_the_spellings_people_type(spelling, expected):
+    assert ku.parse_flags(OVERWRITE=spelling) == [expected]
+    assert ku.Config(amp=spelling).amp is expected and ku.Config(multi_gpu=spelling).multi_gpu is expected
+
+
+@pytest.mark.parametrize("spelling", ["maybe", "", "y", 2, None, 0.5, "cuda"])
+def test_other_yes_no_values_are_refused_never_taken_as_true(spelling):
+    with pytest.raises(ValueError, match=r"RESUME must be True or False.*got"):
+        ku.parse_flags(OVERWRITE=True, RESUME=spelling)
+
+
+def test_amp_keeps_cuda_in_any_case():
+    assert ku.Config(amp="CUDA").amp == "cuda" and ku.Config().amp == "cuda"

@@ -274,7 +274,7 @@ def test_load_arrays_on_real_slices(shared_data):
     cached = ku.load_arrays(pairs, 64)
     assert cached.images.shape == cached.masks.shape == (6, 64, 64)
     assert cached.images.dtype == np.uint8 and set(np.unique(cached.masks)) <= {0, 1}
-    assert len(set(cached.original_sizes)) >= 1 and all(h > 64 for h, _ in cached.original_sizes)
+    assert all(h > 64 for h, _ in cached.original_sizes)
     assert cached.masks.any(axis=(1, 2)).all()  # every kidneycyst slice has kidney
 
 
@@ -547,3 +547,21 @@ def test_three_way_split_holds_out_patients_first(phantom_dir):
     two = [p for p in pairs if p.case in sorted(cases[0])[:2]]
     with pytest.warns(UserWarning, match="NO test split"):
         assert ku.split_train_val_test(two, 0.5, 0.15)[2] == []
+
+
+@pytest.mark.parametrize(
+    ("values", "dtype", "expected"),
+    [
+        # signed 16-bit CT-like values: -1000 -> 0, 1000 -> 255, 0 -> 127.5 -> 128, 500 -> 191.25 -> 191
+        ([[-1000, 0], [500, 1000]], np.int16, [[0, 128], [191, 255]]),
+        # float values inside [0, 1] are stretched from their own range too: 0.25 -> 0, 1.0 -> 255
+        ([[0.25, 0.5], [0.75, 1.0]], np.float32, [[0, 85], [170, 255]]),
+    ],
+)
+def test_signed_and_float_images_stretch_from_their_own_range(tmp_path, values, dtype, expected):
+    """README: 16-bit, signed and float images are stretched from their own minimum and maximum to
+    0..255 (never clipped), read through the same path as a dataset's TIFF files."""
+    path = tmp_path / "slice.tif"
+    assert cv2.imwrite(str(path), np.array(values, dtype))
+    assert ku.read_image(path).tolist() == expected
+    assert ku.to_grayscale_uint8(np.array(values, dtype)).tolist() == expected

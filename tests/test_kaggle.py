@@ -449,6 +449,63 @@ def test_the_notebooks_find_both_utility_scripts_in_either_layout(tmp_path, layo
         assert wanted[0] == "kidneyseg_utils"
 
 
+def test_the_finders_name_the_script_to_attach(tmp_path):
+    """With a script missing, each notebook's first cell stops with the name of what to attach."""
+    kaggle = tmp_path / "kaggle"
+    (kaggle / "working").mkdir(parents=True)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(KIDNEYSEG_KAGGLE_ROOT=str(kaggle))
+    run = dict(cwd=kaggle / "working", env=env, capture_output=True, text=True, timeout=60)
+    finders = {}
+    for notebook in sorted((REPO / "notebooks").glob("*.ipynb")):
+        cells = json.loads(notebook.read_text(encoding="utf-8"))["cells"]
+        finders.setdefault("".join(next(c for c in cells if c["cell_type"] == "code")["source"]), notebook)
+    for finder, notebook in finders.items():
+        proc = subprocess.run([sys.executable, "-I", "-c", finder], **run)
+        assert proc.returncode != 0, notebook.name
+        assert "ModuleNotFoundError: kidneyseg_utils.py not found" in proc.stderr, notebook.name
+        assert "the kidneyseg-utils utility script" in proc.stderr
+    mount = kaggle / LAYOUTS["current"]["utility"]
+    mount.mkdir(parents=True)
+    shutil.copy(REPO / "kidneyseg_utils.py", mount)  # the pipeline attached, the studies not
+    for finder, notebook in finders.items():
+        proc = subprocess.run([sys.executable, "-I", "-c", finder], **run)
+        if "kidneyseg_studies" in finder:
+            assert "ModuleNotFoundError: kidneyseg_studies.py not found" in proc.stderr, notebook.name
+            assert "the kidneyseg-studies utility script" in proc.stderr
+        else:
+            assert proc.returncode == 0, notebook.name + proc.stderr[-2000:]
+
+
+def test_model_path_auto_finds_attached_fold_runs(tmp_path, monkeypatch):
+    """Notebook 04 with the output of notebook 03's fold runs attached evaluates them as one ensemble."""
+    monkeypatch.setenv(ku.KAGGLE_ROOT_ENV, str(tmp_path))
+    output = tmp_path / "input/notebooks/alice/kidneyseg-03-train-model/kidneyseg"
+    folds = [_touch(output / f"fold_{k}" / ku.BEST_MODEL_NAME) for k in (1, 0, 2)]
+    assert ku.resolve_model_paths("auto", tmp_path / "working" / "kidneyseg") == sorted(folds)
+    single = _touch(tmp_path / "input/notebooks/alice/other-run/kidneyseg" / ku.BEST_MODEL_NAME)
+    # A single model beside fold runs: one is chosen by the stated rule (shortest path) and named.
+    assert ku.resolve_model_paths("auto", tmp_path / "working" / "kidneyseg") == [single]
+
+
+def test_restore_run_for_resume_takes_the_same_fold_and_overwrites_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv(ku.KAGGLE_ROOT_ENV, str(tmp_path))
+    previous = tmp_path / "input/notebooks/alice/kidneyseg-03-train-model/kidneyseg"
+    names = (ku.LAST_CHECKPOINT_NAME, ku.BEST_MODEL_NAME, ku.METRICS_CSV_NAME, ku.CONFIG_JSON_NAME)
+    for fold in ("fold_0", "fold_1"):
+        for name in names:
+            _touch(previous / fold / name, f"{fold} {name}")
+    working = tmp_path / "working" / "kidneyseg"
+    _touch(working / "fold_1" / ku.METRICS_CSV_NAME, "the user's own file")
+    assert ku.restore_run_for_resume(working / "fold_1") == previous / "fold_1"
+    copied = {name: (working / "fold_1" / name).read_text() for name in names}
+    assert copied[ku.LAST_CHECKPOINT_NAME] == f"fold_1 {ku.LAST_CHECKPOINT_NAME}"
+    assert copied[ku.METRICS_CSV_NAME] == "the user's own file"  # never overwritten
+    assert ku.restore_run_for_resume(working / "fold_2") is None  # no run of that fold attached
+    assert not (working / "fold_2").exists()
+    assert ku.restore_run_for_resume(working / "fold_1") is None  # it has its own checkpoint now
+
+
 @pytest.mark.slow
 def test_simulated_kaggle_sessions(tmp_path, phantom_dir):
     """Notebook 03 trains with only the pipeline's utility script attached; 04 (both scripts)

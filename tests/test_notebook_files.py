@@ -44,3 +44,32 @@ def test_every_preset_sets_only_parameters_of_one_notebook(preset):
     assert fits, f"{preset}: no notebook has all of {sorted(values)} as parameters"
     for overrides in values.get("VARIANTS", {}).values():
         ku.Config().with_parameters(**overrides)  # every variant is valid
+
+
+# What README's preset table quotes for each preset, as (parameter values, README phrases).
+QUOTED_PRESETS = {
+    "t4_full.yaml": (
+        dict(IMAGE_SIZE=256, BASE_CHANNELS=64, BATCH_SIZE=16, NUM_EPOCHS=150, PATIENCE=20),
+        ["256 px", "width 64", "batch 16", "up to 150 epochs", "patience 20"],
+    ),
+    "cpu_quick.yaml": (
+        dict(IMAGE_SIZE=160, BASE_CHANNELS=16, BATCH_SIZE=16, PATIENCE=30, AMP=True, MAX_TRAIN_MINUTES=18),
+        ["160 px", "width 16", "batch 16", "patience 30", "`AMP=True`", "after 18 minutes"],
+    ),
+    "cv_kidney_weighted.yaml": (
+        dict(IMAGE_SIZE=128, BASE_CHANNELS=16, PATIENCE=10, FOCAL_ALPHA=0.75, AMP=True),
+        ["128 px", "width 16", "patience 10", "`FOCAL_ALPHA` 0.75", "`AMP=True`"],
+    ),
+}
+
+
+@pytest.mark.parametrize("preset", sorted(QUOTED_PRESETS))
+def test_presets_hold_what_readme_quotes(preset):
+    """The preset files and README's table agree, and both say what the specification's run is."""
+    import yaml
+
+    values = yaml.safe_load((REPO / "presets" / preset).read_text())
+    expected, phrases = QUOTED_PRESETS[preset]
+    assert {name: values.get(name) for name in expected} == expected
+    row = next(line for line in (REPO / "README.md").read_text().splitlines() if f"`{preset}`" in line)
+    assert [p for p in phrases if p not in row] == [], row

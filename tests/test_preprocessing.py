@@ -110,6 +110,30 @@ def test_preprocessing_effects_table():
     assert len(effects) == 2 * len(ks.PREPROCESSING_SWEEP)
 
 
+def test_preprocessing_gains_are_ratios_to_no_preprocessing():
+    """A linear stretch of [90, 120] to [0, 255] (white balance at the 0th and 100th percentiles)
+    multiplies every grey-level difference by 8.5: edge strength gains 8.5x, the contrast-to-noise
+    ratio (a ratio of differences) stays 1 up to rounding. CLAHE changes both: its gains are the ratio
+    of its measurements to the unprocessed image's."""
+    rng = np.random.default_rng(1)
+    image = np.full((96, 96), 100, np.uint8)
+    image[32:64, 32:64] = 110
+    image = (image + rng.integers(-10, 11, image.shape) // 2).clip(90, 120).astype(np.uint8)
+    image[0, 0], image[0, 1] = 90, 120  # the stretch's ends
+    mask = np.zeros_like(image)
+    mask[32:64, 32:64] = 1
+    sweep = [("none", {}), ("white_balance", {"low_percentile": 0.0, "high_percentile": 100.0})]
+    sweep.append(("clahe", {"clip_limit": 2.0, "tile_grid": 8}))
+    table = ks.preprocessing_effects([image], [mask], ["a"], sweep=sweep).set_index("method")
+    assert table.loc["white_balance", "edge_gain"] == pytest.approx(8.5, rel=0.02)
+    assert table.loc["white_balance", "cnr_gain"] == pytest.approx(1.0, rel=0.02)
+    cnr, edge = ks.contrast_metrics(image, mask)
+    cnr_clahe, edge_clahe = ks.contrast_metrics(ku.clahe(image, 2.0, 8), mask)
+    assert table.loc["clahe", "cnr_gain"] == pytest.approx(cnr_clahe / cnr)
+    assert table.loc["clahe", "edge_gain"] == pytest.approx(edge_clahe / edge)
+    assert abs(table.loc["clahe", "edge_gain"] - 1) > 0.1  # CLAHE does change the image
+
+
 def test_recommendation_prefers_simple_within_noise():
     import pandas as pd
 

@@ -14,6 +14,11 @@
 | CUDA out of memory | message naming batch size and image size | test_training.py::test_out_of_memory_message_names_the_levers |
 | SIGKILL mid-epoch and mid-checkpoint-write | last checkpoint loads; RESUME finishes; CSV without gap or duplicate | test_sigkill_mid_epoch_then_resume, test_sigkill_mid_checkpoint_write_then_resume |
 | a second run into the same OUTPUT_DIR | refused unless RESUME or OVERWRITE | test_training.py::test_second_run_never_overwrites_silently |
+| a yes/no parameter written "false", "no", "0" or "maybe" | read as False, or refused naming the parameter; nothing overwritten | test_user_paths.py::test_string_false_never_overwrites_the_model, ::test_string_false_never_overwrites_a_corrected_prediction |
+| RESUME with other settings, MAX_IMAGES or files added to DATA_DIR | refused naming what differs; nothing trained | test_user_paths.py::test_resume_refuses_another_split_or_other_settings |
+| OUTPUT_DIR an existing file; TEST_DIR without masks/ | error naming the parameter (and PREDICT_DIR for images alone) | test_user_paths.py::test_output_dir_that_is_a_file_says_so, ::test_test_dir_without_masks_names_test_dir_and_predict_dir |
+| PREDICT_DIR with subfolders | every image segmented, the layout kept under predictions/ | test_user_paths.py::test_predict_dir_subfolders_keep_their_layout |
+| notebook 04 where the training data are not | says what it skips, still segments PREDICT_DIR | test_user_paths.py::test_04_predicts_a_folder_without_the_training_data |
 | a checkpoint carrying pickled code | refused by weights_only loading; the code never runs | test_training.py::test_pickled_code_is_refused_and_never_runs |
 | a checkpoint of another architecture or width | error naming the differing setting | test_training.py::test_load_model_names_the_differing_setting |
 | predicting into the input folder | refused | test_evaluation.py::test_predict_folder_refusals |

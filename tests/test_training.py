@@ -41,6 +41,24 @@ def test_time_budget_stops_cleanly(phantom_data, tmp_path):
     assert result.files["last_checkpoint"].is_file()
 
 
+def test_time_budget_forecasts_the_next_epoch(phantom_data, tmp_path, monkeypatch):
+    """A clock that advances 30 s per training pass and a 100 s budget: after epoch 3 (90 s) the next
+    epoch, at the mean epoch time so far, would end at 120 s, past the budget, so training stops
+    after 3 epochs; a rule that only looks at the time spent would start a 4th."""
+    clock = [0.0]
+    real_epoch = ku._run_epoch
+
+    def timed_epoch(*args, **kwargs):
+        if kwargs.get("optimizer") is not None:
+            clock[0] += 30.0
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(ku, "_run_epoch", timed_epoch)
+    monkeypatch.setattr(ku.time, "monotonic", lambda: clock[0])
+    _, result = train_tiny(tiny(num_epochs=50, max_train_minutes=100 / 60), phantom_data, tmp_path)
+    assert result.stop_reason == "time_budget" and result.history["epoch"].tolist() == [1, 2, 3]
+
+
 @pytest.mark.slow  # three training runs end to end
 def test_resumed_run_equals_uninterrupted_run(phantom_data, tmp_path):
     full_model, full = train_tiny(tiny(num_epochs=4), phantom_data, tmp_path / "full")
@@ -159,6 +177,17 @@ def test_nan_loss_stops_with_the_epoch_and_keeps_best(phantom_data, tmp_path):
             overwrite=True,
             progress=False,
         )
+    assert (tmp_path / ku.BEST_MODEL_NAME).read_bytes() == best
+
+
+def test_infinite_loss_stops_like_nan(phantom_data, tmp_path, monkeypatch):
+    """README promises "NaN or inf": an infinite (not NaN) loss stops the run in its epoch."""
+    _, result = train_tiny(tiny(num_epochs=1), phantom_data, tmp_path)
+    best = (tmp_path / ku.BEST_MODEL_NAME).read_bytes()
+    infinite = lambda self, logits, targets: (logits.abs().sum() + 1) * float("inf")  # noqa: E731
+    monkeypatch.setattr(ku.FocalDiceLoss, "forward", infinite)
+    with pytest.raises(ku.TrainingDivergedError, match="became inf in epoch 1"):
+        train_tiny(tiny(num_epochs=2), phantom_data, tmp_path, overwrite=True)
     assert (tmp_path / ku.BEST_MODEL_NAME).read_bytes() == best
 
 
