@@ -1103,7 +1103,8 @@ class BatchIntensityAugmentation:
     ``"gin"``: :func:`gin_augment` on every image (its random blend weight keeps some close to the
     original). ``"curves"``: :func:`random_intensity_curves` on each image with probability 0.5.
     ``"strong+gin"``: each image gets one of the two, at random. Draws come from ``(seed, epoch,
-    step)`` alone, so a run (and a resumed run) is reproducible on any device and worker count.
+    step)`` alone: the same draws on any device and worker count, so a resumed run on a CPU repeats
+    an uninterrupted one.
     """
 
     def __init__(self, augmentation: str, seed: int) -> None:

@@ -7,7 +7,7 @@ kidneys in grayscale 2D CT, MRI and ultrasound slices), in the order data flows:
     5. Augmentation       -- the Albumentations 2.x training pipelines.
     6. Model              -- the attention U-Net.
     7. Losses and metrics -- focal + Dice loss; metrics from tp/fp/fn counts.
-    8. Training           -- AdamW, early stopping, AMP, atomic checkpoints, exact resume.
+    8. Training           -- AdamW, early stopping, AMP, atomic checkpoints, resume (exact on a CPU).
     9. Inference and evaluation -- checkpoints, TTA, per-image/patient/pooled scores, folder prediction.
    10. Runtime            -- Kaggle or not, headless or not; finding attached data, models and runs.
    11. The default dataset -- synthetic kidney phantoms and ``DATA_DIR`` resolution.
@@ -294,9 +294,9 @@ class Config:
         min_lr: ReduceLROnPlateau floor.
         max_images: Use at most this many pairs (a seeded random subset); ``None`` uses all.
         max_train_minutes: Stop cleanly before an epoch that, at the mean epoch time so far, would
-            end past this budget. ``"auto"``:
-            :data:`KAGGLE_TRAIN_MINUTES` in a Kaggle session (whose GPU sessions end after 12 hours),
-            no limit elsewhere.
+            end past this budget, counted from the start of training (in a Kaggle session, from the
+            start of the session). ``"auto"``: :data:`KAGGLE_TRAIN_MINUTES` in a Kaggle session (whose
+            GPU sessions end after 12 hours), no limit elsewhere.
         num_workers: DataLoader workers; ``None`` picks 0 on a CPU and up to 4 on a GPU.
         amp: Mixed precision in training, evaluation and inference (see :func:`autocast_dtype`).
             ``"cuda"``: on CUDA only, fp16 with a GradScaler below compute capability 8 (a T4) and
@@ -1041,7 +1041,8 @@ def _worker_init(_: int) -> None:
 
 class EpochShuffleSampler(Sampler[int]):
     """Shuffles ``n`` indices anew each epoch from ``(seed, epoch)`` and yields ``epoch * n + i``, so
-    each item's augmentation is seeded from ``(seed, epoch, i)`` whatever the workers, and resume is exact."""
+    each item's augmentation is seeded from ``(seed, epoch, i)`` whatever the workers, and a resume on a
+    CPU is exact (on a GPU, cuDNN's autotuned kernels are not deterministic)."""
 
     def __init__(self, n: int, seed: int = 0) -> None:
         self.n, self.seed, self.epoch = n, seed, 0
@@ -1844,12 +1845,33 @@ def amp_dtype(capability: tuple[int, int] | None) -> torch.dtype | None:
     return torch.bfloat16 if tuple(capability) >= (8, 0) else torch.float16
 
 
-def wrap_for_devices(model: nn.Module, device: torch.device, multi_gpu: bool) -> nn.Module:
-    """``model`` in ``nn.DataParallel`` when ``multi_gpu`` and several CUDA devices, else unchanged."""
+class _Autocast(nn.Module):
+    """``module`` run under autocast of ``dtype`` (None: full precision) in whichever thread calls it:
+    ``nn.DataParallel`` runs each replica in a thread of its own, which inherits whether autocast is
+    on but not its dtype (it would fall back to fp16)."""
+
+    def __init__(self, module: nn.Module, device_type: str, dtype: torch.dtype | None) -> None:
+        super().__init__()
+        self.module, self.device_type, self.dtype = module, device_type, dtype
+
+    def forward(self, *inputs: Any) -> Any:
+        enabled = self.dtype is not None
+        with torch.autocast(self.device_type, dtype=self.dtype or torch.float32, enabled=enabled):
+            return self.module(*inputs)
+
+
+def wrap_for_devices(
+    model: nn.Module, device: torch.device, multi_gpu: bool, amp: torch.dtype | None = None
+) -> nn.Module:
+    """``model`` (on ``device``) in ``nn.DataParallel`` over every visible GPU when ``multi_gpu`` and
+    several are visible, else unchanged. ``device`` comes first (DataParallel keeps the weights and
+    gathers outputs there), and each replica computes in the run's autocast dtype ``amp``."""
     count = torch.cuda.device_count()
-    if multi_gpu and device.type == "cuda" and count > 1:
-        return nn.DataParallel(model, device_ids=list(range(count)))
-    return model
+    if not (multi_gpu and device.type == "cuda" and count > 1):
+        return model
+    first = device.index if device.index is not None else torch.cuda.current_device()
+    ids = [first] + [i for i in range(count) if i != first]
+    return nn.DataParallel(_Autocast(model, "cuda", amp), device_ids=ids, output_device=first)
 
 
 def _oom_message(config: Config) -> str:
@@ -1925,7 +1947,7 @@ def train_model(
     amp = autocast_dtype(device, config.amp)
     if log:
         print(f"training on {device} in {precision_name(amp)} (AMP={config.amp!r})", flush=True)
-    runner = wrap_for_devices(base, device, config.multi_gpu)
+    runner = wrap_for_devices(base, device, config.multi_gpu, amp)
     optimizer = torch.optim.AdamW(
         base.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
     )
@@ -1968,6 +1990,7 @@ def train_model(
     val_loader = DataLoader(val_dataset, shuffle=False, **loader_kw)
 
     started, stop_reason, extra = time.monotonic(), "num_epochs", extra_state or {}
+    before = process_seconds() if on_kaggle() else 0.0  # on Kaggle the budget counts from the session's start
     epochs = range(start_epoch, config.num_epochs + 1)
     shown = dict(desc="epochs", unit="epoch", initial=start_epoch - 1, total=config.num_epochs)
     epoch_bar = _progress_bar(epochs, progress, **shown)
@@ -2020,7 +2043,7 @@ def train_model(
                 stop_reason = "early_stopping"
                 break
             elapsed = time.monotonic() - started
-            next_end = elapsed + elapsed / (epoch - start_epoch + 1)  # at the mean epoch time so far
+            next_end = before + elapsed + elapsed / (epoch - start_epoch + 1)  # at the mean epoch time so far
             if next_end > budget and epoch < config.num_epochs:
                 stop_reason = "time_budget"
                 break
@@ -2770,6 +2793,17 @@ def export_for_kaggle() -> Path | None:
 def on_kaggle() -> bool:
     """True inside a Kaggle notebook session (Kaggle sets ``KAGGLE_KERNEL_RUN_TYPE`` there)."""
     return bool(os.environ.get("KAGGLE_KERNEL_RUN_TYPE"))
+
+
+def process_seconds() -> float:
+    """Seconds since this Python process started (0 where that is unknown); a Kaggle session's
+    kernel starts with the session."""
+    try:
+        import psutil
+
+        return max(0.0, time.time() - psutil.Process().create_time())
+    except Exception:  # psutil missing or the process table unreadable
+        return 0.0
 
 
 def interactive_frontend() -> bool:

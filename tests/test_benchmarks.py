@@ -3,6 +3,7 @@ asserted: performance claims live in the benchmarks' output, not in unit tests).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 import kidneyseg_utils as ku
 
@@ -93,14 +95,59 @@ def test_gpu_check_runs_every_step_on_the_cpu(tmp_path):
     out = tmp_path / "gpu_check.json"
     printed = run_script("gpu_check.py", "--device", "cpu", "--tiny", "--out", str(out))
     report = json.loads(out.read_text())
-    assert [row["setting"] for row in report["training"]] == ["fp32", "AMP"]
+    assert [row["setting"] for row in report["training"]] == ["defaults, one GPU", "fp32, one GPU"]
     assert all(row["images_per_second"] > 0 for row in report["training"])
+    assert report["environment"]["workers_by_default"] == 0  # a CPU: no workers by default
     killed = report["kill_and_resume"]
-    assert killed["continuous"] and killed["epochs_after_resume"][-1] == killed["killed_after_epoch"] + 2
-    moved = report["cpu_checkpoint_resumed_here"]
-    assert moved["saved_scaler_state"] == "empty" and moved["epochs_after_resume"] == [1, 2]
+    assert killed["continuous"] and killed["epochs_after_resume"][-1] == killed["killed_after_epoch"] + 1
+    moved = report["cpu_checkpoint"]
+    assert moved["saved_scaler_state"] == "empty" and moved["saved_cuda_generators"] == 0
+    assert moved["epochs_after_resume"] == [1, 2]
     assert [row["tta"] for row in report["evaluation"]] == [False, True]
-    assert "kill and resume" in printed and str(out) in printed
+    assert report["not_checked"] == ["everything on a GPU: this run used the CPU"]
+    assert set(report["step_seconds"]) == {
+        "environment",
+        "training",
+        "kill_and_resume",
+        "cpu_checkpoint",
+        "evaluation",
+    }
+    assert "kill_and_resume" in printed and str(out) in printed
+
+
+def test_gpu_check_keeps_the_earlier_figures_when_a_step_fails(tmp_path, monkeypatch):
+    """A step that fails (say, out of memory on a small card) is recorded with its error; the figures
+    measured before it are already on disk, and the steps after it still run."""
+    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "benchmarks" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    written = []
+    real_step = gpu_check.step
+
+    def spying_step(report, out, name, work):
+        value = real_step(report, out, name, work)
+        written.append((name, json.loads(out.read_text())))
+        return value
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+
+    monkeypatch.setattr(gpu_check, "step", spying_step)
+    monkeypatch.setattr(gpu_check, "kill_and_resume", out_of_memory)
+    out = tmp_path / "gpu_check.json"
+    report = gpu_check.run_checks(torch.device("cpu"), True, None, out)
+    assert [name for name, _ in written] == [
+        "environment",
+        "training",
+        "kill_and_resume",
+        "cpu_checkpoint",
+        "evaluation",
+    ]
+    on_disk = dict(written)["kill_and_resume"]  # the file as the failing step left it
+    assert on_disk["training"][0]["images_per_second"] > 0
+    assert on_disk["kill_and_resume"]["failed"].startswith("OutOfMemoryError: CUDA out of memory")
+    assert report["evaluation"][0]["images"] > 0  # evaluated the training step's model instead
+    assert json.loads(out.read_text())["cpu_checkpoint"]["epochs_after_resume"] == [1, 2]
 
 
 def test_reproduce_results_writes_every_file_readme_quotes(tmp_path, shared_data):

@@ -119,6 +119,7 @@ def test_two_gpu_wrapper_and_unwrapped_checkpoint(tmp_path, phantom_data, monkey
     model = ku.AttentionUNet(base_channels=4, depth=2)
     cuda = torch.device("cuda")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)  # "GPU T4 x2"
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     assert isinstance(ku.wrap_for_devices(model, cuda, True), nn.DataParallel)
     assert ku.wrap_for_devices(model, cuda, False) is model
     assert ku.wrap_for_devices(model, torch.device("cpu"), True) is model
@@ -139,3 +140,79 @@ def test_two_gpu_wrapper_and_unwrapped_checkpoint(tmp_path, phantom_data, monkey
     state = ku.load_checkpoint(result.files["best_model"])["model_state"]
     assert not any(k.startswith("module.") for k in state)
     ku.load_model(result.files["best_model"])  # loads into a plain model
+
+
+class _RecordedDataParallel(nn.Module):
+    """Stands in for ``nn.DataParallel`` on a CPU: records what it was given."""
+
+    def __init__(self, module, device_ids=None, output_device=None):
+        super().__init__()
+        self.module, self.device_ids, self.output_device = module, device_ids, output_device
+
+
+def test_two_gpus_put_the_chosen_device_first(monkeypatch):
+    """DEVICE="cuda:1" with MULTI_GPU: DataParallel needs the weights' GPU first in device_ids."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(nn, "DataParallel", _RecordedDataParallel)
+    model = ku.AttentionUNet(base_channels=4, depth=2)
+    second = ku.wrap_for_devices(model, torch.device("cuda:1"), True)
+    assert (second.device_ids, second.output_device) == ([1, 0], 1)
+    default = ku.wrap_for_devices(model, torch.device("cuda"), True)
+    assert (default.device_ids, default.output_device) == ([0, 1], 0)
+
+
+def test_each_replica_thread_computes_in_the_runs_autocast_dtype(monkeypatch):
+    """DataParallel runs replicas in threads that inherit whether autocast is on but not its dtype
+    (they would compute in fp16 on a bf16 run with the GradScaler off). The wrapped module sets the
+    run's dtype itself; simulated on a CPU with DataParallel's own worker context."""
+    import threading
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(nn, "DataParallel", _RecordedDataParallel)
+
+    class Probe(nn.Module):
+        seen: list = []
+
+        def forward(self, x):
+            self.seen.append((torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")))
+            return x
+
+    for dtype, expected in ((torch.bfloat16, (True, torch.bfloat16)), (None, (False, torch.float16))):
+        replica = ku.wrap_for_devices(Probe(), torch.device("cuda:0"), True, dtype).module
+
+        def worker(replica=replica, enabled=dtype is not None):  # parallel_apply's _worker does this
+            with torch.autocast("cuda", enabled=enabled):
+                replica(torch.zeros(1))
+
+        thread = threading.Thread(target=worker)
+        thread.start()
+        thread.join()
+        assert Probe.seen[-1][0] == expected[0]
+        if expected[0]:
+            assert Probe.seen[-1][1] == expected[1]
+
+
+def test_kaggle_time_budget_counts_from_the_session_start(phantom_data, tmp_path, monkeypatch):
+    """On Kaggle the 660 minutes run from the session's start: a kernel 650 minutes old with epochs
+    of 6 minutes stops after the first epoch (650 + 6 + 6 > 660); elsewhere only training counts."""
+    clock = [0.0]
+    real_epoch = ku._run_epoch
+
+    def timed_epoch(*args, **kwargs):
+        if kwargs.get("optimizer") is not None:
+            clock[0] += 360.0
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(ku, "_run_epoch", timed_epoch)
+    monkeypatch.setattr(ku.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(ku, "process_seconds", lambda: 650 * 60.0)
+    config = tiny(num_epochs=5, max_train_minutes=660)
+    monkeypatch.setattr(ku, "on_kaggle", lambda: True)
+    _, result = train_tiny(config, phantom_data, tmp_path / "kaggle")
+    assert result.stop_reason == "time_budget" and len(result.history) == 1
+    monkeypatch.setattr(ku, "on_kaggle", lambda: False)
+    _, result = train_tiny(config, phantom_data, tmp_path / "local")
+    assert result.stop_reason == "num_epochs" and len(result.history) == 5
