@@ -78,6 +78,7 @@ __all__ = [
     "show_preprocessing_sliders",
     # 3. Evaluation figures
     "summary_table", "inference_options_table", "threshold_sweep", "plot_cases", "show_threshold_viewer",
+    "error_views",
     # 4. Familiarity
     "image_features", "familiarity_reference", "familiarity", "training_reference",
     "familiarity_report", "unfamiliar_note",
@@ -769,6 +770,72 @@ def threshold_sweep(
     table = pd.DataFrame(rows)
     table["best"] = table["pooled_dice"] == table["pooled_dice"].max()
     return table
+
+
+def _pooled(part: pd.DataFrame) -> dict[str, Any]:
+    """Slices, pooled Dice and IoU, and mean Dice of some rows of per-image scores."""
+    metrics = ku.metrics_from_counts(*(int(part[c].sum()) for c in ("tp", "fp", "fn")))
+    return dict(
+        slices=len(part),
+        pooled_dice=metrics["dice"],
+        pooled_iou=metrics["iou"],
+        mean_dice=part["dice"].mean(),
+    )
+
+
+def error_views(per_image: pd.DataFrame, size_bins: int = 4, position_bins: int = 5) -> dict[str, Any]:
+    """Where a model's errors are, from per-image scores (``kidneyseg_utils.score_predictions``).
+
+    Returns:
+        ``by_size``: the slices with kidney in ``size_bins`` quantile bins of their true kidney area
+        as a percentage of the image (comparable across sources of other resolutions; the poles are
+        the small ones): the range, the median area in pixels, slices, pooled Dice and IoU, mean
+        Dice. ``by_position``: every slice in ``position_bins`` equal bins of its relative
+        position among its patient's slices (0: the first, 1: the last), read from a trailing slice
+        number in the name (``case7_012``), with the slices with kidney; None when no patient has two
+        numbered slices. ``false_kidney``: the false-positive pixels on kidney-free slices, their
+        share of all false-positive pixels, and how many kidney-free slices got any kidney.
+    """
+    with_kidney = per_image[per_image["true_area"] > 0]
+    share = 100 * with_kidney["true_area"] / (with_kidney["height"] * with_kidney["width"])
+    rows = []
+    if len(with_kidney):
+        for _, part in share.groupby(pd.qcut(share, q=size_bins, duplicates="drop"), observed=True):
+            rows.append(
+                {
+                    "kidney_percent_of_image": f"{part.min():.2g}-{part.max():.2g}",
+                    "median_area_px": float(with_kidney.loc[part.index, "true_area"].median()),
+                    **_pooled(with_kidney.loc[part.index]),
+                }
+            )
+    by_size = pd.DataFrame(rows)
+    number = per_image["name"].astype(str).str.extract(r"(\d+)$")[0].astype(float)
+    numbered = per_image.assign(number=number).dropna(subset=["number"])
+    patient = numbered["source"].astype(str) + "/" + numbered["case"].astype(str)
+    rank = numbered.groupby(patient)["number"].rank(method="first") - 1
+    count = numbered.groupby(patient)["number"].transform("size")
+    numbered = numbered.assign(position=rank / (count - 1).where(count > 1))
+    numbered = numbered.dropna(subset=["position"])
+    by_position = None
+    if len(numbered):
+        edges = np.linspace(0, 1, position_bins + 1)
+        labels = [f"{a:.1f}-{b:.1f}" for a, b in zip(edges[:-1], edges[1:])]
+        groups = pd.cut(numbered["position"], edges, labels=labels, include_lowest=True)
+        by_position = pd.DataFrame(
+            [
+                {"position": label, "with_kidney": int((part["true_area"] > 0).sum()), **_pooled(part)}
+                for label, part in numbered.groupby(groups, observed=True)
+            ]
+        )
+    free = per_image[per_image["true_area"] == 0]
+    total_fp = int(per_image["fp"].sum())
+    false_kidney = {
+        "kidney_free_slices": len(free),
+        "with_false_kidney": int((free["fp"] > 0).sum()),
+        "false_positive_px": int(free["fp"].sum()),
+        "share_of_false_positive_px": float(free["fp"].sum() / total_fp) if total_fp else 0.0,
+    }
+    return {"by_size": by_size, "by_position": by_position, "false_kidney": false_kidney}
 
 
 ERROR_COLORS = {"tp": (40, 200, 60), "fp": (230, 40, 40), "fn": (40, 110, 255)}

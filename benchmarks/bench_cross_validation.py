@@ -28,7 +28,10 @@ and spread of the gains, and the baseline's spread over folds to weigh them agai
 ``--paired-name`` names those two files for a second baseline (``NAME_folds.csv``,
 ``NAME_summary.json``). ``--small-kidney-weight W`` trains with the studies' ``KidneySizeSampler``
 (slices in the smallest quarter of kidney area drawn W times as often), through ``train_model``'s
-``sampler`` hook; it is recorded in ``changes`` as ``sampler``.
+``sampler`` hook; it is recorded in ``changes`` as ``sampler``. ``--error-views`` trains nothing:
+it writes notebook 04's error views of the scored folds (``error_views_oof.csv``,
+``error_views_test.csv``: Dice by kidney size and by slice position, the false kidney on kidney-free
+slices).
 
     python benchmarks/bench_cross_validation.py --help
     python benchmarks/bench_cross_validation.py --threads 1                      # docs/cross_validation.md
@@ -201,6 +204,30 @@ def _scored(out: Path) -> Path:
     raise FileNotFoundError(f"{out} holds no scored folds; run with --score-finished (or to the end) first.")
 
 
+def write_error_views(out: Path) -> dict[str, pd.DataFrame]:
+    """Notebook 04's error views (``kidneyseg_studies.error_views``) of the scored folds: out of fold
+    and on the test split (the ensemble), each as ``error_views_<part>.csv`` under the scored folder
+    (one row per kidney-size quarter, per slice-position fifth, and the false kidney on kidney-free
+    slices, told apart by ``view``)."""
+    import kidneyseg_studies as ks
+
+    folder = _scored(out)
+    tables = {}
+    for part, name in (("oof", "oof_per_image.csv"), ("test", "test_per_image.csv")):
+        views = ks.error_views(pd.read_csv(folder / name))
+        frames = [
+            views["by_size"].assign(view="kidney size"),
+            pd.DataFrame([views["false_kidney"]]).assign(view="false kidney"),
+        ]
+        if views["by_position"] is not None:
+            frames.insert(1, views["by_position"].assign(view="slice position"))
+        table = pd.concat(frames, ignore_index=True)
+        table = table[["view", *[c for c in table.columns if c != "view"]]]
+        ku._atomic_write(folder / f"error_views_{part}.csv", table.to_csv(index=False))
+        tables[part] = table
+    return tables
+
+
 def fold_figures(out: Path) -> pd.DataFrame:
     """Per scored fold: its model alone on the test split (pooled Dice and IoU) and on its own
     validation patients (out of fold: pooled Dice, precision, recall), with epochs and precision."""
@@ -327,6 +354,11 @@ def main(argv=None) -> int:
         metavar="W",
         help="sample slices in the smallest quarter of kidney area W times as often (KidneySizeSampler)",
     )
+    parser.add_argument(
+        "--error-views",
+        action="store_true",
+        help="train nothing; write notebook 04's error views of --out's scored folds (error_views_*.csv)",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny settings for the tests")
     parser.add_argument("--runs", default=str(REPO / "benchmarks" / "results" / "cross_validation_runs"))
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "cross_validation"))
@@ -384,6 +416,14 @@ def main(argv=None) -> int:
             print(json.dumps(compare(Path(args.compare), out, args.paired_name), indent=2))
         except (FileNotFoundError, ValueError) as exc:
             parser.error(f"--compare: {exc}")
+        return 0
+    if args.error_views:
+        try:
+            tables = write_error_views(out)
+        except FileNotFoundError as exc:
+            parser.error(f"--error-views: {exc}")
+        for part, table in tables.items():
+            print(f"\n{part}:\n{table.round(3).to_string(index=False)}")
         return 0
     if args.score_finished:
         finished = [

@@ -246,6 +246,9 @@ def test_cross_validation_benchmark_writes_its_summary_and_keeps_finished_folds(
     run_script("bench_cross_validation.py", *args, "--score-finished")
     partial = json.loads((tmp_path / "cv" / "partial" / "partial_summary.json").read_text())
     assert partial["folds"] == 1 and partial["n_test_images"] == summary["n_test_images"]
+    run_script("bench_cross_validation.py", *args, "--error-views")
+    views = pd.read_csv(tmp_path / "cv" / "error_views_oof.csv")
+    assert {"kidney size", "false kidney"} <= set(views["view"]) and views["slices"].notna().any()
     assert pd.read_csv(tmp_path / "cv" / "test_folds.csv")["model"].tolist()[-2:] == [
         "mean single fold",
         "ensemble",

@@ -289,3 +289,53 @@ def test_preprocessing_is_applied_identically_in_training_evaluation_and_inferen
     ku.predict_folder(recorder, config, folder, tmp_path / "out")
     fed = (recorder.seen[0][:, 0].numpy() * 255).round().astype(np.uint8)
     np.testing.assert_array_equal(fed, training.images)
+
+
+def test_error_views_by_size_position_and_false_kidney_by_hand():
+    """Patient p: slices 10-14, patient q: slices 1-2 (tp, fp, fn chosen by hand)."""
+    rows = [  # name, true area, tp, fp, fn
+        ("p_010", 0, 0, 30, 0),
+        ("p_011", 100, 40, 0, 60),
+        ("p_012", 400, 380, 10, 20),
+        ("p_013", 900, 880, 20, 20),
+        ("p_014", 0, 0, 0, 0),
+        ("q_001", 200, 150, 10, 50),
+        ("q_002", 0, 0, 50, 0),
+    ]
+    table = pd.DataFrame(
+        [
+            dict(
+                source="s",
+                case=n.split("_")[0],
+                name=n,
+                height=100,
+                width=100,
+                true_area=a,
+                tp=tp,
+                fp=fp,
+                fn=fn,
+                dice=0.0,
+            )
+            for n, a, tp, fp, fn in rows
+        ]
+    )
+    views = ks.error_views(table, size_bins=2, position_bins=2)
+    small, large = views["by_size"].to_dict("records")
+    # the two smaller kidneys (100 and 200 of 10,000 px): tp 190, fp 10, fn 110 -> Dice 380 / 500
+    assert small["kidney_percent_of_image"] == "1-2" and small["pooled_dice"] == pytest.approx(0.76)
+    assert large["kidney_percent_of_image"] == "4-9" and large["slices"] == 2
+    assert (small["median_area_px"], large["median_area_px"]) == (150, 650)
+    # positions: p at 0, .25, .5, .75, 1 and q at 0, 1; the first half holds p_010-p_012 and q_001:
+    # tp 570, fp 50, fn 130 -> Dice 1140 / 1320
+    first, second = views["by_position"].to_dict("records")
+    assert (first["slices"], first["with_kidney"], second["slices"]) == (4, 3, 3)
+    assert first["pooled_dice"] == pytest.approx(1140 / 1320)
+    # false kidney: 30 + 50 of the 120 false-positive pixels lie on the three kidney-free slices
+    assert views["false_kidney"] == {
+        "kidney_free_slices": 3,
+        "with_false_kidney": 2,
+        "false_positive_px": 80,
+        "share_of_false_positive_px": pytest.approx(80 / 120),
+    }
+    unnumbered = table.assign(name=["a", "b", "c", "d", "e", "f", "g"])
+    assert ks.error_views(unnumbered)["by_position"] is None

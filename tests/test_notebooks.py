@@ -154,6 +154,9 @@ def test_04_ensembles_the_folds_evaluates_and_predicts(trained_run, shared_data,
     )
     printed = "".join("".join(o.get("text", "")) for c in nb["cells"] for o in c.get("outputs", []))
     assert printed.count("images look unlike") + printed.count("looks unlike the training") == 2
+    assert "kidney-free slices got false kidney" in printed  # the error views of the fold ensemble
+    views = next(c for c in nb["cells"] if "ks.error_views(" in "".join(c["source"]))
+    assert any("image/png" in o.get("data", {}) for o in views["outputs"])
     viewer = next(c for c in nb["cells"] if "ks.show_threshold_viewer(" in "".join(c["source"]))
     assert "val.data, val.probs" in "".join(viewer["source"])  # chosen on validation, never on test
     assert any("image/png" in o.get("data", {}) for o in viewer["outputs"])

@@ -95,7 +95,10 @@ def test_string_false_never_overwrites_a_corrected_prediction(trained, phantoms,
     predict = phantoms / "images"
     out = tmp_path / "eval"
     shutil.copytree(trained, out)
-    run("04_evaluate_model.ipynb", tmp_path, dict(OUTPUT_DIR=str(out), PREDICT_DIR=str(predict), TTA="yes"))
+    printed = run(
+        "04_evaluate_model.ipynb", tmp_path, dict(OUTPUT_DIR=str(out), PREDICT_DIR=str(predict), TTA="yes")
+    )
+    assert "kidney-free slices got false kidney" in printed  # the error views of one model
     summary = json.loads((out / "evaluation_test_split" / "evaluation_summary.json").read_text())
     assert summary["tta"] is True  # "yes" is a yes
     corrected = sorted((out / "predictions" / "masks").glob("*.png"))[0]
