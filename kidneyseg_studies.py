@@ -8,7 +8,8 @@ other way round, and notebook 03 does not need it. Sections, by notebook:
     4. Familiarity (04)              -- does a new image look like anything the model trained on?
     5. Training hooks (05, benchmarks) -- GIN and random intensity curves, reaching training through
                                         ``kidneyseg_utils.train_model``'s ``batch_transform``; a
-                                        sampler that favours small kidneys (its ``sampler``).
+                                        sampler that favours small kidneys (its ``sampler``); the
+                                        peer networks (``register_peers``).
     6. Leave-one-source-out (05)     -- folds by source and the table.
 
 Figures drawn once live in the cell of the notebook that draws them.
@@ -84,7 +85,7 @@ __all__ = [
     "familiarity_report", "unfamiliar_note",
     # 5. Training hooks
     "INTENSITY_VARIANTS", "BatchIntensityAugmentation", "gin_augment", "random_intensity_curves",
-    "plot_intensity_draws", "KidneySizeSampler",
+    "plot_intensity_draws", "KidneySizeSampler", "PEERS", "register_peers",
     # 6. Leave-one-source-out
     "LOSO_CSV_NAME", "source_folds", "fold_examples", "fold_table", "leave_one_source_out",
     "leave_one_source_out_files", "summarize_leave_one_source_out",
@@ -1238,6 +1239,36 @@ class KidneySizeSampler(torch.utils.data.Sampler[int]):
 
     def __len__(self) -> int:
         return self.n
+
+
+def _monai_basic_unet(config: ku.Config) -> nn.Module:
+    from monai.networks.nets import BasicUNet
+
+    w = config.base_channels
+    return BasicUNet(spatial_dims=2, in_channels=1, out_channels=1, features=(w, w, 2 * w, 4 * w, 8 * w, w))
+
+
+def _smp_unet_resnet34(config: ku.Config) -> nn.Module:
+    import segmentation_models_pytorch as smp
+
+    return smp.Unet("resnet34", encoder_weights=None, in_channels=1, classes=1)
+
+
+# The peers of docs/peers.md (random initialisation): name -> (class, build(config)).
+PEERS = {
+    "monai-basicunet": ("monai.networks.nets.basic_unet.BasicUNet", _monai_basic_unet),
+    "smp-unet-resnet34": ("segmentation_models_pytorch.decoders.unet.model.Unet", _smp_unet_resnet34),
+}
+
+
+def register_peers() -> list[str]:
+    """Register the peer networks with the pipeline (``kidneyseg_utils.register_architecture``), so
+    that ``train_model`` trains them and notebook 04 loads their checkpoints; MONAI's ``BasicUNet``
+    at the config's base width (features w, w, 2w, 4w, 8w, w) and smp's ``Unet`` with a resnet34
+    encoder. Their packages are imported only when one is built. Returns the names."""
+    for name, (class_name, build) in PEERS.items():
+        ku.register_architecture(name, class_name, build)
+    return list(PEERS)
 
 
 # =================================================================================================

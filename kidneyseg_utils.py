@@ -65,7 +65,7 @@ __all__ = [
     # 5. Augmentation
     "build_train_transform",
     # 6. Model
-    "AttentionUNet", "build_model", "count_parameters",
+    "AttentionUNet", "register_architecture", "architecture_of", "build_model", "count_parameters",
     # 7. Losses and metrics
     "FocalDiceLoss", "metrics_from_counts",
     # 8. Training
@@ -1495,11 +1495,48 @@ class AttentionUNet(nn.Module):
         return self.head(x)
 
 
-def build_model(config: Config) -> AttentionUNet:
-    """The model a config describes; its initial weights come from ``config.seed`` alone."""
+DEFAULT_ARCHITECTURE = "AttentionUNet"
+# Other networks that train_model can train and load_model can rebuild: name -> (the class's
+# "module.QualName", build(config) -> module). kidneyseg_studies registers the benchmark's peers.
+ARCHITECTURES: dict[str, tuple[str, Callable[[Config], nn.Module]]] = {}
+
+
+def register_architecture(name: str, class_name: str, build: Callable[[Config], nn.Module]) -> None:
+    """Make another network a first-class model: ``build(config)`` makes it (one input channel, one
+    output logit map); checkpoints of a module of class ``class_name`` (``"package.module.Class"``)
+    record ``name``, and :func:`load_model` rebuilds it with ``build``."""
+    ARCHITECTURES[name] = (class_name, build)
+
+
+def architecture_of(model: nn.Module) -> str:
+    """The registered name of ``model``'s network (what its checkpoints record)."""
+    base = _unwrap(model)
+    if type(base) is AttentionUNet:
+        return DEFAULT_ARCHITECTURE
+    class_name = f"{type(base).__module__}.{type(base).__qualname__}"
+    for name, (registered, _) in ARCHITECTURES.items():
+        if registered == class_name:
+            return name
+    raise ValueError(
+        f"{class_name} is not a registered architecture, so notebook 04 could not rebuild it from a "
+        "checkpoint: register it first with kidneyseg_utils.register_architecture(name, class_name, build)."
+    )
+
+
+def build_model(config: Config, architecture: str = DEFAULT_ARCHITECTURE) -> nn.Module:
+    """The model a config describes (the attention U-Net, or a registered ``architecture``); its
+    initial weights come from ``config.seed`` alone."""
+    if architecture != DEFAULT_ARCHITECTURE and architecture not in ARCHITECTURES:
+        raise ValueError(
+            f"Unknown architecture {architecture!r}: this session knows "
+            f"{[DEFAULT_ARCHITECTURE, *ARCHITECTURES]}. Register it first "
+            "(kidneyseg_studies.register_peers() registers the peers of docs/peers.md)."
+        )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        return AttentionUNet(1, 1, config.base_channels, config.depth, config.dropout)
+        if architecture == DEFAULT_ARCHITECTURE:
+            return AttentionUNet(1, 1, config.base_channels, config.depth, config.dropout)
+        return ARCHITECTURES[architecture][1](config)
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -1941,6 +1978,7 @@ def train_model(
         stale_tmp.unlink(missing_ok=True)
     seed_everything(config.seed)
     base = _unwrap(model)
+    architecture = architecture_of(base)  # a network notebook 04 could not rebuild stops here
     base.to(device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -1966,6 +2004,10 @@ def train_model(
             )
         state = load_checkpoint(last_path, map_location="cpu")  # the optimizer moves its own tensors
         _check_resume(state, config, extra_state or {}, last_path)
+        if (stored := state.get("architecture", DEFAULT_ARCHITECTURE)) != architecture:
+            raise ValueError(
+                f"Cannot resume {last_path}: it trained the network {stored}, not {architecture}."
+            )
         base.load_state_dict(state["model_state"])
         optimizer.load_state_dict(state["optimizer_state"])
         scheduler.load_state_dict(state["scheduler_state"])
@@ -2074,6 +2116,7 @@ def _checkpoint_payload(
         "format": CHECKPOINT_FORMAT,
         "format_version": CHECKPOINT_VERSION,
         "kind": kind,
+        "architecture": architecture_of(model),
         "config": config.to_dict(),
         "model_state": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "epoch": epoch,
@@ -2148,16 +2191,17 @@ def plot_samples(
 
 def load_model(
     path: str | os.PathLike, device: torch.device | str = "cpu", expected: Config | None = None
-) -> tuple[AttentionUNet, Config, dict[str, Any]]:
-    """Rebuild the model of a checkpoint, in eval mode: ``(model, config, checkpoint)``. With
-    ``expected``, its architecture fields must equal the stored ones (the error names the field)."""
+) -> tuple[nn.Module, Config, dict[str, Any]]:
+    """Rebuild the model of a checkpoint (the network it records, :func:`build_model`), in eval mode:
+    ``(model, config, checkpoint)``. With ``expected``, its architecture fields must equal the stored
+    ones (the error names the field)."""
     checkpoint = load_checkpoint(path, map_location="cpu")
     config = Config.from_dict(checkpoint["config"])
     if expected is not None:
         diffs = _config_differences(checkpoint["config"], expected.to_dict(), CHECKPOINT_FIELDS)
         if diffs:
             raise ValueError(f"{path} was trained with other settings: {'; '.join(diffs)}.")
-    model = build_model(config)
+    model = build_model(config, checkpoint.get("architecture", DEFAULT_ARCHITECTURE))
     try:
         model.load_state_dict(checkpoint["model_state"])
     except RuntimeError as exc:
@@ -2183,7 +2227,7 @@ MODEL_SET_FIELDS = CHECKPOINT_FIELDS + ("seed", "group_regex", "test_fraction", 
 
 def load_models(
     paths: Sequence[str | os.PathLike], device: torch.device | str = "cpu"
-) -> tuple[list[AttentionUNet], Config, list[dict[str, Any]]]:
+) -> tuple[list[nn.Module], Config, list[dict[str, Any]]]:
     """Load one checkpoint, or the fold runs of one cross-validation, in eval mode, folds in order:
     ``(models, config of the first, checkpoints)``. Several checkpoints must share architecture,
     preprocessing, split seed, test split and fold count, each fold once; else the error says what differs."""
@@ -2203,6 +2247,9 @@ def load_models(
             diffs = _config_differences(first.to_dict(), config.to_dict(), MODEL_SET_FIELDS)
             if checkpoint.get("split", {}).get("test") != first_checkpoint.get("split", {}).get("test"):
                 diffs.append("the held-out test split")
+            networks = [c.get("architecture", DEFAULT_ARCHITECTURE) for c in (first_checkpoint, checkpoint)]
+            if networks[0] != networks[1]:
+                diffs.append(f"the network ({networks[0]} vs {networks[1]})")
             if diffs:
                 raise ValueError(
                     f"Fold FOLD={config.fold} ({path}) differs from fold FOLD={first.fold} ({first_path}): "

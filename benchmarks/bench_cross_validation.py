@@ -31,7 +31,9 @@ and spread of the gains, and the baseline's spread over folds to weigh them agai
 ``sampler`` hook; it is recorded in ``changes`` as ``sampler``. ``--error-views`` trains nothing:
 it writes notebook 04's error views of the scored folds (``error_views_oof.csv``,
 ``error_views_test.csv``: Dice by kidney size and by slice position, the false kidney on kidney-free
-slices).
+slices). ``--architecture monai-basicunet`` trains a peer network (``kidneyseg_studies.PEERS``) on
+the same folds with the same loss, augmentation and early stopping; its checkpoints record it, so
+notebook 04 scores them like ours.
 
     python benchmarks/bench_cross_validation.py --help
     python benchmarks/bench_cross_validation.py --threads 1                      # docs/cross_validation.md
@@ -63,6 +65,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+import kidneyseg_studies as ks  # noqa: E402
 import kidneyseg_utils as ku  # noqa: E402
 
 FINISHED = ("early_stopping", "num_epochs")
@@ -82,10 +85,12 @@ def train_fold(
     deadline: float,
     changes: dict | None = None,
     small_kidney_weight: float | None = None,
+    architecture: str = ku.DEFAULT_ARCHITECTURE,
 ) -> dict | None:
     """Train (or continue) one fold; return its record once finished, None if the clock stopped it.
     ``changes`` (notebook parameters that differ from the benchmark's defaults, and the sampling
-    candidate) is recorded. ``small_kidney_weight``: train with the studies' ``KidneySizeSampler``."""
+    candidate) is recorded. ``small_kidney_weight``: train with the studies' ``KidneySizeSampler``;
+    ``architecture``: the network (a peer registered by ``kidneyseg_studies.register_peers``)."""
     record_path = out / f"fold_{config.fold}.json"
     model_path = out / fold_model_name(config.fold)
     if record_path.exists() and model_path.exists():
@@ -101,12 +106,10 @@ def train_fold(
     config = data.config  # GROUP_REGEX="auto" made concrete, as notebook 03 stores it
     sampler = None
     if small_kidney_weight is not None:
-        import kidneyseg_studies as ks
-
         sampler = ks.KidneySizeSampler(data.train.masks, config.seed, small_weight=small_kidney_weight)
     torch.manual_seed(config.seed)
     result = ku.train_model(
-        ku.build_model(config),
+        ku.build_model(config, architecture),
         data.train_dataset,
         data.val_dataset,
         config.with_parameters(MAX_TRAIN_MINUTES=remaining),
@@ -209,8 +212,6 @@ def write_error_views(out: Path) -> dict[str, pd.DataFrame]:
     and on the test split (the ensemble), each as ``error_views_<part>.csv`` under the scored folder
     (one row per kidney-size quarter, per slice-position fifth, and the false kidney on kidney-free
     slices, told apart by ``view``)."""
-    import kidneyseg_studies as ks
-
     folder = _scored(out)
     tables = {}
     for part, name in (("oof", "oof_per_image.csv"), ("test", "test_per_image.csv")):
@@ -355,6 +356,11 @@ def main(argv=None) -> int:
         help="sample slices in the smallest quarter of kidney area W times as often (KidneySizeSampler)",
     )
     parser.add_argument(
+        "--architecture",
+        default=ku.DEFAULT_ARCHITECTURE,
+        help="the network: AttentionUNet (ours) or a peer of kidneyseg_studies.PEERS, e.g. monai-basicunet",
+    )
+    parser.add_argument(
         "--error-views",
         action="store_true",
         help="train nothing; write notebook 04's error views of --out's scored folds (error_views_*.csv)",
@@ -393,6 +399,13 @@ def main(argv=None) -> int:
         config = config.with_parameters(**changes)
     except ValueError as exc:
         parser.error(f"--set: {exc}")
+    ks.register_peers()
+    if args.architecture != ku.DEFAULT_ARCHITECTURE:
+        if args.architecture not in ks.PEERS:
+            parser.error(
+                f"--architecture {args.architecture!r}: choose AttentionUNet or one of {list(ks.PEERS)}"
+            )
+        changes["architecture"] = args.architecture
     if args.small_kidney_weight is not None:
         if not args.small_kidney_weight > 0:
             parser.error(f"--small-kidney-weight must be > 0; got {args.small_kidney_weight}")
@@ -447,6 +460,7 @@ def main(argv=None) -> int:
             deadline,
             changes,
             args.small_kidney_weight,
+            args.architecture,
         )
         if record is None:
             return 0

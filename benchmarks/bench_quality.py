@@ -34,34 +34,25 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+import kidneyseg_studies as ks  # noqa: E402
 import kidneyseg_utils as ku  # noqa: E402
 
 SPLIT_SEED = 42
 
 
 def make_model(name: str, config: ku.Config, quick: bool) -> torch.nn.Module | None:
-    """The model called ``name`` with one input and one output channel, or None if not installed."""
+    """The model called ``name`` with one input and one output channel (the peers registered by
+    ``kidneyseg_studies.register_peers``), or None if its package is not importable here."""
     torch.manual_seed(config.seed)
     if name == "ours":
         return ku.build_model(config)
-    if name == "smp-unet-resnet34":
-        try:
-            import segmentation_models_pytorch as smp
-        except Exception as exc:  # missing, or broken (a torchvision built for another torch)
-            print(f"# {name}: not importable ({type(exc).__name__}: {str(exc)[:120]})")
-            return None
-        encoder = "resnet18" if quick else "resnet34"
-        return smp.Unet(encoder, encoder_weights=None, in_channels=1, classes=1)
-    if name == "monai-basicunet":
-        try:
-            from monai.networks.nets import BasicUNet
-        except Exception as exc:
-            print(f"# {name}: not importable ({type(exc).__name__}: {str(exc)[:120]})")
-            return None
-        width = config.base_channels
-        features = (width, width, 2 * width, 4 * width, 8 * width, width)
-        return BasicUNet(spatial_dims=2, in_channels=1, out_channels=1, features=features)
-    raise ValueError(f"unknown model {name!r}")
+    if name not in ks.PEERS:
+        raise ValueError(f"unknown model {name!r}")
+    try:
+        return ku.build_model(config, name)
+    except Exception as exc:  # missing, or broken (a torchvision built for another torch)
+        print(f"# {name}: not importable ({type(exc).__name__}: {str(exc)[:120]})")
+        return None
 
 
 def train_and_score(
@@ -173,6 +164,7 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def main(argv=None) -> int:
+    ks.register_peers()
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

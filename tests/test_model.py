@@ -3,11 +3,16 @@ the input-size rule."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+from conftest import tiny
 from torch import nn
 
 import kidneyseg_utils as ku
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _residual_block(c_in: int, c_out: int) -> int:
@@ -87,3 +92,64 @@ def test_channels_last_on_the_cpu_changes_speed_not_results():
         plain = model(x)
     assert fast.is_contiguous(memory_format=torch.channels_last) and plain.is_contiguous()
     torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5)
+
+
+def test_checkpoints_record_the_network_and_load_model_rebuilds_it(phantom_data, tmp_path):
+    """A peer network trained by train_model is rebuilt by load_model from its checkpoint alone; an
+    unregistered network is refused before training, and an unknown one on loading."""
+    import kidneyseg_studies as ks
+
+    ks.register_peers()
+    config = tiny(num_epochs=1, base_channels=4)
+    peer = ku.build_model(config, "monai-basicunet")
+    train_tiny_model(peer, config, phantom_data, tmp_path / "peer")
+    model, _, checkpoint = ku.load_model(tmp_path / "peer" / ku.BEST_MODEL_NAME)
+    assert checkpoint["architecture"] == "monai-basicunet" and type(model) is type(peer)
+    for (name, a), b in zip(peer.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a.cpu(), b), name
+    ours = ku.build_model(config)
+    train_tiny_model(ours, config, phantom_data, tmp_path / "ours")
+    assert ku.load_checkpoint(tmp_path / "ours" / ku.BEST_MODEL_NAME)["architecture"] == "AttentionUNet"
+
+    class Unregistered(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(1, 1, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv(x)
+
+    with pytest.raises(ValueError, match="not a registered architecture"):
+        train_tiny_model(Unregistered(), config, phantom_data, tmp_path / "unregistered")
+    assert not (tmp_path / "unregistered" / ku.BEST_MODEL_NAME).exists()
+    stored = ku.load_checkpoint(tmp_path / "peer" / ku.BEST_MODEL_NAME)
+    stored["architecture"] = "someone-elses-net"
+    ku.save_checkpoint(stored, tmp_path / "unknown.pth")
+    with pytest.raises(ValueError, match="Unknown architecture 'someone-elses-net'.*register_peers"):
+        ku.load_model(tmp_path / "unknown.pth")
+    with pytest.raises(ValueError, match="it trained the network monai-basicunet, not AttentionUNet"):
+        train_tiny_model(
+            ours, config.with_parameters(NUM_EPOCHS=2), phantom_data, tmp_path / "peer", resume=True
+        )
+
+
+def test_checkpoints_without_a_network_record_load_as_the_attention_unet():
+    """The committed cross-validation folds predate the record: they load as our network."""
+    path = REPO / "benchmarks" / "results" / "cross_validation_alpha075" / "fold_0_model.pth"
+    assert "architecture" not in ku.load_checkpoint(path)
+    model, config, _ = ku.load_model(path)
+    assert isinstance(model, ku.AttentionUNet) and config.base_channels == 16
+
+
+def train_tiny_model(model, config, data, out, **kw):
+    return ku.train_model(
+        model,
+        data.train_dataset,
+        data.val_dataset,
+        config,
+        out,
+        torch.device("cpu"),
+        progress=False,
+        log=False,
+        **kw,
+    )

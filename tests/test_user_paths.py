@@ -211,3 +211,29 @@ def test_03_without_data_trains_on_phantoms_and_says_so(tmp_path, monkeypatch):
     phantoms = out / "synthetic_data"
     assert ku.load_checkpoint(out / ku.BEST_MODEL_NAME)["data_dir"] == str(phantoms)
     assert len(ku.index_dataset(phantoms).pairs) > 0
+
+
+def test_04_scores_a_peer_network_like_ours(phantoms, tmp_path):
+    """A checkpoint of MONAI's BasicUNet (a peer of docs/peers.md) trained by the same train_model:
+    notebook 04 rebuilds it from the record in the checkpoint and scores the test split."""
+    import kidneyseg_studies as ks
+
+    ks.register_peers()
+    config = tiny(num_epochs=1, group_regex="^([^_]+)_")
+    data = ku.prepare_data(config, phantoms)
+    extra = {"split": data.split_record(), "data_dir": str(phantoms)}
+    ku.train_model(
+        ku.build_model(config, "monai-basicunet"),
+        data.train_dataset,
+        data.val_dataset,
+        config,
+        tmp_path / "peer",
+        progress=False,
+        log=False,
+        extra_state=extra,
+    )
+    run("04_evaluate_model.ipynb", tmp_path, dict(OUTPUT_DIR=str(tmp_path / "peer")))
+    summary = json.loads(
+        (tmp_path / "peer" / "evaluation_test_split" / "evaluation_summary.json").read_text()
+    )
+    assert summary["n_images"] == len(data.test) and 0 <= summary["pooled_dice"] <= 1
