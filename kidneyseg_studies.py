@@ -79,7 +79,7 @@ __all__ = [
     "show_preprocessing_sliders",
     # 3. Evaluation figures
     "summary_table", "inference_options_table", "threshold_sweep", "plot_cases", "show_threshold_viewer",
-    "error_views",
+    "error_views", "fold_comparison",
     # 4. Familiarity
     "image_features", "familiarity_reference", "familiarity", "training_reference",
     "familiarity_report", "unfamiliar_note",
@@ -771,6 +771,28 @@ def threshold_sweep(
     table = pd.DataFrame(rows)
     table["best"] = table["pooled_dice"] == table["pooled_dice"].max()
     return table
+
+
+def fold_comparison(
+    models: Sequence[nn.Module],
+    data: ku.EvaluationSet,
+    device: torch.device | str = "cpu",
+    threshold: float = 0.5,
+    tta: bool = False,
+    postprocess: bool = False,
+    fold_ids: Sequence[int] | None = None,
+) -> pd.DataFrame:
+    """Each fold model alone on ``data``, their mean and their ensemble (notebook 04 on the test
+    split, and the cross-validation benchmark): pooled Dice and IoU and the mean Dice per patient."""
+    keys = ("pooled_dice", "pooled_iou", "mean_case_dice")
+    rows = []
+    for k, model in enumerate([*models, ku.FoldEnsemble(models)]):
+        _, summary, _ = ku.evaluate_model(model, data, device, threshold, tta=tta, postprocess=postprocess)
+        name = f"fold {(fold_ids or range(len(models)))[k]}" if k < len(models) else "ensemble"
+        rows.append({"model": name, **{key: summary[key] for key in keys}})
+    table = pd.DataFrame(rows)
+    mean = {"model": "mean single fold", **table.iloc[: len(models)][list(keys)].mean().to_dict()}
+    return pd.concat([table.iloc[:-1], pd.DataFrame([mean]), table.iloc[-1:]], ignore_index=True)
 
 
 def _pooled(part: pd.DataFrame) -> dict[str, Any]:

@@ -74,7 +74,7 @@ __all__ = [
     # 9. Inference and evaluation
     "load_model", "load_models", "FoldEnsemble", "predict_probabilities", "hausdorff95", "EvaluationSet",
     "load_evaluation_set", "training_data_problem", "evaluate_model", "evaluate_validation",
-    "evaluate_out_of_fold", "fold_comparison", "case_scores", "write_evaluation", "evaluate_split",
+    "evaluate_out_of_fold", "case_scores", "write_evaluation", "evaluate_split",
     "overlay_mask", "predict_folder",
     # 10. Runtime
     "on_kaggle", "interactive_frontend", "resolve_output_dir", "resolve_model_paths", "run_output_dir",
@@ -156,193 +156,59 @@ def _is_num(value: Any) -> bool:
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
 
 
-def _rule(check: Callable[[Any], bool], allowed: str, optional: bool = False) -> tuple:
-    """A field rule: ``check`` must hold (or the value is None, when ``optional``)."""
-    return (lambda v: (optional and v is None) or check(v)), allowed
-
-
-_INT_FROM_1 = _rule(lambda v: _is_int(v) and v >= 1, "an integer >= 1")
-_POSITIVE = _rule(lambda v: _is_num(v) and v > 0, "a number > 0")
-_NON_NEGATIVE = _rule(lambda v: _is_num(v) and v >= 0, "a number >= 0")
-_UNIT_INTERVAL = _rule(lambda v: _is_num(v) and 0 <= v <= 1, "a number in [0, 1]")
-
-
-def _one_of(options: Sequence[str]) -> tuple:
-    return _rule(lambda v: isinstance(v, str) and v in options, f"one of {', '.join(map(repr, options))}")
-
-
-# What each Config field accepts, as (check, allowed values in words); Config.validate applies them,
-# then the rules that involve two fields (image_size and depth; the two loss weights).
-_FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    **dict.fromkeys(("depth", "base_channels", "batch_size", "num_epochs", "patience"), _INT_FROM_1),
-    "lr_patience": _rule(lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
-    **dict.fromkeys(("learning_rate", "grad_clip_norm"), _POSITIVE),
-    **dict.fromkeys(("weight_decay", "focal_gamma", "focal_weight", "dice_weight", "min_lr"), _NON_NEGATIVE),
-    **dict.fromkeys(("focal_alpha", "inference_threshold"), _UNIT_INTERVAL),
-    "dropout": _rule(lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
-    "val_fraction": _rule(lambda v: _is_num(v) and 0 < v < 1, "a number strictly between 0 and 1, e.g. 0.2"),
-    "test_fraction": _rule(
-        lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1), e.g. 0.15 (0: no test split)"
-    ),
-    "lr_factor": _rule(lambda v: _is_num(v) and 0 < v < 1, "a number strictly between 0 and 1"),
-    "seed": _rule(_is_int, "an integer"),
-    "preprocessing": _rule(
-        lambda v: _is_preprocessing(v),
-        f"one of {', '.join(map(repr, PREPROCESSING_OPTIONS))} (or methods of {PREPROCESSING_METHODS} "
-        "joined by '+')",
-    ),
-    "normalization": _one_of(NORMALIZATION_OPTIONS),
-    "augmentation": _one_of(AUGMENTATION_OPTIONS),
-    "group_regex": _rule(
-        lambda v: (
-            (isinstance(v, str) and bool(v))
-            or (isinstance(v, dict) and all(isinstance(p, (str, type(None))) for p in v.values()))
-        ),
-        '"auto", a regular expression string, {source: pattern or None} or None',
-        optional=True,
-    ),
-    "mask_labels": _rule(
-        lambda v: (
-            v == "nonzero"
-            or (isinstance(v, (list, tuple)) and bool(v) and all(_is_int(x) and x > 0 for x in v))
-        ),
-        'None, "nonzero" or a list of label values > 0, e.g. [1] or [1, 2]',
-        optional=True,
-    ),
-    "max_images": _rule(lambda v: _is_int(v) and v >= 2, "None or an integer >= 2", optional=True),
-    "max_train_minutes": _rule(
-        lambda v: _is_num(v) and v > 0, '"auto", None or a number of minutes > 0', optional=True
-    ),
-    "num_workers": _rule(
-        lambda v: _is_int(v) and v >= 0, "None (automatic) or an integer >= 0", optional=True
-    ),
-    "amp": _rule(lambda v: isinstance(v, bool) or v == "cuda", 'True, False or "cuda"'),
-    "folds": _rule(lambda v: _is_int(v) and v >= 2, "an integer >= 2, e.g. 5"),
-    "fold": _rule(lambda v: _is_int(v) and v >= 0, "None or an integer from 0 to FOLDS - 1", optional=True),
-    "multi_gpu": _rule(lambda v: isinstance(v, bool), '"auto", True or False'),
-}
-
-
 @dataclass
 class Config:
-    """Every setting of a run; the defaults are the reference recipe of the kidneyseg design.
+    """Every setting of a run, each described once, here; the defaults are the kidneyseg design's.
 
-    The notebook parameters are the upper-case field names (``IMAGE_SIZE`` is ``image_size``), see
-    :data:`NOTEBOOK_PARAMETERS`. The config round-trips to plain JSON (:meth:`to_dict`,
-    :meth:`from_dict`) and is stored in every checkpoint.
-
-    Attributes:
-        image_size: Side of the square network input; a multiple of ``2**depth``.
-        batch_size: Images per optimisation step.
-        learning_rate: AdamW learning rate.
-        weight_decay: AdamW weight decay.
-        num_epochs: Upper bound on epochs; early stopping usually ends sooner.
-        patience: Epochs without a lower validation loss before training stops.
-        grad_clip_norm: Maximum global gradient norm.
-        focal_alpha: Focal-loss weight of the kidney class.
-        focal_gamma: Focal-loss focusing exponent.
-        focal_weight: Weight of the focal term in the total loss.
-        dice_weight: Weight of the soft-Dice term in the total loss.
-        dropout: Dropout probability inside every residual block.
-        base_channels: Width of the first encoder block.
-        depth: Number of encoder blocks.
-        val_fraction: Share of images (or of patients, with ``group_regex``) used for validation,
-            after the test split is held out.
-        test_fraction: Share of patients (or images) held out first as a test split that never
-            chooses anything: not the learning rate, not the stopping epoch, not the best checkpoint.
-            0 gives the plain train/validation split.
-        folds: Number of cross-validation folds (nnU-Net's protocol), used when ``fold`` is set.
-        fold: ``None``: the ``val_fraction`` split. ``k`` (0 to ``folds - 1``): the patients outside
-            the test split are divided into ``folds`` patient-disjoint folds, seeded and balanced by
-            source (:func:`cross_validation_folds`); fold ``k`` validates, the others train. Each
-            fold is one run with its own output folder (``fold_k``, :func:`run_output_dir`), and
-            notebook 04 averages the fold models (:class:`FoldEnsemble`).
-        inference_threshold: Probability above which a pixel is kidney.
-        seed: Seed of the split, the initial weights, the shuffling and the augmentation.
-        group_regex: Regular expression whose first group (or whole match) is the patient id of a
-            file name; slices of one patient never straddle the split. ``"auto"`` infers it from the
-            file names source by source (:func:`infer_group_regex`); a source whose names carry no
-            consistent patient id is split by image, with a warning naming it. ``{source: pattern}``
-            gives each source its own pattern (``None`` or a missing source: split by image).
-            ``None`` splits every source by image.
-        mask_labels: How masks with several label values are read (see :func:`binarize_mask`).
-            ``None``: binary masks only (0/1, 0/255, lossy noise around them); a mask with several
-            labels is an error naming the file and its values. ``"nonzero"``: every non-zero value
-            is kidney (e.g. KiTS kidney + tumour + cyst). A list of values, e.g. ``[1]``: exactly
-            those values are kidney, the rest background.
-        preprocessing: Intensity preprocessing, one of :data:`PREPROCESSING_OPTIONS`.
-        normalization: How each model input is scaled, one of :data:`NORMALIZATION_OPTIONS`, each
-            from the image's own intensities (:func:`normalization_stats`): ``"minmax"`` (8-bit
-            0..255 to [0, 1]; other depths from their own minimum and maximum), ``"percentile"``
-            (clip to the image's 0.5th-99.5th percentiles, stretch to [0, 1]), ``"zscore"`` (the
-            same clip, then zero mean and unit variance; nnU-Net z-scores non-CT images without the
-            clip) or ``"histeq"`` (global histogram equalisation, each value to the share of pixels
-            at or below it: unchanged by another CT window or gamma). A constant image gives zeros
-            (an 8-bit one keeps the fixed ``"minmax"`` scale). Stored in the checkpoint and applied
-            identically in training, evaluation and inference.
-        augmentation: Training augmentation (:func:`build_train_transform`), one of
-            :data:`AUGMENTATION_OPTIONS`. ``"standard"``: horizontal and vertical flips (p 0.7
-            each); shift up to 6.25 %, scale 0.9-1.1, rotation up to 45 degrees (p 0.5); brightness
-            and contrast +-0.2 (p 0.5). ``"strong"``, in the spirit of nnU-Net's 2D defaults: flips
-            (p 0.5 each); scale 0.7-1.4, rotation up to 180 degrees, shift up to 10 % (p 0.6);
-            Gaussian noise (std up to 8 % of the range, p 0.15); blur (sigma 0.5-1, p 0.2);
-            brightness and contrast +-0.25 (p 0.3); low resolution (down to 0.5x and back, p 0.25);
-            gamma 0.7-1.5 (p 0.3). Geometry moves image and mask together (zero padding,
-            nearest-neighbour masks); intensity changes touch the image only.
-        lr_factor: ReduceLROnPlateau factor.
-        lr_patience: ReduceLROnPlateau patience in epochs.
-        min_lr: ReduceLROnPlateau floor.
-        max_images: Use at most this many pairs (a seeded random subset); ``None`` uses all.
-        max_train_minutes: Stop cleanly before an epoch that, at the mean epoch time so far, would
-            end past this budget, counted from the start of training (in a Kaggle session, from the
-            start of the session). ``"auto"``: :data:`KAGGLE_TRAIN_MINUTES` in a Kaggle session (whose
-            GPU sessions end after 12 hours), no limit elsewhere.
-        num_workers: DataLoader workers; ``None`` picks 0 on a CPU and up to 4 on a GPU.
-        amp: Mixed precision in training, evaluation and inference (see :func:`autocast_dtype`).
-            ``"cuda"``: on CUDA only, fp16 with a GradScaler below compute capability 8 (a T4) and
-            bf16 from 8.0 on; full precision on a CPU. ``True``: the same on CUDA, and bf16 autocast
-            on a CPU with native bf16 (AVX-512 BF16 or AMX), fp32 on other CPUs. ``False``: full
-            precision everywhere. The loss is always computed in float32.
-        multi_gpu: Train on every visible GPU with ``nn.DataParallel``. ``"auto"``: yes in a Kaggle
-            session (its GPU is "GPU T4 x2"), one GPU elsewhere.
-
-    ``"auto"`` values are made concrete when the config is built, so a run's stored config says what
-    ran.
+    The notebook parameters are the upper-case field names (``IMAGE_SIZE`` is ``image_size``, see
+    :data:`NOTEBOOK_PARAMETERS`). ``"auto"`` values are made concrete when the config is built, so the
+    copy stored in every checkpoint (plain JSON: :meth:`to_dict`, :meth:`from_dict`) says what ran.
     """
 
-    image_size: int = 256
-    batch_size: int = 16
-    learning_rate: float = 1e-3
-    weight_decay: float = 1e-4
-    num_epochs: int = 150
-    patience: int = 20
-    grad_clip_norm: float = 1.0
-    focal_alpha: float = 0.25
-    focal_gamma: float = 2.0
-    focal_weight: float = 0.6
-    dice_weight: float = 0.4
-    dropout: float = 0.2
-    base_channels: int = 64
-    depth: int = 4
-    val_fraction: float = 0.2
+    image_size: int = 256  # side of the square network input, a multiple of 2**depth
+    batch_size: int = 16  # images per optimisation step
+    learning_rate: float = 1e-3  # AdamW
+    weight_decay: float = 1e-4  # AdamW
+    num_epochs: int = 150  # upper bound on epochs; early stopping usually ends sooner
+    patience: int = 20  # epochs without a lower validation loss before training stops
+    grad_clip_norm: float = 1.0  # maximum global gradient norm
+    focal_alpha: float = 0.25  # focal-loss weight of kidney pixels (background: 1 - focal_alpha)
+    focal_gamma: float = 2.0  # focal-loss focusing exponent
+    focal_weight: float = 0.6  # weight of the focal term in the loss
+    dice_weight: float = 0.4  # weight of the soft-Dice term in the loss
+    dropout: float = 0.2  # dropout probability inside every residual block
+    base_channels: int = 64  # width of the first encoder block (it doubles per block)
+    depth: int = 4  # number of encoder blocks
+    val_fraction: float = 0.2  # share of the patients outside the test split that validates
+    # share of the patients held out first as a test split that chooses nothing; 0: no test split
     test_fraction: float = 0.15
-    folds: int = 5
+    folds: int = 5  # cross-validation folds of the patients outside the test split, used with fold
+    # None: the val_fraction split; k: fold k of cross_validation_folds validates, the others train,
+    # in OUTPUT_DIR/fold_k (run_output_dir); notebook 04 averages the folds (FoldEnsemble)
     fold: int | None = None
-    inference_threshold: float = 0.5
-    seed: int = 42
+    inference_threshold: float = 0.5  # probability from which a pixel is kidney
+    seed: int = 42  # seed of the split, the initial weights, the shuffling and the augmentation
+    # patient id in file names (its first group, or the whole match): "auto" infers a rule per
+    # source (infer_group_regex), {source: pattern or None} sets one per source, None splits by image
     group_regex: str | dict[str, str | None] | None = "auto"
+    # masks with several values (binarize_mask): None is an error naming the file, "nonzero" reads
+    # every non-zero label as kidney, a list such as [1] reads exactly those values as kidney
     mask_labels: str | list[int] | None = None
-    preprocessing: str = "none"
-    normalization: str = "minmax"
-    augmentation: str = "standard"
-    lr_factor: float = 0.5
-    lr_patience: int = 5
-    min_lr: float = 1e-6
-    max_images: int | None = None
+    preprocessing: str = "none"  # intensity preprocessing of model inputs (apply_preprocessing)
+    normalization: str = "minmax"  # how model inputs are scaled to numbers (normalize_intensity)
+    augmentation: str = "standard"  # the training augmentation (build_train_transform)
+    lr_factor: float = 0.5  # ReduceLROnPlateau on the validation loss: factor
+    lr_patience: int = 5  # ReduceLROnPlateau: epochs without a lower validation loss
+    min_lr: float = 1e-6  # ReduceLROnPlateau: floor
+    max_images: int | None = None  # at most this many pairs (a seeded random subset); None: all
+    # stop before an epoch that, at the mean epoch time so far, would end past this many minutes of
+    # training (in a Kaggle session, of the session); "auto": KAGGLE_TRAIN_MINUTES on Kaggle, else None
     max_train_minutes: float | str | None = "auto"
-    num_workers: int | None = None
+    num_workers: int | None = None  # data-loader workers; None: 0 on a CPU, up to 4 on a GPU
+    # mixed precision (autocast_dtype): "cuda": fp16 with a GradScaler below compute capability 8 (a
+    # T4), bf16 from 8.0, fp32 on a CPU; True: also bf16 on a CPU with native bf16; False: fp32
     amp: bool | str = "cuda"
-    multi_gpu: bool | str = "auto"
+    multi_gpu: bool | str = "auto"  # every visible GPU (nn.DataParallel); "auto": yes on Kaggle
 
     def __post_init__(self) -> None:
         self.max_train_minutes = resolve_auto(self.max_train_minutes, KAGGLE_TRAIN_MINUTES, None)
@@ -355,21 +221,84 @@ class Config:
     def validate(self) -> None:
         """Raise ``ValueError`` naming the parameter and the allowed values for any invalid field."""
 
-        def fail(name: str, allowed: str) -> None:
-            value = getattr(self, name)
-            raise ValueError(f"{name.upper()} (Config.{name}) must be {allowed}; got {value!r}.")
+        def need(ok: bool, name: str, allowed: str) -> None:
+            if not ok:
+                value = getattr(self, name)
+                raise ValueError(f"{name.upper()} (Config.{name}) must be {allowed}; got {value!r}.")
 
-        for name, (ok, allowed) in _FIELD_RULES.items():
-            if not ok(getattr(self, name)):
-                fail(name, allowed)
+        def number(name: str, low: float, high: float = math.inf, *, open_low: bool = False) -> bool:
+            v = getattr(self, name)
+            return _is_num(v) and (low < v if open_low else low <= v) and v <= high
+
+        for name in ("depth", "base_channels", "batch_size", "num_epochs", "patience"):
+            need(_is_int(getattr(self, name)) and getattr(self, name) >= 1, name, "an integer >= 1")
+        need(_is_int(self.lr_patience) and self.lr_patience >= 0, "lr_patience", "an integer >= 0")
+        for name in ("learning_rate", "grad_clip_norm"):
+            need(number(name, 0, open_low=True), name, "a number > 0")
+        for name in ("weight_decay", "focal_gamma", "focal_weight", "dice_weight", "min_lr"):
+            need(number(name, 0), name, "a number >= 0")
+        for name in ("focal_alpha", "inference_threshold"):
+            need(number(name, 0, 1), name, "a number in [0, 1]")
+        need(number("dropout", 0) and self.dropout < 1, "dropout", "a number in [0, 1)")
+        between = "a number strictly between 0 and 1"
+        need(
+            number("val_fraction", 0, open_low=True) and self.val_fraction < 1,
+            "val_fraction",
+            f"{between}, e.g. 0.2",
+        )
+        need(number("lr_factor", 0, open_low=True) and self.lr_factor < 1, "lr_factor", between)
+        test = number("test_fraction", 0) and self.test_fraction < 1
+        need(test, "test_fraction", "a number in [0, 1), e.g. 0.15 (0: no test split)")
+        need(_is_int(self.seed), "seed", "an integer")
+        choices = ", ".join(map(repr, PREPROCESSING_OPTIONS))
+        methods = f"(or methods of {PREPROCESSING_METHODS} joined by '+')"
+        need(_is_preprocessing(self.preprocessing), "preprocessing", f"one of {choices} {methods}")
+        for name, options in (
+            ("normalization", NORMALIZATION_OPTIONS),
+            ("augmentation", AUGMENTATION_OPTIONS),
+        ):
+            value = getattr(self, name)
+            need(isinstance(value, str) and value in options, name, f"one of {', '.join(map(repr, options))}")
+        regex = self.group_regex
+        patterns = list(regex.values()) if isinstance(regex, dict) else [regex]
+        need(
+            regex is None
+            or (isinstance(regex, str) and bool(regex))
+            or (isinstance(regex, dict) and all(p is None or isinstance(p, str) for p in patterns)),
+            "group_regex",
+            '"auto", a regular expression string, {source: pattern or None} or None',
+        )
+        labels = self.mask_labels
+        listed = (
+            isinstance(labels, (list, tuple)) and bool(labels) and all(_is_int(x) and x > 0 for x in labels)
+        )
+        need(
+            labels in (None, "nonzero") or listed,
+            "mask_labels",
+            'None, "nonzero" or a list of label values > 0, e.g. [1] or [1, 2]',
+        )
+        need(
+            self.max_images is None or (_is_int(self.max_images) and self.max_images >= 2),
+            "max_images",
+            "None or an integer >= 2",
+        )
+        minutes = self.max_train_minutes is None or number("max_train_minutes", 0, open_low=True)
+        need(minutes, "max_train_minutes", '"auto", None or a number of minutes > 0')
+        workers = self.num_workers is None or (_is_int(self.num_workers) and self.num_workers >= 0)
+        need(workers, "num_workers", "None (automatic) or an integer >= 0")
+        need(isinstance(self.amp, bool) or self.amp == "cuda", "amp", 'True, False or "cuda"')
+        need(_is_int(self.folds) and self.folds >= 2, "folds", "an integer >= 2, e.g. 5")
+        fold = self.fold is None or (_is_int(self.fold) and 0 <= self.fold < self.folds)
+        need(fold, "fold", f"None or an integer from 0 to {self.folds - 1} (FOLDS={self.folds})")
+        need(isinstance(self.multi_gpu, bool), "multi_gpu", '"auto", True or False')
         multiple = 2**self.depth
-        if not _is_int(self.image_size) or self.image_size < multiple or self.image_size % multiple:
-            fail("image_size", f"a positive multiple of {multiple} (2**depth), e.g. 128 or 256")
-        if self.focal_weight + self.dice_weight <= 0:
-            fail("dice_weight", "> 0 when focal_weight is 0 (the loss needs a positive weight)")
-        if self.fold is not None and self.fold >= self.folds:
-            fail("fold", f"None or an integer from 0 to {self.folds - 1} (FOLDS={self.folds})")
-        patterns = self.group_regex.values() if isinstance(self.group_regex, dict) else [self.group_regex]
+        size_ok = _is_int(self.image_size) and self.image_size >= multiple and self.image_size % multiple == 0
+        need(size_ok, "image_size", f"a positive multiple of {multiple} (2**depth), e.g. 128 or 256")
+        need(
+            self.focal_weight + self.dice_weight > 0,
+            "dice_weight",
+            "> 0 when focal_weight is 0 (the loss needs a positive weight)",
+        )
         for pattern in patterns:
             if pattern in (None, AUTO):
                 continue
@@ -822,7 +751,7 @@ def binarize_mask(
     at most one non-zero value, every non-zero pixel is kidney; float masks in [0, 1], ``>= 0.5``; values
     around one level (soft edges, JPEG noise; see :func:`_several_labels`), ``>= max / 2``; several
     labels (0/1/2, KiTS's 0/1/2/3) raise a ``ValueError`` naming the file, its values and the fix.
-    ``labels`` ``"nonzero"`` or a list of values: as ``Config.mask_labels`` says.
+    ``labels`` ``"nonzero"``: every non-zero value is kidney; a list of values: exactly those.
     """
     values = _drop_alpha_and_reduce(np.asarray(mask), reduce="max")
     if values.dtype == np.bool_:
@@ -1284,8 +1213,12 @@ def _linear_map(low: float, high: float, offset: float, scale: float) -> Intensi
 
 
 def normalization_stats(image: np.ndarray, method: str = "minmax") -> IntensityMap:
-    """The normalisation ``method`` of one image (the rules of ``Config.normalization``) as an
-    :class:`IntensityMap`; non-finite values are ignored."""
+    """The normalisation ``method`` of one image as an :class:`IntensityMap`, from the image's own
+    intensities (non-finite values ignored): ``"minmax"`` (8-bit 0..255 to [0, 1]; other depths from
+    their own minimum and maximum), ``"percentile"`` (clip to the 0.5th-99.5th percentiles, stretch
+    to [0, 1]), ``"zscore"`` (the same clip, then zero mean and unit variance) or ``"histeq"`` (each
+    value to the share of pixels at or below it). A constant image gives zeros (an 8-bit one keeps the
+    fixed ``"minmax"`` scale). Stored in the checkpoint, applied alike in training and inference."""
     if method not in NORMALIZATION_OPTIONS:
         raise ValueError(
             f"NORMALIZATION must be one of {', '.join(map(repr, NORMALIZATION_OPTIONS))}; got {method!r}."
@@ -1335,9 +1268,16 @@ def _albumentations() -> Any:
 
 
 def build_train_transform(augmentation: str = "standard") -> A.Compose:
-    """The training augmentation of ``Config.augmentation`` (Albumentations 2.x) on uint8 images
-    and 0/1 masks, which are at the model's size already (:func:`load_arrays`); :class:`KidneyDataset`
-    normalises afterwards."""
+    """The training augmentation (Albumentations 2.x) on uint8 images and 0/1 masks, which are at
+    the model's size already (:func:`load_arrays`); :class:`KidneyDataset` normalises afterwards.
+
+    ``"standard"``: horizontal and vertical flips (p 0.7 each); shift up to 6.25 %, scale 0.9-1.1,
+    rotation up to 45 degrees (p 0.5); brightness and contrast +-0.2 (p 0.5). ``"strong"``, in the
+    spirit of nnU-Net's 2D defaults: flips (p 0.5 each); scale 0.7-1.4, rotation up to 180 degrees,
+    shift up to 10 % (p 0.6); Gaussian noise (std up to 8 % of the range, p 0.15); blur (sigma 0.5-1,
+    p 0.2); brightness and contrast +-0.25 (p 0.3); low resolution (down to 0.5x and back, p 0.25);
+    gamma 0.7-1.5 (p 0.3). Geometry moves image and mask together (zero padding, nearest-neighbour
+    masks); intensity changes touch the image only."""
     if augmentation not in AUGMENTATION_OPTIONS:
         raise ValueError(
             f"AUGMENTATION must be one of {', '.join(map(repr, AUGMENTATION_OPTIONS))}; got {augmentation!r}."
@@ -1933,6 +1873,7 @@ def train_model(
     log: bool = True,
     batch_transform: BatchTransform | None = None,
     sampler: Sampler[int] | None = None,
+    loss_fn: nn.Module | None = None,
 ) -> TrainingResult:
     """Train ``model`` (in place) and write the run's artefacts to ``output_dir``.
 
@@ -1953,6 +1894,8 @@ def train_model(
         sampler: The order of training items each epoch, with a ``set_epoch(epoch)`` method and
             yielding ``epoch * len(train_dataset) + i`` (see :class:`EpochShuffleSampler`, the
             default); drawing from ``(seed, epoch)`` alone keeps resume exact.
+        loss_fn: ``f(logits, masks) -> loss`` instead of the config's :class:`FocalDiceLoss`, for
+            a study of another loss (it should compute in float32, as FocalDiceLoss does).
 
     Raises:
         FileExistsError: a best model exists and neither ``resume`` nor ``overwrite``.
@@ -1960,22 +1903,109 @@ def train_model(
         TrainingDivergedError: the loss became NaN or infinite.
         RuntimeError: CUDA ran out of memory (the message names the levers).
     """
-    out = Path(output_dir)
+    out, device, extra = Path(output_dir), device or get_device(), extra_state or {}
+    _check_start(train_dataset, config, out, resume, overwrite)
+    run = _setup_run(model, config, device, out, resume, extra, loss_fn, log)
+    sampler = sampler if sampler is not None else EpochShuffleSampler(len(train_dataset), config.seed)
+    train_loader, val_loader = _loaders(train_dataset, val_dataset, config, device, sampler)
+
+    started, stop_reason = time.monotonic(), "num_epochs"
+    before = process_seconds() if on_kaggle() else 0.0  # on Kaggle the budget counts from the session's start
+    budget = math.inf if config.max_train_minutes is None else config.max_train_minutes * 60
+    shown = dict(desc="epochs", unit="epoch", initial=run.start_epoch - 1, total=config.num_epochs)
+    epoch_bar = _progress_bar(range(run.start_epoch, config.num_epochs + 1), progress, **shown)
+    step = dict(loss_fn=run.loss_fn, device=device, threshold=config.inference_threshold, amp=run.amp)
+    fit = dict(optimizer=run.optimizer, scaler=run.scaler, grad_clip_norm=config.grad_clip_norm)
+    try:
+        for epoch in epoch_bar:
+            tic = time.monotonic()
+            sampler.set_epoch(epoch)
+            steps = len(train_loader) + len(val_loader)
+            bar = _progress_bar(None, progress, total=steps, desc=f"epoch {epoch}", leave=False)
+            now = dict(epoch=epoch, bar=bar, **step)
+            train_m = _run_epoch(run.runner, train_loader, batch_transform=batch_transform, **fit, **now)
+            val_m = _run_epoch(run.runner, val_loader, **now)
+            bar.close()
+            lr = run.optimizer.param_groups[0]["lr"]
+            run.scheduler.step(val_m["loss"])
+            row = {"epoch": epoch, "lr": lr, "seconds": time.monotonic() - tic}
+            row.update({f"train_{k}": v for k, v in train_m.items()})
+            row.update({f"val_{k}": v for k, v in val_m.items()})
+            run.history.append(row)
+            improved = val_m["loss"] < run.best_loss
+            if improved:
+                run.best_loss, run.best_epoch, run.stale = val_m["loss"], epoch, 0
+            else:
+                run.stale += 1
+            _save_epoch(run, config, out, epoch, extra, improved)
+            epoch_bar.set_postfix(
+                val_loss=f"{val_m['loss']:.4f}", val_dice=f"{val_m['dice']:.3f}", best=run.best_epoch
+            )
+            if log:
+                print(_epoch_line(row, config.num_epochs, run.best_epoch, improved), flush=True)
+            if run.stale >= config.patience:
+                stop_reason = "early_stopping"
+                break
+            elapsed = time.monotonic() - started
+            next_end = before + elapsed + elapsed / (epoch - run.start_epoch + 1)  # at the mean epoch time
+            if next_end > budget and epoch < config.num_epochs:
+                stop_reason = "time_budget"
+                break
+    except torch.cuda.OutOfMemoryError:
+        raise RuntimeError(_oom_message(config)) from None
+    finally:
+        epoch_bar.close()
+    return _finish_run(run, config, out, stop_reason)
+
+
+@dataclass
+class _Run:
+    """What a training run carries from epoch to epoch (see :func:`train_model`)."""
+
+    base: nn.Module  # the network, unwrapped: what checkpoints store
+    runner: nn.Module  # the network as it computes (on several GPUs, DataParallel)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    amp: torch.dtype | None  # the autocast dtype (None: full precision)
+    scaler: torch.amp.GradScaler | None = None
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_loss: float = math.inf
+    best_epoch: int = 0
+    stale: int = 0  # epochs since the best
+    start_epoch: int = 1
+
+
+def _check_start(train_dataset: Dataset, config: Config, out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse a batch larger than the training set and an earlier run's model without RESUME or
+    OVERWRITE; remove the temporary files of a process killed while saving."""
     out.mkdir(parents=True, exist_ok=True)
-    best_path, last_path = out / BEST_MODEL_NAME, out / LAST_CHECKPOINT_NAME
-    device = device or get_device()
     if len(train_dataset) < config.batch_size:
         raise ValueError(
             f"BATCH_SIZE={config.batch_size} exceeds the {len(train_dataset)} training images; "
             f"use a BATCH_SIZE of at most {len(train_dataset)}."
         )
-    if not resume and best_path.exists() and not overwrite:
+    if not resume and (out / BEST_MODEL_NAME).exists() and not overwrite:
         raise FileExistsError(
-            f"{best_path} exists from an earlier run. Set RESUME=True to continue it, "
+            f"{out / BEST_MODEL_NAME} exists from an earlier run. Set RESUME=True to continue it, "
             "OVERWRITE=True to replace it, or choose another OUTPUT_DIR."
         )
-    for stale_tmp in out.glob(".*.pth.tmp-*"):  # left by a process killed while saving
+    for stale_tmp in out.glob(".*.pth.tmp-*"):
         stale_tmp.unlink(missing_ok=True)
+
+
+def _setup_run(
+    model: nn.Module,
+    config: Config,
+    device: torch.device,
+    out: Path,
+    resume: bool,
+    extra: dict[str, Any],
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None,
+    log: bool,
+) -> _Run:
+    """Seed, place and wrap the model; AdamW, ReduceLROnPlateau, the loss and the GradScaler; with
+    ``resume``, everything restored from the last checkpoint. Writes the run's config."""
     seed_everything(config.seed)
     base = _unwrap(model)
     architecture = architecture_of(base)  # a network notebook 04 could not rebuild stops here
@@ -1992,114 +2022,90 @@ def train_model(
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="min", factor=config.lr_factor, patience=config.lr_patience, min_lr=config.min_lr
     )
-    loss_fn = FocalDiceLoss.from_config(config)
-    history: list[dict[str, float]] = []
-    best_loss, best_epoch, stale, start_epoch = math.inf, 0, 0, 1
-    state = None
-    if resume:
-        if not last_path.exists():
-            raise FileNotFoundError(
-                f"RESUME=True but there is no {LAST_CHECKPOINT_NAME} in {out}; set RESUME=False to "
-                "start a new run."
-            )
-        state = load_checkpoint(last_path, map_location="cpu")  # the optimizer moves its own tensors
-        _check_resume(state, config, extra_state or {}, last_path)
-        if (stored := state.get("architecture", DEFAULT_ARCHITECTURE)) != architecture:
-            raise ValueError(
-                f"Cannot resume {last_path}: it trained the network {stored}, not {architecture}."
-            )
-        base.load_state_dict(state["model_state"])
-        optimizer.load_state_dict(state["optimizer_state"])
-        scheduler.load_state_dict(state["scheduler_state"])
-        history = [dict(row) for row in state["history"]]
-        best_loss, best_epoch, stale = state["best_val_loss"], state["best_epoch"], state["stale_epochs"]
-        start_epoch = state["epoch"] + 1
-        _set_rng_state(state["rng_state"])
-        print(f"resuming {last_path} after epoch {state['epoch']} (best epoch {best_epoch})")
-    scaler = _grad_scaler(device.type, amp == torch.float16, state.get("scaler_state") if state else None)
+    loss_fn = FocalDiceLoss.from_config(config) if loss_fn is None else loss_fn
+    run = _Run(base, runner, optimizer, scheduler, loss_fn, amp)
+    state = _restore_run(run, config, out / LAST_CHECKPOINT_NAME, extra, architecture) if resume else {}
+    run.scaler = _grad_scaler(device.type, amp == torch.float16, state.get("scaler_state"))
     config.to_json(out / CONFIG_JSON_NAME)
+    return run
 
+
+def _restore_run(
+    run: _Run, config: Config, last_path: Path, extra: dict[str, Any], architecture: str
+) -> dict:
+    """Load ``last_path`` into ``run`` (weights, optimizer, scheduler, history, early-stopping state,
+    generators) after checking it may resume with these settings; returns the checkpoint."""
+    if not last_path.exists():
+        raise FileNotFoundError(
+            f"RESUME=True but there is no {LAST_CHECKPOINT_NAME} in {last_path.parent}; set RESUME=False "
+            "to start a new run."
+        )
+    state = load_checkpoint(last_path, map_location="cpu")  # the optimizer moves its own tensors
+    _check_resume(state, config, extra, last_path)
+    if (stored := state.get("architecture", DEFAULT_ARCHITECTURE)) != architecture:
+        raise ValueError(f"Cannot resume {last_path}: it trained the network {stored}, not {architecture}.")
+    run.base.load_state_dict(state["model_state"])
+    run.optimizer.load_state_dict(state["optimizer_state"])
+    run.scheduler.load_state_dict(state["scheduler_state"])
+    run.history = [dict(row) for row in state["history"]]
+    run.best_loss, run.best_epoch, run.stale = (
+        state["best_val_loss"],
+        state["best_epoch"],
+        state["stale_epochs"],
+    )
+    run.start_epoch = state["epoch"] + 1
+    _set_rng_state(state["rng_state"])
+    print(f"resuming {last_path} after epoch {state['epoch']} (best epoch {run.best_epoch})")
+    return state
+
+
+def _loaders(
+    train_dataset: Dataset, val_dataset: Dataset, config: Config, device: torch.device, sampler: Sampler[int]
+) -> tuple[DataLoader, DataLoader]:
+    """The training loader (``sampler``'s order, whole batches) and the validation loader."""
     workers = _auto_workers(config, device)
     loader_kw: dict[str, Any] = dict(batch_size=config.batch_size, num_workers=workers)
     loader_kw.update(pin_memory=device.type == "cuda", persistent_workers=workers > 0)
     loader_kw.update(worker_init_fn=_worker_init if workers else None)
-    if sampler is None:
-        sampler = EpochShuffleSampler(len(train_dataset), config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     train_loader = DataLoader(
         train_dataset, sampler=sampler, drop_last=True, generator=generator, **loader_kw
     )
-    val_loader = DataLoader(val_dataset, shuffle=False, **loader_kw)
+    return train_loader, DataLoader(val_dataset, shuffle=False, **loader_kw)
 
-    started, stop_reason, extra = time.monotonic(), "num_epochs", extra_state or {}
-    before = process_seconds() if on_kaggle() else 0.0  # on Kaggle the budget counts from the session's start
-    epochs = range(start_epoch, config.num_epochs + 1)
-    shown = dict(desc="epochs", unit="epoch", initial=start_epoch - 1, total=config.num_epochs)
-    epoch_bar = _progress_bar(epochs, progress, **shown)
-    run = dict(loss_fn=loss_fn, device=device, threshold=config.inference_threshold, amp=amp)
-    fit = dict(optimizer=optimizer, scaler=scaler, grad_clip_norm=config.grad_clip_norm)
-    budget = math.inf if config.max_train_minutes is None else config.max_train_minutes * 60
-    try:
-        for epoch in epoch_bar:
-            tic = time.monotonic()
-            sampler.set_epoch(epoch)
-            steps = len(train_loader) + len(val_loader)
-            bar = _progress_bar(None, progress, total=steps, desc=f"epoch {epoch}", leave=False)
-            now = dict(epoch=epoch, bar=bar, **run)
-            train_m = _run_epoch(runner, train_loader, batch_transform=batch_transform, **fit, **now)
-            val_m = _run_epoch(runner, val_loader, **now)
-            bar.close()
-            lr = optimizer.param_groups[0]["lr"]
-            scheduler.step(val_m["loss"])
-            row = {"epoch": epoch, "lr": lr, "seconds": time.monotonic() - tic}
-            row.update({f"train_{k}": v for k, v in train_m.items()})
-            row.update({f"val_{k}": v for k, v in val_m.items()})
-            history.append(row)
-            improved = val_m["loss"] < best_loss
-            payload = dict(
-                model=base, config=config, epoch=epoch, history=history, extra=extra, precision=amp
-            )
-            if improved:
-                best_loss, best_epoch, stale = val_m["loss"], epoch, 0
-                save_checkpoint(_checkpoint_payload("best", **payload), best_path)
-            else:
-                stale += 1
-            last = _checkpoint_payload("last", **payload)
-            last.update(
-                optimizer_state=optimizer.state_dict(),
-                scheduler_state=scheduler.state_dict(),
-                scaler_state=scaler.state_dict(),
-                best_val_loss=best_loss,
-                best_epoch=best_epoch,
-                stale_epochs=stale,
-                rng_state=_rng_state(),
-            )
-            save_checkpoint(last, last_path)
-            _atomic_write(out / METRICS_CSV_NAME, pd.DataFrame(history).to_csv(index=False))
-            epoch_bar.set_postfix(
-                val_loss=f"{val_m['loss']:.4f}", val_dice=f"{val_m['dice']:.3f}", best=best_epoch
-            )
-            if log:
-                print(_epoch_line(row, config.num_epochs, best_epoch, improved), flush=True)
-            if stale >= config.patience:
-                stop_reason = "early_stopping"
-                break
-            elapsed = time.monotonic() - started
-            next_end = before + elapsed + elapsed / (epoch - start_epoch + 1)  # at the mean epoch time so far
-            if next_end > budget and epoch < config.num_epochs:
-                stop_reason = "time_budget"
-                break
-    except torch.cuda.OutOfMemoryError:
-        raise RuntimeError(_oom_message(config)) from None
-    finally:
-        epoch_bar.close()
-    if not history:
+
+def _save_epoch(
+    run: _Run, config: Config, out: Path, epoch: int, extra: dict[str, Any], improved: bool
+) -> None:
+    """After an epoch: the best model when it improved, the resumable last checkpoint, the metrics CSV."""
+    payload = dict(
+        model=run.base, config=config, epoch=epoch, history=run.history, extra=extra, precision=run.amp
+    )
+    if improved:
+        save_checkpoint(_checkpoint_payload("best", **payload), out / BEST_MODEL_NAME)
+    last = _checkpoint_payload("last", **payload)
+    last.update(
+        optimizer_state=run.optimizer.state_dict(),
+        scheduler_state=run.scheduler.state_dict(),
+        scaler_state=run.scaler.state_dict(),
+        best_val_loss=run.best_loss,
+        best_epoch=run.best_epoch,
+        stale_epochs=run.stale,
+        rng_state=_rng_state(),
+    )
+    save_checkpoint(last, out / LAST_CHECKPOINT_NAME)
+    _atomic_write(out / METRICS_CSV_NAME, pd.DataFrame(run.history).to_csv(index=False))
+
+
+def _finish_run(run: _Run, config: Config, out: Path, stop_reason: str) -> TrainingResult:
+    """The six-panel figure of the whole history, and the result."""
+    if not run.history:
         raise ValueError(f"Nothing to train: the checkpoint already reached NUM_EPOCHS={config.num_epochs}.")
-    frame = pd.DataFrame(history)
-    fig = plot_training_history(frame, best_epoch=best_epoch)
+    frame = pd.DataFrame(run.history)
+    fig = plot_training_history(frame, best_epoch=run.best_epoch)
     _atomic_write(out / METRICS_PNG_NAME, lambda h: fig.savefig(h, format="png", dpi=110))
     plt.close(fig)
-    return TrainingResult(frame, best_epoch, best_loss, stop_reason, out, precision_name(amp))
+    return TrainingResult(frame, run.best_epoch, run.best_loss, stop_reason, out, precision_name(run.amp))
 
 
 def _checkpoint_payload(
@@ -2635,28 +2641,6 @@ def evaluate_validation(
     if len(models) == 1:
         return evaluate_split(models[0], checkpoints[0], config, "val", **evaluate)
     return evaluate_out_of_fold(models, checkpoints, config, **evaluate)
-
-
-def fold_comparison(
-    models: Sequence[nn.Module],
-    data: EvaluationSet,
-    device: torch.device | str = "cpu",
-    threshold: float = 0.5,
-    tta: bool = False,
-    postprocess: bool = False,
-    fold_ids: Sequence[int] | None = None,
-) -> pd.DataFrame:
-    """Each fold model alone on ``data``, their mean and their ensemble: pooled Dice and IoU and the
-    mean Dice per patient."""
-    keys = ("pooled_dice", "pooled_iou", "mean_case_dice")
-    rows = []
-    for k, model in enumerate([*models, FoldEnsemble(models)]):
-        _, summary, _ = evaluate_model(model, data, device, threshold, tta=tta, postprocess=postprocess)
-        name = f"fold {(fold_ids or range(len(models)))[k]}" if k < len(models) else "ensemble"
-        rows.append({"model": name, **{key: summary[key] for key in keys}})
-    table = pd.DataFrame(rows)
-    mean = {"model": "mean single fold", **table.iloc[: len(models)][list(keys)].mean().to_dict()}
-    return pd.concat([table.iloc[:-1], pd.DataFrame([mean]), table.iloc[-1:]], ignore_index=True)
 
 
 def overlay_mask(

@@ -152,7 +152,7 @@ def score(out: Path, records: list[dict], dest: Path | None = None) -> dict:
     models, config, checkpoints = ku.load_models(paths)
     oof = ku.evaluate_out_of_fold(models, checkpoints, config, dest / "evaluation")
     test = ku.evaluate_split(ku.FoldEnsemble(models), checkpoints[0], config, "test", dest / "evaluation")
-    folds = ku.fold_comparison(models, test.data, fold_ids=[r["fold"] for r in records])
+    folds = ks.fold_comparison(models, test.data, fold_ids=[r["fold"] for r in records])
     for name, table in (
         ("oof_per_image.csv", oof.scores),
         ("oof_per_patient.csv", ku.case_scores(oof.scores)),

@@ -120,7 +120,7 @@ def test_out_of_fold_scores_every_other_patient_once(fold_runs, tmp_path):
     assert (tmp_path / "evaluation_out_of_fold" / "evaluation_summary.json").is_file()
     test = ku.evaluate_split(ku.FoldEnsemble(models), checkpoints[0], config, "test", tmp_path)
     assert test.summary["models"] == 2
-    table = ku.fold_comparison(models, test.data, fold_ids=[0, 1])
+    table = ks.fold_comparison(models, test.data, fold_ids=[0, 1])
     assert table["model"].tolist() == ["fold 0", "fold 1", "mean single fold", "ensemble"]
     assert table.loc[2, "pooled_dice"] == pytest.approx(table.loc[:1, "pooled_dice"].mean())
     assert table.loc[3, "pooled_dice"] == pytest.approx(test.summary["pooled_dice"])

@@ -137,7 +137,7 @@ def test_04_ensembles_the_folds_evaluates_and_predicts(trained_run, shared_data,
     oof = json.loads((trained_run / "evaluation_out_of_fold" / "evaluation_summary.json").read_text())
     assert (oof["folds"], oof["models"], test_split["models"]) == (2, 1, 2)
     assert test_split["evaluated_on"] == ku.SPLIT_LABELS["test"]
-    compared = next(c for c in nb["cells"] if "ku.fold_comparison(" in "".join(c["source"]))
+    compared = next(c for c in nb["cells"] if "ks.fold_comparison(" in "".join(c["source"]))
     shown = "".join("".join(o.get("data", {}).get("text/plain", "")) for o in compared["outputs"])
     assert "mean single fold" in shown and "ensemble" in shown
     test = json.loads((trained_run / "evaluation_test" / "evaluation_summary.json").read_text())

@@ -206,10 +206,12 @@ def test_04_predicts_a_folder_without_the_training_data(phantoms, tmp_path):
 def test_03_without_data_trains_on_phantoms_and_says_so(tmp_path, monkeypatch):
     monkeypatch.setenv(ku.KAGGLE_ROOT_ENV, str(tmp_path / "not_kaggle"))
     out = tmp_path / "run"
-    printed = run("03_train_model.ipynb", tmp_path, dict(OUTPUT_DIR=str(out), **TINY))
+    # DROPOUT is no line of the parameters cell: every Config field injected by papermill reaches the run
+    printed = run("03_train_model.ipynb", tmp_path, dict(OUTPUT_DIR=str(out), DROPOUT=0.1, **TINY))
     assert "No data found" in printed and "SYNTHETIC kidney phantoms" in printed
     phantoms = out / "synthetic_data"
-    assert ku.load_checkpoint(out / ku.BEST_MODEL_NAME)["data_dir"] == str(phantoms)
+    checkpoint = ku.load_checkpoint(out / ku.BEST_MODEL_NAME)
+    assert checkpoint["data_dir"] == str(phantoms) and checkpoint["config"]["dropout"] == 0.1
     assert len(ku.index_dataset(phantoms).pairs) > 0
 
 
