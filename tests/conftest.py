@@ -60,11 +60,12 @@ def tiny(**changes: Any) -> ku.Config:
 
 
 def train_tiny(
-    config: ku.Config, data: ku.PreparedData, out: Path, **kw: Any
+    config: ku.Config, data: ku.PreparedData, out: Path, model: torch.nn.Module | None = None, **kw: Any
 ) -> tuple[torch.nn.Module, ku.TrainingResult]:
-    """Train a fresh model (seeded by ``config.seed``) on the CPU, quietly; returns it and the result."""
+    """Train ``model`` (by default a fresh one seeded by ``config.seed``) on the CPU, quietly; returns
+    it and the result."""
     torch.manual_seed(config.seed)
-    model = ku.build_model(config)
+    model = ku.build_model(config) if model is None else model
     result = ku.train_model(
         model,
         data.train_dataset,
@@ -88,3 +89,47 @@ def tiny_config() -> ku.Config:
 def phantom_data(phantom_dir: Path) -> ku.PreparedData:
     """The phantoms prepared for :data:`TINY` (read-only: tests must not change them)."""
     return ku.prepare_data(tiny(), phantom_dir)
+
+
+@pytest.fixture()
+def epoch_clock(monkeypatch: pytest.MonkeyPatch):
+    """``set(seconds)``: from then on the pipeline's clock advances ``seconds`` per training pass and
+    stands still otherwise, so time budgets can be tested to the second."""
+    clock, step = [0.0], [0.0]
+    real_epoch = ku._run_epoch
+
+    def timed_epoch(*args: Any, **kwargs: Any) -> dict[str, float]:
+        if kwargs.get("optimizer") is not None:
+            clock[0] += step[0]
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(ku, "_run_epoch", timed_epoch)
+    monkeypatch.setattr(ku.time, "monotonic", lambda: clock[0])
+    return lambda seconds: step.__setitem__(0, seconds)
+
+
+def run_notebook(notebook: str, tmp_path: Path, parameters: dict, name: str | None = None) -> dict:
+    """Execute ``notebooks/<notebook>`` headless with papermill and ``parameters`` (in a fresh kernel
+    that sees the repository, not the caller's data or backend settings); return the executed notebook.
+    A cell that raises raises ``papermill.PapermillExecutionError``."""
+    import json
+    from unittest import mock
+
+    import papermill
+
+    executed = tmp_path / (name or notebook)
+    hidden = (ku.DATA_DIR_ENV, "MPLBACKEND", ku.INTERACTIVE_ENV)
+    env = {k: v for k, v in os.environ.items() if k not in hidden}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    with mock.patch.dict(os.environ, env, clear=True):
+        papermill.execute_notebook(
+            str(REPO / "notebooks" / notebook),
+            str(executed),
+            parameters=parameters,
+            kernel_name="python3",
+            cwd=str(tmp_path),
+            progress_bar=False,
+            execution_timeout=600,
+            start_timeout=120,
+        )
+    return json.loads(executed.read_text())

@@ -195,19 +195,10 @@ def test_each_replica_thread_computes_in_the_runs_autocast_dtype(monkeypatch):
             assert Probe.seen[-1][1] == expected[1]
 
 
-def test_kaggle_time_budget_counts_from_the_session_start(phantom_data, tmp_path, monkeypatch):
+def test_kaggle_time_budget_counts_from_the_session_start(phantom_data, tmp_path, monkeypatch, epoch_clock):
     """On Kaggle the 660 minutes run from the session's start: a kernel 650 minutes old with epochs
     of 6 minutes stops after the first epoch (650 + 6 + 6 > 660); elsewhere only training counts."""
-    clock = [0.0]
-    real_epoch = ku._run_epoch
-
-    def timed_epoch(*args, **kwargs):
-        if kwargs.get("optimizer") is not None:
-            clock[0] += 360.0
-        return real_epoch(*args, **kwargs)
-
-    monkeypatch.setattr(ku, "_run_epoch", timed_epoch)
-    monkeypatch.setattr(ku.time, "monotonic", lambda: clock[0])
+    epoch_clock(360.0)
     monkeypatch.setattr(ku, "process_seconds", lambda: 650 * 60.0)
     config = tiny(num_epochs=5, max_train_minutes=660)
     monkeypatch.setattr(ku, "on_kaggle", lambda: True)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny
+from conftest import tiny, train_tiny
 from torch import nn
 
 import kidneyseg_utils as ku
@@ -102,13 +102,13 @@ def test_checkpoints_record_the_network_and_load_model_rebuilds_it(phantom_data,
     ks.register_peers()
     config = tiny(num_epochs=1, base_channels=4)
     peer = ku.build_model(config, "monai-basicunet")
-    train_tiny_model(peer, config, phantom_data, tmp_path / "peer")
+    train_tiny(config, phantom_data, tmp_path / "peer", peer)
     model, _, checkpoint = ku.load_model(tmp_path / "peer" / ku.BEST_MODEL_NAME)
     assert checkpoint["architecture"] == "monai-basicunet" and type(model) is type(peer)
     for (name, a), b in zip(peer.state_dict().items(), model.state_dict().values()):
         assert torch.equal(a.cpu(), b), name
     ours = ku.build_model(config)
-    train_tiny_model(ours, config, phantom_data, tmp_path / "ours")
+    train_tiny(config, phantom_data, tmp_path / "ours", ours)
     assert ku.load_checkpoint(tmp_path / "ours" / ku.BEST_MODEL_NAME)["architecture"] == "AttentionUNet"
 
     class Unregistered(torch.nn.Module):
@@ -120,7 +120,7 @@ def test_checkpoints_record_the_network_and_load_model_rebuilds_it(phantom_data,
             return self.conv(x)
 
     with pytest.raises(ValueError, match="not a registered architecture"):
-        train_tiny_model(Unregistered(), config, phantom_data, tmp_path / "unregistered")
+        train_tiny(config, phantom_data, tmp_path / "unregistered", Unregistered())
     assert not (tmp_path / "unregistered" / ku.BEST_MODEL_NAME).exists()
     stored = ku.load_checkpoint(tmp_path / "peer" / ku.BEST_MODEL_NAME)
     stored["architecture"] = "someone-elses-net"
@@ -128,9 +128,7 @@ def test_checkpoints_record_the_network_and_load_model_rebuilds_it(phantom_data,
     with pytest.raises(ValueError, match="Unknown architecture 'someone-elses-net'.*register_peers"):
         ku.load_model(tmp_path / "unknown.pth")
     with pytest.raises(ValueError, match="it trained the network monai-basicunet, not AttentionUNet"):
-        train_tiny_model(
-            ours, config.with_parameters(NUM_EPOCHS=2), phantom_data, tmp_path / "peer", resume=True
-        )
+        train_tiny(config.with_parameters(NUM_EPOCHS=2), phantom_data, tmp_path / "peer", ours, resume=True)
 
 
 def test_checkpoints_without_a_network_record_load_as_the_attention_unet():
@@ -139,17 +137,3 @@ def test_checkpoints_without_a_network_record_load_as_the_attention_unet():
     assert "architecture" not in ku.load_checkpoint(path)
     model, config, _ = ku.load_model(path)
     assert isinstance(model, ku.AttentionUNet) and config.base_channels == 16
-
-
-def train_tiny_model(model, config, data, out, **kw):
-    return ku.train_model(
-        model,
-        data.train_dataset,
-        data.val_dataset,
-        config,
-        out,
-        torch.device("cpu"),
-        progress=False,
-        log=False,
-        **kw,
-    )

@@ -9,14 +9,11 @@ the notebooks as staged for Kaggle in ``test_kaggle.py``.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
-from unittest import mock
 
 import pandas as pd
-import papermill
 import pytest
-from conftest import train_tiny
+from conftest import run_notebook, train_tiny
 
 import kidneyseg_studies as ks
 import kidneyseg_utils as ku
@@ -36,23 +33,7 @@ def execute(notebook: str, tmp_path: Path, parameters: dict, pictures: bool = Tr
     Fails when a cell raises or outlasts the timeout, when the run created an ipywidgets widget
     (which can hang a headless run for ever), or when it drew no picture.
     """
-    executed = tmp_path / notebook
-    env = {
-        k: v for k, v in os.environ.items() if k not in (ku.DATA_DIR_ENV, "MPLBACKEND", ku.INTERACTIVE_ENV)
-    }
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    with mock.patch.dict(os.environ, env, clear=True):
-        papermill.execute_notebook(
-            str(NOTEBOOKS / notebook),
-            str(executed),
-            parameters=parameters,
-            kernel_name="python3",
-            cwd=str(tmp_path),
-            progress_bar=False,
-            execution_timeout=600,
-            start_timeout=120,
-        )
-    nb = json.loads(executed.read_text())
+    nb = run_notebook(notebook, tmp_path, parameters)
     outputs = [o for c in nb["cells"] if c["cell_type"] == "code" for o in c.get("outputs", [])]
     assert not [o for o in outputs if o.get("output_type") == "error"]
     assert not [o for o in outputs if WIDGET_MIME in o.get("data", {})], f"{notebook} created a widget"

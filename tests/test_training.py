@@ -41,20 +41,11 @@ def test_time_budget_stops_cleanly(phantom_data, tmp_path):
     assert result.files["last_checkpoint"].is_file()
 
 
-def test_time_budget_forecasts_the_next_epoch(phantom_data, tmp_path, monkeypatch):
+def test_time_budget_forecasts_the_next_epoch(phantom_data, tmp_path, epoch_clock):
     """A clock that advances 30 s per training pass and a 100 s budget: after epoch 3 (90 s) the next
     epoch, at the mean epoch time so far, would end at 120 s, past the budget, so training stops
     after 3 epochs; a rule that only looks at the time spent would start a 4th."""
-    clock = [0.0]
-    real_epoch = ku._run_epoch
-
-    def timed_epoch(*args, **kwargs):
-        if kwargs.get("optimizer") is not None:
-            clock[0] += 30.0
-        return real_epoch(*args, **kwargs)
-
-    monkeypatch.setattr(ku, "_run_epoch", timed_epoch)
-    monkeypatch.setattr(ku.time, "monotonic", lambda: clock[0])
+    epoch_clock(30.0)
     _, result = train_tiny(tiny(num_epochs=50, max_train_minutes=100 / 60), phantom_data, tmp_path)
     assert result.stop_reason == "time_budget" and result.history["epoch"].tolist() == [1, 2, 3]
 

@@ -8,17 +8,15 @@ Each test runs the notebooks headless with tiny parameters on synthetic phantoms
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
-from unittest import mock
 
 import cv2
 import numpy as np
 import pandas as pd
 import papermill
 import pytest
-from conftest import tiny, train_tiny
+from conftest import run_notebook, tiny, train_tiny
 
 import kidneyseg_utils as ku
 
@@ -31,21 +29,8 @@ pytestmark = pytest.mark.slow
 
 def run(notebook: str, tmp_path: Path, parameters: dict) -> str:
     """Run ``notebook`` headless with ``parameters``; return everything its cells printed."""
-    executed = tmp_path / f"executed_{len(list(tmp_path.glob('executed_*')))}_{notebook}"
-    env = {k: v for k, v in os.environ.items() if k not in (ku.DATA_DIR_ENV, "MPLBACKEND")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    with mock.patch.dict(os.environ, env, clear=True):
-        papermill.execute_notebook(
-            str(NOTEBOOKS / notebook),
-            str(executed),
-            parameters=parameters,
-            kernel_name="python3",
-            cwd=str(tmp_path),
-            progress_bar=False,
-            execution_timeout=600,
-            start_timeout=120,
-        )
-    nb = json.loads(executed.read_text())
+    name = f"executed_{len(list(tmp_path.glob('executed_*')))}_{notebook}"
+    nb = run_notebook(notebook, tmp_path, parameters, name)
     return "".join("".join(o.get("text", "")) for c in nb["cells"] for o in c.get("outputs", []))
 
 
