@@ -194,9 +194,10 @@ class Config:
     # masks with several values (binarize_mask): None is an error naming the file, "nonzero" reads
     # every non-zero label as kidney, a list such as [1] reads exactly those values as kidney
     mask_labels: str | list[int] | None = None
-    preprocessing: str = "none"  # intensity preprocessing of model inputs (apply_preprocessing)
-    normalization: str = "minmax"  # how model inputs are scaled to numbers (normalize_intensity)
-    augmentation: str = "standard"  # the training augmentation (build_train_transform)
+    # intensity preprocessing of model inputs: PREPROCESSING_OPTIONS, or methods joined by "+"
+    preprocessing: str = "none"
+    normalization: str = "minmax"  # input scaling, NORMALIZATION_OPTIONS (normalization_stats)
+    augmentation: str = "standard"  # training augmentation, AUGMENTATION_OPTIONS (build_train_transform)
     lr_factor: float = 0.5  # ReduceLROnPlateau on the validation loss: factor
     lr_patience: int = 5  # ReduceLROnPlateau: epochs without a lower validation loss
     min_lr: float = 1e-6  # ReduceLROnPlateau: floor
@@ -1873,7 +1874,7 @@ def train_model(
     log: bool = True,
     batch_transform: BatchTransform | None = None,
     sampler: Sampler[int] | None = None,
-    loss_fn: nn.Module | None = None,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> TrainingResult:
     """Train ``model`` (in place) and write the run's artefacts to ``output_dir``.
 
