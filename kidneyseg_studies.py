@@ -4,7 +4,8 @@ The second utility script of the series; it imports ``kidneyseg_utils`` (the pip
 other way round, and notebook 03 does not need it. Sections, by notebook:
     1. Exploring a dataset (01)      -- the inventory, data warnings, the mask heat map, the browser.
     2. Preprocessing (02)            -- contrast measurements, the normalisation check, the ablation.
-    3. Evaluation figures (04)       -- inference options, the threshold sweep, error overlays.
+    3. Evaluation figures (04)       -- inference options, the threshold sweep, error overlays,
+                                        the error views, the folds against their ensemble.
     4. Familiarity (04)              -- does a new image look like anything the model trained on?
     5. Training hooks (05, benchmarks) -- GIN and random intensity curves, reaching training through
                                         ``kidneyseg_utils.train_model``'s ``batch_transform``; a
@@ -1117,7 +1118,7 @@ def unfamiliar_note(table: pd.DataFrame, name_column: str = "name") -> str:
 
 
 # =================================================================================================
-# 5. Training hooks: intensity randomisation (notebook 05) and sampling (benchmarks)
+# 5. Training hooks: intensity randomisation (notebook 05), sampling and the peer networks
 # =================================================================================================
 
 # AUGMENTATION values of notebook 05's variants that add a batch intensity randomisation to the
