@@ -10,7 +10,8 @@ other way round, and notebook 03 does not need it. Sections, by notebook:
     5. Training hooks (05, benchmarks) -- GIN and random intensity curves, reaching training through
                                         ``kidneyseg_utils.train_model``'s ``batch_transform``; a
                                         sampler that favours small kidneys (its ``sampler``); the
-                                        peer networks (``register_peers``).
+                                        poly schedule (``lr_schedule``); the peer networks
+                                        (``register_peers``).
     6. Leave-one-source-out (05)     -- folds by source and the table.
 
 Figures drawn once live in the cell of the notebook that draws them.
@@ -86,7 +87,7 @@ __all__ = [
     "familiarity_report", "unfamiliar_note",
     # 5. Training hooks
     "INTENSITY_VARIANTS", "BatchIntensityAugmentation", "gin_augment", "random_intensity_curves",
-    "plot_intensity_draws", "KidneySizeSampler", "PEERS", "register_peers",
+    "plot_intensity_draws", "KidneySizeSampler", "PolySchedule", "PEERS", "register_peers",
     # 6. Leave-one-source-out
     "LOSO_CSV_NAME", "source_folds", "fold_examples", "fold_table", "leave_one_source_out",
     "leave_one_source_out_files", "summarize_leave_one_source_out",
@@ -1262,6 +1263,28 @@ class KidneySizeSampler(torch.utils.data.Sampler[int]):
 
     def __len__(self) -> int:
         return self.n
+
+
+class PolySchedule:
+    """nnU-Net's poly learning-rate schedule as an ``lr_schedule`` for ``kidneyseg_utils.train_model``
+    (a candidate of the cross-validation study): torch's ``PolynomialLR`` over ``config.num_epochs``,
+    ``lr = learning_rate * (1 - epoch / num_epochs) ** power``, stepped once per epoch whatever the
+    validation loss, so it anneals to zero at the end of the budget."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, config: ku.Config, power: float = 0.9) -> None:
+        self.scheduler = torch.optim.lr_scheduler.PolynomialLR(
+            optimizer, total_iters=config.num_epochs, power=power
+        )
+
+    def step(self, val_loss: float | None = None) -> None:
+        """One epoch done (the validation loss plays no part)."""
+        self.scheduler.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.scheduler.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.scheduler.load_state_dict(state)
 
 
 def _monai_basic_unet(config: ku.Config) -> nn.Module:

@@ -1875,6 +1875,7 @@ def train_model(
     batch_transform: BatchTransform | None = None,
     sampler: Sampler[int] | None = None,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    lr_schedule: Callable[[torch.optim.Optimizer, Config], Any] | None = None,
 ) -> TrainingResult:
     """Train ``model`` (in place) and write the run's artefacts to ``output_dir``.
 
@@ -1897,6 +1898,9 @@ def train_model(
             default); drawing from ``(seed, epoch)`` alone keeps resume exact.
         loss_fn: ``f(logits, masks) -> loss`` instead of the config's :class:`FocalDiceLoss`, for
             a study of another loss (it should compute in float32, as FocalDiceLoss does).
+        lr_schedule: ``f(optimizer, config) -> scheduler`` instead of ReduceLROnPlateau; the
+            scheduler's ``step(val_loss)`` runs after every epoch and its ``state_dict`` is saved
+            for resume (the studies' poly schedule is one).
 
     Raises:
         FileExistsError: a best model exists and neither ``resume`` nor ``overwrite``.
@@ -1906,7 +1910,7 @@ def train_model(
     """
     out, device, extra = Path(output_dir), device or get_device(), extra_state or {}
     _check_start(train_dataset, config, out, resume, overwrite)
-    run = _setup_run(model, config, device, out, resume, extra, loss_fn, log)
+    run = _setup_run(model, config, device, out, resume, extra, loss_fn, lr_schedule, log)
     sampler = sampler if sampler is not None else EpochShuffleSampler(len(train_dataset), config.seed)
     train_loader, val_loader = _loaders(train_dataset, val_dataset, config, device, sampler)
 
@@ -1966,7 +1970,7 @@ class _Run:
     base: nn.Module  # the network, unwrapped: what checkpoints store
     runner: nn.Module  # the network as it computes (on several GPUs, DataParallel)
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau
+    scheduler: Any  # ReduceLROnPlateau, or what the lr_schedule hook built: step(val_loss), state_dict()
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     amp: torch.dtype | None  # the autocast dtype (None: full precision)
     scaler: torch.amp.GradScaler | None = None
@@ -2003,6 +2007,7 @@ def _setup_run(
     resume: bool,
     extra: dict[str, Any],
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None,
+    lr_schedule: Callable[[torch.optim.Optimizer, Config], Any] | None,
     log: bool,
 ) -> _Run:
     """Seed, place and wrap the model; AdamW, ReduceLROnPlateau, the loss and the GradScaler; with
@@ -2020,9 +2025,12 @@ def _setup_run(
     optimizer = torch.optim.AdamW(
         base.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
     )
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        optimizer, mode="min", factor=config.lr_factor, patience=config.lr_patience, min_lr=config.min_lr
-    )
+    if lr_schedule is not None:
+        scheduler = lr_schedule(optimizer, config)
+    else:
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="min", factor=config.lr_factor, patience=config.lr_patience, min_lr=config.min_lr
+        )
     loss_fn = FocalDiceLoss.from_config(config) if loss_fn is None else loss_fn
     run = _Run(base, runner, optimizer, scheduler, loss_fn, amp)
     state = _restore_run(run, config, out / LAST_CHECKPOINT_NAME, extra, architecture) if resume else {}

@@ -31,7 +31,9 @@ and spread of the gains, and the baseline's spread over folds to weigh them agai
 ``sampler`` hook; it is recorded in ``changes`` as ``sampler``. ``--error-views`` trains nothing:
 it writes notebook 04's error views of the scored folds (``error_views_oof.csv``,
 ``error_views_test.csv``: Dice by kidney size and by slice position, the false kidney on kidney-free
-slices). ``--architecture monai-basicunet`` trains a peer network (``kidneyseg_studies.PEERS``) on
+slices). ``--poly`` anneals the learning rate to zero over the epochs (the studies'
+``PolySchedule``, nnU-Net's poly) instead of halving it on plateaus. ``--architecture
+monai-basicunet`` trains a peer network (``kidneyseg_studies.PEERS``) on
 the same folds with the same loss, augmentation and early stopping; its checkpoints record it, so
 notebook 04 scores them like ours.
 
@@ -86,11 +88,13 @@ def train_fold(
     changes: dict | None = None,
     small_kidney_weight: float | None = None,
     architecture: str = ku.DEFAULT_ARCHITECTURE,
+    poly: bool = False,
 ) -> dict | None:
     """Train (or continue) one fold; return its record once finished, None if the clock stopped it.
     ``changes`` (notebook parameters that differ from the benchmark's defaults, and the sampling
     candidate) is recorded. ``small_kidney_weight``: train with the studies' ``KidneySizeSampler``;
-    ``architecture``: the network (a peer registered by ``kidneyseg_studies.register_peers``)."""
+    ``architecture``: the network (a peer registered by ``kidneyseg_studies.register_peers``);
+    ``poly``: the studies' ``PolySchedule`` over ``NUM_EPOCHS`` instead of plateau halving."""
     record_path = out / f"fold_{config.fold}.json"
     model_path = out / fold_model_name(config.fold)
     if record_path.exists() and model_path.exists():
@@ -120,6 +124,7 @@ def train_fold(
         extra_state={"split": data.split_record(), "data_dir": str(data_dir)},
         progress=False,
         sampler=sampler,
+        lr_schedule=ks.PolySchedule if poly else None,
     )
     shutil.copy2(run_dir / ku.METRICS_CSV_NAME, out / f"fold_{config.fold}_training_metrics.csv")
     if result.stop_reason not in FINISHED:
@@ -361,6 +366,11 @@ def main(argv=None) -> int:
         help="the network: AttentionUNet (ours) or a peer of kidneyseg_studies.PEERS, e.g. monai-basicunet",
     )
     parser.add_argument(
+        "--poly",
+        action="store_true",
+        help="nnU-Net's poly schedule over --epochs (or --set NUM_EPOCHS=N) instead of plateau halving",
+    )
+    parser.add_argument(
         "--error-views",
         action="store_true",
         help="train nothing; write notebook 04's error views of --out's scored folds (error_views_*.csv)",
@@ -406,6 +416,8 @@ def main(argv=None) -> int:
                 f"--architecture {args.architecture!r}: choose AttentionUNet or one of {list(ks.PEERS)}"
             )
         changes["architecture"] = args.architecture
+    if args.poly:
+        changes["lr_schedule"] = f"PolySchedule over {config.num_epochs} epochs"
     if args.small_kidney_weight is not None:
         if not args.small_kidney_weight > 0:
             parser.error(f"--small-kidney-weight must be > 0; got {args.small_kidney_weight}")
@@ -461,6 +473,7 @@ def main(argv=None) -> int:
             changes,
             args.small_kidney_weight,
             args.architecture,
+            args.poly,
         )
         if record is None:
             return 0

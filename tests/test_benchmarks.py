@@ -270,10 +270,15 @@ def test_cross_validation_variant_records_its_change(tmp_path, shared_data):
     assert proc.returncode == 2 and "Unknown parameters ['ALPHA']" in proc.stderr
     # The sampling candidate reaches training through train_model's sampler hook and is recorded.
     sampled = ["--quick", "--data", str(shared_data), "--runs", str(tmp_path / "runs_small")]
-    sampled += ["--out", str(tmp_path / "small"), "--only", "1", "--small-kidney-weight", "3"]
+    sampled += ["--out", str(tmp_path / "small"), "--only", "1", "--small-kidney-weight", "3", "--poly"]
     run_script("bench_cross_validation.py", *sampled)
     changes = json.loads((tmp_path / "small" / "fold_1.json").read_text())["changes"]
-    assert changes == {"sampler": "KidneySizeSampler(small_weight=3)"}
+    assert changes == {
+        "sampler": "KidneySizeSampler(small_weight=3)",
+        "lr_schedule": "PolySchedule over 2 epochs",
+    }
+    lr = pd.read_csv(tmp_path / "small" / "fold_1_training_metrics.csv")["lr"].tolist()
+    assert lr == pytest.approx([1e-3, 1e-3 * 0.5**0.9])  # annealed, not halved on a plateau
     # Paired with a baseline on the same fold: a baseline 0.1 lower on the test split gains 0.1.
     run_script("bench_cross_validation.py", *common, "--score-finished")
     baseline = tmp_path / "baseline"

@@ -189,3 +189,28 @@ def test_out_of_memory_message_names_the_levers(phantom_data, tmp_path, monkeypa
     monkeypatch.setattr(ku, "_run_epoch", boom)
     with pytest.raises(RuntimeError, match="BATCH_SIZE=4, IMAGE_SIZE=32"):
         train_tiny(tiny(), phantom_data, tmp_path)
+
+
+def test_poly_schedule_hook_anneals_to_zero_and_resumes_exactly(phantom_data, tmp_path, epoch_clock):
+    """The studies' PolySchedule through train_model's lr_schedule hook: over 4 epochs at 1e-3 the
+    rate of epoch e is 1e-3 * (1 - (e - 1) / 4) ** 0.9; a run stopped after epoch 2 by its time
+    budget and resumed repeats the uninterrupted one."""
+    import kidneyseg_studies as ks
+
+    config = tiny(num_epochs=4, learning_rate=1e-3)
+    _, full = train_tiny(config, phantom_data, tmp_path / "full", lr_schedule=ks.PolySchedule)
+    expected = [1e-3 * (1 - k / 4) ** 0.9 for k in range(4)]
+    assert full.history["lr"].tolist() == pytest.approx(expected)
+    epoch_clock(60.0)  # two epochs fit a 2.5-minute budget, a third would not
+    _, first = train_tiny(
+        config.with_parameters(MAX_TRAIN_MINUTES=2.5),
+        phantom_data,
+        tmp_path / "split",
+        lr_schedule=ks.PolySchedule,
+    )
+    assert first.stop_reason == "time_budget" and len(first.history) == 2
+    _, resumed = train_tiny(
+        config, phantom_data, tmp_path / "split", resume=True, lr_schedule=ks.PolySchedule
+    )
+    columns = [c for c in full.history.columns if c != "seconds"]
+    pd.testing.assert_frame_equal(full.history[columns], resumed.history[columns])
