@@ -24,18 +24,18 @@ parameter (a JSON value, e.g. ``--set FOCAL_ALPHA=0.75``) for a variant trained 
 give it its own ``--out`` and ``--runs``. The change is recorded in every ``fold_k.json`` and the
 summary (``changes``). ``--compare BASELINE_OUT`` trains nothing: it pairs the variant's scored folds
 with the baseline's, fold by fold, into ``paired_folds.csv`` and ``paired_summary.json`` (the mean
-and spread of the gains, and the baseline's spread over folds to weigh them against);
-``--paired-name`` names those two files for a second baseline (``NAME_folds.csv``,
-``NAME_summary.json``). ``--small-kidney-weight W`` trains with the studies' ``KidneySizeSampler``
-(slices in the smallest quarter of kidney area drawn W times as often), through ``train_model``'s
-``sampler`` hook; it is recorded in ``changes`` as ``sampler``. ``--error-views`` trains nothing:
+and spread of the gains, and the baseline's spread over folds to weigh them against), and patient by
+patient, out of fold, into ``paired_patients.csv``; ``--paired-name`` names those files for a second
+baseline (``NAME_folds.csv``, ...). ``--small-kidney-weight W`` trains with the studies'
+``KidneySizeSampler`` (slices in the smallest quarter of kidney area drawn W times as often),
+through ``train_model``'s ``sampler`` hook; it is recorded in ``changes`` as ``sampler``. ``--poly``
+anneals the learning rate to zero over the epochs (the studies' ``PolySchedule``, nnU-Net's poly)
+instead of halving it on plateaus. ``--architecture monai-basicunet`` trains a peer network
+(``kidneyseg_studies.PEERS``) on the same folds with the same loss, augmentation and early stopping;
+its checkpoints record it, so notebook 04 scores them like ours. ``--error-views`` trains nothing:
 it writes notebook 04's error views of the scored folds (``error_views_oof.csv``,
 ``error_views_test.csv``: Dice by kidney size and by slice position, the false kidney on kidney-free
-slices). ``--poly`` anneals the learning rate to zero over the epochs (the studies'
-``PolySchedule``, nnU-Net's poly) instead of halving it on plateaus. ``--architecture
-monai-basicunet`` trains a peer network (``kidneyseg_studies.PEERS``) on
-the same folds with the same loss, augmentation and early stopping; its checkpoints record it, so
-notebook 04 scores them like ours.
+slices).
 
     python benchmarks/bench_cross_validation.py --help
     python benchmarks/bench_cross_validation.py --threads 1                      # docs/cross_validation.md
@@ -301,9 +301,43 @@ def compare(baseline: Path, variant: Path, prefix: str = "paired") -> dict:
     summary["changes"] = json.loads((variant / f"fold_{int(paired['fold'].iloc[0])}.json").read_text())[
         "changes"
     ]
+    patients = patient_pairs(baseline, variant, paired["fold"].tolist())
+    summary["oof_patients"] = len(patients)
+    summary["oof_patient_dice_gain_mean"] = float(patients["dice_gain"].mean())
+    summary["oof_patients_improved"] = int((patients["dice_gain"] > 0).sum())
+    summary["oof_patients_worse"] = int((patients["dice_gain"] < 0).sum())
     ku._atomic_write(variant / f"{prefix}_folds.csv", paired.to_csv(index=False))
+    ku._atomic_write(variant / f"{prefix}_patients.csv", patients.to_csv(index=False))
     ku._atomic_write(variant / f"{prefix}_summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def patient_pairs(baseline: Path, variant: Path, folds: list[int]) -> pd.DataFrame:
+    """Out of fold, patient by patient, side by side: each validation patient of ``folds`` with its
+    Dice (pooled over its slices) under the baseline and the variant, and the gain."""
+    tables = []
+    for folder in (baseline, variant):
+        per_image = pd.read_csv(_scored(folder) / "oof_per_image.csv")
+        per_image = per_image[per_image["fold"].isin(folds)]
+        cases = ku.case_scores(per_image).set_index("patient")
+        cases["fold"] = per_image.groupby(per_image["source"] + "/" + per_image["case"].astype(str))[
+            "fold"
+        ].first()
+        tables.append(cases)
+    both = tables[0].join(tables[1][["dice"]], rsuffix="_variant").rename(columns={"dice": "dice_baseline"})
+    both["dice_gain"] = both["dice_variant"] - both["dice_baseline"]
+    return both.reset_index()[
+        [
+            "patient",
+            "source",
+            "fold",
+            "slices",
+            "slices_with_kidney",
+            "dice_baseline",
+            "dice_variant",
+            "dice_gain",
+        ]
+    ]
 
 
 def main(argv=None) -> int:

@@ -294,6 +294,10 @@ def test_cross_validation_variant_records_its_change(tmp_path, shared_data):
         and paired["oof_pooled_dice_gain_mean"] == 0
     )
     assert len(pd.read_csv(out / "paired_folds.csv")) == 1
+    patients = pd.read_csv(out / "paired_patients.csv")  # fold 0's validation patients, side by side
+    oof = pd.read_csv(out / "partial" / "oof_per_image.csv")
+    assert len(patients) == paired["oof_patients"] == (oof["source"] + "/" + oof["case"]).nunique()
+    assert (patients["dice_gain"] == 0).all() and paired["oof_patients_improved"] == 0
     assert "test_ensemble_pooled_dice_gain" not in paired  # not every fold of both yet
     for folder, dice in ((baseline, 0.80), (out, 0.85)):  # as if every fold were scored
         figures = {"test_ensemble_pooled_dice": dice, "test_ensemble_pooled_iou": dice - 0.1}
