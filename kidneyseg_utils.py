@@ -65,7 +65,8 @@ __all__ = [
     # 5. Augmentation
     "build_train_transform",
     # 6. Model
-    "AttentionUNet", "register_architecture", "architecture_of", "build_model", "count_parameters",
+    "AttentionUNet", "DEFAULT_ARCHITECTURE", "register_architecture", "architecture_of", "build_model",
+    "count_parameters",
     # 7. Losses and metrics
     "FocalDiceLoss", "metrics_from_counts",
     # 8. Training
