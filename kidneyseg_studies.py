@@ -3,7 +3,9 @@
 The second utility script of the series; it imports ``kidneyseg_utils`` (the pipeline), never the
 other way round, and notebook 03 does not need it. Sections, by notebook:
     1. Exploring a dataset (01)      -- the inventory, data warnings, the mask heat map, the browser.
-    2. Preprocessing (02)            -- contrast measurements, the normalisation check, the ablation.
+    2. Preprocessing (02)            -- the input mappings the pipeline leaves out (preprocessing,
+                                        normalisations) and the strong augmentation; contrast
+                                        measurements, the normalisation check, the ablation.
     3. Evaluation figures (04)       -- inference options, the threshold sweep, error overlays,
                                         the error views, the folds against their ensemble.
     4. Familiarity (04)              -- does a new image look like anything the model trained on?
@@ -60,11 +62,11 @@ from torch import nn
 
 import kidneyseg_utils as ku
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 if getattr(ku, "__version__", None) != __version__:
     raise ImportError(
         f"kidneyseg_studies {__version__} needs kidneyseg_utils {__version__}, but the kidneyseg_utils "
-        f"found ({getattr(ku, '__file__', '?')}) is {getattr(ku, '__version__', 'older than 0.2.0')}. "
+        f"found ({getattr(ku, '__file__', '?')}) is {getattr(ku, '__version__', 'older than 0.3.0')}. "
         "Attach both utility scripts, kidneyseg-utils and kidneyseg-studies, of one version (on "
         "Kaggle: Add Input > Notebooks, the same version of each), or put both files of one checkout "
         "on sys.path."
@@ -76,9 +78,11 @@ __all__ = [
     "inventory", "inventory_summary", "write_inventory", "dataset_warnings", "mask_heatmap",
     "read_inventory_pair", "intensity_histograms", "show_slice_browser",
     # 2. Preprocessing
-    "preprocessing_effects", "normalization_consistency", "recommend_preprocessing",
-    "preprocessing_ablation", "sample_slices_with_kidney", "write_preprocessing_results",
-    "show_preprocessing_sliders",
+    "PREPROCESSING_OPTIONS", "NORMALIZATION_OPTIONS", "AUGMENTATION_OPTIONS", "white_balance", "clahe",
+    "unsharp_mask", "apply_preprocessing", "normalization_stats", "normalize_intensity",
+    "input_mapping_name", "register_input_mappings", "train_transform", "preprocessing_effects",
+    "normalization_consistency", "recommend_preprocessing", "preprocessing_ablation",
+    "sample_slices_with_kidney", "write_preprocessing_results", "show_preprocessing_sliders",
     # 3. Evaluation figures
     "summary_table", "inference_options_table", "threshold_sweep", "plot_cases", "show_threshold_viewer",
     "error_views", "fold_comparison",
@@ -89,8 +93,8 @@ __all__ = [
     "INTENSITY_VARIANTS", "BatchIntensityAugmentation", "gin_augment", "random_intensity_curves",
     "plot_intensity_draws", "KidneySizeSampler", "PolySchedule", "PEERS", "register_peers",
     # 6. Leave-one-source-out
-    "LOSO_CSV_NAME", "source_folds", "fold_examples", "fold_table", "leave_one_source_out",
-    "leave_one_source_out_files", "summarize_leave_one_source_out",
+    "LOSO_CSV_NAME", "source_folds", "fold_examples", "fold_table", "variant_settings",
+    "leave_one_source_out", "leave_one_source_out_files", "summarize_leave_one_source_out",
 ]
 # fmt: on
 
@@ -415,6 +419,211 @@ def show_slice_browser(table: pd.DataFrame) -> None:
 # =================================================================================================
 
 
+# ----- What the pipeline leaves out: preprocessing, other normalisations, strong augmentation ------
+# Each measured no better than the pipeline's default (docs/preprocessing.md, docs/generalisation.md);
+# they reach training through ``Config.input_mapping`` (:func:`input_mapping_name`) and
+# ``make_datasets``' ``transform`` (:func:`train_transform`).
+
+# Preprocessing: a base method, or base methods joined by "+" applied left to right.
+PREPROCESSING_METHODS = ("white_balance", "clahe", "unsharp")
+PREPROCESSING_OPTIONS = ("none", "white_balance", "clahe", "unsharp", "white_balance+clahe", "clahe+unsharp")
+# Per-image normalisations (:func:`normalization_stats`); "minmax" is the pipeline's.
+NORMALIZATION_OPTIONS = ("minmax", "percentile", "zscore", "histeq")
+AUGMENTATION_OPTIONS = ("standard", "strong")  # see :func:`train_transform`
+
+
+def white_balance(
+    image: np.ndarray, low_percentile: float = 1.0, high_percentile: float = 99.0
+) -> np.ndarray:
+    """Percentile stretch, the one-channel meaning of white balance ("auto levels"): the
+    ``low_percentile`` value to 0, the ``high_percentile`` value to 255, clipped; a flat image is kept."""
+    if not 0 <= low_percentile < high_percentile <= 100:
+        raise ValueError(
+            f"white_balance needs 0 <= low < high <= 100; got {low_percentile}, {high_percentile}"
+        )
+    lo, hi = np.percentile(image, [low_percentile, high_percentile])
+    if hi <= lo:
+        return image.copy()
+    scaled = (image.astype(np.float32) - lo) * (255.0 / (hi - lo))
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def clahe(image: np.ndarray, clip_limit: float = 2.0, tile_grid: int = 8) -> np.ndarray:
+    """Contrast-limited adaptive histogram equalisation (OpenCV) of a 2D uint8 image."""
+    if clip_limit <= 0 or tile_grid < 1:
+        raise ValueError(f"clahe needs clip_limit > 0 and tile_grid >= 1; got {clip_limit}, {tile_grid}")
+    return cv2.createCLAHE(clipLimit=float(clip_limit), tileGridSize=(int(tile_grid),) * 2).apply(image)
+
+
+def unsharp_mask(image: np.ndarray, sigma: float = 1.0, amount: float = 1.0) -> np.ndarray:
+    """Sharpen: ``image + amount * (image - gaussian_blur(image, sigma))``, clipped to 0..255."""
+    if sigma <= 0 or amount < 0:
+        raise ValueError(f"unsharp_mask needs sigma > 0 and amount >= 0; got {sigma}, {amount}")
+    img = image.astype(np.float32)
+    blurred = cv2.GaussianBlur(img, (0, 0), sigmaX=float(sigma), borderType=cv2.BORDER_REFLECT)
+    return np.clip(np.rint(img + amount * (img - blurred)), 0, 255).astype(np.uint8)
+
+
+_PREPROCESSORS: dict[str, Callable[..., np.ndarray]] = {
+    "white_balance": white_balance,
+    "clahe": clahe,
+    "unsharp": unsharp_mask,
+}
+
+
+def _check_preprocessing(method: Any) -> str:
+    parts = method.split("+") if isinstance(method, str) else [None]
+    if method != "none" and not all(part in PREPROCESSING_METHODS for part in parts):
+        raise ValueError(
+            f"PREPROCESSING must be one of {', '.join(map(repr, PREPROCESSING_OPTIONS))} (or methods "
+            f"of {PREPROCESSING_METHODS} joined by '+'); got {method!r}."
+        )
+    return method
+
+
+def apply_preprocessing(image: np.ndarray, method: str = "none") -> np.ndarray:
+    """Apply ``"none"``, a method of :data:`PREPROCESSING_METHODS` or several joined by ``"+"`` (left
+    to right) to a 2D uint8 image, with each method's defaults."""
+    if _check_preprocessing(method) == "none":
+        return image
+    for part in method.split("+"):
+        image = _PREPROCESSORS[part](image)
+    return image
+
+
+# Percentiles of the "percentile" and "zscore" clip (nnU-Net clips CT at 0.5 and 99.5, dataset-wide).
+NORMALIZATION_PERCENTILES = (0.5, 99.5)
+
+
+@dataclass(frozen=True)
+class IntensityMap:
+    """A monotone piecewise-linear intensity map, ``np.interp(x, xp, fp)``: every normalisation is one."""
+
+    xp: np.ndarray
+    fp: np.ndarray
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        values = np.asarray(image, dtype=np.float32)
+        if not np.isfinite(values).all():
+            values = np.nan_to_num(values, nan=self.xp[0], posinf=self.xp[-1], neginf=self.xp[0])
+        return np.interp(values, self.xp, self.fp).astype(np.float32)
+
+
+def _linear_map(low: float, high: float, offset: float, scale: float) -> IntensityMap:
+    """``(clip(x, low, high) - offset) / scale`` as an :class:`IntensityMap`."""
+    ends = np.array([low, high], np.float64)
+    return IntensityMap(ends, (ends - offset) / scale)
+
+
+def _check_normalization(method: Any) -> str:
+    if method not in NORMALIZATION_OPTIONS:
+        raise ValueError(
+            f"NORMALIZATION must be one of {', '.join(map(repr, NORMALIZATION_OPTIONS))}; got {method!r}."
+        )
+    return method
+
+
+def normalization_stats(image: np.ndarray, method: str = "minmax") -> IntensityMap:
+    """The normalisation ``method`` of one image as an :class:`IntensityMap`, from the image's own
+    intensities (non-finite values ignored): ``"minmax"`` (8-bit 0..255 to [0, 1]; other depths from
+    their own minimum and maximum), ``"percentile"`` (clip to the 0.5th-99.5th percentiles, stretch
+    to [0, 1]), ``"zscore"`` (the same clip, then zero mean and unit variance) or ``"histeq"`` (each
+    value to the share of pixels at or below it). A constant image gives zeros (an 8-bit one keeps the
+    fixed ``"minmax"`` scale)."""
+    array = np.asarray(image)
+    if _check_normalization(method) == "minmax" and array.dtype == np.uint8:
+        return _linear_map(0.0, 255.0, 0.0, 255.0)
+    values = array.astype(np.float64, copy=False).ravel()
+    values = values[np.isfinite(values)]
+    if values.size == 0 or values.min() == values.max():
+        level = float(values[0]) if values.size else 0.0
+        return IntensityMap(np.array([level]), np.array([0.0]))
+    if method == "minmax":
+        low, high = float(values.min()), float(values.max())
+        return _linear_map(low, high, low, high - low)
+    if method == "histeq":
+        levels, counts = np.unique(values, return_counts=True)
+        cdf = np.cumsum(counts)
+        return IntensityMap(levels, (cdf - cdf[0]) / (cdf[-1] - cdf[0]))
+    low, high = (float(v) for v in np.percentile(values, NORMALIZATION_PERCENTILES))
+    if method == "percentile":
+        return _linear_map(low, high, low, high - low if high > low else 1.0)
+    clipped = np.clip(values, low, high)
+    std = float(clipped.std())
+    return _linear_map(low, high, float(clipped.mean()), std if std > 1e-6 * max(1.0, abs(high)) else 1.0)
+
+
+def normalize_intensity(
+    image: np.ndarray, method: str = "minmax", stats: IntensityMap | None = None
+) -> np.ndarray:
+    """Scale an image (any depth, any shape) to float32 by ``method``, with ``stats`` computed
+    elsewhere (training uses those of the un-augmented image) or from ``image``."""
+    return (normalization_stats(image, method) if stats is None else stats)(image)
+
+
+def input_mapping_name(preprocessing: str = "none", normalization: str = "minmax") -> str:
+    """The ``Config.input_mapping`` that trains (and, in notebook 04, predicts) with ``preprocessing``
+    and ``normalization``, registered in ``kidneyseg_utils.INPUT_MAPPINGS``: ``"minmax"`` for neither,
+    else the one that differs from the default (``"clahe"``, ``"zscore"``) or both (``"clahe/zscore"``),
+    the name checkpoints of releases up to 0.2.0 read as."""
+    changed = [v for v, d in ((preprocessing, "none"), (normalization, "minmax")) if v != d]
+    name = "/".join(changed) or "minmax"
+    if name not in ku.INPUT_MAPPINGS:
+        prepare, norm = _check_preprocessing(preprocessing), _check_normalization(normalization)
+        ku.INPUT_MAPPINGS[name] = ku.InputMapping(
+            None if prepare == "none" else lambda image: apply_preprocessing(image, prepare),
+            None if norm == "minmax" else lambda image: normalization_stats(image, norm),
+        )
+    return name
+
+
+def _mapping_parts(name: str) -> tuple[str, str]:
+    """``(preprocessing, normalization)`` of an :func:`input_mapping_name`."""
+    parts = [] if name == "minmax" else name.split("/")
+    normalization = parts.pop() if parts and parts[-1] in NORMALIZATION_OPTIONS else "minmax"
+    return (parts[0] if parts else "none"), normalization
+
+
+def register_input_mappings() -> None:
+    """Register every preprocessing and normalisation combination, so that the pipeline loads and
+    applies checkpoints that these studies trained (notebook 04 calls it when this script is attached)."""
+    for preprocessing in PREPROCESSING_OPTIONS:
+        for normalization in NORMALIZATION_OPTIONS:
+            input_mapping_name(preprocessing, normalization)
+
+
+def train_transform(augmentation: str = "standard") -> Any:
+    """The training augmentation ``"standard"`` (the pipeline's ``build_train_transform``) or
+    ``"strong"``, in the spirit of nnU-Net's 2D defaults: flips (p 0.5 each); scale 0.7-1.4, rotation
+    up to 180 degrees, shift up to 10 % (p 0.6); Gaussian noise (std up to 8 % of the range, p 0.15);
+    blur (sigma 0.5-1, p 0.2); brightness and contrast +-0.25 (p 0.3); low resolution (down to 0.5x
+    and back, p 0.25); gamma 0.7-1.5 (p 0.3). Intensity changes touch the image only."""
+    if augmentation not in AUGMENTATION_OPTIONS:
+        raise ValueError(
+            f"AUGMENTATION must be one of {', '.join(map(repr, AUGMENTATION_OPTIONS))}; got {augmentation!r}."
+        )
+    if augmentation == "standard":
+        return ku.build_train_transform()
+    A = ku._albumentations()
+    return A.Compose(
+        ku._geometry(flip_p=0.5, shift=0.1, scale=(0.7, 1.4), rotate=180, p=0.6)
+        + [
+            A.GaussNoise(std_range=(0.0, 0.08), p=0.15),
+            A.GaussianBlur(blur_limit=0, sigma_limit=(0.5, 1.0), p=0.2),
+            A.RandomBrightnessContrast(brightness_limit=0.25, contrast_limit=0.25, p=0.3),
+            A.Downscale(
+                scale_range=(0.5, 1.0),
+                interpolation_pair={"downscale": cv2.INTER_NEAREST, "upscale": cv2.INTER_CUBIC},
+                p=0.25,
+            ),
+            A.RandomGamma(gamma_limit=(70, 150), p=0.3),
+        ]
+    )
+
+
+# ----- Measurements ------------------------------------------------------------------------------
+
+
 def contrast_metrics(image: np.ndarray, mask: np.ndarray, ring: int = 5) -> tuple[float, float]:
     """Contrast-to-noise ratio between kidney and a ring of surrounding tissue, and edge strength.
 
@@ -455,9 +664,9 @@ PREPROCESSING_SWEEP: tuple[tuple[str, dict[str, float]], ...] = (
 
 def partial_preprocessor(method: str, **params: float) -> Callable[[np.ndarray], np.ndarray]:
     """The base preprocessing ``method`` with ``params`` bound (for sweeps and sliders)."""
-    if method not in ku._PREPROCESSORS:
-        raise ValueError(f"unknown preprocessing method {method!r}; choose from {ku.PREPROCESSING_METHODS}")
-    fn = ku._PREPROCESSORS[method]
+    if method not in _PREPROCESSORS:
+        raise ValueError(f"unknown preprocessing method {method!r}; choose from {PREPROCESSING_METHODS}")
+    fn = _PREPROCESSORS[method]
     return lambda image: fn(image, **params)
 
 
@@ -494,7 +703,7 @@ def preprocessing_effects(
 
 def normalization_consistency(
     data_dir: str | os.PathLike,
-    methods: Sequence[str] = ku.NORMALIZATION_OPTIONS,
+    methods: Sequence[str] = NORMALIZATION_OPTIONS,
     image_size: int = 128,
     preprocessing: str = "none",
     ring: int = 5,
@@ -514,7 +723,7 @@ def normalization_consistency(
         the inputs had (pass the run's, so that these are the inputs it trains on).
     """
     pairs = ku.index_dataset(data_dir, mask_labels=mask_labels).pairs
-    cache = ku.load_arrays(pairs, image_size, preprocessing)
+    cache = ku.load_arrays(pairs, image_size, input_mapping_name(preprocessing))
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * ring + 1, 2 * ring + 1))
     rows = []
     for pair, image, mask in zip(cache.pairs, cache.images, cache.masks):
@@ -522,7 +731,7 @@ def normalization_consistency(
             continue
         band = cv2.dilate(mask, kernel).astype(bool) & ~mask.astype(bool)
         for method in methods:
-            values = ku.normalize_intensity(image, method)
+            values = normalize_intensity(image, method)
             kidney, around = float(np.median(values[mask > 0])), float(np.median(values[band]))
             rows.append({"method": method, "source": pair.source, "kidney": kidney, "surroundings": around})
     per_source = pd.DataFrame(rows).groupby(["method", "source"], sort=False).median().reset_index()
@@ -571,11 +780,12 @@ def recommend_preprocessing(ablation: pd.DataFrame, margin: float = 0.01) -> tup
         if gain < margin:
             return "none", (
                 f"'{best}' beats no preprocessing by only {gain:+.3f} validation Dice (< {margin}); "
-                "keep PREPROCESSING='none'."
+                "keep none, the pipeline's input."
             )
         return (
             best,
-            f"'{best}' beats no preprocessing by {gain:+.3f} validation Dice; set PREPROCESSING='{best}'.",
+            f"'{best}' beats no preprocessing by {gain:+.3f} validation Dice; train with "
+            f"INPUT_MAPPING=ks.input_mapping_name({best!r}).",
         )
     return best, f"'{best}' has the best validation Dice ({table.loc[best, 'val_dice']:.3f})."
 
@@ -590,7 +800,7 @@ def preprocessing_ablation(
 ) -> pd.DataFrame:
     """Train one model per preprocessing option at an equal budget and compare validation Dice.
 
-    Every option uses the same config (seed, split, epochs, augmentation) except ``preprocessing``;
+    Every option uses the same config (seed, split, epochs, augmentation) except the input mapping;
     each run goes to ``output_dir/<option>`` (replaced if present: these are scratch runs).
 
     Returns:
@@ -599,7 +809,7 @@ def preprocessing_ablation(
     """
     rows = []
     for option in options:
-        run_config = ku.Config(**{**config.to_dict(), "preprocessing": option})
+        run_config = config.with_parameters(INPUT_MAPPING=input_mapping_name(option))
         data = ku.prepare_data(run_config, data_dir)
         run_config = data.config
         tic = time.monotonic()
@@ -644,9 +854,9 @@ def show_preprocessing_sliders(image: np.ndarray, mask: np.ndarray) -> None:
     ) -> None:
         outs = {
             "original": image,
-            "white balance": ku.white_balance(image, low, high),
-            "CLAHE": ku.clahe(image, clip_limit, tile_grid),
-            "unsharp": ku.unsharp_mask(image, sigma, amount),
+            "white balance": white_balance(image, low, high),
+            "CLAHE": clahe(image, clip_limit, tile_grid),
+            "unsharp": unsharp_mask(image, sigma, amount),
         }
         fig, axes = plt.subplots(1, 4, figsize=(14, 3.8))
         for ax, (name, out) in zip(axes, outs.items()):
@@ -1060,7 +1270,7 @@ def training_reference(
 
     Args:
         checkpoints: As returned by ``kidneyseg_utils.load_model`` / ``load_models``.
-        config: The run's config (image size, preprocessing, the patient-id rule).
+        config: The run's config (image size, input mapping, the patient-id rule).
         data_dir: The data root; by default the one recorded at training time.
     """
     pairs: dict[str, ku.SamplePair] = {}
@@ -1073,7 +1283,7 @@ def training_reference(
     if len(pairs) < 2:
         print("No familiarity check: the checkpoints record fewer than two training images.")
         return None
-    cache = ku.load_arrays(list(pairs.values()), config.image_size, config.preprocessing, progress=False)
+    cache = ku.load_arrays(list(pairs.values()), config.image_size, config.input_mapping, progress=False)
     return familiarity_reference(cache.images)
 
 
@@ -1378,9 +1588,12 @@ def source_folds(
     ]
 
 
-def _fold_settings(config: ku.Config, fold: SourceFold, intensity: str | None = None) -> dict[str, Any]:
+def _fold_settings(
+    config: ku.Config, fold: SourceFold, intensity: str | None = None, augmentation: str = "standard"
+) -> dict[str, Any]:
     return {
         "config": config.to_dict(),
+        "augmentation": augmentation,
         "intensity": intensity,
         "train": [p.key for p in fold.train],
         "test": [p.key for p in fold.test],
@@ -1408,6 +1621,7 @@ def run_source_fold(
     data_dir: str | os.PathLike | None = None,
     intensity: str | None = None,
     extendable: Callable[[Mapping[str, Any], Mapping[str, Any], Path], bool] | None = None,
+    augmentation: str = "standard",
 ) -> dict[str, Any]:
     """Train one fold on ``fold.train`` (patient-split again for early stopping) and score the best
     model on the held-out source at each image's original size (no TTA, no postprocessing).
@@ -1422,7 +1636,7 @@ def run_source_fold(
         config: The fold's settings (``max_train_minutes`` and ``num_epochs`` are its budget).
         fold: The fold.
         cache: Decoded arrays of (at least) every training pair, at ``config.image_size`` with
-            ``config.preprocessing``.
+            ``config.input_mapping``.
         output_dir: The fold's folder.
         device: Compute device; chosen by :func:`get_device` when ``None``.
         progress: Show progress bars.
@@ -1431,12 +1645,13 @@ def run_source_fold(
             training batches), or None.
         extendable: The test above, given the stored ``fold_result.json``, the fold's settings and
             ``output_dir`` (``benchmarks/bench_unseen.py`` has one); None never trains a run on.
+        augmentation: One of :data:`AUGMENTATION_OPTIONS` (:func:`train_transform`).
 
     Returns:
         The fold's row: sizes, pooled and mean test metrics, epochs and minutes.
     """
     out = Path(output_dir)
-    settings = _fold_settings(config, fold, intensity)
+    settings = _fold_settings(config, fold, intensity, augmentation)
     result_path = out / LOSO_FOLD_RESULT_NAME
     stored = json.loads(result_path.read_text()) if result_path.is_file() else {}
     if stored.get("settings") == settings:
@@ -1452,7 +1667,7 @@ def run_source_fold(
         fold.train, config.val_fraction, config.seed, grouped=config.group_regex is not None
     )
     train, val = _subset(cache, train_pairs), _subset(cache, val_pairs)
-    train_ds, val_ds = ku.make_datasets(train, val, config)
+    train_ds, val_ds = ku.make_datasets(train, val, config, train_transform(augmentation))
     device = device or ku.get_device()
     tic = time.monotonic()
     result = ku.train_model(
@@ -1480,8 +1695,8 @@ def run_source_fold(
     ku.write_evaluation(per_image, summary, out)
     row = {
         "held_out": fold.held_out,
-        "normalization": config.normalization,
-        "augmentation": intensity or config.augmentation,
+        "normalization": _mapping_parts(config.input_mapping)[1],
+        "augmentation": intensity or augmentation,
         "n_train": len(train),
         "n_val": len(val),
         "n_test": len(test),
@@ -1502,6 +1717,42 @@ def run_source_fold(
     plain = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in row.items()}
     ku._atomic_write(result_path, json.dumps({"settings": settings, "row": plain}, indent=1) + "\n")
     return {**plain, "reused": False}
+
+
+def variant_settings(
+    config: ku.Config, variants: Mapping[str, Mapping[str, Any]]
+) -> dict[str, tuple[ku.Config, str, str | None]]:
+    """Each variant of notebook 05 as ``(config, augmentation, intensity)``: its notebook parameters
+    applied to ``config``; ``PREPROCESSING`` and ``NORMALIZATION`` as its input mapping
+    (:func:`input_mapping_name`, the others kept from ``config``); ``AUGMENTATION`` one of
+    :data:`AUGMENTATION_OPTIONS` (:func:`train_transform`) or :data:`INTENSITY_VARIANTS` (a batch
+    intensity randomisation on the standard augmentation, or the strong one for ``"strong+gin"``).
+    A bad name or value is a ``ValueError`` that names the variant."""
+    if not variants:
+        raise ValueError("VARIANTS is empty; give at least one, e.g. {'standard': {}}.")
+    settings = {}
+    for name, overrides in variants.items():
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.+-]+", name):
+            raise ValueError(f"Variant name {name!r} must be a plain folder name (letters, digits, _ . + -).")
+        overrides = dict(overrides)
+        augmentation = overrides.pop("AUGMENTATION", "standard")
+        intensity = augmentation if augmentation in INTENSITY_VARIANTS else None
+        if intensity:
+            augmentation = "strong" if intensity == "strong+gin" else "standard"
+        preprocessing, normalization = _mapping_parts(config.input_mapping)
+        preprocessing = overrides.pop("PREPROCESSING", preprocessing)
+        normalization = overrides.pop("NORMALIZATION", normalization)
+        try:
+            train_transform(augmentation)
+            mapping = input_mapping_name(preprocessing, normalization)
+            settings[name] = (
+                config.with_parameters(INPUT_MAPPING=mapping, **overrides),
+                augmentation,
+                intensity,
+            )
+        except ValueError as exc:
+            raise ValueError(f"VARIANTS[{name!r}]: {exc}") from None
+    return settings
 
 
 def leave_one_source_out(
@@ -1526,9 +1777,9 @@ def leave_one_source_out(
             long run is interrupted (finished folds are reused on the next call, see
             :func:`run_source_fold`).
         sources: The sources to hold out, in order; ``None`` holds out each source in turn.
-        variants: Name -> notebook parameters that differ from ``config``, e.g.
+        variants: Name -> notebook parameters that differ from ``config``, with the study keys
+            ``PREPROCESSING``, ``NORMALIZATION`` and ``AUGMENTATION`` (:func:`variant_settings`), e.g.
             ``{"standard": {}, "zscore+strong": {"NORMALIZATION": "zscore", "AUGMENTATION": "strong"}}``;
-            ``"AUGMENTATION"`` may also be one of :data:`INTENSITY_VARIANTS`.
             ``None`` runs ``config`` alone as ``"config"``.
         device: Compute device; chosen by :func:`get_device` when ``None``.
         progress: Show progress bars.
@@ -1540,34 +1791,20 @@ def leave_one_source_out(
     Raises:
         ValueError: fewer than two sources, an unknown source or parameter (the message names it).
     """
-    variants = {"config": {}} if variants is None else dict(variants)
-    if not variants:
-        raise ValueError("VARIANTS is empty; give at least one, e.g. {'standard': {}}.")
-    configs, intensities = {}, {}
-    for name, overrides in variants.items():
-        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.+-]+", name):
-            raise ValueError(f"Variant name {name!r} must be a plain folder name (letters, digits, _ . + -).")
-        overrides = dict(overrides)
-        intensities[name] = (
-            overrides.get("AUGMENTATION") if overrides.get("AUGMENTATION") in INTENSITY_VARIANTS else None
-        )
-        if intensities[name]:
-            overrides["AUGMENTATION"] = "strong" if intensities[name] == "strong+gin" else "standard"
-        try:
-            configs[name] = config.with_parameters(**overrides)
-        except ValueError as exc:
-            raise ValueError(f"VARIANTS[{name!r}]: {exc}") from None
+    settings = variant_settings(config, {"config": {}} if variants is None else variants)
     index = ku.index_dataset(data_dir, config.group_regex, config.mask_labels)
-    configs = {name: c.with_parameters(GROUP_REGEX=index.group_regex) for name, c in configs.items()}
+    configs = {name: c.with_parameters(GROUP_REGEX=index.group_regex) for name, (c, _, _) in settings.items()}
     folds = source_folds(index.pairs, sources)
     out = Path(output_dir)
     device = device or ku.get_device()
     caches: dict[tuple[int, str], ku.CachedArrays] = {}
     rows = []
     for name, run_config in configs.items():
-        key = (run_config.image_size, run_config.preprocessing)
+        key = (run_config.image_size, ku.input_mapping_of(run_config.input_mapping).prepare)
         if key not in caches:
-            caches[key] = ku.load_arrays(index.pairs, *key, progress=progress)
+            caches[key] = ku.load_arrays(
+                index.pairs, run_config.image_size, run_config.input_mapping, progress=progress
+            )
         for fold in folds:
             row = run_source_fold(
                 run_config,
@@ -1577,8 +1814,9 @@ def leave_one_source_out(
                 device=device,
                 progress=progress,
                 data_dir=data_dir,
-                intensity=intensities[name],
+                intensity=settings[name][2],
                 extendable=extendable,
+                augmentation=settings[name][1],
             )
             rows.append({"variant": name, **row})
             ku._atomic_write(out / LOSO_CSV_NAME, pd.DataFrame(rows).to_csv(index=False))

@@ -3,7 +3,7 @@ kidneys in grayscale 2D CT, MRI and ultrasound slices), in the order data flows:
     1. Config             -- every setting of a run, validated before any work.
     2. Reading data       -- image/mask pairs, the reading rules, patient ids, splits and folds.
     3. Datasets           -- decoded arrays in memory and the torch Datasets of a run.
-    4. Intensity          -- optional preprocessing and the scaling of model inputs.
+    4. Intensity          -- how model inputs are made: x / 255, or a study's registered mapping.
     5. Augmentation       -- the Albumentations 2.x training pipelines.
     6. Model              -- the attention U-Net.
     7. Losses and metrics -- focal + Dice loss; metrics from tp/fp/fn counts.
@@ -45,15 +45,14 @@ if TYPE_CHECKING:
     import albumentations as A
 
 # The release: kidneyseg_studies.py refuses to run beside a kidneyseg_utils.py of another release.
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 # The public names, by section: what the notebooks call, and the building blocks of a custom cell.
 # fmt: off
 __all__ = [
     "__version__",
     # 1. Config
-    "Config", "NOTEBOOK_PARAMETERS", "PREPROCESSING_OPTIONS", "NORMALIZATION_OPTIONS",
-    "AUGMENTATION_OPTIONS", "BEST_MODEL_NAME", "LAST_CHECKPOINT_NAME", "METRICS_CSV_NAME",
+    "Config", "NOTEBOOK_PARAMETERS", "BEST_MODEL_NAME", "LAST_CHECKPOINT_NAME", "METRICS_CSV_NAME",
     "METRICS_PNG_NAME", "CONFIG_JSON_NAME", "parse_flags", "seed_everything", "get_device",
     # 2. Reading data
     "ImageReadError", "SamplePair", "DatasetIndex", "index_dataset", "infer_group_regex", "read_image",
@@ -61,7 +60,7 @@ __all__ = [
     # 3. Datasets
     "KidneyDataset", "PreparedData", "prepare_data", "make_datasets",
     # 4. Intensity
-    "white_balance", "clahe", "unsharp_mask", "apply_preprocessing", "normalize_intensity",
+    "InputMapping", "INPUT_MAPPINGS", "input_mapping_of", "model_input", "normalize_intensity",
     # 5. Augmentation
     "build_train_transform",
     # 6. Model
@@ -99,18 +98,11 @@ CONFIG_JSON_NAME = "run_config.json"
 CHECKPOINT_FORMAT = "kidneyseg-checkpoint"
 CHECKPOINT_VERSION = 2
 
-# Intensity preprocessing: a base method, or base methods joined by "+" applied left to right.
-PREPROCESSING_METHODS = ("white_balance", "clahe", "unsharp")
-PREPROCESSING_OPTIONS = ("none", "white_balance", "clahe", "unsharp", "white_balance+clahe", "clahe+unsharp")
-
-# How model inputs are scaled (see :func:`normalize_intensity`) and which training augmentation runs
-# (see :func:`build_train_transform`); the first of each is the default.
-NORMALIZATION_OPTIONS = ("minmax", "percentile", "zscore", "histeq")
-AUGMENTATION_OPTIONS = ("standard", "strong")
-
 # Settings a checkpoint fixes: the network's shape and how its inputs are made. A checkpoint only
 # loads (or resumes) with equal values.
-CHECKPOINT_FIELDS = ("base_channels", "depth", "dropout", "image_size", "preprocessing", "normalization")
+CHECKPOINT_FIELDS = ("base_channels", "depth", "dropout", "image_size", "input_mapping")
+# Settings of releases up to 0.2.0 that now make up Config.input_mapping, with their defaults.
+LEGACY_INPUT_FIELDS = (("preprocessing", "none"), ("normalization", "minmax"))
 # Settings a resumed run may change: how long it trains and on what hardware. Every other setting
 # changes what the run computes, so a run resumes only with equal values (see train_model).
 RESUME_FREE_FIELDS = ("num_epochs", "patience", "max_train_minutes", "num_workers", "multi_gpu")
@@ -195,10 +187,9 @@ class Config:
     # masks with several values (binarize_mask): None is an error naming the file, "nonzero" reads
     # every non-zero label as kidney, a list such as [1] reads exactly those values as kidney
     mask_labels: str | list[int] | None = None
-    # intensity preprocessing of model inputs: PREPROCESSING_OPTIONS, or methods joined by "+"
-    preprocessing: str = "none"
-    normalization: str = "minmax"  # input scaling, NORMALIZATION_OPTIONS (normalization_stats)
-    augmentation: str = "standard"  # training augmentation, AUGMENTATION_OPTIONS (build_train_transform)
+    # how model inputs are made from resized slices: "minmax" (x / 255), or the name of a study's
+    # mapping in INPUT_MAPPINGS (set by the studies, not a notebook parameter)
+    input_mapping: str = "minmax"
     lr_factor: float = 0.5  # ReduceLROnPlateau on the validation loss: factor
     lr_patience: int = 5  # ReduceLROnPlateau: epochs without a lower validation loss
     min_lr: float = 1e-6  # ReduceLROnPlateau: floor
@@ -252,15 +243,8 @@ class Config:
         test = number("test_fraction", 0) and self.test_fraction < 1
         need(test, "test_fraction", "a number in [0, 1), e.g. 0.15 (0: no test split)")
         need(_is_int(self.seed), "seed", "an integer")
-        choices = ", ".join(map(repr, PREPROCESSING_OPTIONS))
-        methods = f"(or methods of {PREPROCESSING_METHODS} joined by '+')"
-        need(_is_preprocessing(self.preprocessing), "preprocessing", f"one of {choices} {methods}")
-        for name, options in (
-            ("normalization", NORMALIZATION_OPTIONS),
-            ("augmentation", AUGMENTATION_OPTIONS),
-        ):
-            value = getattr(self, name)
-            need(isinstance(value, str) and value in options, name, f"one of {', '.join(map(repr, options))}")
+        mapping = isinstance(self.input_mapping, str) and bool(self.input_mapping)
+        need(mapping, "input_mapping", '"minmax" or the name of a mapping in INPUT_MAPPINGS')
         regex = self.group_regex
         patterns = list(regex.values()) if isinstance(regex, dict) else [regex]
         need(
@@ -319,6 +303,12 @@ class Config:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> Config:
         """Build a config from :meth:`to_dict` output; unknown keys are an error naming them."""
+        values = dict(values)
+        # Releases up to 0.2.0 stored preprocessing, normalisation and augmentation as settings; the
+        # first two now name the run's input mapping as kidneyseg_studies names it.
+        old = [v for k, d in LEGACY_INPUT_FIELDS if (v := values.pop(k, d)) != d]
+        values.pop("augmentation", None)
+        values.setdefault("input_mapping", "/".join(old) or "minmax")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -350,7 +340,7 @@ class Config:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 
-NOTEBOOK_PARAMETERS = tuple(f.name.upper() for f in dataclasses.fields(Config))
+NOTEBOOK_PARAMETERS = tuple(f.name.upper() for f in dataclasses.fields(Config) if f.name != "input_mapping")
 
 
 def seed_everything(seed: int) -> None:
@@ -824,7 +814,7 @@ def _resize_gray(image: np.ndarray, size: int) -> np.ndarray:
 class CachedArrays:
     """Decoded, resized pairs held in memory."""
 
-    images: np.ndarray  # ``(N, S, S)`` uint8 images (after the configured preprocessing)
+    images: np.ndarray  # ``(N, S, S)`` uint8 images, prepared by the input mapping (model_input)
     masks: np.ndarray  # ``(N, S, S)`` uint8 masks of 0 and 1
     pairs: list[SamplePair]  # the pairs in the same order
     original_sizes: list[tuple[int, int]]  # ``(height, width)`` of each original image
@@ -853,17 +843,17 @@ def _readable_pairs(
 def load_arrays(
     pairs: Sequence[SamplePair],
     image_size: int,
-    preprocessing: str = "none",
+    input_mapping: str = "minmax",
     skip_bad_files: bool = False,
     progress: bool = False,
 ) -> CachedArrays:
-    """Decode, resize and preprocess every pair once (:func:`model_input`); with ``skip_bad_files``
-    unreadable files are listed in ``skipped`` instead of raising."""
+    """Decode and resize every pair once, as the model's input mapping prepares it (:func:`model_input`);
+    with ``skip_bad_files`` unreadable files are listed in ``skipped`` instead of raising."""
     images, masks, kept, sizes, skipped = [], [], [], [], []
     shown = _progress_bar(pairs, progress, desc="loading", unit="img", leave=False)
     for pair, image, mask in _readable_pairs(shown, skip_bad_files, skipped):
         sizes.append(image.shape[:2])
-        images.append(model_input(image, image_size, preprocessing))
+        images.append(model_input(image, image_size, input_mapping))
         masks.append(_resize_mask(mask, image_size))
         kept.append(pair)
     if not kept:
@@ -994,7 +984,7 @@ class EpochShuffleSampler(Sampler[int]):
 
 class KidneyDataset(Dataset):
     """``(image, mask)`` float tensors ``(1, S, S)`` over cached uint8 arrays: the seeded augmentation,
-    then :func:`normalize_intensity` with the constants of the un-augmented image."""
+    then the input mapping's normalisation, with the constants of the un-augmented image."""
 
     def __init__(
         self,
@@ -1002,13 +992,13 @@ class KidneyDataset(Dataset):
         masks: np.ndarray,
         transform: A.Compose | None = None,
         seed: int = 0,
-        normalization: str = "minmax",
+        input_mapping: str = "minmax",
     ) -> None:
         if images.shape != masks.shape or images.ndim != 3:
             raise ValueError(f"images {images.shape} and masks {masks.shape} must be equal (N, H, W).")
         self.images, self.masks, self.transform, self.seed = images, masks, transform, seed
-        self.normalization = normalization
-        self.stats = [normalization_stats(image, normalization) for image in images]
+        normalizer = input_mapping_of(input_mapping).normalizer
+        self.normalizers = None if normalizer is None else [normalizer(image) for image in images]
 
     def __len__(self) -> int:
         return len(self.images)
@@ -1021,7 +1011,8 @@ class KidneyDataset(Dataset):
             seed_transform(self.transform, int(state))
             out = self.transform(image=image, mask=mask)
             image, mask = out["image"], out["mask"]
-        image_t = torch.from_numpy(normalize_intensity(image, self.normalization, self.stats[i]))
+        scaled = _unit_scale(image) if self.normalizers is None else self.normalizers[i](image)
+        image_t = torch.from_numpy(scaled)
         mask_t = torch.from_numpy(np.ascontiguousarray(mask > 0, dtype=np.float32))
         return image_t.unsqueeze(0), mask_t.unsqueeze(0)
 
@@ -1086,7 +1077,7 @@ def prepare_data(
         fold=config.fold,
     )
     train, val = (
-        load_arrays(part, config.image_size, config.preprocessing, skip_bad_files, progress)
+        load_arrays(part, config.image_size, config.input_mapping, skip_bad_files, progress)
         for part in (train_pairs, val_pairs)
     )
     has_kidney = np.concatenate([train.masks.any(axis=(1, 2)), val.masks.any(axis=(1, 2))])
@@ -1110,13 +1101,14 @@ def prepare_data(
 
 
 def make_datasets(
-    train: CachedArrays, val: CachedArrays, config: Config
+    train: CachedArrays, val: CachedArrays, config: Config, transform: A.Compose | None = None
 ) -> tuple[KidneyDataset, KidneyDataset]:
-    """The augmented training dataset and the plain validation dataset of a run, as configured."""
-    augment = build_train_transform(config.augmentation)
+    """The augmented training dataset and the plain validation dataset of a run, as configured;
+    ``transform`` replaces :func:`build_train_transform` (a study's augmentation)."""
+    augment = build_train_transform() if transform is None else transform
     return (
-        KidneyDataset(train.images, train.masks, augment, config.seed, config.normalization),
-        KidneyDataset(val.images, val.masks, None, config.seed, config.normalization),
+        KidneyDataset(train.images, train.masks, augment, config.seed, config.input_mapping),
+        KidneyDataset(val.images, val.masks, None, config.seed, config.input_mapping),
     )
 
 
@@ -1125,135 +1117,56 @@ def make_datasets(
 # =================================================================================================
 
 
-def _is_preprocessing(method: Any) -> bool:
-    if not isinstance(method, str):
-        return False
-    return method == "none" or all(part in PREPROCESSING_METHODS for part in method.split("+"))
-
-
-def white_balance(
-    image: np.ndarray, low_percentile: float = 1.0, high_percentile: float = 99.0
-) -> np.ndarray:
-    """Percentile stretch, the one-channel meaning of white balance ("auto levels"): the
-    ``low_percentile`` value to 0, the ``high_percentile`` value to 255, clipped; a flat image is kept."""
-    if not 0 <= low_percentile < high_percentile <= 100:
-        raise ValueError(
-            f"white_balance needs 0 <= low < high <= 100; got {low_percentile}, {high_percentile}"
-        )
-    lo, hi = np.percentile(image, [low_percentile, high_percentile])
-    if hi <= lo:
-        return image.copy()
-    scaled = (image.astype(np.float32) - lo) * (255.0 / (hi - lo))
-    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
-
-
-def clahe(image: np.ndarray, clip_limit: float = 2.0, tile_grid: int = 8) -> np.ndarray:
-    """Contrast-limited adaptive histogram equalisation (OpenCV) of a 2D uint8 image."""
-    if clip_limit <= 0 or tile_grid < 1:
-        raise ValueError(f"clahe needs clip_limit > 0 and tile_grid >= 1; got {clip_limit}, {tile_grid}")
-    return cv2.createCLAHE(clipLimit=float(clip_limit), tileGridSize=(int(tile_grid),) * 2).apply(image)
-
-
-def unsharp_mask(image: np.ndarray, sigma: float = 1.0, amount: float = 1.0) -> np.ndarray:
-    """Sharpen: ``image + amount * (image - gaussian_blur(image, sigma))``, clipped to 0..255."""
-    if sigma <= 0 or amount < 0:
-        raise ValueError(f"unsharp_mask needs sigma > 0 and amount >= 0; got {sigma}, {amount}")
-    img = image.astype(np.float32)
-    blurred = cv2.GaussianBlur(img, (0, 0), sigmaX=float(sigma), borderType=cv2.BORDER_REFLECT)
-    return np.clip(np.rint(img + amount * (img - blurred)), 0, 255).astype(np.uint8)
-
-
-_PREPROCESSORS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
-    "white_balance": white_balance,
-    "clahe": clahe,
-    "unsharp": unsharp_mask,
-}
-
-
-def apply_preprocessing(image: np.ndarray, method: str = "none") -> np.ndarray:
-    """Apply ``"none"``, a method of :data:`PREPROCESSING_METHODS` or several joined by ``"+"`` (left
-    to right) to a 2D uint8 image, with each method's defaults."""
-    if not _is_preprocessing(method):
-        raise ValueError(
-            f"PREPROCESSING must be one of {', '.join(map(repr, PREPROCESSING_OPTIONS))} (or methods "
-            f"of {PREPROCESSING_METHODS} joined by '+'); got {method!r}."
-        )
-    if method == "none":
-        return image
-    for part in method.split("+"):
-        image = _PREPROCESSORS[part](image)
-    return image
-
-
-def model_input(image: np.ndarray, image_size: int, preprocessing: str = "none") -> np.ndarray:
-    """The uint8 array a model sees before normalisation: resized whole, then preprocessed."""
-    return apply_preprocessing(_resize_gray(image, image_size), preprocessing)
-
-
-# Percentiles of the "percentile" and "zscore" clip (nnU-Net clips CT at 0.5 and 99.5, dataset-wide).
-NORMALIZATION_PERCENTILES = (0.5, 99.5)
-
-
 @dataclass(frozen=True)
-class IntensityMap:
-    """A monotone piecewise-linear intensity map, ``np.interp(x, xp, fp)``: every normalisation is one."""
+class InputMapping:
+    """How a network's inputs are made from uint8 slices at its size. ``prepare`` maps a slice to the
+    uint8 array that is cached and augmented (None: unchanged); ``normalizer(array)`` returns the
+    function that turns that array, after augmentation, into float32 input, built from the
+    un-augmented array so that training and inference use the same constants (None: ``x / 255``)."""
 
-    xp: np.ndarray
-    fp: np.ndarray
-
-    def __call__(self, image: np.ndarray) -> np.ndarray:
-        values = np.asarray(image, dtype=np.float32)
-        if not np.isfinite(values).all():
-            values = np.nan_to_num(values, nan=self.xp[0], posinf=self.xp[-1], neginf=self.xp[0])
-        return np.interp(values, self.xp, self.fp).astype(np.float32)
+    prepare: Callable[[np.ndarray], np.ndarray] | None = None
+    normalizer: Callable[[np.ndarray], Callable[[np.ndarray], np.ndarray]] | None = None
 
 
-def _linear_map(low: float, high: float, offset: float, scale: float) -> IntensityMap:
-    """``(clip(x, low, high) - offset) / scale`` as an :class:`IntensityMap`."""
-    ends = np.array([low, high], np.float64)
-    return IntensityMap(ends, (ends - offset) / scale)
+# The input mappings by name (Config.input_mapping): "minmax", the default, is the only one here; a
+# study registers others (kidneyseg_studies.register_input_mappings: preprocessing, normalisations).
+INPUT_MAPPINGS: dict[str, InputMapping] = {"minmax": InputMapping()}
 
 
-def normalization_stats(image: np.ndarray, method: str = "minmax") -> IntensityMap:
-    """The normalisation ``method`` of one image as an :class:`IntensityMap`, from the image's own
-    intensities (non-finite values ignored): ``"minmax"`` (8-bit 0..255 to [0, 1]; other depths from
-    their own minimum and maximum), ``"percentile"`` (clip to the 0.5th-99.5th percentiles, stretch
-    to [0, 1]), ``"zscore"`` (the same clip, then zero mean and unit variance) or ``"histeq"`` (each
-    value to the share of pixels at or below it). A constant image gives zeros (an 8-bit one keeps the
-    fixed ``"minmax"`` scale). Stored in the checkpoint, applied alike in training and inference."""
-    if method not in NORMALIZATION_OPTIONS:
+def input_mapping_of(name: str) -> InputMapping:
+    """The registered :class:`InputMapping` called ``name``; an unknown name is an error saying what
+    to attach."""
+    if name not in INPUT_MAPPINGS:
         raise ValueError(
-            f"NORMALIZATION must be one of {', '.join(map(repr, NORMALIZATION_OPTIONS))}; got {method!r}."
+            f"The input mapping {name!r} (Config.input_mapping) is not registered here (registered: "
+            f"{sorted(INPUT_MAPPINGS)}). A study trained with it: attach kidneyseg_studies.py and call "
+            "kidneyseg_studies.register_input_mappings() first."
         )
+    return INPUT_MAPPINGS[name]
+
+
+def model_input(image: np.ndarray, image_size: int, input_mapping: str = "minmax") -> np.ndarray:
+    """The uint8 array a model's input comes from: the slice resized whole, then prepared."""
+    prepare = input_mapping_of(input_mapping).prepare
+    resized = _resize_gray(image, image_size)
+    return resized if prepare is None else prepare(resized)
+
+
+def _unit_scale(image: np.ndarray) -> np.ndarray:
+    """8-bit 0..255 to [0, 1]; another depth from its own minimum and maximum (a flat image: zeros)."""
     array = np.asarray(image)
-    if method == "minmax" and array.dtype == np.uint8:
-        return _linear_map(0.0, 255.0, 0.0, 255.0)
-    values = array.astype(np.float64, copy=False).ravel()
-    values = values[np.isfinite(values)]
-    if values.size == 0 or values.min() == values.max():
-        level = float(values[0]) if values.size else 0.0
-        return IntensityMap(np.array([level]), np.array([0.0]))
-    if method == "minmax":
-        low, high = float(values.min()), float(values.max())
-        return _linear_map(low, high, low, high - low)
-    if method == "histeq":
-        levels, counts = np.unique(values, return_counts=True)
-        cdf = np.cumsum(counts)
-        return IntensityMap(levels, (cdf - cdf[0]) / (cdf[-1] - cdf[0]))
-    low, high = (float(v) for v in np.percentile(values, NORMALIZATION_PERCENTILES))
-    if method == "percentile":
-        return _linear_map(low, high, low, high - low if high > low else 1.0)
-    clipped = np.clip(values, low, high)
-    std = float(clipped.std())
-    return _linear_map(low, high, float(clipped.mean()), std if std > 1e-6 * max(1.0, abs(high)) else 1.0)
+    if array.dtype == np.uint8:
+        return array.astype(np.float32) / np.float32(255)
+    values = array.astype(np.float32)
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    return (values - low) / (high - low) if high > low else np.zeros_like(values)
 
 
-def normalize_intensity(
-    image: np.ndarray, method: str = "minmax", stats: IntensityMap | None = None
-) -> np.ndarray:
-    """Scale an image (any depth, any shape) to float32 model input by ``method``, with ``stats``
-    computed elsewhere (training passes those of the un-augmented image) or from ``image``."""
-    return (normalization_stats(image, method) if stats is None else stats)(image)
+def normalize_intensity(image: np.ndarray, input_mapping: str = "minmax") -> np.ndarray:
+    """Scale a prepared uint8 image (:func:`model_input`) to float32 model input as ``input_mapping``
+    does, with the image's own constants."""
+    normalizer = input_mapping_of(input_mapping).normalizer
+    return _unit_scale(image) if normalizer is None else normalizer(image)(image)
 
 
 # =================================================================================================
@@ -1269,37 +1182,13 @@ def _albumentations() -> Any:
     return albumentations
 
 
-def build_train_transform(augmentation: str = "standard") -> A.Compose:
+def build_train_transform() -> A.Compose:
     """The training augmentation (Albumentations 2.x) on uint8 images and 0/1 masks, which are at
-    the model's size already (:func:`load_arrays`); :class:`KidneyDataset` normalises afterwards.
-
-    ``"standard"``: horizontal and vertical flips (p 0.7 each); shift up to 6.25 %, scale 0.9-1.1,
-    rotation up to 45 degrees (p 0.5); brightness and contrast +-0.2 (p 0.5). ``"strong"``, in the
-    spirit of nnU-Net's 2D defaults: flips (p 0.5 each); scale 0.7-1.4, rotation up to 180 degrees,
-    shift up to 10 % (p 0.6); Gaussian noise (std up to 8 % of the range, p 0.15); blur (sigma 0.5-1,
-    p 0.2); brightness and contrast +-0.25 (p 0.3); low resolution (down to 0.5x and back, p 0.25);
-    gamma 0.7-1.5 (p 0.3). Geometry moves image and mask together (zero padding, nearest-neighbour
-    masks); intensity changes touch the image only."""
-    if augmentation not in AUGMENTATION_OPTIONS:
-        raise ValueError(
-            f"AUGMENTATION must be one of {', '.join(map(repr, AUGMENTATION_OPTIONS))}; got {augmentation!r}."
-        )
+    the model's size already (:func:`load_arrays`); :class:`KidneyDataset` normalises afterwards:
+    horizontal and vertical flips (p 0.7 each); shift up to 6.25 %, scale 0.9-1.1, rotation up to
+    45 degrees (p 0.5), moving image and mask together (zero padding, nearest-neighbour masks);
+    brightness and contrast +-0.2 (p 0.5, the image only)."""
     A = _albumentations()
-    if augmentation == "strong":
-        return A.Compose(
-            _geometry(flip_p=0.5, shift=0.1, scale=(0.7, 1.4), rotate=180, p=0.6)
-            + [
-                A.GaussNoise(std_range=(0.0, 0.08), p=0.15),
-                A.GaussianBlur(blur_limit=0, sigma_limit=(0.5, 1.0), p=0.2),
-                A.RandomBrightnessContrast(brightness_limit=0.25, contrast_limit=0.25, p=0.3),
-                A.Downscale(
-                    scale_range=(0.5, 1.0),
-                    interpolation_pair={"downscale": cv2.INTER_NEAREST, "upscale": cv2.INTER_CUBIC},
-                    p=0.25,
-                ),
-                A.RandomGamma(gamma_limit=(70, 150), p=0.3),
-            ]
-        )
     return A.Compose(
         _geometry(flip_p=0.7, shift=0.0625, scale=(0.9, 1.1), rotate=45, p=0.5)
         + [A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=0.5)]
@@ -1702,7 +1591,7 @@ def _check_resume(state: dict[str, Any], config: Config, extra: dict[str, Any], 
     """Refuse to resume ``path`` with settings that change what the run computes (every field but
     :data:`RESUME_FREE_FIELDS`) or with another split than the one it started with."""
     fields = [f.name for f in dataclasses.fields(Config) if f.name not in RESUME_FREE_FIELDS]
-    if diffs := _config_differences(state["config"], config.to_dict(), fields):
+    if diffs := _config_differences(Config.from_dict(state["config"]).to_dict(), config.to_dict(), fields):
         raise ValueError(
             f"Cannot resume {path}: the settings differ ({'; '.join(diffs)}). Resume with the settings "
             "the run started with (they are in its run_config.json), or start a new run with "
@@ -2210,11 +2099,12 @@ def load_model(
 ) -> tuple[nn.Module, Config, dict[str, Any]]:
     """Rebuild the model of a checkpoint (the network it records, :func:`build_model`), in eval mode:
     ``(model, config, checkpoint)``. With ``expected``, its architecture fields must equal the stored
-    ones (the error names the field)."""
+    ones (the error names the field). A study's input mapping must be registered (the error says so)."""
     checkpoint = load_checkpoint(path, map_location="cpu")
     config = Config.from_dict(checkpoint["config"])
+    input_mapping_of(config.input_mapping)
     if expected is not None:
-        diffs = _config_differences(checkpoint["config"], expected.to_dict(), CHECKPOINT_FIELDS)
+        diffs = _config_differences(config.to_dict(), expected.to_dict(), CHECKPOINT_FIELDS)
         if diffs:
             raise ValueError(f"{path} was trained with other settings: {'; '.join(diffs)}.")
     model = build_model(config, checkpoint.get("architecture", DEFAULT_ARCHITECTURE))
@@ -2246,7 +2136,7 @@ def load_models(
 ) -> tuple[list[nn.Module], Config, list[dict[str, Any]]]:
     """Load one checkpoint, or the fold runs of one cross-validation, in eval mode, folds in order:
     ``(models, config of the first, checkpoints)``. Several checkpoints must share architecture,
-    preprocessing, split seed, test split and fold count, each fold once; else the error says what differs."""
+    input mapping, split seed, test split and fold count, each fold once; else the error says what differs."""
     loaded = sorted(
         ((Path(path), *load_model(path, device)) for path in paths),
         key=lambda item: -1 if item[2].fold is None else item[2].fold,
@@ -2284,13 +2174,14 @@ def predict_probabilities(
     device: torch.device | str = "cpu",
     batch_size: int = 16,
     tta: bool = False,
-    normalization: str = "minmax",
+    input_mapping: str = "minmax",
     amp: torch.dtype | None | bool | str = "cuda",
 ) -> np.ndarray:
     """Kidney probability maps ``(N, S, S)`` float32 for uint8 model inputs (:func:`model_input`).
 
-    ``tta`` averages the image and its three flips, each flipped back; ``normalization`` is the model's,
-    per image as in training; ``amp`` an autocast dtype, None, or a ``Config.amp`` value.
+    ``tta`` averages the image and its three flips, each flipped back; ``input_mapping`` is the
+    model's (:func:`normalize_intensity`, per image as in training); ``amp`` an autocast dtype, None,
+    or a ``Config.amp`` value.
     """
     model.eval()
     device = torch.device(device)
@@ -2300,7 +2191,7 @@ def predict_probabilities(
     out = []
     for start in range(0, len(images), batch_size):
         chunk = images[start : start + batch_size]
-        batch = torch.from_numpy(np.stack([normalize_intensity(im, normalization) for im in chunk]))
+        batch = torch.from_numpy(np.stack([normalize_intensity(im, input_mapping) for im in chunk]))
         x = batch.unsqueeze(1).to(device)
         probs = torch.zeros_like(x)
         for dims in flips:
@@ -2355,10 +2246,10 @@ class EvaluationSet:
     """Images at the model's size and masks at their original size, for honest scoring."""
 
     pairs: list[SamplePair]  # the pairs, in order
-    images: np.ndarray  # ``(N, S, S)`` uint8 model inputs (resized and preprocessed as in training)
+    images: np.ndarray  # ``(N, S, S)`` uint8 model inputs (resized and prepared as in training)
     masks: list[np.ndarray | None]  # original-size 0/1 masks (None: a folder predicted without masks)
     originals: list[np.ndarray]  # original-size uint8 images (for pictures)
-    normalization: str = "minmax"  # the model's normalisation, applied to ``images`` at prediction time
+    input_mapping: str = "minmax"  # the model's, normalising ``images`` at prediction time
     amp: bool | str = "cuda"  # the model's ``Config.amp``, the precision of its forward passes
 
     def __len__(self) -> int:
@@ -2374,10 +2265,10 @@ def load_evaluation_set(
         kept.append(pair)
         originals.append(image)
         masks.append(mask)
-        images.append(model_input(image, config.image_size, config.preprocessing))
+        images.append(model_input(image, config.image_size, config.input_mapping))
     if not kept:
         raise ValueError("No readable pairs to evaluate.")
-    return EvaluationSet(kept, np.stack(images), masks, originals, config.normalization, config.amp)
+    return EvaluationSet(kept, np.stack(images), masks, originals, config.input_mapping, config.amp)
 
 
 SPLIT_PARTS = ("train", "val", "test")
@@ -2440,7 +2331,7 @@ def _timed_probabilities(
     """Probabilities resized back to each original size, and milliseconds per slice."""
     tic = time.perf_counter()
     probs = predict_probabilities(
-        model, data.images, device, tta=tta, normalization=data.normalization, amp=data.amp
+        model, data.images, device, tta=tta, input_mapping=data.input_mapping, amp=data.amp
     )
     if isinstance(device, torch.device) and device.type == "cuda":
         torch.cuda.synchronize()
@@ -2630,7 +2521,7 @@ def evaluate_out_of_fold(
         [x for d in sets for x in getattr(d, a)] for a in ("pairs", "masks", "originals")
     )
     images = np.concatenate([d.images for d in sets])
-    data = EvaluationSet(pairs, images, masks, originals, config.normalization, config.amp)
+    data = EvaluationSet(pairs, images, masks, originals, config.input_mapping, config.amp)
     scores = pd.concat([s for _, s, _ in parts], ignore_index=True)
     probs = [p for _, _, pr in parts for p in pr]
     summary = summarize_scores(scores)
@@ -2732,9 +2623,9 @@ def predict_folder(
                 skipped.append({"name": _shown_name(stems[f], f), "problem": str(exc)})
         if not chunk:
             continue
-        inputs = np.stack([model_input(o, config.image_size, config.preprocessing) for o in originals])
+        inputs = np.stack([model_input(o, config.image_size, config.input_mapping) for o in originals])
         probs = predict_probabilities(
-            model, inputs, device, batch_size, tta, config.normalization, config.amp
+            model, inputs, device, batch_size, tta, config.input_mapping, config.amp
         )
         flags = annotate(inputs) if annotate is not None else None
         for i, (f, original, prob) in enumerate(zip(chunk, originals, probs)):

@@ -115,7 +115,7 @@ def quality_run(
     minutes = (time.monotonic() - tic) / 60
     best, _, _ = ku.load_model(result.files["best_model"])
     eval_set = ku.EvaluationSet(
-        test.pairs, test.images, test.masks, test.originals, test.normalization, config.amp
+        test.pairs, test.images, test.masks, test.originals, test.input_mapping, config.amp
     )
     _, summary, _ = ku.evaluate_model(best, eval_set, torch.device("cpu"), config.inference_threshold)
     row = {

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import sys
 from pathlib import Path
 
@@ -42,7 +43,7 @@ def fold_row(fold_dir: Path, data_dir: Path) -> dict:
     """The familiarity figures of one trained fold."""
     _, config, checkpoint = ku.load_model(fold_dir / ku.BEST_MODEL_NAME)
     by_key = pairs_by_key(data_dir, config.group_regex)
-    load = lambda keys: ku.load_arrays([by_key[k] for k in keys], config.image_size, config.preprocessing)  # noqa: E731
+    load = lambda keys: ku.load_arrays([by_key[k] for k in keys], config.image_size, config.input_mapping)  # noqa: E731
     reference = ks.familiarity_reference(load(checkpoint["split"]["train"]).images)
     val = load(checkpoint["split"]["val"]).images
     scores = pd.read_csv(fold_dir / "evaluation_per_image.csv")
@@ -56,9 +57,12 @@ def fold_row(fold_dir: Path, data_dir: Path) -> dict:
         return ku.metrics_from_counts(part.tp.sum(), part.fp.sum(), part.fn.sum())["dice"]
 
     share = lambda images: float(ks.familiarity(images, reference)["unfamiliar"].mean())  # noqa: E731
+    settings = json.loads((fold_dir / ks.LOSO_FOLD_RESULT_NAME).read_text())["settings"]
+    # Folds of releases up to 0.2.0 kept the augmentation in the config.
+    augmentation = settings.get("augmentation", checkpoint["config"].get("augmentation", "standard"))
     return {
         "held_out": checkpoint["held_out"],
-        "augmentation": config.augmentation,
+        "augmentation": augmentation,
         "n_test": len(table),
         "test_flagged_share": float(table["unfamiliar"].mean()),
         "test_median_novelty": float(table["novelty"].median()),

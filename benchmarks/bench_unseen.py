@@ -46,7 +46,10 @@ def extendable(stored: dict, settings: dict, out: Path) -> bool:
     old = stored.get("settings") or {}
     if not old or not (out / ku.LAST_CHECKPOINT_NAME).is_file():
         return False
-    a, b = dict(old["config"]), dict(settings["config"])
+    # Configs of releases up to 0.2.0 held the preprocessing, normalisation and augmentation.
+    a, b = (ku.Config.from_dict(x["config"]).to_dict() for x in (old, settings))
+    if old.get("augmentation", old["config"].get("augmentation", "standard")) != settings["augmentation"]:
+        return False
     if a.get("max_train_minutes") is not None or b.get("max_train_minutes") is not None:
         return False
     budget = int(b.pop("num_epochs", 0))

@@ -16,7 +16,7 @@ def test_defaults_are_the_specification():
     assert (c.focal_alpha, c.focal_gamma, c.focal_weight, c.dice_weight) == (0.25, 2.0, 0.6, 0.4)
     assert (c.dropout, c.base_channels, c.depth, c.val_fraction) == (0.2, 64, 4, 0.2)
     assert c.inference_threshold == 0.5
-    assert c.preprocessing == "none" and c.group_regex == "auto" and c.test_fraction == 0.15
+    assert c.input_mapping == "minmax" and c.group_regex == "auto" and c.test_fraction == 0.15
 
 
 def test_json_round_trip(tmp_path):
@@ -63,7 +63,7 @@ def test_notebook_parameter_names():
         ({"val_fraction": 1.0}, "VAL_FRACTION"),
         ({"learning_rate": 0}, "LEARNING_RATE"),
         ({"dropout": 1.0}, "DROPOUT"),
-        ({"preprocessing": "sharpen"}, "PREPROCESSING"),
+        ({"input_mapping": ""}, "INPUT_MAPPING"),
         ({"group_regex": "(unclosed"}, "GROUP_REGEX"),
         ({"patience": 0}, "PATIENCE"),
         ({"max_train_minutes": 0}, "MAX_TRAIN_MINUTES"),
@@ -86,7 +86,7 @@ def test_get_device_cpu_and_bad_cuda(monkeypatch):
 
 
 def test_stored_config_round_trips_and_unknown_keys_are_named():
-    config = ku.Config(image_size=96, augmentation="strong")
+    config = ku.Config(image_size=96, input_mapping="clahe/zscore")
     assert ku.Config.from_dict(config.to_dict()) == config
     with pytest.raises(ValueError, match=r"Unknown config keys \['chanels_last'\]"):
         ku.Config.from_dict({**ku.Config().to_dict(), "chanels_last": False})

@@ -264,9 +264,10 @@ def test_validation_split_is_reproduced_from_the_checkpoint(tmp_path, phantom_di
 
 
 def test_preprocessing_is_applied_identically_in_training_evaluation_and_inference(tmp_path, phantom_dir):
-    config = ku.Config(image_size=32, base_channels=4, depth=2, preprocessing="white_balance+clahe")
+    mapping = ks.input_mapping_name("white_balance+clahe")
+    config = ku.Config(image_size=32, base_channels=4, depth=2, input_mapping=mapping)
     pairs = ku.index_dataset(phantom_dir).pairs[:4]
-    training = ku.load_arrays(pairs, 32, config.preprocessing)
+    training = ku.load_arrays(pairs, 32, config.input_mapping)
     evaluation = ku.load_evaluation_set(pairs, config)
     np.testing.assert_array_equal(training.images, evaluation.images)
     raw = ku.load_arrays(pairs, 32)

@@ -42,22 +42,22 @@ def test_minmax_stretches_16_bit_from_its_own_range():
 
 def test_percentile_clips_at_known_percentiles():
     # numpy's linear percentiles of 0..999: 0.5 % -> 4.995, 99.5 % -> 994.005.
-    stats = ku.normalization_stats(RAMP, "percentile")
+    stats = ks.normalization_stats(RAMP, "percentile")
     np.testing.assert_allclose(stats.xp, [4.995, 994.005])
-    out = ku.normalize_intensity(RAMP, "percentile")
+    out = ks.normalize_intensity(RAMP, "percentile")
     assert out.min() == 0 and out.max() == 1  # 0..4 and 995..999 are clipped
     assert out.flat[499] == pytest.approx((499 - 4.995) / (994.005 - 4.995), abs=1e-6)
     spiked = RAMP.copy()
     spiked.flat[-1] = 1e6  # an outlier (metal, a burnt-in label) does not squash the rest
-    np.testing.assert_allclose(ku.normalize_intensity(spiked, "percentile")[:, :-1], out[:, :-1], atol=1e-6)
+    np.testing.assert_allclose(ks.normalize_intensity(spiked, "percentile")[:, :-1], out[:, :-1], atol=1e-6)
 
 
 def test_zscore_has_zero_mean_unit_variance_after_the_clip():
-    out = ku.normalize_intensity(RAMP, "zscore").astype(np.float64)
+    out = ks.normalize_intensity(RAMP, "zscore").astype(np.float64)
     assert out.mean() == pytest.approx(0.0, abs=1e-6)
     assert out.std() == pytest.approx(1.0, abs=1e-5)
     # By hand: the clipped ramp is symmetric about 499.5, so 499.5 maps to 0.
-    assert ku.normalize_intensity(np.array([499.5]), "zscore", ku.normalization_stats(RAMP, "zscore"))[
+    assert ks.normalize_intensity(np.array([499.5]), "zscore", ks.normalization_stats(RAMP, "zscore"))[
         0
     ] == pytest.approx(0.0, abs=1e-6)
 
@@ -66,41 +66,43 @@ def test_histeq_matches_opencv_and_ignores_the_window():
     rng = np.random.default_rng(0)
     image = (rng.random((64, 64)) ** 2 * 255).astype(np.uint8)
     np.testing.assert_allclose(
-        ku.normalize_intensity(image, "histeq"), cv2.equalizeHist(image) / 255.0, atol=1 / 255
+        ks.normalize_intensity(image, "histeq"), cv2.equalizeHist(image) / 255.0, atol=1 / 255
     )
     # An increasing remapping (another window and gamma) leaves the result unchanged.
     rewindowed = np.clip(((image / 255.0) ** 0.7) * 180 + 40, 0, 255).round().astype(np.uint8)
     same_order = np.argsort(image, axis=None, kind="stable")
     assert np.all(np.diff(rewindowed.ravel()[same_order].astype(int)) >= 0)  # it is increasing
-    a, b = ku.normalize_intensity(image, "histeq"), ku.normalize_intensity(rewindowed, "histeq")
+    a, b = ks.normalize_intensity(image, "histeq"), ks.normalize_intensity(rewindowed, "histeq")
     assert np.abs(a - b).mean() < 0.02
 
 
-@pytest.mark.parametrize("method", ku.NORMALIZATION_OPTIONS)
+@pytest.mark.parametrize("method", ks.NORMALIZATION_OPTIONS)
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32])
 def test_constant_image_normalises_to_zeros(method, dtype):
-    out = ku.normalize_intensity(np.full((8, 8), 7, dtype), method)
+    out = ks.normalize_intensity(np.full((8, 8), 7, dtype), method)
     if method == "minmax" and dtype == np.uint8:  # the fixed 8-bit scale: 7 / 255
         np.testing.assert_allclose(out, 7 / 255)
     else:  # no range to stretch: zeros, never a division by zero
         assert np.isfinite(out).all() and not out.any()
 
 
-@pytest.mark.parametrize("method", ku.NORMALIZATION_OPTIONS)
+@pytest.mark.parametrize("method", ks.NORMALIZATION_OPTIONS)
 def test_16_bit_equals_the_same_values_as_floats(method):
     image = (np.arange(4096, dtype=np.uint16).reshape(64, 64) * 13) % 60000
     np.testing.assert_allclose(
-        ku.normalize_intensity(image, method),
-        ku.normalize_intensity(image.astype(np.float64), method),
+        ks.normalize_intensity(image, method),
+        ks.normalize_intensity(image.astype(np.float64), method),
         atol=1e-6,
     )
 
 
-def test_unknown_normalisation_is_named():
+def test_unknown_normalisation_and_input_mapping_are_named():
     with pytest.raises(ValueError, match="NORMALIZATION must be one of 'minmax'"):
-        ku.normalize_intensity(RAMP, "unit")
+        ks.normalize_intensity(RAMP, "unit")
     with pytest.raises(ValueError, match="NORMALIZATION"):
-        ku.Config(normalization="z-score")
+        ks.input_mapping_name(normalization="z-score")
+    with pytest.raises(ValueError, match=r"'robust' .* not registered .* attach kidneyseg_studies.py"):
+        ku.normalize_intensity(RAMP, "robust")
 
 
 def _brighten(image: np.ndarray, **_: object) -> np.ndarray:
@@ -111,10 +113,11 @@ def test_training_applies_the_unaugmented_images_map_after_augmentation():
     rng = np.random.default_rng(1)
     images = rng.integers(0, 200, (2, 32, 32), dtype=np.uint8)
     masks = np.zeros_like(images)
-    plain = ku.KidneyDataset(images, masks, None, normalization="zscore")
-    np.testing.assert_allclose(plain[1][0][0].numpy(), ku.normalize_intensity(images[1], "zscore"), atol=1e-6)
+    zscore = ks.input_mapping_name(normalization="zscore")
+    plain = ku.KidneyDataset(images, masks, None, input_mapping=zscore)
+    np.testing.assert_allclose(plain[1][0][0].numpy(), ks.normalize_intensity(images[1], "zscore"), atol=1e-6)
     brighten = A.Compose([A.Lambda(image=_brighten)])
-    bright = ku.KidneyDataset(images, masks, brighten, normalization="zscore")
+    bright = ku.KidneyDataset(images, masks, brighten, input_mapping=zscore)
     # The map of the original is kept, so the brightening shows in the model input.
     shift = bright[1][0][0].numpy() - plain[1][0][0].numpy()
     assert shift.mean() > 0.5
@@ -127,35 +130,39 @@ class _Echo(nn.Module):
         return x
 
 
-@pytest.mark.parametrize("method", ku.NORMALIZATION_OPTIONS)
+@pytest.mark.parametrize("method", ks.NORMALIZATION_OPTIONS)
 def test_inference_normalises_as_training(method):
     rng = np.random.default_rng(2)
     images = rng.integers(0, 256, (3, 16, 16), dtype=np.uint8)
-    probs = ku.predict_probabilities(_Echo(), images, normalization=method)
-    dataset = ku.KidneyDataset(images, np.zeros_like(images), None, normalization=method)
+    mapping = ks.input_mapping_name(normalization=method)
+    probs = ku.predict_probabilities(_Echo(), images, input_mapping=mapping)
+    dataset = ku.KidneyDataset(images, np.zeros_like(images), None, input_mapping=mapping)
     for i in range(3):
         fed = torch.sigmoid(dataset[i][0][0]).numpy()
         np.testing.assert_allclose(probs[i], fed, atol=1e-6)
 
 
-def test_checkpoint_records_normalisation_and_old_checkpoints_load_as_minmax(tmp_path, tiny_config):
-    config = tiny_config.with_parameters(NORMALIZATION="histeq")
-    model = ku.build_model(config)
-    payload = {
-        "format": "kidneyseg-checkpoint",
-        "format_version": 1,
-        "kind": "best",
-        "config": {k: v for k, v in config.to_dict().items() if k not in ("normalization", "augmentation")},
-        "model_state": model.state_dict(),
-    }
-    ku.save_checkpoint(payload, tmp_path / "v1.pth")
-    _, loaded, _ = ku.load_model(tmp_path / "v1.pth")
-    assert (loaded.normalization, loaded.augmentation) == ("minmax", "standard")  # the defaults
-    payload.update(format_version=2, config=config.to_dict())
+def test_checkpoint_records_the_input_mapping_and_old_checkpoints_load(tmp_path, tiny_config, monkeypatch):
+    model = ku.build_model(tiny_config)
+    old = {k: v for k, v in tiny_config.to_dict().items() if k != "input_mapping"}
+    payload = {"format": "kidneyseg-checkpoint", "format_version": 1, "kind": "best"}
+    payload.update(config=old, model_state=model.state_dict())
+    ku.save_checkpoint(payload, tmp_path / "v1.pth")  # before NORMALIZATION existed
+    assert ku.load_model(tmp_path / "v1.pth")[1].input_mapping == "minmax"
+    payload.update(format_version=2, config={**old, "preprocessing": "clahe", "normalization": "histeq"})
+    payload["config"]["augmentation"] = "strong"  # releases up to 0.2.0 stored these three
     ku.save_checkpoint(payload, tmp_path / "v2.pth")
-    assert ku.load_model(tmp_path / "v2.pth")[1].normalization == "histeq"
-    with pytest.raises(ValueError, match="NORMALIZATION: 'histeq' vs 'minmax'"):
-        ku.load_model(tmp_path / "v2.pth", expected=config.with_parameters(NORMALIZATION="minmax"))
+    ks.register_input_mappings()
+    assert ku.load_model(tmp_path / "v2.pth")[1].input_mapping == "clahe/histeq"
+    config = tiny_config.with_parameters(INPUT_MAPPING=ks.input_mapping_name(normalization="histeq"))
+    payload.update(config=config.to_dict())
+    ku.save_checkpoint(payload, tmp_path / "v3.pth")
+    assert ku.load_model(tmp_path / "v3.pth")[1].input_mapping == "histeq"
+    with pytest.raises(ValueError, match="INPUT_MAPPING: 'histeq' vs 'minmax'"):
+        ku.load_model(tmp_path / "v3.pth", expected=tiny_config)
+    monkeypatch.setattr(ku, "INPUT_MAPPINGS", {"minmax": ku.InputMapping()})  # the studies not attached
+    with pytest.raises(ValueError, match=r"'histeq' .* not registered .*register_input_mappings\(\)"):
+        ku.load_model(tmp_path / "v3.pth")
 
 
 # ----- augmentation ----------------------------------------------------------------------------
@@ -169,7 +176,7 @@ def _kidney_like(size: int = 64) -> tuple[np.ndarray, np.ndarray]:
 
 def test_strong_pipeline_keeps_masks_binary_aligned_and_images_in_range():
     image, mask = _kidney_like()
-    transform = ku.build_train_transform("strong")
+    transform = ks.train_transform("strong")
     ious, changed = [], 0
     for seed in range(60):
         ku.seed_transform(transform, seed)
@@ -189,18 +196,17 @@ def test_strong_pipeline_varies_intensity_and_spec_is_unchanged():
     rng = np.random.default_rng(3)
     image = rng.integers(60, 200, (64, 64), dtype=np.uint8)
     mask = np.zeros((64, 64), np.uint8)
-    strong = ku.build_train_transform("strong")
+    strong = ks.train_transform("strong")
     stds = []
     for seed in range(40):
         ku.seed_transform(strong, seed)
         stds.append(float(strong(image=image, mask=mask)["image"].astype(float).std()))
     assert np.ptp(stds) > 5  # contrast, gamma, noise and blur change the spread of values
-    names = [type(t).__name__ for t in ku.build_train_transform("standard").transforms]
+    names = [type(t).__name__ for t in ks.train_transform("standard").transforms]
     assert names == ["HorizontalFlip", "VerticalFlip", "Affine", "RandomBrightnessContrast"]
-    with pytest.raises(ValueError, match="AUGMENTATION"):
-        ku.Config(augmentation="spec")
+    assert repr(ks.train_transform("standard")) == repr(ku.build_train_transform())
     with pytest.raises(ValueError, match="AUGMENTATION must be one of 'standard', 'strong'"):
-        ku.build_train_transform("nnunet")
+        ks.train_transform("nnunet")
 
 
 # ----- leave-one-source-out --------------------------------------------------------------------
@@ -281,7 +287,9 @@ def test_leave_one_source_out_table_and_reuse(two_sites, tmp_path, monkeypatch):
     checkpoint = ku.load_checkpoint(out / "histeq+strong" / "phantom-site-a" / ku.BEST_MODEL_NAME)
     trained = checkpoint["split"]["train"] + checkpoint["split"]["val"]
     assert trained and not [k for k in trained if k.startswith("phantom-site-a/")]
-    assert checkpoint["config"]["normalization"] == "histeq"
+    assert checkpoint["config"]["input_mapping"] == "histeq"
+    settings = json.loads((out / "histeq+strong" / "phantom-site-a" / "fold_result.json").read_text())
+    assert settings["settings"]["augmentation"] == "strong"
     # A second call reuses finished folds; other settings retrain.
     fold_b = out / "spec" / "phantom-site-b"
     best, result_path = fold_b / ku.BEST_MODEL_NAME, fold_b / "fold_result.json"
@@ -354,7 +362,7 @@ def test_leave_one_source_out_rejects_bad_variants(two_sites, tmp_path, tiny_con
 def test_normalization_consistency_reports_every_source(shared_data, manifest):
     per_source, summary = ks.normalization_consistency(shared_data, image_size=64)
     assert set(per_source["source"]) == set(manifest["source"])
-    assert list(summary["method"]) == list(ku.NORMALIZATION_OPTIONS)
+    assert list(summary["method"]) == list(ks.NORMALIZATION_OPTIONS)
     minmax = per_source[per_source["method"] == "minmax"]
     assert minmax["kidney"].between(0, 1).all()
     assert (summary["spread"] > 0).all()

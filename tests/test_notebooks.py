@@ -183,7 +183,7 @@ def test_02_measures_and_ablates_tiny(shared_data, manifest, tmp_path):
     assert set(effects["source"]) == set(manifest["source"])
 
 
-def test_05_leave_one_source_out_tiny(shared_data, manifest, tmp_path):
+def test_05_leave_one_source_out_tiny(shared_data, manifest, tmp_path, monkeypatch):
     out = tmp_path / "run"
     nb = execute(
         "05_leave_one_source_out.ipynb",
@@ -216,8 +216,18 @@ def test_05_leave_one_source_out_tiny(shared_data, manifest, tmp_path):
     assert rows.loc[("standard", "kits19-ct"), "n_test"] == (manifest["source"] == "kits19-ct").sum()
     assert rows.loc[("histeq+gin", "abdominal-us"), "augmentation"] == "strong+gin"
     assert (loso / "leave_one_source_out.png").is_file()
-    _, config, _ = ku.load_model(loso / "histeq+gin" / "abdominal-us" / ku.BEST_MODEL_NAME)
-    assert (config.normalization, config.augmentation) == ("histeq", "strong")  # GIN is the batch hook
+    fold = loso / "histeq+gin" / "abdominal-us"
+    monkeypatch.setattr(ku, "INPUT_MAPPINGS", {"minmax": ku.InputMapping()})  # the studies not attached
+    with pytest.raises(ValueError, match="'clahe/histeq' .* not registered"):  # a study's input mapping
+        ku.load_model(fold / ku.BEST_MODEL_NAME)
+    ks.register_input_mappings()
+    _, config, _ = ku.load_model(fold / ku.BEST_MODEL_NAME)
+    assert config.input_mapping == "clahe/histeq"  # the notebook's PREPROCESSING and the variant's
+    settings = json.loads((fold / "fold_result.json").read_text())["settings"]
+    assert (settings["augmentation"], settings["intensity"]) == (
+        "strong",
+        "strong+gin",
+    )  # GIN: the batch hook
 
 
 def test_05_with_one_source_ends_with_the_reason(phantom_dir, tmp_path):

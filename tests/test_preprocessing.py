@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 import kidneyseg_studies as ks
-import kidneyseg_utils as ku
 
 
 def low_contrast_phantom(seed: int = 0) -> np.ndarray:
@@ -16,7 +15,7 @@ def low_contrast_phantom(seed: int = 0) -> np.ndarray:
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
-METHODS = [ku.white_balance, ku.clahe, ku.unsharp_mask]
+METHODS = [ks.white_balance, ks.clahe, ks.unsharp_mask]
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -26,7 +25,7 @@ def test_constant_image_stays_constant(method, value):
     out = method(image)
     assert out.shape == image.shape and out.dtype == np.uint8
     assert len(np.unique(out)) == 1  # no pattern invented from nothing
-    if method is not ku.clahe:  # CLAHE may shift a constant level; the others keep it
+    if method is not ks.clahe:  # CLAHE may shift a constant level; the others keep it
         assert (out == value).all()
 
 
@@ -40,13 +39,13 @@ def test_shape_dtype_kept_and_contrast_raised(method):
 
 def test_white_balance_maps_percentiles_to_the_range_ends():
     image = np.arange(100, dtype=np.uint8).reshape(10, 10) + 50  # values 50..149
-    out = ku.white_balance(image, 10, 90)
+    out = ks.white_balance(image, 10, 90)
     lo, hi = np.percentile(image, [10, 90])
     assert out[image <= lo].max() == 0 and out[image >= hi].min() == 255
     mid = image == 100
     assert out[mid][0] == round((100 - lo) * 255 / (hi - lo))
     with pytest.raises(ValueError):
-        ku.white_balance(image, 90, 10)
+        ks.white_balance(image, 90, 10)
 
 
 def local_contrast(image: np.ndarray) -> float:
@@ -57,31 +56,31 @@ def local_contrast(image: np.ndarray) -> float:
 
 def test_clahe_raises_local_contrast_of_a_low_contrast_phantom():
     image = low_contrast_phantom()
-    assert local_contrast(ku.clahe(image, clip_limit=3.0)) > 1.5 * local_contrast(image)
-    assert local_contrast(ku.clahe(image, clip_limit=4.0)) > local_contrast(ku.clahe(image, clip_limit=1.0))
+    assert local_contrast(ks.clahe(image, clip_limit=3.0)) > 1.5 * local_contrast(image)
+    assert local_contrast(ks.clahe(image, clip_limit=4.0)) > local_contrast(ks.clahe(image, clip_limit=1.0))
 
 
 def test_unsharp_raises_the_gradient_at_an_edge():
     image = np.full((32, 32), 80, np.uint8)
     image[:, 16:] = 160
-    assert np.array_equal(ku.unsharp_mask(image, sigma=2.0, amount=0.0), image)  # amount 0: no change
-    out = ku.unsharp_mask(image, sigma=2.0, amount=1.5)
+    assert np.array_equal(ks.unsharp_mask(image, sigma=2.0, amount=0.0), image)  # amount 0: no change
+    out = ks.unsharp_mask(image, sigma=2.0, amount=1.5)
     assert abs(int(out[10, 16]) - int(out[10, 15])) > abs(int(image[10, 16]) - int(image[10, 15]))
     assert out[10, 15] < 80 and out[10, 16] > 160  # overshoot on both sides of the edge
 
 
 def test_apply_preprocessing_chains_and_validates():
     image = low_contrast_phantom()
-    assert ku.apply_preprocessing(image, "none") is image
-    chained = ku.apply_preprocessing(image, "white_balance+clahe")
-    assert np.array_equal(chained, ku.clahe(ku.white_balance(image)))
-    for option in ku.PREPROCESSING_OPTIONS:
-        assert ku.apply_preprocessing(image, option).shape == image.shape
-        ku.Config(preprocessing=option)
+    assert ks.apply_preprocessing(image, "none") is image
+    chained = ks.apply_preprocessing(image, "white_balance+clahe")
+    assert np.array_equal(chained, ks.clahe(ks.white_balance(image)))
+    for option in ks.PREPROCESSING_OPTIONS:
+        assert ks.apply_preprocessing(image, option).shape == image.shape
+        ks.input_mapping_name(option)
     with pytest.raises(ValueError, match="PREPROCESSING"):
-        ku.apply_preprocessing(image, "sharpen")
+        ks.apply_preprocessing(image, "sharpen")
     with pytest.raises(ValueError, match="PREPROCESSING"):
-        ku.Config(preprocessing="clahe+magic")
+        ks.input_mapping_name("clahe+magic")
 
 
 def test_contrast_metrics_by_hand():
@@ -128,7 +127,7 @@ def test_preprocessing_gains_are_ratios_to_no_preprocessing():
     assert table.loc["white_balance", "edge_gain"] == pytest.approx(8.5, rel=0.02)
     assert table.loc["white_balance", "cnr_gain"] == pytest.approx(1.0, rel=0.02)
     cnr, edge = ks.contrast_metrics(image, mask)
-    cnr_clahe, edge_clahe = ks.contrast_metrics(ku.clahe(image, 2.0, 8), mask)
+    cnr_clahe, edge_clahe = ks.contrast_metrics(ks.clahe(image, 2.0, 8), mask)
     assert table.loc["clahe", "cnr_gain"] == pytest.approx(cnr_clahe / cnr)
     assert table.loc["clahe", "edge_gain"] == pytest.approx(edge_clahe / edge)
     assert abs(table.loc["clahe", "edge_gain"] - 1) > 0.1  # CLAHE does change the image

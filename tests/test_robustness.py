@@ -25,7 +25,7 @@
 | the same seed twice on a CPU | identical metrics | test_same_seed_twice_gives_identical_metrics |
 | leave-one-source-out with one source, an unknown source, a bad variant | error naming SOURCES or VARIANTS and what was found | test_generalization.py::test_fold_errors_name_the_problem, ::test_leave_one_source_out_rejects_bad_variants |
 | an interrupted leave-one-source-out run | finished folds are reused, others retrained | test_generalization.py::test_leave_one_source_out_table_and_reuse |
-| a checkpoint from before NORMALIZATION existed | loads with the specification's "minmax" it was trained with | test_generalization.py::test_checkpoint_records_normalisation_and_old_checkpoints_load_as_minmax |
+| a checkpoint from before NORMALIZATION existed, or from a release that stored preprocessing and normalisation as settings | loads with the input mapping it was trained with ("minmax", "clahe/histeq"); one the studies trained loads only with `kidneyseg_studies` registered, else the error says what to attach | test_generalization.py::test_checkpoint_records_the_input_mapping_and_old_checkpoints_load |
 """
 
 from __future__ import annotations

@@ -63,7 +63,7 @@ def test_gin_keeps_each_images_mean_and_changes_its_contrast():
 def test_intensity_variants_are_study_options_not_config_options():
     for name in ks.INTENSITY_VARIANTS:
         with pytest.raises(ValueError, match="AUGMENTATION"):
-            ku.Config(augmentation=name)
+            ks.train_transform(name)
         assert ks.BatchIntensityAugmentation(name, 0).augmentation == name
     with pytest.raises(ValueError, match="choose one of"):
         ks.BatchIntensityAugmentation("gin+curves", 0)
