@@ -241,3 +241,32 @@ def test_05_with_one_source_ends_with_the_reason(phantom_dir, tmp_path):
     printed = "".join("".join(o.get("text", "")) for c in nb["cells"] for o in c.get("outputs", []))
     assert "needs at least 2 sources" in printed and "Nothing is trained" in printed
     assert not (out / "leave_one_source_out" / ks.LOSO_CSV_NAME).exists()
+
+
+def test_04_applies_the_input_mapping_a_study_trained_with(phantom_dir, tmp_path):
+    """A checkpoint trained through the input-mapping hook (CLAHE, then z-score) is scored and
+    predicts in notebook 04 exactly as the pipeline applies that mapping in this process."""
+    mapping = ks.input_mapping_name("clahe", "zscore")
+    config = ku.Config(**{**ku.Config().to_dict(), "input_mapping": mapping}).with_parameters(
+        IMAGE_SIZE=32, BASE_CHANNELS=4, DEPTH=2, BATCH_SIZE=4, NUM_EPOCHS=1, MAX_TRAIN_MINUTES=None
+    )
+    data = ku.prepare_data(config, phantom_dir)
+    out = tmp_path / "run"
+    extra = {"split": data.split_record(), "data_dir": str(phantom_dir)}
+    model, _ = train_tiny(data.config, data, out, extra_state=extra)
+    predict = tmp_path / "new"
+    predict.mkdir()
+    for pair in data.test[:3]:
+        (predict / pair.image.name).write_bytes(pair.image.read_bytes())
+    nb = execute("04_evaluate_model.ipynb", tmp_path, dict(OUTPUT_DIR=str(out), PREDICT_DIR=str(predict)))
+    printed = "".join("".join(o.get("text", "")) for c in nb["cells"] for o in c.get("outputs", []))
+    assert f"input mapping '{mapping}'" in printed
+    here = ku.predict_folder(model.eval(), data.config, predict, tmp_path / "here")
+    there = pd.read_csv(out / "predictions" / "predictions.csv")
+    assert there["kidney_pixels"].tolist() == here["kidney_pixels"].tolist()
+    plain = ku.predict_folder(
+        model, data.config.with_parameters(INPUT_MAPPING="minmax"), predict, tmp_path / "x"
+    )
+    assert plain["kidney_pixels"].tolist() != here["kidney_pixels"].tolist()  # the mapping matters here
+    summary = json.loads((out / "evaluation_test_split" / "evaluation_summary.json").read_text())
+    assert summary["n_images"] == len(data.test)
