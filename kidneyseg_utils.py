@@ -188,7 +188,7 @@ class Config:
     # every non-zero label as kidney, a list such as [1] reads exactly those values as kidney
     mask_labels: str | list[int] | None = None
     # how model inputs are made from resized slices: "minmax" (x / 255), or the name of a study's
-    # mapping in INPUT_MAPPINGS (set by the studies, not a notebook parameter)
+    # mapping in INPUT_MAPPINGS (set through kidneyseg_studies.input_mapping_name)
     input_mapping: str = "minmax"
     lr_factor: float = 0.5  # ReduceLROnPlateau on the validation loss: factor
     lr_patience: int = 5  # ReduceLROnPlateau: epochs without a lower validation loss
@@ -340,7 +340,7 @@ class Config:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 
-NOTEBOOK_PARAMETERS = tuple(f.name.upper() for f in dataclasses.fields(Config) if f.name != "input_mapping")
+NOTEBOOK_PARAMETERS = tuple(f.name.upper() for f in dataclasses.fields(Config))
 
 
 def seed_everything(seed: int) -> None:

@@ -374,3 +374,11 @@ def test_without_data_notebook_05_gets_two_phantom_sources(tmp_path, monkeypatch
     with pytest.warns(UserWarning, match="SYNTHETIC"):
         root = ku.resolve_data_dir("auto", synthetic_dir=tmp_path / "syn", synthetic_sources=True)
     assert len(ks.source_folds(ku.index_dataset(root).pairs)) == len(ku.SYNTHETIC_SOURCES) == 2
+
+
+def test_an_unregistered_input_mapping_stops_before_any_training(phantom_dir, monkeypatch):
+    """``-p INPUT_MAPPING clahe`` on notebook 03, which does not attach the studies: a clear error."""
+    monkeypatch.setattr(ku, "INPUT_MAPPINGS", {"minmax": ku.InputMapping()})
+    config = ku.Config.from_parameters(INPUT_MAPPING="clahe", IMAGE_SIZE=32, DEPTH=2)
+    with pytest.raises(ValueError, match=r"'clahe' .* not registered .* attach kidneyseg_studies.py"):
+        ku.prepare_data(config, phantom_dir)
