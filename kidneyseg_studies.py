@@ -566,10 +566,9 @@ def input_mapping_name(preprocessing: str = "none", normalization: str = "minmax
     and ``normalization``, registered in ``kidneyseg_utils.INPUT_MAPPINGS``: ``"minmax"`` for neither,
     else the one that differs from the default (``"clahe"``, ``"zscore"``) or both (``"clahe/zscore"``),
     the name checkpoints of releases up to 0.2.0 read as."""
-    changed = [v for v, d in ((preprocessing, "none"), (normalization, "minmax")) if v != d]
-    name = "/".join(changed) or "minmax"
+    prepare, norm = _check_preprocessing(preprocessing), _check_normalization(normalization)
+    name = "/".join(v for v, d in ((prepare, "none"), (norm, "minmax")) if v != d) or "minmax"
     if name not in ku.INPUT_MAPPINGS:
-        prepare, norm = _check_preprocessing(preprocessing), _check_normalization(normalization)
         ku.INPUT_MAPPINGS[name] = ku.InputMapping(
             None if prepare == "none" else lambda image: apply_preprocessing(image, prepare),
             None if norm == "minmax" else lambda image: normalization_stats(image, norm),

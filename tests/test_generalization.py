@@ -101,6 +101,9 @@ def test_unknown_normalisation_and_input_mapping_are_named():
         ks.normalize_intensity(RAMP, "unit")
     with pytest.raises(ValueError, match="NORMALIZATION"):
         ks.input_mapping_name(normalization="z-score")
+    ks.input_mapping_name(normalization="zscore")
+    with pytest.raises(ValueError, match="PREPROCESSING must be one of"):  # not the normalisation
+        ks.input_mapping_name("zscore")
     with pytest.raises(ValueError, match=r"'robust' .* not registered .* attach kidneyseg_studies.py"):
         ku.normalize_intensity(RAMP, "robust")
 
