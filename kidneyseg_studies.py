@@ -1745,7 +1745,7 @@ def variant_settings(
             train_transform(augmentation)
             mapping = input_mapping_name(preprocessing, normalization)
             settings[name] = (
-                config.with_parameters(INPUT_MAPPING=mapping, **overrides),
+                config.with_parameters(**{"INPUT_MAPPING": mapping, **overrides}),  # an explicit one wins
                 augmentation,
                 intensity,
             )
