@@ -503,99 +503,42 @@ def _case_of(name: str, pattern: re.Pattern[str] | None, path: Path) -> str:
     return match.group(1) if pattern.groups else match.group(0)
 
 
-# Patient-id rules tried by GROUP_REGEX="auto", in order: (pattern, what it means).
-GROUP_RULES = (
-    (r"^([^_]+)_", "the part before the first underscore"),
-    (r"^(.*?)[_\-. ]?\d+$", "the name without its trailing slice number"),
-)
+# GROUP_REGEX="auto": the patient id is the part of a file name before its first underscore.
+AUTO_GROUP_REGEX = r"^([^_]+)_"
 MIN_AUTO_GROUPS = 3
-
-
-def _shape(text: str) -> str:
-    """A name's shape: runs of letters become ``a``, runs of digits ``9`` (``case7`` -> ``a9``)."""
-    return re.sub(r"[A-Za-z]+", "a", re.sub(r"\d+", "9", text))
-
-
-def _source_rule(names: Sequence[str]) -> tuple[str | None, str]:
-    """The first :data:`GROUP_RULES` rule that yields patient ids for every name of one source, as
-    ``(pattern, meaning)``, or ``(None, why none does)``; see :func:`infer_group_regex`."""
-    reasons = []
-    for pattern, meaning in GROUP_RULES:
-        regex = re.compile(pattern)
-        matches = [regex.search(name) for name in names]
-        if not all(matches):
-            miss = next(name for name, m in zip(names, matches) if not m)
-            reasons.append(f"{meaning}: {miss!r} has none")
-            continue
-        if not all(re.search(r"\d", name[m.end(1) :]) for name, m in zip(names, matches)):
-            miss = next(name for name, m in zip(names, matches) if not re.search(r"\d", name[m.end(1) :]))
-            reasons.append(f"{meaning}: {miss!r} has no slice number after it")
-            continue
-        ids = {m.group(1) for m in matches}
-        if len({_shape(i) for i in ids}) > 1:
-            reasons.append(f"{meaning}: patient ids of mixed shapes")
-            continue
-        if len(ids) == 1 and len(names) > 1 and not re.search(r"\d", next(iter(ids))):
-            only = next(iter(ids))
-            reasons.append(f"{meaning}: one id {only!r} for all {len(names)} images, a name prefix")
-            continue
-        if len(ids) == len(names) > 1:
-            reasons.append(f"{meaning}: every image would be its own patient")
-            continue
-        return pattern, meaning
-    return None, "; ".join(reasons)
 
 
 def infer_group_regex(
     stems_by_source: Mapping[str, Sequence[str]],
 ) -> tuple[str | dict[str, str | None] | None, str]:
-    """Infer the patient id of file names source by source, or refuse to invent one.
+    """The ``GROUP_REGEX="auto"`` rule for these file stems, and a sentence saying what it found.
 
-    For each source the first rule of :data:`GROUP_RULES` is taken that matches every file and leaves a
-    slice number after the id, gives ids of one shape (``case7``, ``case12``; not ``case7``, ``scan``),
-    gives more than one id unless that id holds a digit (a one-patient source), and does not make every
-    image its own patient. A source where no rule holds is split by image; :data:`MIN_AUTO_GROUPS`
-    patients are needed in all. Returns ``(rule, sentence)``: one pattern, ``{source: pattern or None}``
-    when sources differ, or ``(None, reason)`` to split by image.
+    A source whose every stem has an underscore with a digit after it (``case7_012``) takes
+    :data:`AUTO_GROUP_REGEX` (patient ``case7``); any other source is split by image. With no source
+    taking it, or fewer than :data:`MIN_AUTO_GROUPS` patients in all, everything is split by image
+    (``None``). Returns one pattern, or ``{source: pattern or None}`` when sources differ.
     """
-    found = {source: _source_rule(list(names)) for source, names in stems_by_source.items() if names}
-    rules = {source: pattern for source, (pattern, _) in found.items()}
-    n_images = sum(len(names) for names in stems_by_source.values())
-    groups = {
-        (source, re.search(pattern, name).group(1) if pattern else name)
-        for source, pattern in rules.items()
-        for name in stems_by_source[source]
-    }
-    without = sorted(source for source, pattern in rules.items() if pattern is None)
-    if len(without) == len(rules) or len(groups) < MIN_AUTO_GROUPS:
-        reasons = "; ".join(f"{source}: {why}" for source, (_, why) in found.items() if why) or "too few"
-        if len(without) < len(rules):
-            reasons = f"only {len(groups)} patient(s)"
+    stems = {source: list(names) for source, names in stems_by_source.items() if names}
+    fits = {source: all(re.match(r"[^_]+_\D*\d", n) for n in names) for source, names in stems.items()}
+    groups = {(s, n.split("_")[0] if fits[s] else n) for s, names in stems.items() for n in names}
+    count = f"{len(groups)} patients in {sum(map(len, stems.values()))} images"
+    without = sorted(source for source, fit in fits.items() if not fit)
+    if len(without) == len(fits) or len(groups) < MIN_AUTO_GROUPS:
+        found = f"only {len(groups)} patient(s)" if len(without) < len(fits) else "no source fits"
         return None, (
-            'GROUP_REGEX="auto" found no consistent patient id in the file names ('
-            + reasons
-            + "), so the data are split by image: slices of one patient can sit on both sides of the "
-            "split, which flatters validation and test scores. Set GROUP_REGEX to a pattern whose first "
-            "group is the patient id, e.g. '^([^_]+)_'."
+            f'GROUP_REGEX="auto" found no usable patient id ({found}; the id is the part of a file name '
+            "before its first underscore, with a slice number after it), so the data are split by "
+            "image: slices of one patient can sit on both sides of the split, which flatters validation "
+            "and test scores. Rename the files (case7_012.png) or set GROUP_REGEX to a pattern whose "
+            "first group is the patient id."
         )
-    patterns = set(rules.values())
-    if len(patterns) == 1:
-        pattern = patterns.pop()
-        meaning = next(meaning for p, meaning in GROUP_RULES if p == pattern)
-        return pattern, (
-            f'GROUP_REGEX="auto": patient id = {meaning} ({pattern!r}): {len(groups)} patients in '
-            f"{n_images} images. Set GROUP_REGEX to another pattern if that is wrong."
-        )
-    lines = [
-        f"  {source}: " + (f"{meaning} ({rule!r})" if rule else f"NO patient id ({meaning}), split by image")
-        for source, (rule, meaning) in found.items()
-    ]
-    return rules, (
-        f'GROUP_REGEX="auto": patient ids differ by source ({len(groups)} patients in {n_images} images):\n'
-        + "\n".join(lines)
-        + f"\nThe images of {', '.join(without) or 'no source'} are split one by one, so one patient's "
-        "slices can sit on both sides of the split there. Rename those files to carry the patient id, "
-        "or set GROUP_REGEX to a pattern (or to {source: pattern})."
+    rule = 'GROUP_REGEX="auto": patient id = the part before the first underscore'
+    if not without:
+        return AUTO_GROUP_REGEX, f"{rule} ({AUTO_GROUP_REGEX!r}): {count}. Set GROUP_REGEX if that is wrong."
+    return {s: None if s in without else AUTO_GROUP_REGEX for s in stems}, (
+        f"{rule} ({count}), except in {', '.join(without)}, whose file names carry no such id: their "
+        "images are split one by one, so one patient's slices can sit on both sides of the split. Rename "
+        "those files (case7_012.png) or set GROUP_REGEX to a pattern, or to {source: pattern}."
     )
 
 
