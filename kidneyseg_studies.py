@@ -72,32 +72,6 @@ if getattr(ku, "__version__", None) != __version__:
         "on sys.path."
     )
 
-# fmt: off
-__all__ = [
-    # 1. Exploring a dataset
-    "inventory", "inventory_summary", "write_inventory", "dataset_warnings", "mask_heatmap",
-    "read_inventory_pair", "intensity_histograms", "show_slice_browser",
-    # 2. Preprocessing
-    "PREPROCESSING_OPTIONS", "NORMALIZATION_OPTIONS", "AUGMENTATION_OPTIONS", "white_balance", "clahe",
-    "unsharp_mask", "apply_preprocessing", "normalization_stats", "normalize_intensity",
-    "input_mapping_name", "register_input_mappings", "train_transform", "preprocessing_effects",
-    "normalization_consistency", "recommend_preprocessing", "preprocessing_ablation",
-    "sample_slices_with_kidney", "write_preprocessing_results", "show_preprocessing_sliders",
-    # 3. Evaluation figures
-    "summary_table", "inference_options_table", "threshold_sweep", "plot_cases", "show_threshold_viewer",
-    "error_views", "fold_comparison",
-    # 4. Familiarity
-    "image_features", "familiarity_reference", "familiarity", "training_reference",
-    "familiarity_report", "unfamiliar_note",
-    # 5. Training hooks
-    "INTENSITY_VARIANTS", "BatchIntensityAugmentation", "gin_augment", "random_intensity_curves",
-    "plot_intensity_draws", "KidneySizeSampler", "PolySchedule", "PEERS", "register_peers",
-    # 6. Leave-one-source-out
-    "LOSO_CSV_NAME", "source_folds", "fold_examples", "fold_table", "variant_settings",
-    "leave_one_source_out", "leave_one_source_out_files", "summarize_leave_one_source_out",
-]
-# fmt: on
-
 
 # =================================================================================================
 # 1. Exploring a dataset: notebook 01

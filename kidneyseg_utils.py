@@ -13,6 +13,7 @@ kidneys in grayscale 2D CT, MRI and ultrasound slices), in the order data flows:
    11. The default dataset -- synthetic kidney phantoms and ``DATA_DIR`` resolution.
 
 The studies of notebooks 01, 02, 04 and 05 live in ``kidneyseg_studies.py``, which imports this module.
+Names without a leading underscore are public: what the notebooks call, and the parts of a custom cell.
 Importing has no side effects; run as a script in a Kaggle session it copies itself into
 ``/kaggle/working`` (:func:`export_for_kaggle`).
 """
@@ -46,43 +47,6 @@ if TYPE_CHECKING:
 
 # The release: kidneyseg_studies.py refuses to run beside a kidneyseg_utils.py of another release.
 __version__ = "0.3.0"
-
-# The public names, by section: what the notebooks call, and the building blocks of a custom cell.
-# fmt: off
-__all__ = [
-    "__version__",
-    # 1. Config
-    "Config", "NOTEBOOK_PARAMETERS", "BEST_MODEL_NAME", "LAST_CHECKPOINT_NAME", "METRICS_CSV_NAME",
-    "METRICS_PNG_NAME", "CONFIG_JSON_NAME", "parse_flags", "seed_everything", "get_device",
-    # 2. Reading data
-    "ImageReadError", "SamplePair", "DatasetIndex", "index_dataset", "infer_group_regex", "read_image",
-    "read_mask", "load_pair", "load_arrays", "split_train_val_test",
-    # 3. Datasets
-    "KidneyDataset", "PreparedData", "prepare_data", "make_datasets",
-    # 4. Intensity
-    "InputMapping", "INPUT_MAPPINGS", "input_mapping_of", "model_input", "normalize_intensity",
-    # 5. Augmentation
-    "build_train_transform",
-    # 6. Model
-    "AttentionUNet", "DEFAULT_ARCHITECTURE", "register_architecture", "architecture_of", "build_model",
-    "count_parameters",
-    # 7. Losses and metrics
-    "FocalDiceLoss", "metrics_from_counts",
-    # 8. Training
-    "TrainingResult", "TrainingDivergedError", "train_model", "autocast_dtype", "cpu_has_native_bf16",
-    "load_checkpoint", "plot_training_history", "plot_samples",
-    # 9. Inference and evaluation
-    "load_model", "load_models", "FoldEnsemble", "predict_probabilities", "hausdorff95", "EvaluationSet",
-    "load_evaluation_set", "training_data_problem", "evaluate_model", "evaluate_validation",
-    "evaluate_out_of_fold", "case_scores", "write_evaluation", "evaluate_split",
-    "overlay_mask", "predict_folder",
-    # 10. Runtime
-    "on_kaggle", "interactive_frontend", "resolve_output_dir", "resolve_model_paths", "run_output_dir",
-    "restore_run_for_resume",
-    # 11. The default dataset
-    "make_synthetic_dataset", "resolve_data_dir",
-]
-# fmt: on
 
 
 # =================================================================================================
