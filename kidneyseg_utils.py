@@ -2848,54 +2848,45 @@ def restore_run_for_resume(output_dir: str | os.PathLike) -> Path | None:
 # =================================================================================================
 
 _PHANTOM_MARKER = "PHANTOM.json"
-
-
-def _ellipse(
-    yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, ry: float, rx: float, angle: float = 0.0
-) -> np.ndarray:
-    cos, sin = math.cos(angle), math.sin(angle)
-    dy, dx = yy - cy, xx - cx
-    u = dx * cos + dy * sin
-    v = -dx * sin + dy * cos
-    return (u / rx) ** 2 + (v / ry) ** 2 <= 1.0
+# A phantom kidney's random draws, in order: centre, radii, tilt, centre and half-height along the
+# slices, cortex and medulla levels.
+_KIDNEY_RANGES = dict(cy=(0.18, 0.3), cx=(0.3, 0.4), ry=(0.13, 0.17), rx=(0.09, 0.12), angle=(0.2, 0.5))
+_KIDNEY_RANGES.update(zc=(0.4, 0.6), zr=(0.3, 0.45), cortex=(0.72, 0.82), medulla=(0.58, 0.66))
 
 
 def _render_phantom_slice(
     rng: np.random.Generator, anatomy: dict[str, Any], z: float, size: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Render one CT-like axial slice at height ``z`` in [0, 1] and its kidney mask."""
+    """One CT-like axial slice at height ``z`` in [0, 1] as uint8, and its 0/255 kidney mask."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / (size - 1) * 2 - 1  # [-1, 1]
+
+    def ellipse(cy: float, cx: float, ry: float, rx: float, angle: float = 0.0) -> np.ndarray:
+        cos, sin = math.cos(angle), math.sin(angle)
+        u, v = (xx - cx) * cos + (yy - cy) * sin, -(xx - cx) * sin + (yy - cy) * cos
+        return (u / rx) ** 2 + (v / ry) ** 2 <= 1.0
+
     img = np.full((size, size), 0.02, np.float32)  # air
-    body = _ellipse(yy, xx, 0.0, 0.0, anatomy["body_ry"], anatomy["body_rx"])
-    inner = _ellipse(yy, xx, 0.0, 0.0, anatomy["body_ry"] - 0.05, anatomy["body_rx"] - 0.05)
-    img[body] = 0.30  # subcutaneous fat
+    img[ellipse(0.0, 0.0, anatomy["body_ry"], anatomy["body_rx"])] = 0.30  # subcutaneous fat
+    inner = ellipse(0.0, 0.0, anatomy["body_ry"] - 0.05, anatomy["body_rx"] - 0.05)
     img[inner] = 0.48  # soft tissue
-    liver = _ellipse(yy, xx, -0.05, -0.35, 0.35, 0.3) & inner
-    img[liver & (z > 0.45)] = 0.56
+    img[ellipse(-0.05, -0.35, 0.35, 0.3) & inner & (z > 0.45)] = 0.56  # liver
     for by, bx, br in anatomy["bowel"]:
-        loop = _ellipse(yy, xx, by, bx, br, br * 1.3) & inner
-        img[loop] = 0.62
-    spine = _ellipse(yy, xx, 0.42, 0.0, 0.12, 0.11)
-    img[spine] = 0.95
-    img[_ellipse(yy, xx, 0.40, 0.0, 0.035, 0.03)] = 0.35  # spinal canal
+        img[ellipse(by, bx, br, br * 1.3) & inner] = 0.62
+    img[ellipse(0.42, 0.0, 0.12, 0.11)] = 0.95  # spine
+    img[ellipse(0.40, 0.0, 0.035, 0.03)] = 0.35  # spinal canal
     mask = np.zeros((size, size), bool)
-    for kidney in anatomy["kidneys"]:
-        t = (z - kidney["zc"]) / kidney["zr"]
-        if abs(t) >= 1.0:
-            continue
-        scale = math.sqrt(1.0 - t * t)
-        ry, rx = kidney["ry"] * scale, kidney["rx"] * scale
+    for k in anatomy["kidneys"]:
+        t = (z - k["zc"]) / k["zr"]  # the section shrinks to nothing at |t| = 1
+        ry, rx = (k[r] * math.sqrt(max(0.0, 1.0 - t * t)) for r in ("ry", "rx"))
         if min(ry, rx) < 0.012:
             continue
-        cy, cx, ang = kidney["cy"], kidney["cx"], kidney["angle"]
-        outer = _ellipse(yy, xx, cy, cx, ry, rx, ang)
-        side = -1.0 if cx > 0 else 1.0  # hilum faces the spine
-        notch = _ellipse(yy, xx, cy, cx + side * rx * 0.95, ry * 0.35, rx * 0.45, ang)
-        kid = outer & ~notch
-        medulla = _ellipse(yy, xx, cy, cx + side * rx * 0.1, ry * 0.55, rx * 0.5, ang) & kid
-        img[kid] = kidney["cortex"]
-        img[medulla] = kidney["medulla"]
-        mask |= kid
+        cy, cx, angle = k["cy"], k["cx"], k["angle"]
+        side = -1.0 if cx > 0 else 1.0  # the hilum faces the spine
+        hilum = ellipse(cy, cx + side * rx * 0.95, ry * 0.35, rx * 0.45, angle)
+        kidney = ellipse(cy, cx, ry, rx, angle) & ~hilum
+        img[kidney] = k["cortex"]
+        img[ellipse(cy, cx + side * rx * 0.1, ry * 0.55, rx * 0.5, angle) & kidney] = k["medulla"]
+        mask |= kidney
     img += rng.normal(0.0, 0.035, img.shape).astype(np.float32)
     img = cv2.GaussianBlur(img, (0, 0), sigmaX=max(0.6, size / 400))
     img += rng.normal(0.0, 0.015, img.shape).astype(np.float32)
@@ -2917,31 +2908,21 @@ def make_synthetic_dataset(
     of the stored values, as CT series exported with other windows. A folder written with the same
     arguments is reused; any other non-empty folder is refused (``FileExistsError``).
     """
-    out = Path(out_dir)
+    out, marker, windowed = Path(out_dir), Path(out_dir) / _PHANTOM_MARKER, tuple(window) != (0.0, 1.0)
     settings: dict[str, Any] = dict(n_cases=n_cases, slices_per_case=slices_per_case, image_size=image_size)
-    settings["seed"] = seed
-    if tuple(window) != (0.0, 1.0):
-        settings["window"] = [float(window[0]), float(window[1])]
-    marker = out / _PHANTOM_MARKER
-    if marker.exists():
-        if json.loads(marker.read_text()) == settings:
-            return out
-        raise FileExistsError(
-            f"{out} holds phantoms made with other settings ({marker.read_text().strip()}); "
-            "choose another folder or delete it."
-        )
+    settings.update(seed=seed, **({"window": [float(w) for w in window]} if windowed else {}))
+    if marker.exists() and json.loads(marker.read_text()) == settings:
+        return out
     if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} is not empty; phantoms are only written to a new folder.")
-    if image_size < 32 or n_cases < 1 or slices_per_case < 1:
-        raise ValueError("make_synthetic_dataset needs image_size >= 32, n_cases >= 1, slices >= 1.")
-    if not 0.0 <= window[0] < window[1]:
+        raise FileExistsError(
+            f"{out} is not empty (phantoms of other settings, or your files); choose another folder."
+        )
+    if image_size < 32 or n_cases < 1 or slices_per_case < 1 or not 0.0 <= window[0] < window[1]:
         raise ValueError(
-            f"make_synthetic_dataset needs a window (low, high) with 0 <= low < high; got {window}."
+            "make_synthetic_dataset needs image_size >= 32, n_cases >= 1, slices_per_case >= 1 and a window "
+            f"(low, high) with 0 <= low < high; got {image_size}, {n_cases}, {slices_per_case}, {window}."
         )
     rng = np.random.default_rng(seed)
-    # Each kidney: centre, radii, tilt, centre and half-height along the slices, cortex and medulla levels.
-    kidney_ranges = dict(cy=(0.18, 0.3), cx=(0.3, 0.4), ry=(0.13, 0.17), rx=(0.09, 0.12), angle=(0.2, 0.5))
-    kidney_ranges.update(zc=(0.4, 0.6), zr=(0.3, 0.45), cortex=(0.72, 0.82), medulla=(0.58, 0.66))
     for case in range(n_cases):
         anatomy: dict[str, Any] = dict(body_ry=rng.uniform(0.62, 0.72), body_rx=rng.uniform(0.82, 0.92))
         loops = range(rng.integers(2, 5))
@@ -2950,18 +2931,16 @@ def make_synthetic_dataset(
         ]
         anatomy["kidneys"] = []
         for side in (-1.0, 1.0):
-            kidney = {key: rng.uniform(*bounds) for key, bounds in kidney_ranges.items()}
+            kidney = {key: rng.uniform(*bounds) for key, bounds in _KIDNEY_RANGES.items()}
             kidney["cx"], kidney["angle"] = side * kidney["cx"], side * kidney["angle"]
             anatomy["kidneys"].append(kidney)
         for s in range(slices_per_case):
-            z = (s + 0.5) / slices_per_case
-            image, mask = _render_phantom_slice(rng, anatomy, z, image_size)
-            if tuple(window) != (0.0, 1.0):
+            image, mask = _render_phantom_slice(rng, anatomy, (s + 0.5) / slices_per_case, image_size)
+            if windowed:
                 scaled = (image.astype(np.float32) / 255.0 - window[0]) / (window[1] - window[0])
                 image = np.clip(np.rint(scaled * 255), 0, 255).astype(np.uint8)
-            name = f"phantom-{case:03d}_{s:03d}.png"
-            _write_png(out / "images" / name, image)
-            _write_png(out / "masks" / name, mask)
+            _write_png(out / "images" / f"phantom-{case:03d}_{s:03d}.png", image)
+            _write_png(out / "masks" / f"phantom-{case:03d}_{s:03d}.png", mask)
     _atomic_write(marker, json.dumps(settings) + "\n")
     return out
 
