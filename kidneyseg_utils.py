@@ -2678,44 +2678,33 @@ def _progress_bar(iterable: Any = None, enabled: bool = True, **options: Any) ->
     return tqdm(iterable, **options)
 
 
-# Where Kaggle mounts things under /kaggle/input: the current layout first, the old flat one last.
+# Where Kaggle mounts things under /kaggle/input in its current layout; other folders there are the
+# older, flat layout (input/<slug>).
 _KAGGLE_INPUT_KINDS = ("datasets", "notebooks", "competitions", "models")
-
-
-def _kaggle_layout(path: Path, input_root: Path) -> tuple[int, str]:
-    """The rank of ``path`` under Kaggle's input (current layout first) and a description of it."""
-    parts = path.relative_to(input_root).parts
-    top = parts[0] if parts else ""
-    if top in _KAGGLE_INPUT_KINDS:
-        return _KAGGLE_INPUT_KINDS.index(top), f"input/{top}/... (Kaggle's current layout)"
-    return len(_KAGGLE_INPUT_KINDS), "input/<slug>/... (Kaggle's older layout)"
 
 
 def choose_candidate(
     candidates: Sequence[Path], what: str, parameter: str, prefer: str = "notebooks"
 ) -> Path:
     """Pick one of several found paths and print which and why: outside Kaggle's input first, then
-    ``input/<prefer>``, the current layout, the older one; then the shortest path, then by name."""
+    ``input/<prefer>``, then the rest of Kaggle's current layout, then its older one; then the
+    shortest path, then by name."""
     if not candidates:
         raise ValueError(f"no {what} to choose from")
     input_root = kaggle_root() / "input"
+    places = ("outside Kaggle's input", f"input/{prefer}", "Kaggle's current layout", "Kaggle's older layout")
 
     def rank(path: Path) -> tuple[int, int, str]:
-        try:
-            order, _ = _kaggle_layout(path, input_root)
-            parts = path.relative_to(input_root).parts
-            order = -1 if parts and parts[0] == prefer else order
-        except ValueError:
-            order = -2  # outside Kaggle's input: given or local, always first
-        return order, len(path.parts), str(path)
+        top = path.relative_to(input_root).parts[:1] if path.is_relative_to(input_root) else None
+        place = 0 if top is None else 1 if top == (prefer,) else 2 if top[0] in _KAGGLE_INPUT_KINDS else 3
+        return place, len(path.parts), str(path)
 
     chosen, *others = sorted(candidates, key=rank)
     if others:
-        reason = "outside Kaggle's input" if rank(chosen)[0] == -2 else _kaggle_layout(chosen, input_root)[1]
         print(
-            f"Found {len(others) + 1} {what}; using {chosen} ({reason}; rule: input/{prefer} first, then "
-            f"the current layout, then the older one, then the shortest path). Others: "
-            f"{', '.join(map(str, others))}. Set {parameter} to choose another."
+            f"Found {len(others) + 1} {what}; using {chosen} ({places[rank(chosen)[0]]}; rule: "
+            f"{', then '.join(places)}, then the shortest path). Others: {', '.join(map(str, others))}. "
+            f"Set {parameter} to choose another."
         )
     return chosen
 
