@@ -107,6 +107,12 @@ def _describe_mask_values(raw: np.ndarray) -> str:
     return f"{prefix}{found.size} values {found.min().item()}..{found.max().item()}"
 
 
+INVENTORY_COLUMNS = (
+    "source case name status problem image mask width height dtype channels mask_values kidney_fraction "
+    "components pixel_hash mask_labels duplicate_of"
+).split()
+
+
 def inventory(
     data_dir: str | os.PathLike,
     group_regex: str | Mapping[str, str | None] | None = None,
@@ -115,107 +121,49 @@ def inventory(
 ) -> pd.DataFrame:
     """One row per pair or orphan under ``data_dir``, with what was found before any conversion.
 
-    Columns: source, case, name, status (``ok``, ``orphan_image``, ``orphan_mask``, ``unreadable``,
-    ``bad_mask``, ``size_mismatch``), problem, image, mask, width, height, dtype, channels,
-    mask_values (raw values, e.g. ``0/255``, ``0/1`` or ``37 values 0..255`` for a noisy mask),
-    kidney_fraction, components, pixel_hash and duplicate_of (the first pair with identical pixels).
+    Columns (:data:`INVENTORY_COLUMNS`): source, case, name, status (``ok``, ``orphan_image``,
+    ``orphan_mask``, ``unreadable``, ``bad_mask``, ``size_mismatch``), problem, image, mask, width,
+    height, dtype, channels, mask_values (raw values, e.g. ``0/255``, ``0/1`` or ``37 values 0..255``
+    for a noisy mask), kidney_fraction, components, pixel_hash, mask_labels and duplicate_of (the
+    first pair with identical pixels).
     """
     import hashlib
 
     index = ku.index_dataset(data_dir, group_regex, mask_labels)
     rows: list[dict[str, Any]] = []
     for pair in ku._progress_bar(index.pairs, progress, desc="inventory", unit="pair", leave=False):
-        row: dict[str, Any] = {
-            "source": pair.source,
-            "case": pair.case,
-            "name": pair.name,
-            "status": "ok",
-            "problem": "",
-            "image": str(pair.image),
-            "mask": str(pair.mask),
-            "mask_labels": pair.mask_labels,
-        }
+        row = dict(source=pair.source, case=pair.case, name=pair.name, status="ok", problem="")
+        row.update(image=str(pair.image), mask=str(pair.mask), mask_labels=pair.mask_labels)
         try:
-            raw_image = ku._decode(pair.image)
-            raw_mask = ku._decode(pair.mask)
+            raw_image, raw_mask = ku._decode(pair.image), ku._decode(pair.mask)
         except ku.ImageReadError as exc:
             rows.append({**row, "status": "unreadable", "problem": str(exc)})
             continue
         image = ku.to_grayscale_uint8(raw_image)
-        row.update(
-            height=image.shape[0],
-            width=image.shape[1],
-            dtype=str(raw_image.dtype),
-            channels=1 if raw_image.ndim == 2 else raw_image.shape[2],
-            mask_values=_describe_mask_values(raw_mask),
-            pixel_hash=hashlib.sha1(image.tobytes() + str(image.shape).encode()).hexdigest(),
-        )
+        row.update(height=image.shape[0], width=image.shape[1], dtype=str(raw_image.dtype))
+        row.update(channels=1 if raw_image.ndim == 2 else raw_image.shape[2])
+        row.update(mask_values=_describe_mask_values(raw_mask))
+        row.update(pixel_hash=hashlib.sha1(image.tobytes() + str(image.shape).encode()).hexdigest())
         try:
             mask = ku.binarize_mask(raw_mask, pair.mask, pair.mask_labels)
         except ValueError as exc:
             rows.append({**row, "status": "bad_mask", "problem": str(exc)})
             continue
         if mask.shape != image.shape:
-            rows.append(
-                {
-                    **row,
-                    "status": "size_mismatch",
-                    "problem": f"mask is {mask.shape[1]}x{mask.shape[0]}, "
-                    f"image {image.shape[1]}x{image.shape[0]}",
-                }
-            )
+            (h, w), (mh, mw) = image.shape, mask.shape
+            rows.append({**row, "status": "size_mismatch", "problem": f"mask is {mw}x{mh}, image {w}x{h}"})
             continue
         count = cv2.connectedComponents(mask, connectivity=8)[0] - 1
         rows.append({**row, "kidney_fraction": float(mask.mean()), "components": int(count)})
-    for path in index.orphan_images:
-        rows.append(
-            {
-                "source": index._source_of(path),
-                "name": path.stem,
-                "status": "orphan_image",
-                "problem": "image without mask",
-                "image": str(path),
-            }
-        )
-    for path in index.orphan_masks:
-        rows.append(
-            {
-                "source": index._source_of(path),
-                "name": path.stem,
-                "status": "orphan_mask",
-                "problem": "mask without image",
-                "mask": str(path),
-            }
-        )
-    columns = [
-        "source",
-        "case",
-        "name",
-        "status",
-        "problem",
-        "image",
-        "mask",
-        "width",
-        "height",
-        "dtype",
-        "channels",
-        "mask_values",
-        "kidney_fraction",
-        "components",
-        "pixel_hash",
-        "mask_labels",
-    ]
-    table = pd.DataFrame(rows).reindex(columns=columns)
-    first = {}
-    duplicate_of = []
-    for key, digest in zip(table["source"] + "/" + table["name"], table["pixel_hash"]):
-        if isinstance(digest, str) and digest in first:
-            duplicate_of.append(first[digest])
-        else:
-            if isinstance(digest, str):
-                first[digest] = key
-            duplicate_of.append("")
-    table["duplicate_of"] = duplicate_of
+    for kind, paths in (("image", index.orphan_images), ("mask", index.orphan_masks)):
+        other = "mask" if kind == "image" else "image"
+        for path in paths:
+            row = dict(source=index._source_of(path), name=path.stem, status=f"orphan_{kind}")
+            rows.append({**row, "problem": f"{kind} without {other}", kind: str(path)})
+    table = pd.DataFrame(rows).reindex(columns=INVENTORY_COLUMNS)
+    keys = table["source"] + "/" + table["name"]
+    first = keys.groupby(table["pixel_hash"]).transform("first")  # NaN where no hash
+    table["duplicate_of"] = first.where(first != keys, "").fillna("")
     return table
 
 
@@ -226,21 +174,14 @@ def inventory_summary(table: pd.DataFrame) -> pd.DataFrame:
     for source, part in table.groupby("source", sort=True):
         ok = part[part["status"] == "ok"]
         kidney = ok["kidney_fraction"] > 0
-        rows.append(
-            {
-                "source": source,
-                "pairs": len(ok),
-                "cases": ok["case"].nunique(),
-                "orphans": int(part["status"].str.startswith("orphan").sum()),
-                "problems": int((~part["status"].isin(["ok", "orphan_image", "orphan_mask"])).sum()),
-                "duplicates": int((part["duplicate_of"] != "").sum()),
-                "sizes": ok[["width", "height"]].drop_duplicates().shape[0],
-                "with_kidney": f"{kidney.mean():.0%}" if len(ok) else "-",
-                "median_kidney_fraction": float(ok.loc[kidney, "kidney_fraction"].median())
-                if kidney.any()
-                else 0.0,
-            }
-        )
+        row = dict(source=source, pairs=len(ok), cases=ok["case"].nunique())
+        row.update(orphans=int(part["status"].str.startswith("orphan").sum()))
+        row.update(problems=int((~part["status"].isin(["ok", "orphan_image", "orphan_mask"])).sum()))
+        row.update(duplicates=int((part["duplicate_of"] != "").sum()))
+        row.update(sizes=ok[["width", "height"]].drop_duplicates().shape[0])
+        row.update(with_kidney=f"{kidney.mean():.0%}" if len(ok) else "-")
+        median = ok.loc[kidney, "kidney_fraction"].median() if kidney.any() else 0.0
+        rows.append({**row, "median_kidney_fraction": float(median)})
     return pd.DataFrame(rows)
 
 
