@@ -1505,24 +1505,15 @@ def source_folds(
 def _fold_settings(
     config: ku.Config, fold: SourceFold, intensity: str | None = None, augmentation: str = "standard"
 ) -> dict[str, Any]:
-    return {
-        "config": config.to_dict(),
-        "augmentation": augmentation,
-        "intensity": intensity,
-        "train": [p.key for p in fold.train],
-        "test": [p.key for p in fold.test],
-    }
+    settings = dict(config=config.to_dict(), augmentation=augmentation, intensity=intensity)
+    return {**settings, "train": [p.key for p in fold.train], "test": [p.key for p in fold.test]}
 
 
 def _subset(cache: ku.CachedArrays, pairs: Sequence[ku.SamplePair]) -> ku.CachedArrays:
     position = {p.key: i for i, p in enumerate(cache.pairs)}
     keep = [position[p.key] for p in pairs if p.key in position]
-    return ku.CachedArrays(
-        cache.images[keep],
-        cache.masks[keep],
-        [cache.pairs[i] for i in keep],
-        [cache.original_sizes[i] for i in keep],
-    )
+    pairs, sizes = [cache.pairs[i] for i in keep], [cache.original_sizes[i] for i in keep]
+    return ku.CachedArrays(cache.images[keep], cache.masks[keep], pairs, sizes)
 
 
 def run_source_fold(
@@ -1607,27 +1598,13 @@ def run_source_fold(
     test = ku.load_evaluation_set(fold.test, config)
     per_image, summary, _ = ku.evaluate_model(model, test, device, config.inference_threshold)
     ku.write_evaluation(per_image, summary, out)
-    row = {
-        "held_out": fold.held_out,
-        "normalization": _mapping_parts(config.input_mapping)[1],
-        "augmentation": intensity or augmentation,
-        "n_train": len(train),
-        "n_val": len(val),
-        "n_test": len(test),
-        "n_test_cases": len({p.case for p in fold.test}),
-        "n_with_kidney": summary["n_with_kidney"],
-        "pooled_dice": summary["pooled_dice"],
-        "pooled_iou": summary["pooled_iou"],
-        "mean_dice": summary["mean_dice"],
-        "mean_dice_with_kidney": summary["mean_dice_with_kidney"],
-        "mean_hd95": summary["mean_hd95"],
-        "median_hd95": summary["median_hd95"],
-        "val_dice": float(result.best_row["val_dice"]),
-        "best_epoch": result.best_epoch,
-        "epochs": len(result.history),
-        "stop_reason": result.stop_reason,
-        "train_minutes": minutes,
-    }
+    row = dict(held_out=fold.held_out, normalization=_mapping_parts(config.input_mapping)[1])
+    row.update(augmentation=intensity or augmentation, n_train=len(train), n_val=len(val), n_test=len(test))
+    row.update(n_test_cases=len({p.case for p in fold.test}), n_with_kidney=summary["n_with_kidney"])
+    scores = ("pooled_dice", "pooled_iou", "mean_dice", "mean_dice_with_kidney", "mean_hd95", "median_hd95")
+    row.update({name: summary[name] for name in scores})
+    row.update(val_dice=float(result.best_row["val_dice"]), best_epoch=result.best_epoch)
+    row.update(epochs=len(result.history), stop_reason=result.stop_reason, train_minutes=minutes)
     plain = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in row.items()}
     ku._atomic_write(result_path, json.dumps({"settings": settings, "row": plain}, indent=1) + "\n")
     return {**plain, "reused": False}
@@ -1720,17 +1697,11 @@ def leave_one_source_out(
                 index.pairs, run_config.image_size, run_config.input_mapping, progress=progress
             )
         for fold in folds:
+            _, augmentation, intensity = settings[name]
+            options = dict(data_dir=data_dir, intensity=intensity, augmentation=augmentation)
+            folder = out / name / fold.held_out
             row = run_source_fold(
-                run_config,
-                fold,
-                caches[key],
-                out / name / fold.held_out,
-                device=device,
-                progress=progress,
-                data_dir=data_dir,
-                intensity=settings[name][2],
-                extendable=extendable,
-                augmentation=settings[name][1],
+                run_config, fold, caches[key], folder, device, progress, extendable=extendable, **options
             )
             rows.append({"variant": name, **row})
             ku._atomic_write(out / LOSO_CSV_NAME, pd.DataFrame(rows).to_csv(index=False))
@@ -1773,17 +1744,18 @@ def fold_examples(folds: Sequence[SourceFold]) -> list[ku.SamplePair]:
 
 def fold_table(folds: Sequence[SourceFold]) -> pd.DataFrame:
     """One row per fold: the held-out source, its test images and patients, and what trains."""
+    rows = [
+        (
+            f.held_out,
+            len(f.train),
+            len({p.source for p in f.train}),
+            len(f.test),
+            len({p.case for p in f.test}),
+        )
+        for f in folds
+    ]
     return pd.DataFrame(
-        [
-            {
-                "held_out": f.held_out,
-                "train_images": len(f.train),
-                "train_sources": len({p.source for p in f.train}),
-                "test_images": len(f.test),
-                "test_cases": len({p.case for p in f.test}),
-            }
-            for f in folds
-        ]
+        rows, columns=["held_out", "train_images", "train_sources", "test_images", "test_cases"]
     )
 
 
