@@ -806,13 +806,10 @@ def _out_of_fold_probabilities(
     total_ms = 0.0
     for model, fold in zip(models, dict.fromkeys(val.scores["fold"])):  # folds in models order
         rows = np.flatnonzero(val.scores["fold"].to_numpy() == fold)
-        part = dataclasses.replace(
-            val.data,
-            pairs=[val.data.pairs[i] for i in rows],
-            images=val.data.images[rows],
-            masks=[val.data.masks[i] for i in rows],
-            originals=[val.data.originals[i] for i in rows],
-        )
+        picked = {
+            name: [getattr(val.data, name)[i] for i in rows] for name in ("pairs", "masks", "originals")
+        }
+        part = dataclasses.replace(val.data, images=val.data.images[rows], **picked)
         fold_probs, ms = ku._timed_probabilities(model, part, device, tta)
         for i, prob in zip(rows, fold_probs):
             probs[i] = prob
@@ -843,16 +840,8 @@ def inference_options_table(
             tic = time.perf_counter()
             summary = ku.summarize_scores(ku.score_predictions(images, probs, threshold, post))
             post_ms = (time.perf_counter() - tic) * 1000 / max(1, len(images)) if post else 0.0
-            rows.append(
-                {
-                    "tta": tta,
-                    "postprocess": post,
-                    "pooled_dice": summary["pooled_dice"],
-                    "mean_dice": summary["mean_dice"],
-                    "mean_hd95": summary["mean_hd95"],
-                    "ms_per_slice": ms + post_ms,
-                }
-            )
+            scores = {key: summary[key] for key in ("pooled_dice", "mean_dice", "mean_hd95")}
+            rows.append({"tta": tta, "postprocess": post, **scores, "ms_per_slice": ms + post_ms})
     return pd.DataFrame(rows)
 
 
@@ -887,14 +876,8 @@ def threshold_sweep(
             counts = ku.confusion_counts(prob > threshold, mask)
             total = total + counts
             dices.append(counts.metrics()["dice"])
-        rows.append(
-            {
-                "threshold": float(threshold),
-                "pooled_dice": total.metrics()["dice"],
-                "mean_dice": float(np.mean(dices)),
-            }
-        )
-    table = pd.DataFrame(rows)
+        rows.append((float(threshold), total.metrics()["dice"], float(np.mean(dices))))
+    table = pd.DataFrame(rows, columns=["threshold", "pooled_dice", "mean_dice"])
     table["best"] = table["pooled_dice"] == table["pooled_dice"].max()
     return table
 
@@ -924,12 +907,8 @@ def fold_comparison(
 def _pooled(part: pd.DataFrame) -> dict[str, Any]:
     """Slices, pooled Dice and IoU, and mean Dice of some rows of per-image scores."""
     metrics = ku.metrics_from_counts(*(int(part[c].sum()) for c in ("tp", "fp", "fn")))
-    return dict(
-        slices=len(part),
-        pooled_dice=metrics["dice"],
-        pooled_iou=metrics["iou"],
-        mean_dice=part["dice"].mean(),
-    )
+    pooled = dict(pooled_dice=metrics["dice"], pooled_iou=metrics["iou"])
+    return dict(slices=len(part), **pooled, mean_dice=part["dice"].mean())
 
 
 def error_views(per_image: pd.DataFrame, size_bins: int = 4, position_bins: int = 5) -> dict[str, Any]:
