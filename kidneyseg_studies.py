@@ -1325,19 +1325,16 @@ class BatchIntensityAugmentation:
         return torch.where(use_gin.view(b, 1, 1, 1), gin, curves)
 
 
-class KidneySizeSampler(torch.utils.data.Sampler[int]):
+class KidneySizeSampler(ku.EpochShuffleSampler):
     """A ``sampler`` for ``kidneyseg_utils.train_model`` that shows the small kidney cross-sections
     (the poles, where the model fails most) more often; a candidate of the cross-validation study.
 
-    Each epoch draws ``len(masks)`` training items with replacement: a slice whose kidney area is at or
-    below the ``small_quantile`` quantile of the areas of the slices with kidney weighs
-    ``small_weight``, every other slice (kidney-free ones included) 1. Like
-    ``kidneyseg_utils.EpochShuffleSampler`` it yields ``epoch * n + i`` and draws from ``(seed,
+    Each epoch draws ``len(masks)`` training items (masks as cached, ``(N, H, W)``) with replacement:
+    a slice whose kidney area is at or below the ``small_quantile`` quantile of the areas of the slices
+    with kidney weighs ``small_weight``, every other slice (kidney-free ones included) 1. Like the
+    ``kidneyseg_utils.EpochShuffleSampler`` it is, it yields ``epoch * n + i`` and draws from ``(seed,
     epoch)`` alone, so each item's augmentation stays seeded and a resumed run repeats an
     uninterrupted one.
-
-    Args:
-        masks: The training masks as cached, ``(N, H, W)``.
     """
 
     def __init__(
@@ -1353,41 +1350,26 @@ class KidneySizeSampler(torch.utils.data.Sampler[int]):
         if kidney.any():
             weights[kidney & (areas <= np.quantile(areas[kidney], small_quantile))] = small_weight
         self.weights = torch.as_tensor(weights, dtype=torch.float64)
-        self.n, self.seed, self.epoch = len(areas), seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose draw :meth:`__iter__` yields."""
-        self.epoch = epoch
+        super().__init__(len(areas), seed)
 
     def __iter__(self):
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         picks = torch.multinomial(self.weights, self.n, replacement=True, generator=gen)
         return iter((self.epoch * self.n + picks).tolist())
 
-    def __len__(self) -> int:
-        return self.n
 
-
-class PolySchedule:
+class PolySchedule(torch.optim.lr_scheduler.PolynomialLR):
     """nnU-Net's poly learning-rate schedule as an ``lr_schedule`` for ``kidneyseg_utils.train_model``
     (a candidate of the cross-validation study): torch's ``PolynomialLR`` over ``config.num_epochs``,
     ``lr = learning_rate * (1 - epoch / num_epochs) ** power``, stepped once per epoch whatever the
     validation loss, so it anneals to zero at the end of the budget."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, config: ku.Config, power: float = 0.9) -> None:
-        self.scheduler = torch.optim.lr_scheduler.PolynomialLR(
-            optimizer, total_iters=config.num_epochs, power=power
-        )
+        super().__init__(optimizer, total_iters=config.num_epochs, power=power)
 
     def step(self, val_loss: float | None = None) -> None:
         """One epoch done (the validation loss plays no part)."""
-        self.scheduler.step()
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.scheduler.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.scheduler.load_state_dict(state)
+        super().step()
 
 
 def _monai_basic_unet(config: ku.Config) -> nn.Module:
