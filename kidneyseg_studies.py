@@ -926,17 +926,13 @@ def error_views(per_image: pd.DataFrame, size_bins: int = 4, position_bins: int 
     """
     with_kidney = per_image[per_image["true_area"] > 0]
     share = 100 * with_kidney["true_area"] / (with_kidney["height"] * with_kidney["width"])
-    rows = []
-    if len(with_kidney):
-        for _, part in share.groupby(pd.qcut(share, q=size_bins, duplicates="drop"), observed=True):
-            rows.append(
-                {
-                    "kidney_percent_of_image": f"{part.min():.2g}-{part.max():.2g}",
-                    "median_area_px": float(with_kidney.loc[part.index, "true_area"].median()),
-                    **_pooled(with_kidney.loc[part.index]),
-                }
-            )
-    by_size = pd.DataFrame(rows)
+    bins = pd.qcut(share, q=size_bins, duplicates="drop") if len(with_kidney) else share
+    by_size = pd.DataFrame(
+        {"kidney_percent_of_image": f"{part.min():.2g}-{part.max():.2g}"}
+        | {"median_area_px": float(with_kidney.loc[part.index, "true_area"].median())}
+        | _pooled(with_kidney.loc[part.index])
+        for _, part in share.groupby(bins, observed=True)
+    )
     number = per_image["name"].astype(str).str.extract(r"(\d+)$")[0].astype(float)
     numbered = per_image.assign(number=number).dropna(subset=["number"])
     patient = numbered["source"].astype(str) + "/" + numbered["case"].astype(str)
@@ -955,14 +951,10 @@ def error_views(per_image: pd.DataFrame, size_bins: int = 4, position_bins: int 
                 for label, part in numbered.groupby(groups, observed=True)
             ]
         )
-    free = per_image[per_image["true_area"] == 0]
-    total_fp = int(per_image["fp"].sum())
-    false_kidney = {
-        "kidney_free_slices": len(free),
-        "with_false_kidney": int((free["fp"] > 0).sum()),
-        "false_positive_px": int(free["fp"].sum()),
-        "share_of_false_positive_px": float(free["fp"].sum() / total_fp) if total_fp else 0.0,
-    }
+    free, total_fp = per_image[per_image["true_area"] == 0], int(per_image["fp"].sum())
+    false_kidney = dict(kidney_free_slices=len(free), with_false_kidney=int((free["fp"] > 0).sum()))
+    false_kidney.update(false_positive_px=int(free["fp"].sum()))
+    false_kidney.update(share_of_false_positive_px=float(free["fp"].sum() / total_fp) if total_fp else 0.0)
     return {"by_size": by_size, "by_position": by_position, "false_kidney": false_kidney}
 
 
