@@ -1063,17 +1063,10 @@ def image_features(image: np.ndarray) -> np.ndarray:
     gradient magnitude (edges) and the spread of the Laplacian (fine texture and noise)."""
     x = np.asarray(image, np.float32)
     gx, gy = cv2.Sobel(x, cv2.CV_32F, 1, 0), cv2.Sobel(x, cv2.CV_32F, 0, 1)
+    shares = ((x < 10).mean() * 100, (x > 245).mean() * 100)
+    texture = (np.hypot(gx, gy).mean(), cv2.Laplacian(x, cv2.CV_32F).std())
     return np.array(
-        [
-            *np.percentile(x, (1, 5, 25, 50, 75, 95, 99)),
-            x.mean(),
-            x.std(),
-            (x < 10).mean() * 100,
-            (x > 245).mean() * 100,
-            np.hypot(gx, gy).mean(),
-            cv2.Laplacian(x, cv2.CV_32F).std(),
-        ],
-        np.float32,
+        [*np.percentile(x, (1, 5, 25, 50, 75, 95, 99)), x.mean(), x.std(), *shares, *texture], np.float32
     )
 
 
@@ -1114,13 +1107,9 @@ def familiarity_reference(images: np.ndarray) -> dict[str, Any]:
     center, scale = features.mean(0), np.maximum(features.std(0), 1.0)
     z = (features - center) / scale
     own = _neighbour_distance(z, z, leave_one_out=True)
-    return {
-        "features": list(FAMILIARITY_FEATURES),
-        "center": center.tolist(),
-        "scale": scale.tolist(),
-        "reference": z.round(4).tolist(),
-        "threshold": float(FAMILIARITY_MARGIN * np.percentile(own, 99)),
-    }
+    threshold = float(FAMILIARITY_MARGIN * np.percentile(own, 99))
+    reference = dict(features=list(FAMILIARITY_FEATURES), center=center.tolist(), scale=scale.tolist())
+    return {**reference, "reference": z.round(4).tolist(), "threshold": threshold}
 
 
 def familiarity(images: np.ndarray, reference: Mapping[str, Any] | None) -> pd.DataFrame | None:
@@ -1139,9 +1128,8 @@ def familiarity(images: np.ndarray, reference: Mapping[str, Any] | None) -> pd.D
         return None
     if list(reference["features"]) != list(FAMILIARITY_FEATURES):
         raise ValueError("This familiarity reference comes from another kidneyseg version; compute it again.")
-    z = (np.stack([image_features(im) for im in images]) - np.asarray(reference["center"])) / np.asarray(
-        reference["scale"]
-    )
+    features = np.stack([image_features(im) for im in images])
+    z = (features - np.asarray(reference["center"])) / np.asarray(reference["scale"])
     novelty = _neighbour_distance(z, np.asarray(reference["reference"], np.float32)) / reference["threshold"]
     return pd.DataFrame({"novelty": novelty, "unfamiliar": novelty > 1.0})
 
