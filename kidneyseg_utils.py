@@ -1409,13 +1409,10 @@ class TrainingResult:
     @property
     def files(self) -> dict[str, Path]:
         """The artefacts of the run by role."""
-        names = {
-            "best_model": BEST_MODEL_NAME,
-            "last_checkpoint": LAST_CHECKPOINT_NAME,
-            "metrics_csv": METRICS_CSV_NAME,
-            "metrics_png": METRICS_PNG_NAME,
-            "config_json": CONFIG_JSON_NAME,
-        }
+        names = dict(
+            best_model=BEST_MODEL_NAME, last_checkpoint=LAST_CHECKPOINT_NAME, metrics_csv=METRICS_CSV_NAME
+        )
+        names.update(metrics_png=METRICS_PNG_NAME, config_json=CONFIG_JSON_NAME)
         return {role: self.output_dir / name for role, name in names.items()}
 
 
@@ -1464,18 +1461,15 @@ def _rng_state() -> dict[str, Any]:
     return state
 
 
-def _cpu_bytes(state: torch.Tensor) -> torch.Tensor:
-    """A generator state as the CPU uint8 tensor ``set_rng_state`` accepts, wherever it was loaded."""
-    return state.detach().to(device="cpu", dtype=torch.uint8)
-
-
 def _set_rng_state(state: dict[str, Any]) -> None:
-    """Restore :func:`_rng_state`: the CPU generator always, the CUDA ones when this machine has as many
-    GPUs as the one that saved them (nothing in the pipeline draws on the GPU)."""
-    torch.set_rng_state(_cpu_bytes(state["torch"]))
+    """Restore :func:`_rng_state` (as CPU uint8 tensors, wherever they were loaded): the CPU generator
+    always, the CUDA ones when this machine has as many GPUs as the one that saved them (nothing in the
+    pipeline draws on the GPU)."""
+    cpu_bytes = lambda t: t.detach().to(device="cpu", dtype=torch.uint8)  # noqa: E731
+    torch.set_rng_state(cpu_bytes(state["torch"]))
     saved = state.get("cuda") or []
     if saved and torch.cuda.is_available() and torch.cuda.device_count() == len(saved):
-        torch.cuda.set_rng_state_all([_cpu_bytes(t) for t in saved])
+        torch.cuda.set_rng_state_all([cpu_bytes(t) for t in saved])
 
 
 def _grad_scaler(
@@ -1522,9 +1516,8 @@ def _check_resume(state: dict[str, Any], config: Config, extra: dict[str, Any], 
 
 
 def _auto_workers(config: Config, device: torch.device) -> int:
-    if config.num_workers is not None:
-        return config.num_workers
-    return min(4, os.cpu_count() or 1) if device.type == "cuda" else 0
+    auto = min(4, os.cpu_count() or 1) if device.type == "cuda" else 0
+    return auto if config.num_workers is None else config.num_workers
 
 
 # A transform of whole training batches: f(images, epoch, step) -> images (see train_model).
@@ -1649,14 +1642,6 @@ def wrap_for_devices(
     return nn.DataParallel(_Autocast(model, "cuda", amp), device_ids=ids, output_device=first)
 
 
-def _oom_message(config: Config) -> str:
-    return (
-        f"CUDA ran out of memory with BATCH_SIZE={config.batch_size}, IMAGE_SIZE={config.image_size} "
-        f"and BASE_CHANNELS={config.base_channels}. Lower BATCH_SIZE first (e.g. "
-        f"{max(1, config.batch_size // 2)}), then IMAGE_SIZE or BASE_CHANNELS, and restart the kernel."
-    )
-
-
 def train_model(
     model: nn.Module,
     train_dataset: Dataset,
@@ -1754,7 +1739,11 @@ def train_model(
                 stop_reason = "time_budget"
                 break
     except torch.cuda.OutOfMemoryError:
-        raise RuntimeError(_oom_message(config)) from None
+        raise RuntimeError(
+            f"CUDA ran out of memory with BATCH_SIZE={config.batch_size}, IMAGE_SIZE={config.image_size} "
+            f"and BASE_CHANNELS={config.base_channels}. Lower BATCH_SIZE first (e.g. "
+            f"{max(1, config.batch_size // 2)}), then IMAGE_SIZE or BASE_CHANNELS, and restart the kernel."
+        ) from None
     finally:
         epoch_bar.close()
     return _finish_run(run, config, out, stop_reason)
@@ -1884,12 +1873,9 @@ def _save_epoch(
     run: _Run, config: Config, out: Path, epoch: int, extra: dict[str, Any], improved: bool
 ) -> None:
     """After an epoch: the best model when it improved, the resumable last checkpoint, the metrics CSV."""
-    payload = dict(
-        model=run.base, config=config, epoch=epoch, history=run.history, extra=extra, precision=run.amp
-    )
     if improved:
-        save_checkpoint(_checkpoint_payload("best", **payload), out / BEST_MODEL_NAME)
-    last = _checkpoint_payload("last", **payload)
+        save_checkpoint(_checkpoint_payload("best", run, config, epoch, extra), out / BEST_MODEL_NAME)
+    last = _checkpoint_payload("last", run, config, epoch, extra)
     last.update(
         optimizer_state=run.optimizer.state_dict(),
         scheduler_state=run.scheduler.state_dict(),
@@ -1915,28 +1901,15 @@ def _finish_run(run: _Run, config: Config, out: Path, stop_reason: str) -> Train
 
 
 def _checkpoint_payload(
-    kind: str,
-    model: nn.Module,
-    config: Config,
-    epoch: int,
-    history: list[dict[str, float]],
-    extra: dict[str, Any],
-    precision: torch.dtype | None,
+    kind: str, run: _Run, config: Config, epoch: int, extra: dict[str, Any]
 ) -> dict[str, Any]:
-    """What both checkpoints hold: format, config, CPU weights, epoch, history, precision and ``extra``."""
-    return {
-        "format": CHECKPOINT_FORMAT,
-        "format_version": CHECKPOINT_VERSION,
-        "kind": kind,
-        "architecture": architecture_of(model),
-        "config": config.to_dict(),
-        "model_state": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "epoch": epoch,
-        "history": [dict(row) for row in history],
-        "torch_version": str(torch.__version__),
-        "precision": precision_name(precision),
-        **extra,
-    }
+    """What both checkpoints hold: format, network, config, CPU weights, epoch, history, precision and
+    ``extra``."""
+    payload = dict(format=CHECKPOINT_FORMAT, format_version=CHECKPOINT_VERSION, kind=kind)
+    payload.update(architecture=architecture_of(run.base), config=config.to_dict())
+    payload.update(model_state={k: v.detach().cpu() for k, v in run.base.state_dict().items()}, epoch=epoch)
+    payload.update(history=[dict(row) for row in run.history], torch_version=str(torch.__version__))
+    return {**payload, "precision": precision_name(run.amp), **extra}
 
 
 def _epoch_line(row: dict[str, float], num_epochs: int, best_epoch: int, improved: bool) -> str:
