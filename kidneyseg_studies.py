@@ -598,17 +598,14 @@ def preprocessing_effects(
         for image, mask, source in zip(images, masks, sources):
             if not mask.any():
                 continue
-            cnr, edge = contrast_metrics(fn(image), mask)
-            rows.append(
-                {
-                    "method": method,
-                    "params": ", ".join(f"{k}={v:g}" for k, v in params.items()) or "-",
-                    "source": source,
-                    "cnr": cnr,
-                    "edge": edge,
-                }
-            )
-    table = pd.DataFrame(rows).groupby(["method", "params", "source"], sort=False).mean().reset_index()
+            shown = ", ".join(f"{k}={v:g}" for k, v in params.items()) or "-"
+            rows.append((method, shown, source, *contrast_metrics(fn(image), mask)))
+    table = (
+        pd.DataFrame(rows, columns=["method", "params", "source", "cnr", "edge"])
+        .groupby(["method", "params", "source"], sort=False)
+        .mean()
+        .reset_index()
+    )
     base = table[table["method"] == "none"].set_index("source")
     table["cnr_gain"] = table["cnr"] / table["source"].map(base["cnr"])
     table["edge_gain"] = table["edge"] / table["source"].map(base["edge"])
@@ -727,29 +724,13 @@ def preprocessing_ablation(
         data = ku.prepare_data(run_config, data_dir)
         run_config = data.config
         tic = time.monotonic()
-        result = ku.train_model(
-            ku.build_model(run_config),
-            data.train_dataset,
-            data.val_dataset,
-            run_config,
-            Path(output_dir) / option.replace("+", "_"),
-            device,
-            overwrite=True,
-            progress=progress,
-        )
-        best = result.best_row
-        rows.append(
-            {
-                "preprocessing": option,
-                "best_epoch": result.best_epoch,
-                "val_loss": result.best_val_loss,
-                "val_dice": best["val_dice"],
-                "val_iou": best["val_iou"],
-                "max_val_dice": float(result.history["val_dice"].max()),
-                "epochs": len(result.history),
-                "seconds": time.monotonic() - tic,
-            }
-        )
+        model, folder = ku.build_model(run_config), Path(output_dir) / option.replace("+", "_")
+        datasets, fresh = (data.train_dataset, data.val_dataset), dict(overwrite=True, progress=progress)
+        result = ku.train_model(model, *datasets, run_config, folder, device, **fresh)
+        row = dict(preprocessing=option, best_epoch=result.best_epoch, val_loss=result.best_val_loss)
+        row.update(val_dice=result.best_row["val_dice"], val_iou=result.best_row["val_iou"])
+        row.update(max_val_dice=float(result.history["val_dice"].max()), epochs=len(result.history))
+        rows.append({**row, "seconds": time.monotonic() - tic})
     return pd.DataFrame(rows)
 
 
@@ -758,20 +739,11 @@ def show_preprocessing_sliders(image: np.ndarray, mask: np.ndarray) -> None:
 
     A static figure with the default settings is drawn first (headless runs keep it)."""
 
-    def draw(
-        clip_limit: float = 2.0,
-        tile_grid: int = 8,
-        low: float = 1.0,
-        high: float = 99.0,
-        sigma: float = 1.0,
-        amount: float = 1.0,
-    ) -> None:
-        outs = {
-            "original": image,
-            "white balance": white_balance(image, low, high),
-            "CLAHE": clahe(image, clip_limit, tile_grid),
-            "unsharp": unsharp_mask(image, sigma, amount),
-        }
+    def draw(clip_limit=2.0, tile_grid=8, low=1.0, high=99.0, sigma=1.0, amount=1.0) -> None:
+        outs = {"original": image, "white balance": white_balance(image, low, high)}
+        outs.update(
+            {"CLAHE": clahe(image, clip_limit, tile_grid), "unsharp": unsharp_mask(image, sigma, amount)}
+        )
         fig, axes = plt.subplots(1, 4, figsize=(14, 3.8))
         for ax, (name, out) in zip(axes, outs.items()):
             cnr, edge = contrast_metrics(out, mask)
