@@ -192,13 +192,9 @@ def write_inventory(
     out = Path(output_dir)
     csv_path, json_path = out / "data_inventory.csv", out / "data_report.json"
     ku._atomic_write(csv_path, table.to_csv(index=False))
-    report = {
-        "summary": inventory_summary(table).to_dict(orient="records"),
-        "warnings": list(warnings_found),
-        "problems": table.loc[table["status"] != "ok", ["source", "name", "status", "problem"]].to_dict(
-            orient="records"
-        ),
-    }
+    problems = table.loc[table["status"] != "ok", ["source", "name", "status", "problem"]]
+    report = dict(summary=inventory_summary(table).to_dict(orient="records"), warnings=list(warnings_found))
+    report["problems"] = problems.to_dict(orient="records")
     ku._atomic_write(json_path, json.dumps(report, indent=2, default=str) + "\n")
     return {"inventory_csv": csv_path, "report_json": json_path}
 
@@ -825,10 +821,7 @@ REPORTED_KEYS = tuple(
 
 def summary_table(evaluations: Mapping[str, dict[str, Any] | None]) -> pd.DataFrame:
     """The key figures of several summaries side by side, one column per labelled summary."""
-    columns = {
-        name: {k: summary.get(k) for k in REPORTED_KEYS} for name, summary in evaluations.items() if summary
-    }
-    return pd.DataFrame(columns)
+    return pd.DataFrame({name: {k: s.get(k) for k in REPORTED_KEYS} for name, s in evaluations.items() if s})
 
 
 def threshold_sweep(
@@ -842,13 +835,12 @@ def threshold_sweep(
     """
     rows = []
     for threshold in thresholds:
-        total = ku.ConfusionCounts()
-        dices = []
-        for prob, mask in zip(probs, data.masks):
-            counts = ku.confusion_counts(prob > threshold, mask)
-            total = total + counts
-            dices.append(counts.metrics()["dice"])
-        rows.append((float(threshold), total.metrics()["dice"], float(np.mean(dices))))
+        counts = [ku.confusion_counts(prob > threshold, mask) for prob, mask in zip(probs, data.masks)]
+        pooled, dices = (
+            sum(counts, ku.ConfusionCounts()).metrics()["dice"],
+            [c.metrics()["dice"] for c in counts],
+        )
+        rows.append((float(threshold), pooled, float(np.mean(dices))))
     table = pd.DataFrame(rows, columns=["threshold", "pooled_dice", "mean_dice"])
     table["best"] = table["pooled_dice"] == table["pooled_dice"].max()
     return table
@@ -1543,17 +1535,13 @@ def variant_settings(
         intensity = augmentation if augmentation in INTENSITY_VARIANTS else None
         if intensity:
             augmentation = "strong" if intensity == "strong+gin" else "standard"
-        preprocessing, normalization = _mapping_parts(config.input_mapping)
-        preprocessing = overrides.pop("PREPROCESSING", preprocessing)
-        normalization = overrides.pop("NORMALIZATION", normalization)
+        defaults = zip(("PREPROCESSING", "NORMALIZATION"), _mapping_parts(config.input_mapping))
+        parts = [overrides.pop(key, default) for key, default in defaults]
         try:
             train_transform(augmentation)
-            mapping = input_mapping_name(preprocessing, normalization)
-            settings[name] = (
-                config.with_parameters(**{"INPUT_MAPPING": mapping, **overrides}),  # an explicit one wins
-                augmentation,
-                intensity,
-            )
+            mapping = input_mapping_name(*parts)
+            overrides = {"INPUT_MAPPING": mapping, **overrides}  # a variant's own INPUT_MAPPING wins
+            settings[name] = (config.with_parameters(**overrides), augmentation, intensity)
         except ValueError as exc:
             raise ValueError(f"VARIANTS[{name!r}]: {exc}") from None
     return settings
@@ -1628,8 +1616,7 @@ def plot_intensity_draws(image: np.ndarray, augmentation: str = "gin", n: int = 
     batch = torch.from_numpy(ku.normalize_intensity(image, "minmax"))[None, None].repeat(n, 1, 1, 1)
     augment = BatchIntensityAugmentation(augmentation, seed)
     draws = [batch[0, 0].numpy()] + [augment(batch[i : i + 1], 1, i)[0, 0].numpy() for i in range(n - 1)]
-    columns = min(6, n)
-    rows = math.ceil(n / columns)
+    columns, rows = min(6, n), math.ceil(n / min(6, n))
     fig, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 2.3 * rows), squeeze=False)
     for k, (ax, x) in enumerate(zip(axes.flat, draws)):
         ax.imshow(x, cmap="gray")
@@ -1683,12 +1670,10 @@ def leave_one_source_out_files(
     """
     out = Path(output_dir)
     files = [out / LOSO_CSV_NAME]
-    for fold in folds:
-        for variant in variants:
-            fold_dir = out / variant / fold.held_out
-            files += [
-                fold_dir / n for n in (ku.BEST_MODEL_NAME, ku.METRICS_PNG_NAME, "evaluation_per_image.csv")
-            ]
+    names = (ku.BEST_MODEL_NAME, ku.METRICS_PNG_NAME, "evaluation_per_image.csv")
+    files += [
+        out / variant / fold.held_out / name for fold in folds for variant in variants for name in names
+    ]
     missing = [p for p in files if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"{len(missing)} expected files are missing, first {missing[0]}.")
