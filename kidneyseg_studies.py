@@ -836,11 +836,8 @@ def threshold_sweep(
     rows = []
     for threshold in thresholds:
         counts = [ku.confusion_counts(prob > threshold, mask) for prob, mask in zip(probs, data.masks)]
-        pooled, dices = (
-            sum(counts, ku.ConfusionCounts()).metrics()["dice"],
-            [c.metrics()["dice"] for c in counts],
-        )
-        rows.append((float(threshold), pooled, float(np.mean(dices))))
+        pooled = sum(counts, ku.ConfusionCounts()).metrics()["dice"]
+        rows.append((float(threshold), pooled, float(np.mean([c.metrics()["dice"] for c in counts]))))
     table = pd.DataFrame(rows, columns=["threshold", "pooled_dice", "mean_dice"])
     table["best"] = table["pooled_dice"] == table["pooled_dice"].max()
     return table
