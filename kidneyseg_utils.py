@@ -183,56 +183,44 @@ class Config:
                 value = getattr(self, name)
                 raise ValueError(f"{name.upper()} (Config.{name}) must be {allowed}; got {value!r}.")
 
-        def number(name: str, low: float, high: float = math.inf, *, open_low: bool = False) -> bool:
-            v = getattr(self, name)
-            return _is_num(v) and (low < v if open_low else low <= v) and v <= high
+        def number(
+            name: str, low: float, high: float = math.inf, *, above: bool = False, below: bool = False
+        ) -> bool:
+            v = getattr(self, name)  # within [low, high]; ``above``/``below``: the end excluded
+            return _is_num(v) and (low < v if above else low <= v) and (v < high if below else v <= high)
 
         for name in ("depth", "base_channels", "batch_size", "num_epochs", "patience"):
             need(_is_int(getattr(self, name)) and getattr(self, name) >= 1, name, "an integer >= 1")
         need(_is_int(self.lr_patience) and self.lr_patience >= 0, "lr_patience", "an integer >= 0")
         for name in ("learning_rate", "grad_clip_norm"):
-            need(number(name, 0, open_low=True), name, "a number > 0")
+            need(number(name, 0, above=True), name, "a number > 0")
         for name in ("weight_decay", "focal_gamma", "focal_weight", "dice_weight", "min_lr"):
             need(number(name, 0), name, "a number >= 0")
         for name in ("focal_alpha", "inference_threshold"):
             need(number(name, 0, 1), name, "a number in [0, 1]")
-        need(number("dropout", 0) and self.dropout < 1, "dropout", "a number in [0, 1)")
+        need(number("dropout", 0, 1, below=True), "dropout", "a number in [0, 1)")
         between = "a number strictly between 0 and 1"
-        need(
-            number("val_fraction", 0, open_low=True) and self.val_fraction < 1,
-            "val_fraction",
-            f"{between}, e.g. 0.2",
-        )
-        need(number("lr_factor", 0, open_low=True) and self.lr_factor < 1, "lr_factor", between)
-        test = number("test_fraction", 0) and self.test_fraction < 1
-        need(test, "test_fraction", "a number in [0, 1), e.g. 0.15 (0: no test split)")
+        need(number("val_fraction", 0, 1, above=True, below=True), "val_fraction", f"{between}, e.g. 0.2")
+        need(number("lr_factor", 0, 1, above=True, below=True), "lr_factor", between)
+        test = "a number in [0, 1), e.g. 0.15 (0: no test split)"
+        need(number("test_fraction", 0, 1, below=True), "test_fraction", test)
         need(_is_int(self.seed), "seed", "an integer")
         mapping = isinstance(self.input_mapping, str) and bool(self.input_mapping)
         need(mapping, "input_mapping", '"minmax" or the name of a mapping in INPUT_MAPPINGS')
         regex = self.group_regex
         patterns = list(regex.values()) if isinstance(regex, dict) else [regex]
-        need(
-            regex is None
-            or (isinstance(regex, str) and bool(regex))
-            or (isinstance(regex, dict) and all(p is None or isinstance(p, str) for p in patterns)),
-            "group_regex",
-            '"auto", a regular expression string, {source: pattern or None} or None',
-        )
+        per_source = isinstance(regex, dict) and all(p is None or isinstance(p, str) for p in patterns)
+        allowed = '"auto", a regular expression string, {source: pattern or None} or None'
+        need(regex is None or (isinstance(regex, str) and bool(regex)) or per_source, "group_regex", allowed)
         labels = self.mask_labels
         listed = (
             isinstance(labels, (list, tuple)) and bool(labels) and all(_is_int(x) and x > 0 for x in labels)
         )
-        need(
-            labels in (None, "nonzero") or listed,
-            "mask_labels",
-            'None, "nonzero" or a list of label values > 0, e.g. [1] or [1, 2]',
-        )
-        need(
-            self.max_images is None or (_is_int(self.max_images) and self.max_images >= 2),
-            "max_images",
-            "None or an integer >= 2",
-        )
-        minutes = self.max_train_minutes is None or number("max_train_minutes", 0, open_low=True)
+        allowed = 'None, "nonzero" or a list of label values > 0, e.g. [1] or [1, 2]'
+        need(labels in (None, "nonzero") or listed, "mask_labels", allowed)
+        images = self.max_images is None or (_is_int(self.max_images) and self.max_images >= 2)
+        need(images, "max_images", "None or an integer >= 2")
+        minutes = self.max_train_minutes is None or number("max_train_minutes", 0, above=True)
         need(minutes, "max_train_minutes", '"auto", None or a number of minutes > 0')
         workers = self.num_workers is None or (_is_int(self.num_workers) and self.num_workers >= 0)
         need(workers, "num_workers", "None (automatic) or an integer >= 0")
@@ -244,14 +232,9 @@ class Config:
         multiple = 2**self.depth
         size_ok = _is_int(self.image_size) and self.image_size >= multiple and self.image_size % multiple == 0
         need(size_ok, "image_size", f"a positive multiple of {multiple} (2**depth), e.g. 128 or 256")
-        need(
-            self.focal_weight + self.dice_weight > 0,
-            "dice_weight",
-            "> 0 when focal_weight is 0 (the loss needs a positive weight)",
-        )
-        for pattern in patterns:
-            if pattern in (None, AUTO):
-                continue
+        weights = "> 0 when focal_weight is 0 (the loss needs a positive weight)"
+        need(self.focal_weight + self.dice_weight > 0, "dice_weight", weights)
+        for pattern in (p for p in patterns if p not in (None, AUTO)):
             try:
                 re.compile(pattern)
             except re.error as exc:
