@@ -767,13 +767,8 @@ def split_pairs(
             f"GROUP_REGEX puts all {len(pairs)} images into one case ({groups[0]!r}), so no "
             "patient-level split is possible. Check the pattern or set GROUP_REGEX=None."
         )
-    index = np.arange(len(pairs))
-    if grouped:
-        splitter = GroupShuffleSplit(n_splits=1, test_size=val_fraction, random_state=seed)
-        train_idx, val_idx = next(splitter.split(index, groups=groups))
-    else:
-        splitter = ShuffleSplit(n_splits=1, test_size=val_fraction, random_state=seed)
-        train_idx, val_idx = next(splitter.split(index))
+    splitter = (GroupShuffleSplit if grouped else ShuffleSplit)(1, test_size=val_fraction, random_state=seed)
+    train_idx, val_idx = next(splitter.split(np.arange(len(pairs)), groups=groups if grouped else None))
     return [pairs[i] for i in sorted(train_idx)], [pairs[i] for i in sorted(val_idx)]
 
 
@@ -2501,13 +2496,8 @@ def predict_folder(
                 out / "overlays" / f"{stems[f]}.png",
                 cv2.cvtColor(overlay_mask(original, mask), cv2.COLOR_RGB2BGR),
             )
-            row = dict(
-                name=_shown_name(stems[f], f),
-                height=h,
-                width=w,
-                kidney_pixels=int(mask.sum()),
-                kidney_fraction=mask.mean(),
-            )
+            row = dict(name=_shown_name(stems[f], f), height=h, width=w, kidney_pixels=int(mask.sum()))
+            row.update(kidney_fraction=mask.mean())
             extra = flags.iloc[i].to_dict() if flags is not None else {}
             rows.append({**row, **extra, "mask": str(mask_path), "problem": ""})
     if skipped:
