@@ -1443,11 +1443,10 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     """Restore :func:`_rng_state` (as CPU uint8 tensors, wherever they were loaded): the CPU generator
     always, the CUDA ones when this machine has as many GPUs as the one that saved them (nothing in the
     pipeline draws on the GPU)."""
-    cpu_bytes = lambda t: t.detach().to(device="cpu", dtype=torch.uint8)  # noqa: E731
-    torch.set_rng_state(cpu_bytes(state["torch"]))
+    torch.set_rng_state(state["torch"].detach().to(device="cpu", dtype=torch.uint8))
     saved = state.get("cuda") or []
     if saved and torch.cuda.is_available() and torch.cuda.device_count() == len(saved):
-        torch.cuda.set_rng_state_all([cpu_bytes(t) for t in saved])
+        torch.cuda.set_rng_state_all([t.detach().to(device="cpu", dtype=torch.uint8) for t in saved])
 
 
 def _grad_scaler(
