@@ -1272,9 +1272,9 @@ class KidneySizeSampler(ku.EpochShuffleSampler):
 
     Each epoch draws ``len(masks)`` training items (masks as cached, ``(N, H, W)``) with replacement:
     a slice whose kidney area is at or below the ``small_quantile`` quantile of the areas of the slices
-    with kidney weighs ``small_weight``, every other slice (kidney-free ones included) 1. Like the
-    ``kidneyseg_utils.EpochShuffleSampler`` it is, it yields ``epoch * n + i`` and draws from ``(seed,
-    epoch)`` alone, so each item's augmentation stays seeded and a resumed run repeats an
+    with kidney weighs ``small_weight``, every other slice (kidney-free ones included) 1. As the
+    ``kidneyseg_utils.EpochShuffleSampler`` it extends, it yields ``epoch * n + i`` and draws from
+    ``(seed, epoch)`` alone, so each item's augmentation stays seeded and a resumed run repeats an
     uninterrupted one.
     """
 
