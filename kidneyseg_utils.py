@@ -145,8 +145,9 @@ class Config:
     fold: int | None = None
     inference_threshold: float = 0.5  # probability from which a pixel is kidney
     seed: int = 42  # seed of the split, the initial weights, the shuffling and the augmentation
-    # patient id in file names (its first group, or the whole match): "auto" infers a rule per
-    # source (infer_group_regex), {source: pattern or None} sets one per source, None splits by image
+    # patient id in file names (its first group, or the whole match): "auto" takes the part before the
+    # first underscore where a source's names allow it (infer_group_regex), {source: pattern or None}
+    # sets one per source, None splits by image
     group_regex: str | dict[str, str | None] | None = "auto"
     # masks with several values (binarize_mask): None is an error naming the file, "nonzero" reads
     # every non-zero label as kidney, a list such as [1] reads exactly those values as kidney
