@@ -2797,7 +2797,8 @@ def _render_phantom_slice(
 
     def ellipse(cy: float, cx: float, ry: float, rx: float, angle: float = 0.0) -> np.ndarray:
         cos, sin = math.cos(angle), math.sin(angle)
-        u, v = (xx - cx) * cos + (yy - cy) * sin, -(xx - cx) * sin + (yy - cy) * cos
+        dx, dy = xx - cx, yy - cy
+        u, v = dx * cos + dy * sin, -dx * sin + dy * cos
         return (u / rx) ** 2 + (v / ry) ** 2 <= 1.0
 
     img = np.full((size, size), 0.02, np.float32)  # air
@@ -2849,8 +2850,10 @@ def make_synthetic_dataset(
     if marker.exists() and json.loads(marker.read_text()) == settings:
         return out
     if out.exists() and any(out.iterdir()):
+        found = f"phantoms made with {marker.read_text().strip()}" if marker.exists() else "other files"
         raise FileExistsError(
-            f"{out} is not empty (phantoms of other settings, or your files); choose another folder."
+            f"{out} is not empty (it holds {found}), so phantoms of other settings ({settings}) are not "
+            "written there; choose another folder."
         )
     if image_size < 32 or n_cases < 1 or slices_per_case < 1 or not 0.0 <= window[0] < window[1]:
         raise ValueError(
@@ -2874,8 +2877,9 @@ def make_synthetic_dataset(
             if windowed:
                 scaled = (image.astype(np.float32) / 255.0 - window[0]) / (window[1] - window[0])
                 image = np.clip(np.rint(scaled * 255), 0, 255).astype(np.uint8)
-            _write_png(out / "images" / f"phantom-{case:03d}_{s:03d}.png", image)
-            _write_png(out / "masks" / f"phantom-{case:03d}_{s:03d}.png", mask)
+            name = f"phantom-{case:03d}_{s:03d}.png"
+            _write_png(out / "images" / name, image)
+            _write_png(out / "masks" / name, mask)
     _atomic_write(marker, json.dumps(settings) + "\n")
     return out
 
