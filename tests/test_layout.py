@@ -75,3 +75,18 @@ def test_the_studies_refuse_a_pipeline_of_another_release(tmp_path):
     )
     assert proc.returncode == 1 and "ImportError" in proc.stderr
     assert "kidneyseg-utils and kidneyseg-studies" in proc.stderr and "is 0.0.0" in proc.stderr
+
+
+def test_module_lines_counts_sections_and_kinds_by_hand():
+    sys.path.insert(0, str(REPO / "tools"))
+    import module_lines
+
+    text = (  # lines: docstring, code, blank, 3 comments, 2 blank, code, 2 docstring, code
+        '"""Doc."""\nimport os\n\n# ====\n# 1. One: first\n# ====\n\n\n'
+        'def f():\n    """Two\n    lines."""\n    return 1  # code\n'
+    )
+    assert module_lines.sections(text) == {"header": 3, "1. One": 9}
+    assert module_lines.kinds(text) == {"code": 3, "docstring": 3, "comment": 3, "blank": 3, "total": 12}
+    for name in module_lines.MODULES:
+        real = (REPO / name).read_text(encoding="utf-8")
+        assert sum(module_lines.sections(real).values()) == module_lines.kinds(real)["total"]
